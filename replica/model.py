@@ -1,0 +1,370 @@
+"""AlexNet as run 145 computed it: two towers, one per device, with the paper's cross-connections.
+
+Read top to bottom: placement, the one cross-device helper, a tower's layers, the model.
+
+Topology per tower (SPEC.md §1; layers-145.cfg):
+
+    input 3×224×224 ──pad (0,3,0,3)──▶ 3×227×227
+    conv1 48 11/4     ─▶ 48×55×55   ─ layer 1 (order per preset) ─▶ 48×27×27
+    conv2 128 5/1/2   ─▶ 128×27×27  ─ layer 2 (order per preset) ─▶ 128×13×13   own tower only
+    conv3 192 3/1/1   ─▶ 192×13×13  reads BOTH towers (channels a then b)
+    conv4 192, conv5 128 3/1/1, ReLU, maxpool ─▶ 128×6×6              own tower only
+    fc6 2048  reads both towers' pool5 (9216)  → ReLU → dropout
+    fc7 2048  reads both towers' fc6 (4096)    → ReLU → dropout
+    fc8 = one Linear(4096 → classes) on device 0, reading both towers' fc7
+
+Placement: with two devices each tower is a column on its own device and every join goes
+through :func:`cross`. With one device both columns run there and :func:`cross` returns its
+input: the same code, the same ``state_dict`` keys, the same math. The grouped single-device
+formulation (conv2/4/5 ``groups=2``, conv3 and the fc layers dense, as Caffe writes it) is
+written independently in ``tests/test_model.py`` and checked against this module, logits and
+gradients. The module runs columns rather than groups: that is what two devices need, and in
+channels_last oneDNN ran grouped and per-tower convolutions at the same speed
+(``tools/bench_model.py --grouped`` prints both).
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .errors import ReplicaError
+from .layers import dropout_noninverted, local_response_norm, spatial_response_norm
+
+log = logging.getLogger("replica")
+
+PRESETS = ("as-run", "paper-text")
+VARIANTS = ("two-tower", "one-gpu-half")
+INITS = ("as-run", "paper-text", "caffe")
+
+
+# ----------------------------------------------------------------------------------------------
+# Placement
+
+
+def available_devices() -> list[str]:
+    return ["cpu"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+
+
+def _check_device(spec) -> torch.device:
+    try:
+        dev = torch.device(spec)
+    except (RuntimeError, TypeError) as e:
+        raise ReplicaError(f"not a device: {spec!r} (available: {', '.join(available_devices())})") from e
+    if dev.type == "cuda":
+        index = 0 if dev.index is None else dev.index
+        if index >= torch.cuda.device_count():
+            raise ReplicaError(f"device {spec!r} does not exist (available: {', '.join(available_devices())})")
+        return torch.device("cuda", index)
+    if dev.type != "cpu":
+        raise ReplicaError(f"device {spec!r} is not supported (available: {', '.join(available_devices())})")
+    return dev
+
+
+def resolve_devices(devices="auto") -> tuple[torch.device, ...]:
+    """One or two devices from ``"auto"``, a device, or a pair of devices.
+
+    ``"auto"`` picks two GPUs, else one GPU, else the CPU, and logs the choice.
+    """
+    if isinstance(devices, str) and devices == "auto":
+        n = torch.cuda.device_count()
+        chosen = ("cuda:0", "cuda:1") if n >= 2 else ("cuda:0",) if n == 1 else ("cpu",)
+        log.info("devices=auto: %s (%d CUDA device(s) visible)", " + ".join(chosen), n)
+        devices = chosen
+    if isinstance(devices, (str, torch.device)):
+        devices = (devices,)
+    devices = tuple(devices)
+    if len(devices) not in (1, 2):
+        raise ReplicaError(f"devices: expected one device or two, got {len(devices)}: {devices}")
+    return tuple(_check_device(d) for d in devices)
+
+
+def cross(x: Tensor, device: torch.device) -> Tensor:
+    """Move an activation to ``device``: the only place where one tower reads the other.
+
+    Forward it is a copy ``y = x`` onto ``device``; backward autograd copies ``∂L/∂y`` back.
+    Per image in fp32 this carries 28,288 floats each way (conv3 21,632, fc6 4,608, fc7 2,048)
+    plus 2,048 into fc8 (SPEC.md §7). On the same device it returns ``x`` itself.
+    """
+    return x.to(device, non_blocking=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# Options
+
+
+@dataclass(frozen=True)
+class NetOptions:
+    """Everything that changes the computation. Defaults are run 145 (the as-run preset)."""
+
+    preset: str = "as-run"
+    norm: bool = True  # False = run 148: no LRN and no spatial norm
+    overlap: bool = True  # False = run 147: pool 2/2 ceil, conv2 pad 1, conv5 pad 0
+    variant: str = "two-tower"  # "one-gpu-half" = run 145-half
+    dropout: bool = True
+    init: str | None = None  # None = the preset's own
+
+    def __post_init__(self):
+        for name, value, allowed in (
+            ("preset", self.preset, PRESETS),
+            ("variant", self.variant, VARIANTS),
+            ("init", self.init, INITS + (None,)),
+        ):
+            if value not in allowed:
+                choices = ", ".join(repr(a) for a in allowed if a is not None)
+                raise ReplicaError(f"{name}: expected one of {choices}, got {value!r}")
+
+    @property
+    def lrn_alpha(self) -> float:
+        # torch convention (α/n per square). as-run: scale=1e-4, divided by size=5 in the parser
+        # (layer.py:1183). paper-text: the printed α=1e-4 applies to the sum itself, i.e. 5e-4.
+        return 1e-4 if self.preset == "as-run" else 5e-4
+
+    @property
+    def lrn_before_relu(self) -> bool:
+        # as-run: rnorm1 reads the pre-ReLU conv1 output (layers-145.cfg:35-63).
+        return self.preset == "as-run"
+
+    @property
+    def spatial_norm(self) -> bool:
+        # as-run: cnorm2a/b after rnorm2 (layers-145.cfg:107-117); absent from the paper.
+        return self.preset == "as-run" and self.norm
+
+    @property
+    def init_scheme(self) -> str:
+        return self.init or self.preset
+
+
+LRN_SIZE, LRN_BETA, LRN_K = 5, 0.75, 2.0  # layers-145.cfg:39; layer-params-145.cfg:137-155
+DROPOUT_KEEP = 0.5  # §4.2; the `hs` layer's keep=0.5
+
+
+# ----------------------------------------------------------------------------------------------
+# Towers
+
+
+class Tower(nn.Module):
+    """One column's parameters (``conv1a``…``fc2048ba`` in layers-145.cfg).
+
+    ``conv3_in``, ``fc6_in`` and ``fc7_in`` count what the layer reads, both towers included.
+    """
+
+    def __init__(self, widths, fc: int, conv3_in: int, fc6_in: int, fc7_in: int, conv2_pad: int, conv5_pad: int):
+        super().__init__()
+        c1, c2, c3, c4, c5 = widths
+        self.conv1 = nn.Conv2d(3, c1, 11, stride=4)
+        self.conv2 = nn.Conv2d(c1, c2, 5, padding=conv2_pad)
+        self.conv3 = nn.Conv2d(conv3_in, c3, 3, padding=1)
+        self.conv4 = nn.Conv2d(c3, c4, 3, padding=1)
+        self.conv5 = nn.Conv2d(c4, c5, 3, padding=conv5_pad)
+        self.fc6 = nn.Linear(fc6_in, fc)
+        self.fc7 = nn.Linear(fc7_in, fc)
+
+
+# (weight σ, bias) per layer and init scheme. as-run: layers-145.cfg initW/initB lines (§2.2 of
+# research/original-2012-code.md). paper-text: §5 "zero-mean Gaussian with standard deviation
+# 0.01", biases 1 in conv2/4/5 and the hidden fc layers. caffe: bvlc_alexnet's variant.
+INIT_TABLE = {
+    "as-run": dict(conv1=(0.01, 0), conv2=(0.01, 1), conv3=(0.03, 0), conv4=(0.03, 1), conv5=(0.03, 1),
+                   fc6=(0.01, 1), fc7=(0.01, 1), fc8=(0.01, 0)),
+    "paper-text": dict(conv1=(0.01, 0), conv2=(0.01, 1), conv3=(0.01, 0), conv4=(0.01, 1), conv5=(0.01, 1),
+                       fc6=(0.01, 1), fc7=(0.01, 1), fc8=(0.01, 0)),
+    "caffe": dict(conv1=(0.01, 0), conv2=(0.01, 0.1), conv3=(0.01, 0), conv4=(0.01, 0.1), conv5=(0.01, 0.1),
+                  fc6=(0.005, 0.1), fc7=(0.005, 0.1), fc8=(0.01, 0)),
+}
+
+
+class AlexNet(nn.Module):
+    """The two-GPU AlexNet of Krizhevsky et al. (2012), as the 2012 code ran it.
+
+    Args:
+        num_classes: outputs of fc8 (1000 for ImageNet).
+        devices: ``"auto"``, one device (``"cpu"``, ``"cuda:0"``) or two (``("cuda:0", "cuda:1")``).
+            Tower a lives on the first, tower b and fc8 placement follow SPEC.md §1.
+        preset: ``"as-run"`` (what run 145 computed; default) or ``"paper-text"``.
+        norm, overlap, variant, dropout, init: the ablation switches of :class:`NetOptions`.
+
+    Departures from ``torchvision.models.alexnet``: 96 conv1 filters split 48/48, per-tower
+    conv2/4/5 and LRN, the spatial norm after layer 2 (as-run), non-inverted dropout, input
+    zero-extended right and bottom by 3 (cuda-convnet's ceil output size) rather than padded 2.
+    """
+
+    def __init__(self, num_classes: int = 1000, devices="auto", preset: str = "as-run", *,
+                 channels_last: bool = True, **options):
+        super().__init__()
+        # Layout only, not math. On CPU, torch's NCHW max-pooling is slow and its channels_last
+        # kernel is not; tools/bench_model.py times the train step in both layouts.
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        if not isinstance(num_classes, int) or num_classes < 1:
+            raise ReplicaError(f"num_classes: expected a positive integer, got {num_classes!r}")
+        unknown = set(options) - {"norm", "overlap", "variant", "dropout", "init"}
+        if unknown:
+            raise ReplicaError(f"AlexNet: unknown option(s) {sorted(unknown)}; "
+                               "expected norm, overlap, variant, dropout, init")
+        self.opts = NetOptions(preset=preset, **options)
+        self.num_classes = num_classes
+        conv2_pad, conv5_pad = (2, 1) if self.opts.overlap else (1, 0)
+        if self.opts.variant == "two-tower":
+            widths, fc = (48, 128, 192, 192, 128), 2048
+            self.tower_a = Tower(widths, fc, 256, 9216, 4096, conv2_pad, conv5_pad)
+            self.tower_b = Tower(widths, fc, 256, 9216, 4096, conv2_pad, conv5_pad)
+        else:  # layers-145-half.cfg: one column, conv5 256 wide, fc 4096
+            widths, fc = (48, 128, 192, 192, 256), 4096
+            self.tower_a = Tower(widths, fc, 128, 9216, 4096, conv2_pad, conv5_pad)
+            self.tower_b = None
+        self.fc8 = nn.Linear(2 * 2048 if self.tower_b is not None else 4096, num_classes)
+        self.reset_parameters()
+        self.place(devices)
+
+    # -- setup ---------------------------------------------------------------------------------
+
+    @property
+    def towers(self) -> list[Tower]:
+        return [t for t in (self.tower_a, self.tower_b) if t is not None]
+
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        """Draw weights ~ N(0, σ²) and set constant biases, per the init scheme (SPEC.md §2)."""
+        table = INIT_TABLE[self.opts.init_scheme]
+        layers = [(name, getattr(t, name)) for t in self.towers for name in
+                  ("conv1", "conv2", "conv3", "conv4", "conv5", "fc6", "fc7")] + [("fc8", self.fc8)]
+        with torch.no_grad():
+            for name, layer in layers:
+                std, bias = table[name]
+                w = torch.randn(layer.weight.shape, generator=generator) * std
+                layer.weight.copy_(w)
+                layer.bias.fill_(bias)
+
+    def place(self, devices="auto") -> "AlexNet":
+        """Put tower a (and fc8) on the first device, tower b on the second."""
+        self.devices = resolve_devices(devices)
+        if self.tower_b is None and len(self.devices) == 2:
+            raise ReplicaError("variant 'one-gpu-half' has one tower: give it one device, not two")
+        d0 = self.devices[0]
+        d1 = self.devices[-1]
+        self.tower_a.to(d0, memory_format=self.memory_format)
+        if self.tower_b is not None:
+            self.tower_b.to(d1, memory_format=self.memory_format)
+        self.fc8.to(d0)
+        return self
+
+    # -- the layers of one column ---------------------------------------------------------------
+
+    def _layer1(self, x: Tensor) -> Tensor:
+        o = self.opts
+        if not o.norm:
+            return F.max_pool2d(F.relu_(x), *self._pool())
+        if o.lrn_before_relu:  # as-run: conv1 → LRN (pre-ReLU) → maxpool → ReLU
+            x = local_response_norm(x, LRN_SIZE, o.lrn_alpha, LRN_BETA, LRN_K)
+            return F.relu_(F.max_pool2d(x, *self._pool()))
+        x = local_response_norm(F.relu_(x), LRN_SIZE, o.lrn_alpha, LRN_BETA, LRN_K)  # paper-text
+        return F.max_pool2d(x, *self._pool())
+
+    def _layer2(self, x: Tensor) -> Tensor:
+        o = self.opts
+        x = F.relu_(x)
+        if o.norm:
+            x = local_response_norm(x, LRN_SIZE, o.lrn_alpha, LRN_BETA, LRN_K)
+        if o.spatial_norm:
+            x = spatial_response_norm(x, 5, 1e-3, 0.75)  # layer-params-145.cfg:157-163
+        return F.max_pool2d(x, *self._pool())
+
+    def _pool(self):
+        # (kernel, stride, padding, dilation, ceil_mode). Overlapping 3/2 (§3.4); run 147: 2/2 ceil.
+        return (3, 2, 0, 1, False) if self.opts.overlap else (2, 2, 0, 1, True)
+
+    def _dropout(self, x: Tensor) -> Tensor:
+        return dropout_noninverted(x, DROPOUT_KEEP, self.training) if self.opts.dropout else x
+
+    @staticmethod
+    def _pad(x: Tensor) -> Tensor:
+        # cuda-convnet's conv output 1 + ceil((img − filter)/stride) reads 3 zero columns/rows
+        # past the right and bottom edge (layer.py:1004): 224 → 227 → 55. The input keeps its
+        # layout: conv1's channels_last weights already make every later activation channels_last.
+        return F.pad(x, (0, 3, 0, 3))  # (N, 3, 224, 224) → (N, 3, 227, 227)
+
+    # -- forward ---------------------------------------------------------------------------------
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(N, 3, 224, 224) mean-subtracted 0–255 RGB → (N, classes) logits on device 0."""
+        return self._run(x, "fc8")
+
+    def features(self, x: Tensor) -> Tensor:
+        """fc7 activations after ReLU, both towers (N, 4096) on device 0: Fig. 4's features."""
+        return self._run(x, upto="fc7")
+
+    def _run(self, x, upto):
+        if x.dim() != 4 or x.shape[1] != 3:
+            raise ReplicaError(f"AlexNet expects (N, 3, H, W) images, got shape {tuple(x.shape)}")
+        if self.tower_b is None:
+            return self._forward_half(x, upto)
+        return self._forward_towers(x, upto)
+
+    def _forward_towers(self, x: Tensor, upto: str = "fc8") -> Tensor:
+        a, b = self.tower_a, self.tower_b
+        d0, d1 = self.devices[0], self.devices[-1]
+        x = self._pad(x)
+        xa, xb = cross(x, d0), cross(x, d1)  # each tower sees the whole image
+        ha = self._layer1(a.conv1(xa))  # (N, 48, 27, 27) on d0
+        hb = self._layer1(b.conv1(xb))  # (N, 48, 27, 27) on d1
+        ha = self._layer2(a.conv2(ha))  # (N, 128, 13, 13)
+        hb = self._layer2(b.conv2(hb))
+        ha, hb = (torch.cat([ha, cross(hb, d0)], 1),  # (N, 256, 13, 13): a then b
+                  torch.cat([cross(ha, d1), hb], 1))
+        ha = F.relu_(a.conv3(ha))  # (N, 192, 13, 13)
+        hb = F.relu_(b.conv3(hb))
+        ha = F.relu_(a.conv4(ha))
+        hb = F.relu_(b.conv4(hb))
+        ha = F.max_pool2d(F.relu_(a.conv5(ha)), *self._pool()).flatten(1)  # (N, 4608)
+        hb = F.max_pool2d(F.relu_(b.conv5(hb)), *self._pool()).flatten(1)
+        ha, hb = (torch.cat([ha, cross(hb, d0)], 1),  # (N, 9216): a then b
+                  torch.cat([cross(ha, d1), hb], 1))
+        ha = self._dropout(F.relu_(a.fc6(ha)))  # (N, 2048)
+        hb = self._dropout(F.relu_(b.fc6(hb)))
+        ha, hb = (torch.cat([ha, cross(hb, d0)], 1),  # (N, 4096)
+                  torch.cat([cross(ha, d1), hb], 1))
+        ha = F.relu_(a.fc7(ha))  # (N, 2048)
+        hb = F.relu_(b.fc7(hb))
+        if upto == "fc7":
+            return torch.cat([ha, cross(hb, d0)], 1)  # (N, 4096) on d0
+        ha, hb = self._dropout(ha), self._dropout(hb)
+        return self.fc8(torch.cat([ha, cross(hb, d0)], 1))  # (N, 4096) → (N, classes) on d0
+
+    def _forward_half(self, x: Tensor, upto: str = "fc8") -> Tensor:
+        a = self.tower_a
+        h = self._layer1(a.conv1(self._pad(x.to(self.devices[0]))))  # (N, 48, 27, 27)
+        h = self._layer2(a.conv2(h))  # (N, 128, 13, 13)
+        h = F.relu_(a.conv4(F.relu_(a.conv3(h))))  # (N, 192, 13, 13)
+        h = F.max_pool2d(F.relu_(a.conv5(h)), *self._pool()).flatten(1)  # (N, 9216)
+        h = self._dropout(F.relu_(a.fc6(h)))  # (N, 4096)
+        h = F.relu_(a.fc7(h))
+        if upto == "fc7":
+            return h
+        return self.fc8(self._dropout(h))
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def output_sizes(overlap: bool = True, image: int = 224) -> dict[str, int]:
+    """Spatial size after each stage, by cuda-convnet's formulas (layer.py:1004, 1139)."""
+    def conv(n, k, s, p):
+        return 1 + math.ceil((2 * p + n - k) / s)
+
+    def pool(n, k, s):
+        return math.ceil((n - k) / s) + 1
+
+    k, p2, p5 = (3, 2, 1) if overlap else (2, 1, 0)
+    s = {"conv1": conv(image, 11, 4, 0)}
+    s["pool1"] = pool(s["conv1"], k, 2)
+    s["conv2"] = conv(s["pool1"], 5, 1, p2)
+    s["pool2"] = pool(s["conv2"], k, 2)
+    s["conv3"] = conv(s["pool2"], 3, 1, 1)
+    s["conv4"] = conv(s["conv3"], 3, 1, 1)
+    s["conv5"] = conv(s["conv4"], 3, 1, p5)
+    s["pool5"] = pool(s["conv5"], k, 2)
+    return s

@@ -1,0 +1,37 @@
+"""Process-level settings that make CPU training faster without changing any result."""
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import logging
+import os
+
+log = logging.getLogger("replica")
+
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # glibc malloc.h
+_tuned = False
+
+
+def tune_cpu_allocator() -> bool:
+    """Keep freed tensor memory in the process instead of returning it to the OS.
+
+    glibc serves every allocation over 32 MB with a fresh ``mmap``, so each large activation
+    (a 128×48×55×55 fp32 tensor is 74 MB) is page-faulted in anew on every step. That doubled
+    the cost of the memory-bound normalization layers. Turning ``mmap`` off for malloc and
+    raising the trim threshold lets glibc reuse the same pages, as a caching allocator would.
+    Set ``REPLICA_NO_MALLOC_TUNING=1`` to leave the allocator alone. Returns True if applied.
+    """
+    global _tuned
+    if _tuned or os.environ.get("REPLICA_NO_MALLOC_TUNING"):
+        return _tuned
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+        mallopt = getattr(libc, "mallopt", None)
+    except OSError:
+        mallopt = None
+    if mallopt is None:  # not glibc (macOS, musl, Windows): nothing to tune
+        return False
+    _tuned = bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
+    log.debug("malloc tuning %s", "applied" if _tuned else "refused")
+    return _tuned

@@ -1,0 +1,86 @@
+"""A per-layer table of a model: what each layer reads, its parameters and its output shape."""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from .model import AlexNet, count_parameters
+
+
+def layer_rows(model: AlexNet, batch: int = 2, image: int = 224) -> list[dict]:
+    """Run one forward pass with hooks and return one row per conv/fc layer."""
+    rows, hooks = [], []
+    for tower_name, tower in (("a", model.tower_a), ("b", model.tower_b)):
+        if tower is None:
+            continue
+        for name, layer in tower.named_children():
+            hooks.append(layer.register_forward_hook(_recorder(rows, f"{name}{tower_name}", layer, tower.conv1.weight.device)))
+    hooks.append(model.fc8.register_forward_hook(_recorder(rows, "fc8", model.fc8, model.fc8.weight.device)))
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(torch.zeros(batch, 3, image, image))
+    finally:
+        model.train(was_training)
+        for h in hooks:
+            h.remove()
+    return rows
+
+
+def _recorder(rows, name, layer, device):
+    def hook(module, inputs, output):
+        rows.append(dict(
+            layer=name,
+            reads=tuple(inputs[0].shape[1:]),
+            weight=tuple(module.weight.shape),
+            params=sum(p.numel() for p in module.parameters()),
+            output=tuple(output.shape[1:]),
+            device=str(device),
+        ))
+    return hook
+
+
+def format_table(rows: list[dict]) -> str:
+    def shape(s):
+        return "×".join(str(v) for v in s)
+
+    header = f"{'layer':<7} {'device':<7} {'reads':<11} {'weight':<15} {'params':>11} {'output':<10}"
+    lines = [header, "-" * len(header)]
+    for r in rows:
+        lines.append(f"{r['layer']:<7} {r['device']:<7} {shape(r['reads']):<11} {shape(r['weight']):<15} "
+                     f"{r['params']:>11,} {shape(r['output']):<10}")
+    return "\n".join(lines)
+
+
+def time_train_step(model: AlexNet, batch: int, image: int = 224) -> float:
+    """Seconds for one forward + backward on random input (after one warm-up step)."""
+    x = torch.randn(batch, 3, image, image) * 50
+    y = torch.randint(0, model.num_classes, (batch,))
+    model.train()
+    times = []
+    for _ in range(2):
+        t0 = time.perf_counter()
+        out = model(x)
+        torch.nn.functional.cross_entropy(out, y.to(out.device)).backward()
+        times.append(time.perf_counter() - t0)
+    model.zero_grad(set_to_none=True)
+    return times[-1]
+
+
+def summary(model: AlexNet, batch: int = 2) -> str:
+    rows = layer_rows(model)
+    o = model.opts
+    lines = [
+        f"AlexNet preset={o.preset} variant={o.variant} norm={o.norm} overlap={o.overlap} "
+        f"dropout={o.dropout} init={o.init_scheme} classes={model.num_classes}",
+        f"devices: {' + '.join(str(d) for d in model.devices)}",
+        "",
+        format_table(rows),
+        "",
+        f"parameters: {count_parameters(model):,}",
+    ]
+    if batch:
+        lines.append(f"train step (forward + backward, batch {batch}): {time_train_step(model, batch):.3f} s")
+    return "\n".join(lines)

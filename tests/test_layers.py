@@ -1,0 +1,132 @@
+"""The normalizations and dropout against formulas written out independently here."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from replica.layers import (
+    NonInvertedDropout,
+    dropout_noninverted,
+    local_response_norm,
+    spatial_response_norm,
+)
+
+CL = torch.channels_last
+
+
+def lrn_by_formula(a, n=5, alpha=1e-4, beta=0.75, k=2.0, groups=1):
+    """b_f = a_f (k + α/n Σ_{j=max(0,f-2)}^{min(N-1,f+2)} a_j²)^-β, channel by channel, per group."""
+    out = torch.empty_like(a)
+    c = a.shape[1] // groups
+    for g in range(groups):
+        for f in range(c):
+            lo, hi = max(0, f - n // 2), min(c - 1, f + n // 2)
+            s = (a[:, g * c + lo:g * c + hi + 1] ** 2).sum(1)
+            out[:, g * c + f] = a[:, g * c + f] * (k + alpha / n * s) ** (-beta)
+    return out
+
+
+def spatial_by_formula(x, size=5, scale=1e-3, beta=0.75):
+    """out = x (1 + scale/size² Σ_{5×5 window, zero outside} x²)^-β, pixel by pixel."""
+    n, c, h, w = x.shape
+    r = size // 2
+    sq = F.pad(x * x, (r, r, r, r))
+    s = torch.zeros_like(x)
+    for dy in range(size):
+        for dx in range(size):
+            s += sq[:, :, dy:dy + h, dx:dx + w]
+    return x * (1 + scale / size**2 * s) ** (-beta)
+
+
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, CL])
+@pytest.mark.parametrize("alpha", [1e-4, 5e-4])
+def test_lrn_matches_formula(fmt, alpha):
+    torch.manual_seed(0)
+    x = (torch.randn(3, 12, 7, 6, dtype=torch.float64) * 60).contiguous(memory_format=fmt)
+    got = local_response_norm(x, 5, alpha, 0.75, 2.0)
+    torch.testing.assert_close(got, lrn_by_formula(x, alpha=alpha))
+    assert got.is_contiguous(memory_format=fmt)
+
+
+def test_lrn_equals_torch_lrn_per_group():
+    torch.manual_seed(1)
+    x = torch.randn(2, 96, 9, 9) * 40
+    ref = torch.nn.LocalResponseNorm(5, alpha=1e-4, beta=0.75, k=2.0)
+    want = torch.cat([ref(x[:, :48]), ref(x[:, 48:])], 1)
+    for fmt in (torch.contiguous_format, CL):
+        got = local_response_norm(x.contiguous(memory_format=fmt), 5, 1e-4, 0.75, 2.0, groups=2)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_lrn_window_stays_inside_a_tower():
+    """Channel 47 is the last of tower a's 48 maps: changing it moves 45-47, never 48."""
+    torch.manual_seed(2)
+    x = torch.randn(2, 96, 5, 5) * 50
+    y0 = local_response_norm(x, groups=2)
+    x2 = x.clone()
+    x2[:, 47] *= 3.0
+    y1 = local_response_norm(x2, groups=2)
+    changed = (y1 - y0).abs().amax(dim=(0, 2, 3)) > 0
+    assert changed.nonzero().flatten().tolist() == [45, 46, 47]
+    # one 96-map window would have reached across: channels 48 and 49 would have changed
+    z0, z1 = local_response_norm(x, groups=1), local_response_norm(x2, groups=1)
+    assert ((z1 - z0).abs().amax(dim=(0, 2, 3)) > 0).nonzero().flatten().tolist() == [45, 46, 47, 48, 49]
+
+
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, CL])
+def test_lrn_gradcheck(fmt):
+    torch.manual_seed(3)
+    x = (torch.randn(2, 8, 4, 3, dtype=torch.float64) * 30).contiguous(memory_format=fmt).requires_grad_()
+    # a large α makes the cross-channel term of the gradient matter at these magnitudes
+    assert torch.autograd.gradcheck(lambda t: local_response_norm(t, 5, 1e-2, 0.75, 2.0, groups=2), (x,))
+
+
+def test_lrn_gradient_matches_autograd_of_formula():
+    torch.manual_seed(4)
+    x = torch.randn(2, 10, 5, 5, dtype=torch.float64) * 40
+    g = torch.randn_like(x)
+    a = x.clone().requires_grad_()
+    local_response_norm(a, 5, 1e-3, 0.75, 2.0).backward(g)
+    b = x.clone().requires_grad_()
+    lrn_by_formula(b, alpha=1e-3).backward(g)
+    torch.testing.assert_close(a.grad, b.grad)
+
+
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, CL])
+def test_spatial_norm_matches_formula_and_avg_pool(fmt):
+    torch.manual_seed(5)
+    x = (torch.randn(2, 4, 8, 7, dtype=torch.float64) * 50).contiguous(memory_format=fmt)
+    got = spatial_response_norm(x)
+    torch.testing.assert_close(got, spatial_by_formula(x))
+    pooled = x * (1 + 1e-3 * F.avg_pool2d(x * x, 5, 1, 2, count_include_pad=True)) ** -0.75  # SPEC.md §1
+    torch.testing.assert_close(got, pooled)
+
+
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, CL])
+def test_spatial_norm_gradcheck(fmt):
+    torch.manual_seed(6)
+    x = (torch.randn(2, 3, 6, 5, dtype=torch.float64) * 30).contiguous(memory_format=fmt).requires_grad_()
+    assert torch.autograd.gradcheck(lambda t: spatial_response_norm(t, 5, 1.0, 0.75), (x,))
+
+
+def test_dropout_is_not_inverted():
+    torch.manual_seed(7)
+    x = torch.rand(200, 500) + 0.5
+    y = dropout_noninverted(x, 0.5, training=True)
+    kept = y != 0
+    assert 0.47 < kept.float().mean().item() < 0.53
+    torch.testing.assert_close(y[kept], x[kept])  # survivors are not rescaled by 1/keep
+    torch.testing.assert_close(dropout_noninverted(x, 0.5, training=False), x * 0.5)
+
+
+def test_dropout_module_eval_and_off():
+    x = torch.rand(4, 10) + 1
+    m = NonInvertedDropout(0.5).eval()
+    torch.testing.assert_close(m(x), 0.5 * x)
+    assert torch.equal(NonInvertedDropout(1.0).train()(x), x)
+
+
+def test_lrn_rejects_bad_shapes():
+    with pytest.raises(ValueError, match="N, C, H, W"):
+        local_response_norm(torch.randn(3, 4))
+    with pytest.raises(ValueError, match="groups"):
+        local_response_norm(torch.randn(1, 5, 2, 2), groups=2)

@@ -1,0 +1,334 @@
+"""The model: sizes, parameter counts, connectivity, init, and equivalence to a grouped reference."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import replica.model as model_mod
+from replica import AlexNet, ReplicaError, count_parameters
+from replica.model import output_sizes
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def images(n=2, seed=0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(n, 3, 224, 224, generator=g) * 50).to(dtype)  # mean-subtracted 0–255 scale
+
+
+# ---------------------------------------------------------------------------------------------
+# An independent formulation: one device, conv2/4/5 grouped, conv3 and fc dense (Caffe's form),
+# torch's own LocalResponseNorm on each half, the spatial norm through avg_pool2d.
+
+
+def grouped_reference(p, x, preset="as-run", norm=True, overlap=True, dropout=True):
+    """Eval-mode logits of the two-tower net from a dict of parameters (tower_a.* / tower_b.*)."""
+    def cat(name):
+        return torch.cat([p[f"tower_a.{name}"], p[f"tower_b.{name}"]])
+
+    alpha = 1e-4 if preset == "as-run" else 5e-4
+    lrn = torch.nn.LocalResponseNorm(5, alpha=alpha, beta=0.75, k=2.0)
+
+    def halves(h):  # LRN never crosses from tower a's maps into tower b's
+        c = h.shape[1] // 2
+        return torch.cat([lrn(h[:, :c]), lrn(h[:, c:])], 1)
+
+    k, s, ceil = (3, 2, False) if overlap else (2, 2, True)
+    pool = lambda h: F.max_pool2d(h, k, s, ceil_mode=ceil)
+    pad2, pad5 = (2, 1) if overlap else (1, 0)
+    keep = 0.5 if dropout else 1.0
+
+    h = F.conv2d(F.pad(x, (0, 3, 0, 3)), cat("conv1.weight"), cat("conv1.bias"), stride=4)
+    if not norm:
+        h = pool(F.relu(h))
+    elif preset == "as-run":
+        h = F.relu(pool(halves(h)))
+    else:
+        h = pool(halves(F.relu(h)))
+    h = F.relu(F.conv2d(h, cat("conv2.weight"), cat("conv2.bias"), padding=pad2, groups=2))
+    if norm:
+        h = halves(h)
+        if preset == "as-run":
+            h = h * (1 + 1e-3 * F.avg_pool2d(h * h, 5, 1, 2, count_include_pad=True)) ** -0.75
+    h = pool(h)
+    h = F.relu(F.conv2d(h, cat("conv3.weight"), cat("conv3.bias"), padding=1))
+    h = F.relu(F.conv2d(h, cat("conv4.weight"), cat("conv4.bias"), padding=1, groups=2))
+    h = pool(F.relu(F.conv2d(h, cat("conv5.weight"), cat("conv5.bias"), padding=pad5, groups=2)))
+    h = F.relu(F.linear(h.flatten(1), cat("fc6.weight"), cat("fc6.bias"))) * keep
+    h = F.relu(F.linear(h, cat("fc7.weight"), cat("fc7.bias"))) * keep
+    return F.linear(h, p["fc8.weight"], p["fc8.bias"])
+
+
+@pytest.mark.parametrize("preset,norm,overlap", [
+    ("as-run", True, True), ("paper-text", True, True), ("as-run", False, True), ("as-run", True, False),
+])
+def test_matches_grouped_reference_logits_and_gradients(preset, norm, overlap):
+    torch.manual_seed(0)
+    m = AlexNet(10, devices="cpu", preset=preset, norm=norm, overlap=overlap).double().eval()
+    x = images(2, dtype=torch.float64)
+    out = m(x)
+    out.square().sum().backward()
+    params = {k: v.detach().clone().requires_grad_() for k, v in m.named_parameters()}
+    ref = grouped_reference(params, x, preset, norm, overlap)
+    ref.square().sum().backward()
+    torch.testing.assert_close(out, ref)
+    for name, p in m.named_parameters():
+        torch.testing.assert_close(p.grad, params[name].grad, msg=lambda s: f"{name}: {s}")
+
+
+def test_one_device_and_two_devices_agree_through_the_cross_helper(monkeypatch):
+    calls = []
+    real = model_mod.cross
+
+    def counting_cross(x, device):
+        calls.append((tuple(x.shape), str(device)))
+        return real(x, device)
+
+    monkeypatch.setattr(model_mod, "cross", counting_cross)
+    torch.manual_seed(1)
+    one = AlexNet(10, devices="cpu")
+    two = AlexNet(10, devices=("cpu", "cpu"))
+    assert list(one.state_dict()) == list(two.state_dict())
+    two.load_state_dict(one.state_dict())
+    x = images(3)
+
+    calls.clear()
+    one.eval(), two.eval()
+    torch.testing.assert_close(one(x), two(x))
+    # input ×2, conv3 ×2, fc6 ×2, fc7 ×2, fc8 ×1: every join passes through cross()
+    assert len(calls) == 2 * 9
+    shapes = sorted({s for s, _ in calls})
+    assert shapes == sorted({(3, 3, 227, 227), (3, 128, 13, 13), (3, 4608), (3, 2048)})  # input padded once
+
+    one.train(), two.train()
+    for m in (one, two):
+        torch.manual_seed(7)  # the same dropout masks
+        F.cross_entropy(m(x), torch.tensor([1, 2, 3])).backward()
+    for (name, p), q in zip(one.named_parameters(), two.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, msg=lambda s: f"{name}: {s}")
+
+
+def test_parameter_counts():
+    assert count_parameters(AlexNet(devices="cpu")) == 60_965_224
+    assert count_parameters(AlexNet(devices="cpu", preset="paper-text")) == 60_965_224
+    half = AlexNet(devices="cpu", variant="one-gpu-half")
+    assert count_parameters(half) == 59_798_312
+    assert half.tower_b is None
+    assert count_parameters(AlexNet(10, devices="cpu")) == 60_965_224 - 990 * 4097
+
+
+def _shapes(m, x):
+    seen = {}
+    hooks = []
+    for name in ("conv1", "conv2", "conv3", "conv4", "conv5", "fc6"):
+        layer = getattr(m.tower_a, name)
+        hooks.append(layer.register_forward_hook(
+            lambda mod, i, o, name=name: seen.update({name + "_in": tuple(i[0].shape[1:]), name: tuple(o.shape[1:])})))
+    m.eval()
+    with torch.no_grad():
+        m(x)
+    for h in hooks:
+        h.remove()
+    return seen
+
+
+@pytest.mark.parametrize("overlap,sizes", [
+    (True, [55, 27, 27, 13, 13, 13, 13, 6]),
+    (False, [55, 28, 26, 13, 13, 13, 11, 6]),  # run 147: 55→28→26→13→13→11→6
+])
+def test_output_sizes_after_every_stage(overlap, sizes):
+    conv1, pool1, conv2, pool2, conv3, conv4, conv5, pool5 = sizes
+    expect = dict(conv1=conv1, pool1=pool1, conv2=conv2, pool2=pool2, conv3=conv3, conv4=conv4,
+                  conv5=conv5, pool5=pool5)
+    assert output_sizes(overlap) == expect
+    s = _shapes(AlexNet(10, devices="cpu", overlap=overlap), images(1))
+    assert s["conv1_in"] == (3, 227, 227)
+    assert s["conv1"] == (48, conv1, conv1)
+    assert s["conv2_in"] == (48, pool1, pool1)
+    assert s["conv2"] == (128, conv2, conv2)
+    assert s["conv3_in"] == (256, pool2, pool2)  # both towers
+    assert s["conv3"] == (192, conv3, conv3)
+    assert s["conv4"] == (192, conv4, conv4)
+    assert s["conv5"] == (128, conv5, conv5)
+    assert s["fc6_in"] == (2 * 128 * pool5 * pool5,)
+    assert s["fc6"] == (2048,)
+
+
+def test_half_variant_sizes():
+    s = _shapes(AlexNet(10, devices="cpu", variant="one-gpu-half"), images(1))
+    assert s["conv3_in"] == (128, 13, 13)  # one tower: reads only itself
+    assert s["conv5"] == (256, 13, 13)
+    assert s["fc6_in"] == (9216,) and s["fc6"] == (4096,)
+
+
+def test_connectivity_perturbing_tower_b_conv1():
+    """b's conv1 reaches a's conv3 (the cross-connection) but not a's conv2 (own tower only)."""
+    torch.manual_seed(2)
+    m = AlexNet(10, devices="cpu").eval()
+    x = images(1)
+    seen = {}
+    m.tower_a.conv2.register_forward_hook(lambda mod, i, o: seen.__setitem__("a2", o.detach().clone()))
+    m.tower_a.conv3.register_forward_hook(lambda mod, i, o: seen.__setitem__("a3", o.detach().clone()))
+    m.tower_b.conv3.register_forward_hook(lambda mod, i, o: seen.__setitem__("b3", o.detach().clone()))
+    with torch.no_grad():
+        m(x)
+        base = dict(seen)
+        h = m.tower_b.conv1.register_forward_hook(lambda mod, i, o: o + 5.0 * torch.randn_like(o))
+        m(x)
+        h.remove()
+    assert torch.equal(seen["a2"], base["a2"])
+    assert not torch.allclose(seen["a3"], base["a3"])
+    assert not torch.allclose(seen["b3"], base["b3"])
+
+
+def test_gradients_reach_both_towers():
+    torch.manual_seed(3)
+    m = AlexNet(10, devices=("cpu", "cpu"), init="caffe")
+    F.cross_entropy(m(images(4)), torch.tensor([0, 1, 2, 3])).backward()
+    for name, p in m.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def test_dropout_in_the_model_is_not_inverted():
+    torch.manual_seed(4)
+    m = AlexNet(10, devices="cpu", init="caffe")
+    seen = {}
+    m.tower_a.fc6.register_forward_hook(lambda mod, i, o: seen.__setitem__("fc6", o.detach().clone()))
+    m.tower_a.fc7.register_forward_pre_hook(lambda mod, i: seen.__setitem__("fc7_in", i[0].detach().clone()))
+    x = images(16)
+    with torch.no_grad():
+        m.train()(x)
+        active = F.relu(seen["fc6"])  # tower a's fc6 after ReLU, before dropout
+        dropped = seen["fc7_in"][:, :2048]
+        alive = active > 0
+        kept = dropped[alive] != 0
+        assert 0.4 < kept.float().mean().item() < 0.6  # about half of the active units survive
+        torch.testing.assert_close(dropped[alive][kept], active[alive][kept])  # no ×2 rescale
+        m.eval()(x)
+        torch.testing.assert_close(seen["fc7_in"][:, :2048], 0.5 * F.relu(seen["fc6"]))  # ×0.5 at test
+        # dropout off: no mask in training, no ×0.5 at test
+        off = AlexNet(10, devices="cpu", dropout=False).eval()
+        off.tower_a.fc6.register_forward_hook(lambda mod, i, o: seen.__setitem__("fc6", o.detach().clone()))
+        off.tower_a.fc7.register_forward_pre_hook(lambda mod, i: seen.__setitem__("fc7_in", i[0].detach().clone()))
+        off(x)
+        torch.testing.assert_close(seen["fc7_in"][:, :2048], F.relu(seen["fc6"]))
+
+
+@pytest.mark.parametrize("init,sigmas,biases", [
+    ("as-run", dict(conv1=.01, conv2=.01, conv3=.03, conv4=.03, conv5=.03, fc6=.01, fc7=.01, fc8=.01),
+     dict(conv1=0, conv2=1, conv3=0, conv4=1, conv5=1, fc6=1, fc7=1, fc8=0)),
+    ("paper-text", dict(conv1=.01, conv2=.01, conv3=.01, conv4=.01, conv5=.01, fc6=.01, fc7=.01, fc8=.01),
+     dict(conv1=0, conv2=1, conv3=0, conv4=1, conv5=1, fc6=1, fc7=1, fc8=0)),
+    ("caffe", dict(conv1=.01, conv2=.01, conv3=.01, conv4=.01, conv5=.01, fc6=.005, fc7=.005, fc8=.01),
+     dict(conv1=0, conv2=.1, conv3=0, conv4=.1, conv5=.1, fc6=.1, fc7=.1, fc8=0)),
+])
+def test_init_statistics(init, sigmas, biases):
+    torch.manual_seed(5)
+    preset = init if init != "caffe" else "as-run"
+    m = AlexNet(devices="cpu", preset=preset, init=None if init != "caffe" else "caffe")
+    layers = [(n, getattr(t, n)) for t in m.towers for n in ("conv1", "conv2", "conv3", "conv4", "conv5", "fc6", "fc7")]
+    for name, layer in layers + [("fc8", m.fc8)]:
+        w = layer.weight.detach()
+        assert abs(w.mean().item()) < 0.05 * sigmas[name], name
+        assert w.std().item() == pytest.approx(sigmas[name], rel=0.03), name
+        assert torch.all(layer.bias == biases[name]), name
+
+
+def test_preset_changes_the_computation():
+    torch.manual_seed(6)
+    a = AlexNet(10, devices="cpu").eval()
+    b = AlexNet(10, devices="cpu", preset="paper-text").eval()
+    b.load_state_dict(a.state_dict())  # same weights, different LRN α, order and spatial norm
+    x = images(1)
+    with torch.no_grad():
+        assert not torch.allclose(a(x), b(x))
+
+
+def test_features_are_post_relu_fc7():
+    m = AlexNet(10, devices="cpu").eval()
+    with torch.no_grad():
+        f = m.features(images(2))
+    assert f.shape == (2, 4096) and f.min() >= 0
+    torch.testing.assert_close(m.fc8(0.5 * f), m(images(2)))
+
+
+def test_clear_errors():
+    with pytest.raises(ReplicaError, match=r"cuda:3.*does not exist.*available: cpu"):
+        if torch.cuda.device_count() > 3:
+            pytest.skip("this machine has a cuda:3")
+        AlexNet(devices="cuda:3")
+    with pytest.raises(ReplicaError, match="one device or two"):
+        AlexNet(devices=("cpu", "cpu", "cpu"))
+    with pytest.raises(ReplicaError, match="not a device"):
+        AlexNet(devices="gpu0")
+    with pytest.raises(ReplicaError, match="preset"):
+        AlexNet(devices="cpu", preset="paper")
+    with pytest.raises(ReplicaError, match="unknown option"):
+        AlexNet(devices="cpu", lrn=False)
+    with pytest.raises(ReplicaError, match="one tower"):
+        AlexNet(devices=("cpu", "cpu"), variant="one-gpu-half")
+    with pytest.raises(ReplicaError, match="num_classes"):
+        AlexNet(0, devices="cpu")
+    with pytest.raises(ReplicaError, match=r"\(N, 3, H, W\)"):
+        AlexNet(10, devices="cpu")(torch.zeros(1, 1, 224, 224))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only choice")
+def test_auto_devices_without_cuda(caplog):
+    import logging
+    with caplog.at_level(logging.INFO, logger="replica"):
+        m = AlexNet(10)
+    assert [str(d) for d in m.devices] == ["cpu"]
+    assert "devices=auto: cpu" in caplog.text
+
+
+def test_checkpoint_moves_between_forms(tmp_path):
+    torch.manual_seed(8)
+    two = AlexNet(10, devices=("cpu", "cpu")).eval()
+    torch.save(two.state_dict(), tmp_path / "w.pt")
+    one = AlexNet(10, devices="cpu").eval()
+    one.load_state_dict(torch.load(tmp_path / "w.pt", map_location="cpu", weights_only=True))
+    x = images(1)
+    with torch.no_grad():
+        torch.testing.assert_close(one(x), two(x))
+
+
+def test_channels_last_is_layout_only():
+    torch.manual_seed(9)
+    a = AlexNet(10, devices="cpu").double().eval()
+    b = AlexNet(10, devices="cpu", channels_last=False).double().eval()
+    b.load_state_dict(a.state_dict())
+    x = images(2, dtype=torch.float64)
+    torch.testing.assert_close(a(x), b(x))
+
+
+# ---------------------------------------------------------------------------------------------
+# CUDA only
+
+
+@needs_cuda
+def test_cuda_each_tower_on_its_device():
+    devs = ("cuda:0", "cuda:1") if torch.cuda.device_count() > 1 else ("cuda:0", "cpu")
+    m = AlexNet(10, devices=devs)
+    assert {str(p.device) for p in m.tower_a.parameters()} == {str(torch.device(devs[0]))}
+    assert {str(p.device) for p in m.tower_b.parameters()} == {str(torch.device(devs[1]))}
+    assert {str(p.device) for p in m.fc8.parameters()} == {str(torch.device(devs[0]))}
+
+
+@needs_cuda
+def test_cuda_split_over_cuda0_and_cpu_matches_one_device():
+    torch.manual_seed(10)
+    ref = AlexNet(10, devices="cpu").double()
+    two = AlexNet(10, devices=("cuda:0", "cpu")).double()
+    two.load_state_dict(ref.state_dict())
+    x = images(2, dtype=torch.float64)
+    y = torch.tensor([1, 2])
+    ref.eval(), two.eval()
+    out_ref, out_two = ref(x), two(x)
+    assert out_two.device.type == "cuda"
+    torch.testing.assert_close(out_two.cpu(), out_ref)
+    F.cross_entropy(out_ref, y).backward()
+    F.cross_entropy(out_two, y.cuda()).backward()
+    for (name, p), q in zip(ref.named_parameters(), two.parameters()):
+        torch.testing.assert_close(q.grad.cpu(), p.grad, msg=lambda s: f"{name}: {s}")
