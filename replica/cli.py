@@ -27,6 +27,34 @@ def _cmd_model(args) -> int:
     return 0
 
 
+def _cmd_synth(args) -> int:
+    from .synth import synth
+
+    r = synth(args.out, args.classes, args.train_per_class, args.val_per_class, args.seed, args.workers)
+    n = r["classes"] * (r["train_per_class"] + r["val_per_class"])
+    print(f"{'reused' if r['reused'] else 'wrote'} {n:,} images ({r['classes']} classes) in {r['path']} "
+          f"(train/ and val/, 256×256 JPEG)")
+    return 0
+
+
+def _cmd_prepare(args) -> int:
+    from .store import prepare
+
+    m = prepare(args.src, args.out, val=args.val, size=args.size, workers=args.workers, chunk=args.chunk)
+    used = ", ".join(f"{k} {v['used']:,}/{v['total']:,}" for k, v in m["splits"].items())
+    print(f"prepared {args.out}: {len(m['classes'])} classes; {used} images; {m['skipped']} skipped"
+          + (" (listed in skipped.tsv)" if m["skipped"] else "")
+          + (f"; resumed after {m['resumed_chunks']} finished chunks" if m.get("resumed_chunks") else ""))
+    return 0
+
+
+def _cmd_stats(args) -> int:
+    from .store import describe_stats
+
+    print(describe_stats(args.store))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="replica",
@@ -47,6 +75,28 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--devices", default="auto", help="auto, cpu, cuda:0, or a pair such as cuda:0,cuda:1")
     m.add_argument("--batch", type=int, default=8, help="batch for the timed train step (0 to skip)")
     m.set_defaults(func=_cmd_model)
+
+    s = sub.add_parser("synth", help="write the deterministic synthetic dataset (shape × colour classes)")
+    s.add_argument("out", help="output folder (gets train/ and val/ class folders)")
+    s.add_argument("--classes", type=int, default=10)
+    s.add_argument("--train-per-class", type=int, default=100)
+    s.add_argument("--val-per-class", type=int, default=20)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
+    s.set_defaults(func=_cmd_synth)
+
+    pr = sub.add_parser("prepare", help="resize once to 256×256 into a store, with the mean image and RGB PCA")
+    pr.add_argument("src", help="class-folder tree (train/ + val/), a 'path label' txt index, or CIFAR-10 batches")
+    pr.add_argument("out", help="store folder to write (an interrupted run resumes here)")
+    pr.add_argument("--val", default=None, help="validation source, if SRC does not hold one")
+    pr.add_argument("--size", type=int, default=256, help="stored image size (default 256)")
+    pr.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
+    pr.add_argument("--chunk", type=int, default=64, help="images per unit of work and of resumption")
+    pr.set_defaults(func=_cmd_prepare)
+
+    st = sub.add_parser("stats", help="print a store's counts, mean image and RGB eigen-system")
+    st.add_argument("store")
+    st.set_defaults(func=_cmd_stats)
     return p
 
 

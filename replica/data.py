@@ -1,0 +1,156 @@
+"""Datasets and loaders: prepared store or image files → uint8 batches → augmented tensors.
+
+Both dataset kinds answer ``batch(positions) → (uint8 (B, 3, S, S), labels, bad)``:
+:class:`~replica.store.PreparedStore` reads raw rows; :class:`FileImages` decodes and resizes
+files on the fly (small datasets: an ImageFolder tree, a txt index, CIFAR-10 batches), with
+the same augmentation afterwards. Knows nothing about the model.
+"""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import augment
+from .errors import ReplicaError
+from .imageio import DEFAULT_MAX_PIXELS, BadImage, read_prepared, resize_center
+from .sources import Source, find_source
+from .store import PixelStats, PreparedStore
+
+
+class FileImages:
+    """One split of a :class:`~replica.sources.Source`, decoded and resized on the fly."""
+
+    def __init__(self, source: Source, split: str = "train", size: int = 256, max_pixels: int = DEFAULT_MAX_PIXELS):
+        if split not in source.splits:
+            raise ReplicaError(f"{source.root}: no {split!r} split (has {', '.join(source.splits)})")
+        self.source, self.split, self.size, self.max_pixels = source, split, size, max_pixels
+        s = source.splits[split]
+        self.items, self.labels, self.arrays = s.items, np.asarray(s.labels, np.int64), s.arrays
+        self.classes = source.classes
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def read(self, i: int) -> np.ndarray:
+        if self.arrays is not None:
+            from PIL import Image
+            return resize_center(Image.fromarray(self.arrays[self.items[i]].transpose(1, 2, 0), "RGB"), self.size)
+        return read_prepared(self.items[i], self.size, self.max_pixels)
+
+    def batch(self, positions):
+        """uint8 images, labels, and (path, reason, index in batch) for each file that failed."""
+        imgs, labels, bad = [], [], []
+        for k, p in enumerate(np.asarray(positions).tolist()):
+            try:
+                imgs.append(self.read(p))
+                labels.append(self.labels[p])
+            except BadImage as e:  # skipped and reported, never silently dropped
+                bad.append((str(self.items[p]), str(e), k))
+        out = np.stack(imgs) if imgs else np.empty((0, 3, self.size, self.size), np.uint8)
+        return out, np.asarray(labels, np.int64), bad
+
+
+def open_images(path, split: str = "train", size: int = 256):
+    """A prepared store if ``path`` is one, else image files read on the fly."""
+    path = Path(path)
+    if (path / "meta.json").exists():
+        return PreparedStore(path, split)
+    return FileImages(find_source(path), split, size)
+
+
+def compute_stats(images, batch: int = 64, progress: bool = False) -> tuple[np.ndarray, dict]:
+    """Mean image and RGB PCA of a dataset, by the same sums ``prepare`` keeps."""
+    from tqdm import tqdm
+
+    stats = PixelStats(images.size)
+    for a in tqdm(range(0, len(images), batch), desc="stats", disable=not progress, unit="batch"):
+        u8, _, _ = images.batch(np.arange(a, min(a + batch, len(images))))
+        for img in u8:
+            stats.add_image(img)
+    return stats.result()
+
+
+def batch_seed(seed: int, epoch: int, index: int) -> int:
+    """A 63-bit seed for one batch: augmentation depends on (seed, epoch, batch) and nothing else."""
+    h = hashlib.blake2b(f"{seed}/{epoch}/{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(h, "little") >> 1
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
+    """The shuffled order of positions for an epoch (a pure function of seed and epoch)."""
+    g = torch.Generator().manual_seed(batch_seed(seed, epoch, -1))
+    return torch.randperm(n, generator=g).numpy()
+
+
+class TrainBatches(torch.utils.data.Dataset):
+    """Batch ``i`` of an epoch: a map-style dataset of whole batches, for a DataLoader.
+
+    Every batch is a pure function of (seed, epoch, i): the same images in the same order with
+    the same crops, flips and colour shifts, whatever the number of workers, and after a resume
+    from the middle of an epoch (``start``). Workers return uint8 crops and the colour shifts;
+    :meth:`finish` turns them into the float batch where it is used (the main process, or the
+    GPU after a uint8 transfer: a quarter of the bytes of float32).
+    """
+
+    def __init__(self, images, batch_size: int, mean_image: np.ndarray, pca: dict | None, *, seed: int = 0,
+                 epoch: int = 0, start: int = 0, pca_mode: str = "as-run", noise: bool = True,
+                 chunk: int | None = None, rank: int = 0, world: int = 1, crop: int = augment.CROP):
+        if crop > images.size:
+            raise ReplicaError(f"crop {crop} is larger than the {images.size}×{images.size} images")
+        if batch_size < 1:
+            raise ReplicaError(f"batch size: expected a positive integer, got {batch_size}")
+        if len(images) < batch_size * world:
+            raise ReplicaError(f"{len(images)} training images are fewer than one batch of {batch_size}"
+                               f"{f' × {world} processes' if world > 1 else ''}")
+        self.images, self.batch_size, self.seed, self.epoch, self.start = images, batch_size, seed, epoch, start
+        self.crop = crop
+        self.mean_crop = augment.centre_crop_of(torch.as_tensor(mean_image), crop)
+        self.pca, self.pca_mode, self.noise, self.chunk = pca, pca_mode, noise, chunk
+        self.rank, self.world = rank, world
+        self.order = epoch_order(len(images), seed, epoch)
+        self.batches = len(images) // (batch_size * world)  # drop the last partial batch
+
+    def __len__(self) -> int:
+        return self.batches - self.start
+
+    def __getitem__(self, i: int):
+        """(uint8 crops, shifts or None, labels, batch index, bad files) for batch start + i."""
+        b = self.start + i
+        g = self.batch_size * self.world
+        positions = self.order[b * g + self.rank * self.batch_size: b * g + (self.rank + 1) * self.batch_size]
+        gen = torch.Generator().manual_seed(batch_seed(self.seed, self.epoch, b * self.world + self.rank))
+        oy, ox, fl, shift = augment.draw_train(len(positions), gen, pca=self.pca, pca_mode=self.pca_mode,
+                                               noise=self.noise, chunk=self.chunk, border=self.images.size - self.crop)
+        shape = (len(positions), 3, self.crop, self.crop)
+        # in a loader worker, write into shared memory: the batch then travels without a copy
+        crops = torch.empty(shape, dtype=torch.uint8)
+        if torch.utils.data.get_worker_info() is not None:
+            crops.share_memory_()
+        if hasattr(self.images, "crops"):  # prepared store: read only the crops' bytes
+            labels, bad = self.images.crops(positions, oy, ox, fl, self.crop, crops.numpy())
+        else:  # files on the fly: decode whole images, then crop; bad files shorten the batch
+            u8, labels, bad = self.images.batch(positions)
+            keep = torch.ones(len(positions), dtype=torch.bool)
+            keep[[k for _, _, k in bad]] = False  # each image keeps the draws made for its place
+            crops = augment.crop(torch.from_numpy(u8), oy[keep], ox[keep], fl[keep], self.crop)
+            shift = shift[keep] if shift is not None else None
+        return crops, shift, torch.as_tensor(labels), b, bad
+
+    def finish(self, crops: torch.Tensor, shift: torch.Tensor | None) -> torch.Tensor:
+        """The float32 batch, on the crops' device."""
+        return augment.finish(crops, self.mean_crop, shift, self.pca_mode)
+
+    def batch(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Batch ``start + i`` as (float32 images, labels), in this process."""
+        crops, shift, labels, _, _ = self[i]
+        return self.finish(crops, shift), labels
+
+
+def loader(ds: torch.utils.data.Dataset, workers: int = 0, pin_memory: bool = False):
+    """A DataLoader over whole batches (the dataset makes them; no collation)."""
+    return torch.utils.data.DataLoader(ds, batch_size=None, shuffle=False, num_workers=workers,
+                                       pin_memory=pin_memory, persistent_workers=False,
+                                       prefetch_factor=2 if workers else None)

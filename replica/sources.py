@@ -1,0 +1,192 @@
+"""Where images come from: a class-folder tree, a ``path label`` txt index, or CIFAR-10 batches.
+
+Each source yields, per split, a list of items and the sorted class names. Nothing here
+decodes an image; :mod:`replica.imageio` does that.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .errors import ReplicaError
+
+IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif"}
+TRAIN_DIRS = ("train", "train_data", "training")
+VAL_DIRS = ("val", "valid", "validation", "test", "test_data")
+CIFAR_DIR = "cifar-10-batches-py"
+
+
+@dataclass
+class Split:
+    """One split: ``items`` are file paths (str) or, for CIFAR, row indices into ``arrays``."""
+
+    items: list
+    labels: list[int]
+    arrays: np.ndarray | None = None  # CIFAR: (N, 3, 32, 32) uint8
+
+
+@dataclass
+class Source:
+    kind: str  # "folder", "index" or "cifar10"
+    root: str
+    classes: list[str]
+    splits: dict[str, Split] = field(default_factory=dict)
+
+    def describe(self) -> str:
+        parts = ", ".join(f"{name} {len(s.items):,}" for name, s in self.splits.items())
+        return f"{self.kind} source {self.root}: {len(self.classes)} classes; {parts}"
+
+
+def is_image_name(name: str) -> bool:
+    return os.path.splitext(name)[1].lower() in IMAGE_EXTS
+
+
+def find_classes(root: Path) -> list[str]:
+    """Sorted names of the sub-folders of ``root`` (torchvision's ImageFolder rule)."""
+    return sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+
+
+def _folder_split(root: Path, classes: list[str]) -> Split:
+    items, labels = [], []
+    index = {c: i for i, c in enumerate(classes)}
+    for c in find_classes(root):
+        if c not in index:
+            raise ReplicaError(f"{root / c}: class {c!r} is not among the training classes {classes}")
+        for dirpath, dirnames, filenames in os.walk(root / c, followlinks=True):
+            dirnames.sort()
+            for f in sorted(filenames):
+                if is_image_name(f):
+                    items.append(os.path.join(dirpath, f))
+                    labels.append(index[c])
+    return Split(items, labels)
+
+
+def read_index(path: Path, num_classes: int | None = None) -> Split:
+    """A txt index of ``PATH LABEL`` lines (the seed's generate_txt_file output).
+
+    Relative paths are taken from the index's folder first, then from the current folder;
+    Windows separators are accepted. A malformed line is an error naming file and line.
+    """
+    items, labels = [], []
+    base = path.parent
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ReplicaError(f"{path}: not a text file ({e.reason})") from None
+    for n, line in enumerate(text.splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        parts = line.rsplit(None, 1)  # the path may hold spaces; the label is the last field
+        if len(parts) != 2:
+            raise ReplicaError(f"{path}:{n}: expected 'PATH LABEL', got {line!r}")
+        p, lab = parts
+        try:
+            label = int(lab)
+        except ValueError:
+            raise ReplicaError(f"{path}:{n}: label {lab!r} is not an integer") from None
+        if label < 0 or (num_classes is not None and label >= num_classes):
+            limit = f" (classes.txt lists {num_classes})" if num_classes is not None else ""
+            raise ReplicaError(f"{path}:{n}: label {label} is out of range{limit}")
+        p = p.replace("\\", "/")
+        if not os.path.isabs(p):
+            cand = base / p
+            if not cand.exists() and Path(p).exists():
+                cand = Path(p)
+            p = str(cand)
+        items.append(p)
+        labels.append(label)
+    if not items:
+        raise ReplicaError(f"{path}: the index holds no 'PATH LABEL' lines")
+    return Split(items, labels)
+
+
+def _index_classes(path: Path, labels: list[int]) -> list[str]:
+    names = path.parent / "classes.txt"
+    if names.exists():
+        classes = [c for c in names.read_text(encoding="utf-8").splitlines() if c.strip()]
+        if max(labels) >= len(classes):
+            raise ReplicaError(f"{path}: label {max(labels)} but {names} names only {len(classes)} classes")
+        return classes
+    return [str(i) for i in range(max(labels) + 1)]
+
+
+def _load_cifar_batch(path: Path):
+    try:
+        with open(path, "rb") as f:
+            d = pickle.load(f, encoding="bytes")  # the CIFAR-10 python format is a pickle
+        data = np.asarray(d[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
+        return data, [int(v) for v in d[b"labels"]]
+    except (OSError, pickle.UnpicklingError, KeyError, ValueError, EOFError) as e:
+        raise ReplicaError(f"{path}: not a CIFAR-10 python batch ({e})") from None
+
+
+def _cifar(root: Path) -> Source:
+    train = [root / f"data_batch_{i}" for i in range(1, 6) if (root / f"data_batch_{i}").exists()]
+    arrays, labels = zip(*(_load_cifar_batch(p) for p in train))
+    tr = Split(list(range(sum(len(a) for a in arrays))), sum(labels, []), np.concatenate(arrays))
+    classes = [f"class{i}" for i in range(10)]
+    meta = root / "batches.meta"
+    if meta.exists():
+        with open(meta, "rb") as f:
+            classes = [n.decode() for n in pickle.load(f, encoding="bytes")[b"label_names"]]
+    src = Source("cifar10", str(root), classes, {"train": tr})
+    if (root / "test_batch").exists():
+        a, lab = _load_cifar_batch(root / "test_batch")
+        src.splits["val"] = Split(list(range(len(a))), lab, a)
+    return src
+
+
+def find_source(src, val=None) -> Source:
+    """Work out what ``src`` is and list its images.
+
+    ``src`` may be: a folder with ``train/`` (or ``train_data/``) and ``val/`` (or ``val_data``,
+    ``test/``, ``test_data/``) class-folder trees; one class-folder tree (all training); a txt
+    index (``val`` may name a second one); or CIFAR-10's python batches.
+    """
+    src = Path(src)
+    if not src.exists():
+        raise ReplicaError(f"{src}: no such file or folder")
+    if src.is_file():
+        if src.suffix.lower() != ".txt":
+            raise ReplicaError(f"{src}: expected a folder or a txt index of 'PATH LABEL' lines")
+        tr = read_index(src)
+        classes = _index_classes(src, tr.labels)
+        out = Source("index", str(src), classes, {"train": tr})
+        if val is not None:
+            out.splits["val"] = read_index(Path(val), len(classes))
+        return _nonempty(out)
+    if (src / CIFAR_DIR / "data_batch_1").exists():
+        return _cifar(src / CIFAR_DIR)
+    if (src / "data_batch_1").exists():
+        return _cifar(src)
+    train_dir = next((src / d for d in TRAIN_DIRS if (src / d).is_dir()), None)
+    if train_dir is not None:
+        classes = find_classes(train_dir)
+        out = Source("folder", str(src), classes, {"train": _folder_split(train_dir, classes)})
+        val_dir = Path(val) if val else next((src / d for d in VAL_DIRS if (src / d).is_dir()), None)
+        if val_dir is not None:
+            out.splits["val"] = _folder_split(val_dir, classes)
+        return _nonempty(out)
+    classes = find_classes(src)
+    if classes:
+        out = Source("folder", str(src), classes, {"train": _folder_split(src, classes)})
+        if val:
+            out.splits["val"] = _folder_split(Path(val), classes)
+        return _nonempty(out)
+    if (src / "train.txt").exists():
+        other = next((src / n for n in ("val.txt", "test.txt") if (src / n).exists()), None)
+        return find_source(src / "train.txt", val or other)
+    raise ReplicaError(f"{src}: found no images: expected class folders, train/ and val/ folders, "
+                       "a txt index or CIFAR-10 batches")
+
+
+def _nonempty(src: Source) -> Source:
+    if not src.splits["train"].items:
+        raise ReplicaError(f"{src.root}: the training split holds no image files "
+                           f"(extensions: {', '.join(sorted(IMAGE_EXTS))})")
+    return src

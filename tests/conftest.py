@@ -1,0 +1,29 @@
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tools"))
+
+
+def write_png(path: Path, arr: np.ndarray) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(arr).save(path)
+    return path
+
+
+@pytest.fixture
+def tiny_tree(tmp_path):
+    """train/ and val/ class folders of small random JPEGs: 3 classes, 5 + 2 images each."""
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 5), ("val", 2)):
+        for c in ("ant", "bee", "cat"):
+            for i in range(n):
+                arr = rng.integers(0, 256, (40 + 3 * i, 50, 3), dtype=np.uint8)
+                p = tmp_path / "src" / split / c / f"{i}.jpg"
+                p.parent.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(arr).save(p, quality=95)
+    return tmp_path / "src"
