@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 
 from .errors import ReplicaError
 
@@ -55,6 +56,58 @@ def _cmd_stats(args) -> int:
     return 0
 
 
+def _cmd_train(args) -> int:
+    import yaml
+
+    from .config import load_config
+    from .runtime import tune_cpu_allocator
+    from .train import train
+
+    tune_cpu_allocator()
+    if args.resume:
+        run = Path(args.resume)
+        if not (run / "config.yaml").exists():
+            raise ReplicaError(f"{run}: not a run folder (no config.yaml)")
+        if args.config or args.overrides:
+            raise ReplicaError("--resume continues a run as it was configured; give no CONFIG or overrides")
+        cfg = load_config(None, {}, base=yaml.safe_load((run / "config.yaml").read_text()))
+        result = train(cfg, run, resume=True)
+    else:
+        if not args.config:
+            raise ReplicaError("give a CONFIG (e.g. configs/demo.yaml) or --resume RUN_DIR")
+        cfg = load_config(args.config, args.overrides)
+        out = Path(args.out) if args.out else Path("runs") / Path(args.config).stem
+        if (out / "last.pt").exists():
+            raise ReplicaError(f"{out} already holds a run; continue it with --resume {out}, or choose --out")
+        result = train(cfg, out)
+        run = out
+    if not result.get("stopped"):
+        print(f"finished: {run} (metrics.jsonl, last.pt, best.pt)")
+    return 0
+
+
+def _cmd_eval(args) -> int:
+    from .predict import format_eval, run_eval
+
+    views = (1, 10) if args.views is None else (args.views,)
+    r = run_eval(args.target, args.data, views, _devices(args.devices), args.batch)
+    print(format_eval(r))
+    return 0
+
+
+def _cmd_predict(args) -> int:
+    from .predict import predict
+
+    failed = 0
+    for path, result in predict(args.checkpoint, args.images, args.topk, args.views, _devices(args.devices)):
+        if isinstance(result, str):
+            print(f"replica: error: {path}: {result}", file=sys.stderr)
+            failed += 1
+            continue
+        print(f"{path}: " + ", ".join(f"{c} {p:.3f}" for c, p in result))
+    return 1 if failed else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="replica",
@@ -93,6 +146,29 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
     pr.add_argument("--chunk", type=int, default=64, help="images per unit of work and of resumption")
     pr.set_defaults(func=_cmd_prepare)
+
+    t = sub.add_parser("train", help="train per a config: replica train CONFIG [key=value ...] [--out RUN_DIR]")
+    t.add_argument("config", nargs="?", help="a YAML preset from configs/ (holds only its differences)")
+    t.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. data=store epochs=10")
+    t.add_argument("--out", help="run folder (default: runs/<config name>)")
+    t.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run exactly where it stopped")
+    t.set_defaults(func=_cmd_train)
+
+    e = sub.add_parser("eval", help="top-1/top-5 error with one view and ten views")
+    e.add_argument("target", help="a run folder (uses best.pt) or a checkpoint file")
+    e.add_argument("--data", help="prepared store or image folder (default: the run's validation data)")
+    e.add_argument("--views", type=int, choices=[1, 10], default=None, help="only this many views (default: both)")
+    e.add_argument("--batch", type=int, default=32)
+    e.add_argument("--devices", default="auto")
+    e.set_defaults(func=_cmd_eval)
+
+    pd = sub.add_parser("predict", help="top-k classes of images, in any format PIL reads")
+    pd.add_argument("checkpoint", help="a checkpoint file or a run folder")
+    pd.add_argument("images", nargs="+")
+    pd.add_argument("--topk", type=int, default=5)
+    pd.add_argument("--views", type=int, choices=[1, 10], default=1)
+    pd.add_argument("--devices", default="auto")
+    pd.set_defaults(func=_cmd_predict)
 
     st = sub.add_parser("stats", help="print a store's counts, mean image and RGB eigen-system")
     st.add_argument("store")

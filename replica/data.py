@@ -120,10 +120,15 @@ class TrainBatches(torch.utils.data.Dataset):
         """(uint8 crops, shifts or None, labels, batch index, bad files) for batch start + i."""
         b = self.start + i
         g = self.batch_size * self.world
-        positions = self.order[b * g + self.rank * self.batch_size: b * g + (self.rank + 1) * self.batch_size]
-        gen = torch.Generator().manual_seed(batch_seed(self.seed, self.epoch, b * self.world + self.rank))
-        oy, ox, fl, shift = augment.draw_train(len(positions), gen, pca=self.pca, pca_mode=self.pca_mode,
-                                               noise=self.noise, chunk=self.chunk, border=self.images.size - self.crop)
+        mine = slice(self.rank * self.batch_size, (self.rank + 1) * self.batch_size)
+        positions = self.order[b * g: (b + 1) * g][mine]
+        # draws are made for the whole global batch and sliced: N processes with batch B/N see
+        # exactly the crops, flips and shifts that one process with batch B would
+        gen = torch.Generator().manual_seed(batch_seed(self.seed, self.epoch, b))
+        oy, ox, fl, shift = augment.draw_train(g, gen, pca=self.pca, pca_mode=self.pca_mode, noise=self.noise,
+                                               chunk=self.chunk, border=self.images.size - self.crop)
+        oy, ox, fl = oy[mine], ox[mine], fl[mine]
+        shift = shift[mine] if shift is not None else None
         shape = (len(positions), 3, self.crop, self.crop)
         # in a loader worker, write into shared memory: the batch then travels without a copy
         crops = torch.empty(shape, dtype=torch.uint8)
@@ -151,6 +156,9 @@ class TrainBatches(torch.utils.data.Dataset):
 
 def loader(ds: torch.utils.data.Dataset, workers: int = 0, pin_memory: bool = False):
     """A DataLoader over whole batches (the dataset makes them; no collation)."""
+    # its own generator: a DataLoader otherwise draws a seed from the global RNG, which the
+    # dropout masks also use, and a resumed run would see other masks
     return torch.utils.data.DataLoader(ds, batch_size=None, shuffle=False, num_workers=workers,
                                        pin_memory=pin_memory, persistent_workers=False,
-                                       prefetch_factor=2 if workers else None)
+                                       prefetch_factor=2 if workers else None,
+                                       generator=torch.Generator().manual_seed(0))

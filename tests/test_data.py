@@ -258,6 +258,7 @@ def test_train_batches_shard_across_processes(tiny_tree, tmp_path):
     r0, r1 = TrainBatches(st, 3, rank=0, world=2, **kw), TrainBatches(st, 3, rank=1, world=2, **kw)
     assert len(r0) == len(r1) == len(whole)
     assert torch.equal(torch.cat([r0[0][2], r1[0][2]]), whole[0][2])  # labels: the shards tile the batch
+    assert torch.equal(torch.cat([r0[0][0], r1[0][0]]), whole[0][0])  # and so do the crops and flips
     with pytest.raises(ReplicaError, match="fewer than one batch"):
         TrainBatches(st, 100, **kw)
     with pytest.raises(ReplicaError, match="crop 224 is larger"):

@@ -1,0 +1,220 @@
+"""The training configuration: typed, frozen, and its defaults ARE the as-run preset (run 145).
+
+Load a YAML preset (it holds only its differences from these defaults), apply ``key=value``
+overrides, validate, freeze. Each key is declared once below, with its source or its reason.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import yaml
+
+from .errors import ReplicaError
+
+
+@dataclass(frozen=True)
+class Config:
+    # -- data ----------------------------------------------------------------------------------
+    data: str | None = None  # a prepared store (replica prepare), or image folders / txt index / CIFAR-10
+    val_data: str | None = None  # validation source when ``data`` holds none (default: data's val split)
+    num_classes: int | None = None  # None: as many as the data has
+    crop: int = 224  # §4.1: 224×224 patches of 256×256 images
+    flip_chunk: int | None = None  # 32: one offset and flip per 32 images, as convdata_jpeg.py:238-246
+    pca_noise: bool = True  # §4.1 colour noise ("no-pca" ablation: False)
+    pca_mode: str | None = None  # None: the preset's ("as-run": 0.1·z·√λ then ÷1.1; "paper-text": α·λ)
+    pca_off_epoch: float | None = 67  # as-run: "set color noise to 0 from 0.1" at 67 of 91 (layer-params-145.cfg:178)
+    workers: int = 2  # loader processes
+    # -- model ---------------------------------------------------------------------------------
+    preset: str = "as-run"  # or "paper-text" (SPEC.md §1-3)
+    variant: str = "two-tower"  # or "one-gpu-half" (run 145-half)
+    norm: bool = True  # False: run 148, no LRN and no spatial norm
+    overlap: bool = True  # False: run 147, pool 2/2
+    dropout: bool = True
+    init: str | None = None  # None: the preset's; "caffe": biases 0.1, fc6/fc7 σ 0.005
+    devices: str = "auto"  # "auto", "cpu", "cuda:0", or "cuda:0,cuda:1" (towers a, b)
+    devices_per_process: int = 2  # under torchrun: each process owns this many GPUs (1 or 2)
+    # -- optimization (SPEC.md §3) ---------------------------------------------------------------
+    batch_size: int = 128  # §5
+    epochs: float = 91  # run 145 was killed after epoch 91 (layer-params-145.cfg:182)
+    lr: float = 0.01  # ε, §5
+    momentum: float = 0.9  # §5
+    weight_decay: float = 5e-4  # λ, §5; coupled, scaled by ε (src/weights.cu:192-195)
+    bias_lr: float | None = 0.02  # as-run: 2× the initial ε, no decay, not divided with the weights; None: as weights
+    bias_lr_cut_epoch: float | None = None  # the one optional ÷10 of the bias rate (run 145-2010 ended at 0.002)
+    schedule: str = "as-run"  # "as-run": fixed drops; "plateau": ÷10 when val error stops improving
+    lr_drops: tuple = (25, 51, 79)  # epochs of 91 (layer-params-145.cfg:168-182); scaled to ``epochs``
+    conv1_drop_epoch: float | None = 67  # conv1's extra ÷10 at 67 of 91
+    conv1_freeze_epoch: float | None = 72  # conv1 frozen (ε = 0, no decay) from 72 of 91
+    schedule_epochs: float = 91  # the run length the epoch numbers above are written for
+    plateau_patience: int = 1  # plateau: epochs without a new best val error before ÷10
+    plateau_max_drops: int = 3  # §5: "reduced three times prior to termination"
+    # -- run -------------------------------------------------------------------------------------
+    seed: int = 0
+    steps_per_epoch: int | None = None  # cap the batches of an epoch (quick runs); None: the whole set
+    val_batches: int | None = None  # cap the validation batches per epoch; None: all
+    checkpoint_minutes: float = 10.0  # also save `last` this often within an epoch
+    stall_steps: int = 300  # warn if the loss is still ≈ ln(classes) after this many steps (0: never)
+    bf16: bool = False  # autocast to bfloat16 (CUDA)
+    channels_last: bool = True  # layout only; faster max-pooling on CPU
+    compile: bool = False  # torch.compile the model
+
+    def __post_init__(self):
+        _check(self)
+
+    @property
+    def pca_kind(self) -> str:
+        return self.pca_mode or self.preset
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["lr_drops"] = list(self.lr_drops)
+        return d
+
+
+CHOICES = {
+    "preset": ("as-run", "paper-text"),
+    "variant": ("two-tower", "one-gpu-half"),
+    "init": (None, "as-run", "paper-text", "caffe"),
+    "pca_mode": (None, "as-run", "paper-text"),
+    "schedule": ("as-run", "plateau"),
+}
+POSITIVE = ("batch_size", "epochs", "lr", "crop", "schedule_epochs", "checkpoint_minutes")
+NON_NEGATIVE = ("momentum", "weight_decay", "workers", "stall_steps", "plateau_patience", "plateau_max_drops",
+                "bias_lr")
+
+# what a preset file changes, for the paper-text reading
+PAPER_TEXT = dict(preset="paper-text", schedule="plateau", epochs=90, bias_lr=None, pca_off_epoch=None,
+                  conv1_drop_epoch=None, conv1_freeze_epoch=None)
+
+
+def _check(c: Config) -> None:
+    for name, allowed in CHOICES.items():
+        v = getattr(c, name)
+        if v not in allowed:
+            raise ReplicaError(f"{name}: expected one of {', '.join(repr(a) for a in allowed if a)}, got {v!r}")
+    for name in POSITIVE:
+        v = getattr(c, name)
+        if not v > 0:
+            raise ReplicaError(f"{name}: expected a positive number, got {v!r}")
+    for name in NON_NEGATIVE:
+        v = getattr(c, name)
+        if v is not None and v < 0:
+            raise ReplicaError(f"{name}: expected a number ≥ 0, got {v!r}")
+    if c.devices_per_process not in (1, 2):
+        raise ReplicaError(f"devices_per_process: expected 1 or 2, got {c.devices_per_process}")
+    if c.num_classes is not None and c.num_classes < 2:
+        raise ReplicaError(f"num_classes: expected at least 2, got {c.num_classes}")
+    if c.flip_chunk is not None and c.flip_chunk < 1:
+        raise ReplicaError(f"flip_chunk: expected a positive integer or null, got {c.flip_chunk}")
+    for name in ("steps_per_epoch", "val_batches"):
+        v = getattr(c, name)
+        if v is not None and v < 1:
+            raise ReplicaError(f"{name}: expected a positive integer or null, got {v}")
+    if list(c.lr_drops) != sorted(c.lr_drops) or any(d <= 0 for d in c.lr_drops):
+        raise ReplicaError(f"lr_drops: expected increasing positive epochs, got {list(c.lr_drops)}")
+    if not 0 <= c.momentum < 1:
+        raise ReplicaError(f"momentum: expected a number in [0, 1), got {c.momentum}")
+
+
+_TYPES = typing.get_type_hints(Config)
+NAMES = [f.name for f in fields(Config)]
+
+
+def _coerce(name: str, value):
+    """A YAML or command-line value → the declared type, or an error saying what was expected."""
+    t = _TYPES[name]
+    args = typing.get_args(t)
+    optional = type(None) in args
+    base = next((a for a in args if a is not type(None)), t) if args else t
+    if value is None or (isinstance(value, str) and value.lower() in ("null", "none", "~")):
+        if optional:
+            return None
+        raise ReplicaError(f"{name}: expected {base.__name__}, got null")
+    if base is tuple:
+        if isinstance(value, str):
+            value = yaml.safe_load(value) if value.strip().startswith("[") else [v for v in value.split(",") if v]
+        if not isinstance(value, (list, tuple)):
+            value = [value]
+        try:
+            return tuple(float(v) for v in value)
+        except (TypeError, ValueError):
+            raise ReplicaError(f"{name}: expected a list of numbers, got {value!r}") from None
+    if base is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "yes", "on", "1", "false", "no", "off", "0"):
+            return value.lower() in ("true", "yes", "on", "1")
+        raise ReplicaError(f"{name}: expected true or false, got {value!r}")
+    if base is int:
+        if isinstance(value, bool):
+            raise ReplicaError(f"{name}: expected an integer, got {value!r}")
+        try:
+            f = float(value)
+        except (TypeError, ValueError):
+            raise ReplicaError(f"{name}: expected an integer, got {value!r}") from None
+        if f != int(f):
+            raise ReplicaError(f"{name}: expected an integer, got {value!r}")
+        return int(f)
+    if base is float:
+        if isinstance(value, bool):
+            raise ReplicaError(f"{name}: expected a number, got {value!r}")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ReplicaError(f"{name}: expected a number, got {value!r}") from None
+    if base is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ReplicaError(f"{name}: expected text, got {value!r}")
+        return str(value)
+    return value
+
+
+def _unknown(name: str, where: str) -> ReplicaError:
+    near = difflib.get_close_matches(name, NAMES, n=1, cutoff=0.5)
+    hint = f"; did you mean {near[0]!r}?" if near else f"; valid keys: {', '.join(NAMES)}"
+    return ReplicaError(f"unknown config key {name!r}{where}{hint}")
+
+
+def parse_overrides(items) -> dict:
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise ReplicaError(f"override {item!r}: expected KEY=VALUE")
+        k, v = item.split("=", 1)
+        k = k.strip().replace("-", "_")
+        if k not in NAMES:
+            raise _unknown(k, " on the command line")
+        out[k] = yaml.safe_load(v) if v.strip() else None
+    return out
+
+
+def load_config(path=None, overrides=(), base: dict | None = None) -> Config:
+    """Defaults → YAML file → ``key=value`` overrides → validated, frozen :class:`Config`."""
+    values = dict(base or {})
+    if path is not None:
+        p = Path(path)
+        if not p.exists():
+            near = sorted(q.stem for q in (Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+            raise ReplicaError(f"config {p}: no such file" + (f" (presets: {', '.join(near)})" if near else ""))
+        try:
+            loaded = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ReplicaError(f"config {p}: not valid YAML ({str(e).splitlines()[0]})") from None
+        if not isinstance(loaded, dict):
+            raise ReplicaError(f"config {p}: expected a mapping of keys to values")
+        for k in loaded:
+            if k not in NAMES:
+                raise _unknown(k, f" in {p}")
+        values.update(loaded)
+    values.update(parse_overrides(overrides) if not isinstance(overrides, dict) else overrides)
+    if values.get("preset") == "paper-text":  # the preset brings its own schedule unless told otherwise
+        values = {**{k: v for k, v in PAPER_TEXT.items() if k not in values}, **values}
+    return Config(**{k: _coerce(k, v) for k, v in values.items()})
+
+
+def dump_config(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)

@@ -1,0 +1,138 @@
+"""The paper's update rule, its parameter groups, and the learning-rate schedule (SPEC.md §3).
+
+    v ← μ·v − ε·λ·w − ε·ḡ        w ← w + v                       (§5; src/weights.cu:151-195)
+
+The learning rate sits inside the velocity, so a change of ε leaves v untouched, as when the
+2012 run was resumed with edited layer-params files. torch's SGD keeps v without ε and would
+rescale it implicitly; this optimizer writes the rule down instead.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+class PaperSGD(torch.optim.Optimizer):
+    """SGD with the learning rate inside the velocity; ``lr = 0`` freezes a group entirely.
+
+    A frozen group (conv1 from epoch 72 of 91) gets no update at all, no decay, and keeps its
+    velocity, as ``getBaseRate() > 0`` guards the 2012 update (src/weights.cu:148).
+    """
+
+    def __init__(self, groups, momentum: float = 0.9):
+        super().__init__(groups, dict(lr=0.01, weight_decay=0.0, momentum=momentum))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for g in self.param_groups:
+            lr, wd, mu = g["lr"], g["weight_decay"], g["momentum"]
+            if lr == 0:
+                continue
+            for p in g["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                v = state.get("velocity")
+                if v is None:
+                    v = state["velocity"] = torch.zeros_like(p)
+                v.mul_(mu).add_(p.grad, alpha=-lr)  # μv − εḡ
+                if wd:
+                    v.add_(p, alpha=-lr * wd)  # − ελw
+                p.add_(v)
+
+
+def param_groups(model: nn.Module, lr: float, weight_decay: float, bias_lr: float | None):
+    """Named groups: conv1 weights/biases apart (their own schedule), all other weights, all other biases.
+
+    ``bias_lr=None`` treats biases like weights (paper-text); otherwise biases get ``bias_lr`` and
+    no weight decay (src/layer.cu:565 hard-wires wc = 0 for biases).
+    """
+    groups = {"conv1.weight": [], "conv1.bias": [], "weight": [], "bias": []}
+    for name, p in model.named_parameters():
+        kind = "bias" if name.endswith("bias") else "weight"
+        key = f"conv1.{kind}" if ".conv1." in f".{name}" else kind
+        groups[key].append(p)
+    out = []
+    for key, params in groups.items():
+        is_bias = key.endswith("bias")
+        out.append(dict(name=key, params=params, lr=bias_lr if (is_bias and bias_lr is not None) else lr,
+                        weight_decay=0.0 if (is_bias and bias_lr is not None) else weight_decay))
+    return out
+
+
+class Schedule:
+    """Learning rates per group, and whether colour noise is on, as functions of the step.
+
+    ``as-run``: ε ÷10 at epochs 25, 51, 79 of 91; conv1 another ÷10 at 67 and frozen from 72;
+    biases held (one optional cut); colour noise off from 67. ``plateau``: ÷10 when validation
+    error stops improving, at most ``max_drops`` times. Epoch numbers are written for a 91-epoch
+    run and scale with the configured length, in steps, so a 3-epoch run keeps the shape.
+    """
+
+    def __init__(self, cfg, steps_per_epoch: int):
+        self.cfg = cfg
+        self.steps_per_epoch = steps_per_epoch
+        self.total_steps = max(1, round(cfg.epochs * steps_per_epoch))
+        self.plateau_drops = 0
+        self.best = math.inf
+        self.bad_epochs = 0
+
+    def at(self, epoch: float | None) -> int | None:
+        """The step at which an epoch number of the 91-epoch schedule falls in this run."""
+        if epoch is None:
+            return None
+        return round(epoch / self.cfg.schedule_epochs * self.total_steps)
+
+    def lrs(self, step: int) -> dict[str, float]:
+        c = self.cfg
+        if c.schedule == "as-run":
+            drops = sum(step >= self.at(e) for e in c.lr_drops)
+        else:
+            drops = self.plateau_drops
+        w = c.lr * 0.1 ** drops
+        if c.bias_lr is None:
+            b = w
+        else:
+            b = c.bias_lr * (0.1 if c.bias_lr_cut_epoch is not None and step >= self.at(c.bias_lr_cut_epoch) else 1.0)
+        c1w, c1b = w, b
+        if c.conv1_drop_epoch is not None and step >= self.at(c.conv1_drop_epoch):
+            c1w = min(w, c.lr * 0.1 ** (drops + 1)) if c.schedule == "plateau" else w * 0.1
+        if c.conv1_freeze_epoch is not None and step >= self.at(c.conv1_freeze_epoch):
+            c1w = c1b = 0.0  # conv1's bias freezes with conv1
+        return {"weight": w, "bias": b, "conv1.weight": c1w, "conv1.bias": c1b}
+
+    def noise_on(self, step: int) -> bool:
+        c = self.cfg
+        if not c.pca_noise:
+            return False
+        return c.pca_off_epoch is None or step < self.at(c.pca_off_epoch)
+
+    def on_validation(self, error: float) -> bool:
+        """Plateau bookkeeping after an epoch; True when ε was just divided by 10."""
+        if self.cfg.schedule != "plateau":
+            return False
+        if error < self.best - 1e-12:
+            self.best, self.bad_epochs = error, 0
+            return False
+        self.bad_epochs += 1
+        if self.bad_epochs >= self.cfg.plateau_patience and self.plateau_drops < self.cfg.plateau_max_drops:
+            self.plateau_drops += 1
+            self.bad_epochs = 0
+            return True
+        return False
+
+    def finished(self, step: int) -> bool:
+        return step >= self.total_steps
+
+    def state_dict(self) -> dict:
+        return dict(plateau_drops=self.plateau_drops, best=self.best, bad_epochs=self.bad_epochs)
+
+    def load_state_dict(self, d: dict) -> None:
+        self.plateau_drops, self.best, self.bad_epochs = int(d["plateau_drops"]), float(d["best"]), int(d["bad_epochs"])
+
+
+def apply_lrs(opt: PaperSGD, lrs: dict[str, float]) -> None:
+    for g in opt.param_groups:
+        g["lr"] = lrs[g["name"]]

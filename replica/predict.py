@@ -1,0 +1,94 @@
+"""Evaluation and prediction from a run or a checkpoint (``replica eval``, ``replica predict``)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import augment
+from .data import FileImages, open_images
+from .errors import ReplicaError
+from .evaluate import evaluate, predict_probs
+from .imageio import BadImage, read_prepared
+from .model import AlexNet
+from .runs import atomic_write, load_checkpoint
+from .sources import find_source
+from .store import PreparedStore
+
+
+def model_from_checkpoint(ckpt: dict, devices="auto") -> AlexNet:
+    m = ckpt["meta"]
+    model = AlexNet(m["num_classes"], devices=devices, preset=m["preset"], variant=m["variant"], norm=m["norm"],
+                    overlap=m["overlap"], dropout=m["dropout"], init=m.get("init"))
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as e:
+        raise ReplicaError(f"checkpoint weights do not fit the {m['variant']} model: {str(e).splitlines()[0]}") from None
+    return model.eval()
+
+
+def _best_or_last(path: Path) -> Path:
+    if path.is_dir():
+        return path / "best.pt" if (path / "best.pt").exists() else path / "last.pt"
+    return path
+
+
+def run_eval(target, data=None, views=(1, 10), devices="auto", batch: int = 32, progress: bool = True) -> dict:
+    """top-1/top-5 error, one view and ten views; writes eval.json into the run folder."""
+    target = Path(target)
+    ckpt_path = _best_or_last(target)
+    ckpt = load_checkpoint(ckpt_path)
+    model = model_from_checkpoint(ckpt, devices)
+    if data is None:
+        data = ckpt["config"].get("val_data") or ckpt["config"].get("data")
+        if data is None:
+            raise ReplicaError("no --data given and the checkpoint names none")
+    p = Path(data)
+    if (p / "meta.json").exists():
+        splits = json.loads((p / "meta.json").read_text())["splits"]
+        images = PreparedStore(p, "val" if "val" in splits else "train")
+    else:
+        src = find_source(p)
+        images = FileImages(src, "val" if "val" in src.splits else "train")
+    if list(images.classes) != list(ckpt["meta"]["classes"]):
+        raise ReplicaError(f"{data}: its {len(images.classes)} classes are not the {ckpt['meta']['num_classes']} "
+                           f"classes this checkpoint was trained on")
+    mean = ckpt["mean"].numpy()
+    crop = ckpt["meta"].get("crop", augment.CROP)
+    results = {f"{v}-view": evaluate(model, images, mean, views=v, batch=batch, crop=crop, progress=progress)
+               for v in views}
+    out = dict(checkpoint=str(ckpt_path), data=str(data), **results)
+    run = target if target.is_dir() else target.parent
+    if (run / "config.yaml").exists():
+        atomic_write(run / "eval.json", lambda f: f.write(json.dumps(out, indent=1).encode()))
+    return out
+
+
+def format_eval(r: dict) -> str:
+    lines = [f"{'':<10} {'top-1 err':>10} {'top-5 err':>10} {'images':>8}"]
+    for k in ("1-view", "10-view"):
+        if k in r:
+            v = r[k]
+            lines.append(f"{k:<10} {v['top1_err']:>10.2%} {v['top5_err']:>10.2%} {v['images']:>8,}")
+    return "\n".join(lines)
+
+
+def predict(ckpt_path, images, topk: int = 5, views: int = 1, devices="auto"):
+    """Yield (image, [(class, probability), ...]) or (image, error message) for each image."""
+    ckpt = load_checkpoint(_best_or_last(Path(ckpt_path)))
+    model = model_from_checkpoint(ckpt, devices)
+    classes = ckpt["meta"]["classes"]
+    crop = ckpt["meta"].get("crop", augment.CROP)
+    mean_crop = augment.centre_crop_of(ckpt["mean"], crop)
+    size = ckpt["mean"].shape[-1]
+    for path in images:
+        try:
+            u8 = read_prepared(path, size)
+        except BadImage as e:
+            yield path, str(e)
+            continue
+        probs = predict_probs(model, torch.from_numpy(np.ascontiguousarray(u8))[None], mean_crop, views, crop)[0]
+        p, i = probs.topk(min(topk, len(classes)))
+        yield path, [(classes[j], float(q)) for q, j in zip(p.tolist(), i.tolist())]

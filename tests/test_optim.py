@@ -1,0 +1,106 @@
+"""The paper's update rule, its groups, and the schedule, against the rule written out here."""
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from replica.config import load_config
+from replica.optim import PaperSGD, Schedule, apply_lrs, param_groups
+
+
+class Tiny(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 2, 3)
+        self.fc = nn.Linear(2, 3)
+
+    def forward(self, x):
+        return self.fc(self.conv1(x).mean((2, 3)))
+
+
+def test_update_rule_trace_with_an_lr_change():
+    """v ← μv − ελw − εḡ; w ← w + v, velocity kept across the ε change, biases: no decay."""
+    torch.manual_seed(0)
+    m = Tiny()
+    opt = PaperSGD(param_groups(m, 0.1, 0.05, bias_lr=0.2), momentum=0.9)
+    ref = {n: p.detach().clone() for n, p in m.named_parameters()}
+    vel = {n: torch.zeros_like(p) for n, p in ref.items()}
+    xs = [torch.randn(4, 1, 5, 5) for _ in range(4)]
+    eps_w = [0.1, 0.1, 0.01, 0.01]  # ε divided by 10 before step 3
+    for x, ew in zip(xs, eps_w):
+        apply_lrs(opt, {"weight": ew, "conv1.weight": ew, "bias": 0.2, "conv1.bias": 0.2})
+        opt.zero_grad()
+        m(x).square().sum().backward()
+        grads = {n: p.grad.clone() for n, p in m.named_parameters()}
+        opt.step()
+        for n in ref:
+            bias = n.endswith("bias")
+            eps, lam = (0.2, 0.0) if bias else (ew, 0.05)
+            vel[n] = 0.9 * vel[n] - eps * lam * ref[n] - eps * grads[n]
+            ref[n] = ref[n] + vel[n]
+    for n, p in m.named_parameters():
+        torch.testing.assert_close(p.detach(), ref[n], rtol=1e-6, atol=1e-7)
+
+
+def test_lr_zero_freezes_a_group_entirely():
+    torch.manual_seed(1)
+    m = Tiny()
+    opt = PaperSGD(param_groups(m, 0.1, 0.05, bias_lr=0.2))
+    m(torch.randn(2, 1, 5, 5)).sum().backward()
+    opt.step()
+    before = m.conv1.weight.detach().clone()
+    v = opt.state[m.conv1.weight]["velocity"].clone()
+    apply_lrs(opt, {"weight": 0.1, "bias": 0.2, "conv1.weight": 0.0, "conv1.bias": 0.0})
+    opt.zero_grad()
+    m(torch.randn(2, 1, 5, 5)).sum().backward()
+    opt.step()
+    assert torch.equal(m.conv1.weight, before)  # no update, no decay
+    assert torch.equal(opt.state[m.conv1.weight]["velocity"], v)  # the velocity waits
+
+
+def test_groups_paper_text_treats_biases_like_weights():
+    groups = {g["name"]: g for g in param_groups(Tiny(), 0.01, 5e-4, bias_lr=None)}
+    assert groups["bias"]["lr"] == 0.01 and groups["bias"]["weight_decay"] == 5e-4
+    groups = {g["name"]: g for g in param_groups(Tiny(), 0.01, 5e-4, bias_lr=0.02)}
+    assert groups["bias"]["lr"] == 0.02 and groups["bias"]["weight_decay"] == 0.0
+    assert len(groups["conv1.weight"]["params"]) == 1 and len(groups["weight"]["params"]) == 1
+
+
+def test_as_run_schedule_on_91_epochs():
+    s = Schedule(load_config(None, {}), steps_per_epoch=10)
+    at = lambda epoch: s.lrs(epoch * 10)  # noqa: E731
+    assert at(0) == {"weight": 0.01, "bias": 0.02, "conv1.weight": 0.01, "conv1.bias": 0.02}
+    assert at(25)["weight"] == pytest.approx(1e-3) and at(24.9)["weight"] == 0.01
+    assert at(51)["weight"] == pytest.approx(1e-4)
+    assert at(67)["conv1.weight"] == pytest.approx(1e-5) and at(67)["weight"] == pytest.approx(1e-4)
+    assert at(72)["conv1.weight"] == 0 and at(72)["conv1.bias"] == 0
+    assert at(79)["weight"] == pytest.approx(1e-5) and at(79)["bias"] == 0.02  # biases held
+    assert s.noise_on(669) and not s.noise_on(670)
+    assert s.total_steps == 910 and s.finished(910) and not s.finished(909)
+
+
+def test_schedule_scales_to_a_short_run_and_optional_bias_cut():
+    s = Schedule(load_config(None, {"epochs": 9.1, "bias_lr_cut_epoch": 25}), steps_per_epoch=10)
+    assert s.total_steps == 91
+    assert s.lrs(24)["weight"] == 0.01 and s.lrs(25)["weight"] == pytest.approx(1e-3)
+    assert s.lrs(25)["bias"] == pytest.approx(0.002)
+    assert s.noise_on(66) and not s.noise_on(67)
+
+
+def test_plateau_schedule_drops_at_most_three_times():
+    cfg = load_config(None, {"preset": "paper-text"})
+    assert cfg.schedule == "plateau" and cfg.bias_lr is None and cfg.pca_off_epoch is None
+    s = Schedule(cfg, steps_per_epoch=10)
+    assert not s.on_validation(0.5)  # a new best
+    assert s.on_validation(0.5)  # no better: ÷10
+    assert s.lrs(0)["weight"] == pytest.approx(1e-3) and s.lrs(0)["bias"] == pytest.approx(1e-3)
+    assert not s.on_validation(0.4)
+    assert s.on_validation(0.45) and s.on_validation(0.45)
+    assert not s.on_validation(0.45)  # three drops already
+    assert s.lrs(0)["weight"] == pytest.approx(1e-5)
+    assert s.noise_on(10**6)  # paper-text: colour noise for the whole run
+    s2 = Schedule(cfg, 10)
+    s2.load_state_dict(s.state_dict())
+    assert s2.lrs(0) == s.lrs(0)
+    assert math.isclose(s2.best, 0.4)

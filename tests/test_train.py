@@ -1,0 +1,314 @@
+"""Training runs: config errors, exact resume, NaN stop, safe checkpoints, eval, predict, DDP."""
+import json
+import math
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import replica.train as train_mod
+from replica import augment
+from replica.cli import main
+from replica.config import NAMES, load_config
+from replica.errors import ReplicaError
+from replica.evaluate import evaluate, predict_probs, topk_errors
+from replica.runs import check_compatible, load_checkpoint, read_metrics
+from replica.store import prepare
+from replica.synth import synth
+from replica.train import TrainingStopped, train
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    d = tmp_path_factory.mktemp("data")
+    synth(d / "synth", classes=4, train_per_class=6, val_per_class=2, seed=1, workers=1, progress=False)
+    prepare(d / "synth", d / "store", workers=1, progress=False)
+    return d / "store"
+
+
+def tiny(store, **kw):
+    base = dict(data=str(store), batch_size=4, epochs=2, steps_per_epoch=3, workers=0, devices="cpu",
+                init="caffe", checkpoint_minutes=60)
+    base.update(kw)
+    return load_config(None, base)
+
+
+# -- config ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["batchsize=4"], "unknown config key 'batchsize'.*did you mean 'batch_size'"),
+    (["lr=-0.1"], "lr: expected a positive number"),
+    (["lr=fast"], "lr: expected a number, got 'fast'"),
+    (["epochs=0"], "epochs: expected a positive number"),
+    (["batch_size=2.5"], "batch_size: expected an integer"),
+    (["dropout=maybe"], "dropout: expected true or false"),
+    (["preset=paper"], "preset: expected one of 'as-run', 'paper-text'"),
+    (["momentum=1.5"], "momentum: expected a number in"),
+    (["devices_per_process=3"], "devices_per_process: expected 1 or 2"),
+    (["lr_drops=[51,25]"], "lr_drops: expected increasing"),
+    (["novalue"], "expected KEY=VALUE"),
+])
+def test_config_errors_say_what_was_expected(overrides, message):
+    with pytest.raises(ReplicaError, match=message):
+        load_config(None, overrides)
+
+
+def test_every_preset_loads_and_holds_only_known_keys():
+    presets = sorted((ROOT / "configs").glob("*.yaml"))
+    names = {p.stem for p in presets}
+    assert {"alexnet-2gpu", "paper-text", "one-gpu-half", "no-norm", "no-overlap", "no-pca", "no-dropout",
+            "cifar10", "catdog", "demo"} <= names
+    for p in presets:
+        cfg = load_config(p)
+        assert set(cfg.to_dict()) == set(NAMES)
+    assert load_config(ROOT / "configs" / "paper-text.yaml").schedule == "plateau"
+    assert load_config(ROOT / "configs" / "no-norm.yaml").norm is False
+    with pytest.raises(ReplicaError, match="no such file"):
+        load_config(ROOT / "configs" / "nope.yaml")
+
+
+def test_train_time_errors(store, tmp_path):
+    with pytest.raises(ReplicaError, match="crop 300 is larger than the 256×256 images"):
+        train(tiny(store, crop=300), tmp_path / "r1", progress=False)
+    with pytest.raises(ReplicaError, match="num_classes=10, but .* has 4 classes"):
+        train(tiny(store, num_classes=10), tmp_path / "r2", progress=False)
+    with pytest.raises(ReplicaError, match="does not exist"):
+        train(tiny(store, devices="cuda:0,cuda:1"), tmp_path / "r3", progress=False)
+    with pytest.raises(ReplicaError, match="data: required"):
+        train(tiny(store, data=None), tmp_path / "r4", progress=False)
+    with pytest.raises(ReplicaError, match="no such file"):
+        train(tiny(store, data=str(tmp_path / "missing")), tmp_path / "r5", progress=False)
+    with pytest.raises(ReplicaError, match="fewer than one batch"):
+        train(tiny(store, batch_size=64), tmp_path / "r6", progress=False)
+
+
+# -- resume --------------------------------------------------------------------------------------
+
+
+class StopAfter:
+    """Stands in for the Ctrl-C handler: 'requested' turns true at its n-th look (once per step,
+    and once more after each epoch's last step)."""
+
+    def __init__(self, n):
+        self.n, self.seen = n, 0
+
+    @property
+    def requested(self):
+        self.seen += 1
+        return "SIGINT" if self.seen >= self.n else None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+@pytest.mark.parametrize("look,step,epoch,in_epoch", [
+    (4, 3, 0, 3),  # after the first epoch's last step, before its evaluation
+    (5, 4, 1, 1),  # inside the second epoch
+])
+def test_interrupted_and_resumed_equals_uninterrupted(store, tmp_path, monkeypatch, capsys, look, step, epoch,
+                                                      in_epoch):
+    cfg = tiny(store)  # dropout and PCA noise on: their RNG must survive the stop
+    whole = train(cfg, tmp_path / "whole", progress=False)
+    assert whole["step"] == 6
+    monkeypatch.setattr(train_mod, "_Stop", lambda: StopAfter(look))
+    stopped = train(cfg, tmp_path / "cut", progress=False)
+    assert stopped == {"stopped": "SIGINT", "step": step}
+    assert f"replica train --resume {tmp_path / 'cut'}" in capsys.readouterr().out
+    monkeypatch.undo()
+    ck = load_checkpoint(tmp_path / "cut")
+    assert (ck["progress"]["epoch"], ck["progress"]["in_epoch"]) == (epoch, in_epoch)
+    train(cfg, tmp_path / "cut", resume=True, progress=False)
+    a = load_checkpoint(tmp_path / "whole" / "last.pt")
+    b = load_checkpoint(tmp_path / "cut" / "last.pt")
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    for k in a["velocity"]:
+        assert torch.equal(a["velocity"][k], b["velocity"][k]), k
+    ma, mb = read_metrics(tmp_path / "whole"), read_metrics(tmp_path / "cut")
+    assert [m["epoch"] for m in ma] == [m["epoch"] for m in mb] == [1, 2]
+    assert ma[0]["val_top1_err"] == mb[0]["val_top1_err"]
+    assert (tmp_path / "whole" / "best.pt").exists()
+    version = json.loads((tmp_path / "whole" / "version.json").read_text())
+    assert version["torch"] == torch.__version__
+
+
+def test_nan_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint(store, tmp_path, monkeypatch):
+    real = train_mod.F.cross_entropy
+    calls = []
+
+    def sometimes_nan(logits, y):
+        calls.append(1)
+        loss = real(logits, y)
+        return loss * float("nan") if len(calls) == 5 else loss
+
+    monkeypatch.setattr(train_mod.F, "cross_entropy", sometimes_nan)
+    with pytest.raises(TrainingStopped, match="loss is nan at epoch 2, step 2: stopped. The last good checkpoint"):
+        train(tiny(store), tmp_path / "run", progress=False)
+    ck = load_checkpoint(tmp_path / "run")
+    assert ck["progress"]["epoch"] == 1 and ck["progress"]["step"] == 3
+    assert all(torch.isfinite(v).all() for v in ck["model"].values())
+
+
+def test_stalled_start_is_reported(store, tmp_path, capsys):
+    train(tiny(store, init="as-run", lr=1e-9, bias_lr=1e-9, stall_steps=2, epochs=1), tmp_path / "r", progress=False)
+    out = capsys.readouterr().out
+    assert "stalled start" in out and "init=caffe" in out
+
+
+# -- checkpoints are data ------------------------------------------------------------------------
+
+
+class Evil:
+    def __reduce__(self):
+        return (os.system, (f"touch {Path(__file__).parent / 'PWNED'}",))
+
+
+def test_crafted_truncated_and_foreign_checkpoints_get_one_line_errors(store, tmp_path, capsys):
+    evil = tmp_path / "evil.pt"
+    torch.save({"format": "replica-checkpoint", "x": Evil()}, evil)
+    with pytest.raises(ReplicaError, match="refused to load"):
+        load_checkpoint(evil)
+    assert not (Path(__file__).parent / "PWNED").exists()
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(os.urandom(5000))
+    with pytest.raises(ReplicaError, match="not a readable checkpoint"):
+        load_checkpoint(junk)
+    plain = tmp_path / "plain.pt"
+    torch.save({"weights": torch.zeros(2)}, plain)
+    with pytest.raises(ReplicaError, match="not a replica checkpoint"):
+        load_checkpoint(plain)
+    with pytest.raises(ReplicaError, match="checkpoint has variant='one-gpu-half', but this run has variant='two-tower'"):
+        check_compatible({"num_classes": 4, "variant": "one-gpu-half"}, {"num_classes": 4, "variant": "two-tower"}, "x")
+    assert main(["predict", str(evil), "img.png"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("replica: error:") and "\n" not in err
+    # a truncated real checkpoint
+    train(tiny(store, epochs=1, steps_per_epoch=1), tmp_path / "run", progress=False)
+    data = (tmp_path / "run" / "last.pt").read_bytes()
+    (tmp_path / "cut.pt").write_bytes(data[: len(data) // 3])
+    with pytest.raises(ReplicaError, match="truncated or corrupt"):
+        load_checkpoint(tmp_path / "cut.pt")
+
+
+# -- evaluation and prediction -------------------------------------------------------------------
+
+
+class LabelReader(torch.nn.Module):
+    """Predicts the class written into the image's red channel (value 40·label), shifted by ``offset``."""
+
+    def __init__(self, classes=7, offset=0):
+        super().__init__()
+        self.classes, self.offset = classes, offset
+        self.devices = (torch.device("cpu"),)
+
+    def forward(self, x):
+        pred = (torch.round(x[:, 0].mean((1, 2)) / 40).long() + self.offset) % self.classes
+        c = torch.arange(self.classes)
+        d = torch.minimum((c[None] - pred[:, None]) % self.classes, (pred[:, None] - c[None]) % self.classes)
+        return -5.0 * d  # best at the predicted class, then its neighbours
+
+
+class Fixed:
+    size, classes = 64, list(range(7))
+
+    def __init__(self, labels):
+        self.labels = np.asarray(labels)
+
+    def __len__(self):
+        return len(self.labels)
+
+    def batch(self, positions):
+        u8 = np.zeros((len(positions), 3, 64, 64), np.uint8)
+        u8[:, 0] = (40 * self.labels[positions])[:, None, None]
+        return u8, self.labels[positions], []
+
+
+def test_evaluate_on_a_set_with_known_answers():
+    images = Fixed([0, 1, 2, 3, 4, 5, 6, 1])
+    mean = np.zeros((3, 64, 64))
+    r = evaluate(LabelReader(), images, mean, views=1, batch=3, crop=32)
+    assert r["top1_err"] == 0 and r["top5_err"] == 0 and r["images"] == 8
+    r = evaluate(LabelReader(offset=1), images, mean, views=10, batch=3, crop=32)
+    assert r["top1_err"] == 1.0 and r["top5_err"] == 0.0  # always the runner-up: inside the top 5
+    r = evaluate(LabelReader(offset=3), images, mean, views=1, batch=3, crop=32)
+    assert r["top1_err"] == 1.0 and r["top5_err"] == 1.0  # three classes away: outside the top 5
+    probs = torch.tensor([[0.1, 0.5, 0.4, 0, 0, 0, 0], [0.3, 0.2, 0.1, 0.15, 0.14, 0.11, 0.0]])
+    assert topk_errors(probs, torch.tensor([2, 6])) == (2, 1)
+
+
+def test_ten_views_average_probabilities_not_logits():
+    class LeftBright(torch.nn.Module):
+        devices = (torch.device("cpu"),)
+
+        def forward(self, x):  # logits from where the bright half of the image sits
+            left = x[..., :16].mean((1, 2, 3))
+            right = x[..., 16:].mean((1, 2, 3))
+            return torch.stack([left, right, torch.zeros_like(left)], 1) / 10
+
+    u8 = torch.zeros(1, 3, 64, 64, dtype=torch.uint8)
+    u8[..., :24] = 200  # bright on the left: corner views and flips see it differently
+    mean = torch.zeros(3, 32, 32)
+    views = augment.ten_views(u8, mean, 32)[0]  # (10, 3, 32, 32)
+    want = torch.softmax(LeftBright()(views), 1).mean(0)
+    got = predict_probs(LeftBright(), u8, mean, views=10, crop=32)[0]
+    torch.testing.assert_close(got, want)
+    logit_avg = torch.softmax(LeftBright()(views).mean(0), 0)
+    assert not torch.allclose(got, logit_avg)
+
+
+def test_eval_and_predict_commands(store, tmp_path, capsys):
+    run = tmp_path / "run"
+    train(tiny(store, epochs=1), run, progress=False)
+    assert main(["eval", str(run), "--batch", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "1-view" in out and "10-view" in out
+    r = json.loads((run / "eval.json").read_text())
+    assert r["1-view"]["images"] == r["10-view"]["images"] == 8
+    img = next((store.parent / "synth" / "val").rglob("*.jpg"))
+    png = tmp_path / "x.png"
+    from PIL import Image
+    Image.open(img).convert("RGBA").resize((300, 200)).save(png)
+    code = main(["predict", str(run / "last.pt"), str(img), str(tmp_path / "missing.jpg"), str(png), "--topk", "3"])
+    assert code == 1  # one image failed
+    io = capsys.readouterr()
+    lines = io.out.strip().splitlines()
+    assert len(lines) == 2 and lines[0].startswith(f"{img}: ") and lines[0].count(",") == 2
+    probs = [float(t.split()[-1]) for t in lines[0].split(": ", 1)[1].split(", ")]
+    assert probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1.0001
+    assert "missing.jpg: file not found" in io.err
+    assert main(["predict", str(run), str(img), "--views", "10"]) == 0
+
+
+# -- torchrun + DDP ------------------------------------------------------------------------------
+
+
+def test_ddp_two_processes_equal_one_process_on_the_combined_batch(store, tmp_path):
+    """gloo, 2 processes × batch 2 against 1 process × batch 4: the same parameters after 3 steps."""
+    args = ["data=" + str(store), "batch_size=4", "epochs=1", "steps_per_epoch=3", "workers=0", "devices=cpu",
+            "init=caffe", "dropout=false"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "replica",
+           "train", str(ROOT / "configs" / "alexnet-2gpu.yaml"), *args, "--out", str(tmp_path / "ddp")]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    one = subprocess.run([sys.executable, "-m", "replica", "train", str(ROOT / "configs" / "alexnet-2gpu.yaml"), *args,
+                          "--out", str(tmp_path / "one")], env=env, capture_output=True, text=True, timeout=600)
+    assert one.returncode == 0, one.stderr[-3000:]
+    a, b = load_checkpoint(tmp_path / "ddp"), load_checkpoint(tmp_path / "one")
+    assert a["progress"]["step"] == b["progress"]["step"] == 3
+    assert len(a["rng"]) == 2  # each rank's RNG is kept for resume
+    for k in a["model"]:
+        torch.testing.assert_close(a["model"][k], b["model"][k], rtol=1e-4, atol=1e-6, msg=k)
+    changed = sum(not torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert math.isfinite(changed)
