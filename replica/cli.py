@@ -108,6 +108,15 @@ def _cmd_predict(args) -> int:
     return 1 if failed else 0
 
 
+def _cmd_demo(args) -> int:
+    from .demo import demo
+    from .runtime import tune_cpu_allocator
+
+    tune_cpu_allocator()
+    demo(args.out, tiny=args.tiny, devices=args.devices)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="replica",
@@ -115,6 +124,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("-v", "--verbose", action="store_true", help="log more detail")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    d = sub.add_parser("demo", help="the whole loop on a synthetic dataset: make, prepare, train, evaluate")
+    d.add_argument("--out", default="replica-demo", help="folder for the dataset, store and run")
+    d.add_argument("--tiny", action="store_true", help="a seconds-long version (what the tests run)")
+    d.add_argument("--devices", default="auto")
+    d.set_defaults(func=_cmd_demo)
 
     m = sub.add_parser("model", help="build the net, print its layers, parameters and devices, time one step")
     m.add_argument("--preset", default="as-run", choices=["as-run", "paper-text"])

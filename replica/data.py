@@ -61,6 +61,16 @@ def open_images(path, split: str = "train", size: int = 256):
     return FileImages(find_source(path), split, size)
 
 
+def open_heldout(path):
+    """The validation split of a store or image source, or its only split if it has no other."""
+    path = Path(path)
+    if (path / "meta.json").exists():
+        splits = PreparedStore.splits_of(path)
+        return PreparedStore(path, "val" if "val" in splits else "train")
+    src = find_source(path)
+    return FileImages(src, "val" if "val" in src.splits else "train")
+
+
 def compute_stats(images, batch: int = 64, progress: bool = False) -> tuple[np.ndarray, dict]:
     """Mean image and RGB PCA of a dataset, by the same sums ``prepare`` keeps."""
     from tqdm import tqdm

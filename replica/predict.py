@@ -8,14 +8,12 @@ import numpy as np
 import torch
 
 from . import augment
-from .data import FileImages, open_images
+from .data import open_heldout
 from .errors import ReplicaError
 from .evaluate import evaluate, predict_probs
 from .imageio import BadImage, read_prepared
 from .model import AlexNet
 from .runs import atomic_write, load_checkpoint
-from .sources import find_source
-from .store import PreparedStore
 
 
 def model_from_checkpoint(ckpt: dict, devices="auto") -> AlexNet:
@@ -45,13 +43,7 @@ def run_eval(target, data=None, views=(1, 10), devices="auto", batch: int = 32, 
         data = ckpt["config"].get("val_data") or ckpt["config"].get("data")
         if data is None:
             raise ReplicaError("no --data given and the checkpoint names none")
-    p = Path(data)
-    if (p / "meta.json").exists():
-        splits = json.loads((p / "meta.json").read_text())["splits"]
-        images = PreparedStore(p, "val" if "val" in splits else "train")
-    else:
-        src = find_source(p)
-        images = FileImages(src, "val" if "val" in src.splits else "train")
+    images = open_heldout(data)
     if list(images.classes) != list(ckpt["meta"]["classes"]):
         raise ReplicaError(f"{data}: its {len(images.classes)} classes are not the {ckpt['meta']['num_classes']} "
                            f"classes this checkpoint was trained on")

@@ -328,6 +328,11 @@ class PreparedStore:
     def __len__(self) -> int:
         return len(self.rows)
 
+    @staticmethod
+    def splits_of(root) -> list[str]:
+        meta = Path(root) / "meta.json"
+        return list(json.loads(meta.read_text()).get("splits", {})) if meta.exists() else []
+
     def batch(self, positions) -> tuple[np.ndarray, np.ndarray, list]:
         """uint8 (B, 3, S, S), int64 (B,) labels and no bad files, for positions 0…len−1."""
         positions = np.asarray(positions)

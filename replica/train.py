@@ -21,14 +21,13 @@ import torch
 import torch.nn.functional as F
 
 from .config import Config, dump_config
-from .data import FileImages, TrainBatches, compute_stats, loader, open_images
+from .data import TrainBatches, compute_stats, loader, open_heldout, open_images
 from .errors import ReplicaError
 from .evaluate import evaluate
 from .model import AlexNet, resolve_devices
 from .optim import PaperSGD, Schedule, apply_lrs, param_groups
 from .runs import (CKPT_FORMAT, CKPT_VERSION, append_metrics, atomic_write, check_compatible, code_version,
                    load_checkpoint, save_checkpoint)
-from .sources import find_source
 from .store import PreparedStore
 
 log = logging.getLogger("replica")
@@ -65,19 +64,12 @@ def open_data(cfg: Config):
     if cfg.data is None:
         raise ReplicaError("data: required; give a prepared store or an image folder (data=PATH)")
     train = open_images(cfg.data, "train")
-    val = None
     if cfg.val_data:
-        p = Path(cfg.val_data)
-        if (p / "meta.json").exists():
-            val = PreparedStore(p, "val" if "val" in json.loads((p / "meta.json").read_text())["splits"] else "train")
-        else:
-            src = find_source(p)
-            val = FileImages(src, "val" if "val" in src.splits else "train")
-    else:
-        try:
-            val = open_images(cfg.data, "val")
-        except ReplicaError:
-            val = None
+        return train, open_heldout(cfg.val_data), train.classes
+    try:
+        val = open_images(cfg.data, "val")
+    except ReplicaError:  # no validation split: train-loss-only metrics
+        val = None
     return train, val, train.classes
 
 
@@ -202,6 +194,10 @@ def train(cfg: Config, out, resume: bool = False, progress: bool = True) -> dict
             opt.state[names[name]]["velocity"] = v.to(names[name].device)
         sched.load_state_dict(ckpt["schedule"])
         epoch, in_epoch, step, best = (ckpt["progress"][k] for k in ("epoch", "in_epoch", "step", "best"))
+        if ckpt["progress"].get("done"):
+            if main:
+                print(f"{run} finished already ({step} steps); nothing to resume")
+            return dict(stopped=None, step=step, epochs=epoch, best_val_top1_err=best)
         states = ckpt["rng"]  # one per process that saved it
         set_rng_state(states[rank] if rank < len(states) else states[0])
         if main:
@@ -234,7 +230,8 @@ def train(cfg: Config, out, resume: bool = False, progress: bool = True) -> dict
                     velocity={n: opt.state[p]["velocity"].cpu() for n, p in model.named_parameters()
                               if "velocity" in opt.state[p]},
                     schedule=sched.state_dict(),
-                    progress=dict(epoch=epoch, in_epoch=in_epoch, step=step, best=best),
+                    progress=dict(epoch=epoch, in_epoch=in_epoch, step=step, best=best,
+                                  done=sched.finished(step) and in_epoch == 0),
                     rng=states, mean=torch.as_tensor(mean, dtype=torch.float32),
                     pca={k: v for k, v in pca.items()} if pca else {})
         save_checkpoint(path, ckpt)

@@ -1,5 +1,4 @@
 """The model: sizes, parameter counts, connectivity, init, and equivalence to a grouped reference."""
-import math
 
 import pytest
 import torch

@@ -312,3 +312,51 @@ def test_ddp_two_processes_equal_one_process_on_the_combined_batch(store, tmp_pa
         torch.testing.assert_close(a["model"][k], b["model"][k], rtol=1e-4, atol=1e-6, msg=k)
     changed = sum(not torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     assert math.isfinite(changed)
+
+
+def test_real_sigint_saves_and_the_run_resumes_to_the_end(store, tmp_path):
+    """Ctrl-C as a user sends it: the step finishes, last.pt is saved, --resume completes the run."""
+    import signal
+    import time
+
+    run = tmp_path / "run"
+    env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
+    args = [sys.executable, "-m", "replica", "train", str(ROOT / "configs" / "alexnet-2gpu.yaml"),
+            f"data={store}", "batch_size=4", "epochs=3", "steps_per_epoch=3", "workers=0", "devices=cpu",
+            "init=caffe", "--out", str(run)]
+    p = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (run / "config.yaml").exists():
+        time.sleep(0.2)
+    time.sleep(3)  # inside the first epochs
+    p.send_signal(signal.SIGINT)
+    out, _ = p.communicate(timeout=300)
+    assert p.returncode == 0, out[-2000:]
+    if "stopped by SIGINT" in out:  # (on a very fast machine the run may have finished first)
+        assert f"Resume with: replica train --resume {run}" in out
+        ck = load_checkpoint(run)
+        assert not ck["progress"]["done"]
+        r = subprocess.run([sys.executable, "-m", "replica", "train", "--resume", str(run)], env=env,
+                           capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-2000:]
+    ck = load_checkpoint(run)
+    assert ck["progress"]["done"] and ck["progress"]["step"] == 9
+    assert [m["epoch"] for m in read_metrics(run)] == [1, 2, 3]
+
+
+def test_cifar10_batches_train_on_the_fly(tmp_path):
+    """The seed's CIFAR-10 recipe through the real pipeline, straight from the python batches."""
+    rng = np.random.default_rng(4)
+    d = tmp_path / "cifar" / "cifar-10-batches-py"
+    d.mkdir(parents=True)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        with open(d / name, "wb") as f:
+            pickle.dump({b"data": rng.integers(0, 256, (4, 3072), dtype=np.uint8),
+                         b"labels": [0, 1, 2, 9]}, f)
+    cfg = load_config(ROOT / "configs" / "cifar10.yaml", dict(data=str(tmp_path / "cifar"), batch_size=4, epochs=1,
+                                                              steps_per_epoch=2, workers=0, devices="cpu"))
+    r = train(cfg, tmp_path / "run", progress=False)
+    assert r["step"] == 2
+    m = read_metrics(tmp_path / "run")[0]
+    assert m["val_images"] == 4 and (tmp_path / "run" / "stats.npz").exists()
+    assert load_checkpoint(tmp_path / "run")["meta"]["num_classes"] == 10

@@ -82,6 +82,7 @@ def main(argv=None):
         "replica as-run (one device)": AlexNet(devices=str(device)),
         "torchvision alexnet": torchvision.models.alexnet().to(device),
         "replica as-run, NCHW layout": AlexNet(devices=str(device), channels_last=False),
+        "replica without norms (run 148)": AlexNet(devices=str(device), norm=False),
         "torchvision alexnet, channels_last": torchvision.models.alexnet().to(device, memory_format=torch.channels_last),
     }
     fns = {k: train_step_fn(m, x.contiguous(memory_format=torch.channels_last) if "channels_last" in k else x, y)
