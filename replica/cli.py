@@ -117,6 +117,13 @@ def _cmd_demo(args) -> int:
     return 0
 
 
+def _cmd_filters(args) -> int:
+    from .analysis import filters, format_filters
+
+    print(format_filters(filters(args.runs, args.out)))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="replica",
@@ -184,6 +191,11 @@ def build_parser() -> argparse.ArgumentParser:
     pd.add_argument("--views", type=int, choices=[1, 10], default=1)
     pd.add_argument("--devices", default="auto")
     pd.set_defaults(func=_cmd_predict)
+
+    fl = sub.add_parser("filters", help="Fig. 3: per-tower conv1 kernels as a PNG, and their colour specificity")
+    fl.add_argument("runs", nargs="+", help="run folders (best.pt) or checkpoints; several seeds test 'every run'")
+    fl.add_argument("--out", help="folder for the PNGs (default: beside each checkpoint)")
+    fl.set_defaults(func=_cmd_filters)
 
     st = sub.add_parser("stats", help="print a store's counts, mean image and RGB eigen-system")
     st.add_argument("store")

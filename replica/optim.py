@@ -98,7 +98,7 @@ class Schedule:
             b = c.bias_lr * (0.1 if c.bias_lr_cut_epoch is not None and step >= self.at(c.bias_lr_cut_epoch) else 1.0)
         c1w, c1b = w, b
         if c.conv1_drop_epoch is not None and step >= self.at(c.conv1_drop_epoch):
-            c1w = min(w, c.lr * 0.1 ** (drops + 1)) if c.schedule == "plateau" else w * 0.1
+            c1w = w * 0.1  # conv1's own extra ÷10 (layer-params-145.cfg: 1e-5 while the rest had 1e-4)
         if c.conv1_freeze_epoch is not None and step >= self.at(c.conv1_freeze_epoch):
             c1w = c1b = 0.0  # conv1's bias freezes with conv1
         return {"weight": w, "bias": b, "conv1.weight": c1w, "conv1.bias": c1b}

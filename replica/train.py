@@ -206,9 +206,9 @@ def train(cfg: Config, out, resume: bool = False, progress: bool = True) -> dict
         atomic_write(run / "config.yaml", lambda f: f.write(dump_config(cfg).encode()))
         atomic_write(run / "version.json", lambda f: f.write(json.dumps(code_version(), indent=1).encode()))
         (run / "metrics.jsonl").unlink(missing_ok=True)
-        log.info("run %s: %s, %d classes, %d training images, %d steps of %d per epoch, devices %s",
-                 run, cfg.preset, num_classes, len(train_images), sched.total_steps, cfg.batch_size,
-                 " + ".join(map(str, devices)))
+        log.info("run %s: %s, %d classes, %d training images, batch %d, %d steps (%d per epoch), devices %s",
+                 run, cfg.preset, num_classes, len(train_images), cfg.batch_size, sched.total_steps,
+                 steps_per_epoch, " + ".join(map(str, devices)))
 
     net = model
     if world > 1:
