@@ -117,3 +117,209 @@ def format_filters(results: list[dict]) -> str:
     if len(two) > 1:
         lines.append(f"towers separated in {separated} of {len(two)} runs")
     return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------
+# Reports: curves, tables, config differences, and the paper's numbers beside them
+
+# SPEC.md §5: ILSVRC top-1 / top-5 error (%), 10 views, from the original run logs, and the
+# paper's claimed effect of each ablation (how much better the baseline is).
+PAPER = [
+    ("baseline, run 145 (ILSVRC-2012 val)", "40.66 / 18.21", "Table 2 '1 CNN' 40.7 / 18.2"),
+    ("baseline, run 145-2010 (2010 test)", "37.47 / 17.00; centre view 39.02 / 18.30", "Table 1 37.5 / 17.0"),
+    ("one-gpu-half, run 145-half (2010 test)", "39.17 / 18.23", "two GPUs better by 1.7 / 1.2"),
+    ("no-norm, run 148 (2012 val)", "42.03 / 19.36", "LRN better by 1.4 / 1.2"),
+    ("no-overlap, run 147 (2012 val)", "41.06 / 18.51", "overlap better by 0.4 / 0.3"),
+    ("no-pca", "—", "PCA better by > 1 top-1"),
+    ("no-dropout", "—", "'substantial overfitting'"),
+]
+CLAIMS = {  # config change → the paper's claimed (top-1, top-5) gain of the baseline over it
+    ("variant", "one-gpu-half"): ("two GPUs", 1.7, 1.2),
+    ("norm", False): ("LRN", 1.4, 1.2),
+    ("overlap", False): ("overlapping pooling", 0.4, 0.3),
+    ("pca_noise", False): ("PCA noise", 1.0, None),
+    ("dropout", False): ("dropout", None, None),
+}
+
+
+def _run_summary(run: Path) -> dict:
+    import json
+
+    import yaml
+
+    from .config import load_config
+    from .runs import read_metrics
+
+    cfg = yaml.safe_load((run / "config.yaml").read_text()) if (run / "config.yaml").exists() else {}
+    defaults = load_config(None, {}).to_dict()
+    diff = {k: v for k, v in cfg.items() if k in defaults and v != defaults[k] and k not in ("data", "val_data")}
+    ev = json.loads((run / "eval.json").read_text()) if (run / "eval.json").exists() else {}
+    return dict(run=run, name=run.name, metrics=read_metrics(run), config=cfg, diff=diff, eval=ev)
+
+
+def _errors(s: dict):
+    """(top-1, top-5) in %, one view and ten views, from eval.json or the last epoch."""
+    ev = s["eval"]
+    one = ev.get("1-view") or {}
+    ten = ev.get("10-view") or {}
+    if not one and s["metrics"] and "val_top1_err" in s["metrics"][-1]:
+        one = dict(top1_err=s["metrics"][-1]["val_top1_err"], top5_err=s["metrics"][-1]["val_top5_err"])
+    f = lambda d: (100 * d["top1_err"], 100 * d["top5_err"]) if d else (None, None)  # noqa: E731
+    return f(one), f(ten)
+
+
+def _fmt(p):
+    return "—" if p[0] is None else f"{p[0]:.2f} / {p[1]:.2f}"
+
+
+def plot_curves(summaries, dest: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(1, 3, figsize=(15, 4))
+    for s in summaries:
+        m = s["metrics"]
+        if not m:
+            continue
+        ep = [r["epoch"] for r in m]
+        ax[0].plot(ep, [r["train_loss"] for r in m], label=s["name"])
+        if "val_top1_err" in m[0]:
+            ax[1].plot(ep, [100 * r["val_top1_err"] for r in m], label=f"{s['name']} top-1")
+            ax[1].plot(ep, [100 * r["val_top5_err"] for r in m], "--", label=f"{s['name']} top-5")
+        ax[2].semilogy(ep, [r["lr"]["weight"] for r in m], label=f"{s['name']} weights")
+    for a, t in zip(ax, ("train loss", "validation error, one view (%)", "learning rate")):
+        a.set_title(t)
+        a.set_xlabel("epoch")
+        a.grid(alpha=0.3)
+        a.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(dest, dpi=110)
+    plt.close(fig)
+
+
+def report(runs, out=None) -> Path:
+    """Markdown + PNG: curves, final tables, config differences, the paper's numbers, ablations."""
+    summaries = [_run_summary(Path(r)) for r in runs]
+    names = [s["name"] for s in summaries]
+    for s in summaries:
+        if names.count(s["name"]) > 1:  # runs/a/run and runs/b/run: name them by their parent too
+            s["name"] = f"{s['run'].parent.name}/{s['name']}"
+    for s in summaries:
+        if not s["metrics"] and not s["eval"]:
+            raise ReplicaError(f"{s['run']}: no metrics.jsonl or eval.json: not a finished run folder")
+    out = Path(out) if out else summaries[0]["run"]
+    out.mkdir(parents=True, exist_ok=True)
+    plot_curves(summaries, out / "curves.png")
+    lines = ["# replica report", "", "![learning curves](curves.png)", "",
+             "## Final errors (top-1 / top-5, %)", "",
+             "| run | one view | ten views | epochs |", "|---|---|---|---|"]
+    for s in summaries:
+        one, ten = _errors(s)
+        lines.append(f"| {s['name']} | {_fmt(one)} | {_fmt(ten)} | {len(s['metrics'])} |")
+    lines += ["", "## Differences from the as-run preset", ""]
+    for s in summaries:
+        d = ", ".join(f"`{k}={v}`" for k, v in s["diff"].items()) or "none"
+        lines.append(f"- {s['name']}: {d}")
+    if len(summaries) > 1:
+        base = summaries[0]
+        b1, b5 = _errors(base)[1] if _errors(base)[1][0] is not None else _errors(base)[0]
+        lines += ["", f"## Ablations against {base['name']} (ten views where measured)", "",
+                  "| run | top-1 / top-5 | baseline better by | the paper's claim |", "|---|---|---|---|"]
+        for s in summaries[1:]:
+            e = _errors(s)[1] if _errors(s)[1][0] is not None else _errors(s)[0]
+            delta = "—" if e[0] is None or b1 is None else f"{e[0] - b1:+.2f} / {e[1] - b5:+.2f}"
+            claim = next((f"{n}: {c1 if c1 is not None else '?'} / {c5 if c5 is not None else '?'}"
+                          for (k, v), (n, c1, c5) in CLAIMS.items() if s["diff"].get(k) == v), "—")
+            lines.append(f"| {s['name']} | {_fmt(e)} | {delta} | {claim} |")
+    lines += ["", "## The paper and the original run (SPEC.md §5, ILSVRC, ten views)", "",
+              "| config | original run log | paper |", "|---|---|---|"]
+    lines += [f"| {a} | {b} | {c} |" for a, b, c in PAPER]
+    (out / "report.md").write_text("\n".join(lines) + "\n")
+    return out / "report.md"
+
+
+# ----------------------------------------------------------------------------------------------
+# Fig. 4: nearest neighbours by fc7 features
+
+
+def nearest(queries: torch.Tensor, pool: torch.Tensor, k: int, chunk: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices and Euclidean distances of the k nearest rows of ``pool`` for each query row.
+
+    The pool is scanned in chunks, so tens of thousands of 4096-d features fit in memory.
+    """
+    best_d = torch.full((len(queries), 0), float("inf"))
+    best_i = torch.zeros((len(queries), 0), dtype=torch.long)
+    q = queries.double()
+    for a in range(0, len(pool), chunk):
+        p = pool[a:a + chunk].double()
+        d = torch.cdist(q, p)  # (Q, chunk)
+        d_all = torch.cat([best_d, d], 1)
+        i_all = torch.cat([best_i, torch.arange(a, a + len(p)).expand(len(q), -1)], 1)
+        best_d, pos = d_all.topk(min(k, d_all.shape[1]), dim=1, largest=False)
+        best_i = i_all.gather(1, pos)
+    return best_i, best_d
+
+
+@torch.no_grad()
+def features_of(model, images, mean_image, batch: int = 64, crop: int = 224, progress: bool = False):
+    """fc7 features (after ReLU) of every image's centre view, computed in batches."""
+    from tqdm import tqdm
+
+    from . import augment
+
+    model.eval()
+    mean_crop = augment.centre_crop_of(torch.as_tensor(mean_image), crop).to(model.devices[0])
+    feats = []
+    for a in tqdm(range(0, len(images), batch), desc="fc7 features", disable=not progress, unit="batch"):
+        u8, _, _ = images.batch(np.arange(a, min(a + batch, len(images))))
+        x = augment.centre_view(torch.from_numpy(u8).to(model.devices[0]), mean_crop, crop)
+        feats.append(model.features(x).float().cpu())
+    return torch.cat(feats)
+
+
+def neighbors(run, queries: int = 8, k: int = 6, data=None, out=None, devices="auto", seed: int = 0) -> Path:
+    """A PNG grid: each row a validation image, then its k nearest training images by fc7 distance."""
+    from PIL import Image
+
+    from .data import open_heldout, open_images
+    from .predict import model_from_checkpoint
+
+    run = Path(run)
+    ck = load_checkpoint(run / "best.pt" if (run / "best.pt").exists() else run)
+    data = data or ck["config"].get("data")
+    if data is None:
+        raise ReplicaError("no --data given and the checkpoint names none")
+    model = model_from_checkpoint(ck, devices)
+    mean = ck["mean"].numpy()
+    crop = ck["meta"].get("crop", 224)
+    train, val = open_images(data, "train"), open_heldout(ck["config"].get("val_data") or data)
+    picks = np.sort(np.random.default_rng(seed).choice(len(val), min(queries, len(val)), replace=False))
+    q = features_of(model, _Subset(val, picks), mean, crop=crop)
+    pool = features_of(model, train, mean, crop=crop, progress=True)
+    idx, _ = nearest(q, pool, k)
+    size = 96
+    sheet = np.full((len(picks) * (size + 4), (k + 1) * (size + 4) + 8, 3), 255, np.uint8)
+    for r, p in enumerate(picks):
+        row = [val.batch([p])[0][0]] + [train.batch([int(i)])[0][0] for i in idx[r]]
+        for c, img in enumerate(row):
+            t = np.asarray(Image.fromarray(img.transpose(1, 2, 0)).resize((size, size), Image.BILINEAR))
+            x0 = c * (size + 4) + (8 if c else 0)  # a gap after the query column
+            sheet[r * (size + 4):r * (size + 4) + size, x0:x0 + size] = t
+    dest = Path(out) if out else (run / "neighbors.png")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(sheet).save(dest)
+    return dest
+
+
+class _Subset:
+    def __init__(self, images, positions):
+        self.images, self.positions = images, np.asarray(positions)
+        self.size = images.size
+
+    def __len__(self):
+        return len(self.positions)
+
+    def batch(self, positions):
+        return self.images.batch(self.positions[np.asarray(positions)])

@@ -124,6 +124,21 @@ def _cmd_filters(args) -> int:
     return 0
 
 
+def _cmd_report(args) -> int:
+    from .analysis import report
+
+    path = report(args.runs, args.out)
+    print(f"wrote {path} and {path.parent / 'curves.png'}")
+    return 0
+
+
+def _cmd_neighbors(args) -> int:
+    from .analysis import neighbors
+
+    print(f"wrote {neighbors(args.run, args.queries, args.k, args.data, args.out, _devices(args.devices))}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="replica",
@@ -192,10 +207,24 @@ def build_parser() -> argparse.ArgumentParser:
     pd.add_argument("--devices", default="auto")
     pd.set_defaults(func=_cmd_predict)
 
+    rp = sub.add_parser("report", help="Markdown + curves: final errors, config differences, the paper's numbers")
+    rp.add_argument("runs", nargs="+", help="run folders; with several, the first is the baseline of an ablation table")
+    rp.add_argument("--out", help="folder for report.md and curves.png (default: the first run)")
+    rp.set_defaults(func=_cmd_report)
+
     fl = sub.add_parser("filters", help="Fig. 3: per-tower conv1 kernels as a PNG, and their colour specificity")
     fl.add_argument("runs", nargs="+", help="run folders (best.pt) or checkpoints; several seeds test 'every run'")
     fl.add_argument("--out", help="folder for the PNGs (default: beside each checkpoint)")
     fl.set_defaults(func=_cmd_filters)
+
+    nb = sub.add_parser("neighbors", help="Fig. 4: validation images and their nearest training images by fc7")
+    nb.add_argument("run", help="a run folder (best.pt) or a checkpoint")
+    nb.add_argument("--queries", type=int, default=8)
+    nb.add_argument("--k", type=int, default=6)
+    nb.add_argument("--data", help="store or image folder (default: the run's data)")
+    nb.add_argument("--out", help="PNG path (default: RUN/neighbors.png)")
+    nb.add_argument("--devices", default="auto")
+    nb.set_defaults(func=_cmd_neighbors)
 
     st = sub.add_parser("stats", help="print a store's counts, mean image and RGB eigen-system")
     st.add_argument("store")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .analysis import filters, report
 from .config import load_config
 from .predict import format_eval, run_eval
 from .store import prepare
@@ -41,7 +42,10 @@ def demo(out="replica-demo", tiny: bool = False, devices: str = "auto", progress
     result = run_eval(run, views=(1, 10), devices=devices, progress=progress)
     print("[4/4] evaluation on the synthetic val set (error; chance is 90% top-1):")
     print(format_eval(result))
+    rep = report([run])
+    fil = filters([run])[0]
     print(f"\nrun folder: {run}  (config.yaml, metrics.jsonl, last.pt, best.pt, eval.json)")
+    print(f"report: {rep}  curves: {rep.parent / 'curves.png'}  conv1 filters by tower: {fil['png']}")
     return result
 
 

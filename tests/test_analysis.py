@@ -56,3 +56,82 @@ def test_filter_image_contrast_normalizes_each_kernel():
     first = img[2:24, 2:24]
     assert first.max() == 255 and first.min() == 0
     assert format_filters([]) .startswith("run")
+
+
+def _fake_run(root, name, diff, errs, epochs=3):
+    import json
+
+    import yaml
+
+    from replica.config import load_config
+    d = root / name
+    d.mkdir(parents=True)
+    cfg = load_config(None, diff).to_dict()
+    (d / "config.yaml").write_text(yaml.safe_dump(cfg))
+    with open(d / "metrics.jsonl", "w") as f:
+        for e in range(1, epochs + 1):
+            f.write(json.dumps(dict(epoch=e, train_loss=2.0 / e, val_top1_err=0.5, val_top5_err=0.2,
+                                    lr={"weight": 0.01 / e})) + "\n")
+    (d / "eval.json").write_text(json.dumps({"1-view": dict(top1_err=errs[0], top5_err=errs[1]),
+                                             "10-view": dict(top1_err=errs[2], top5_err=errs[3])}))
+    return d
+
+
+def test_report_tables_curves_config_difference_and_ablation_deltas(tmp_path, capsys):
+    base = _fake_run(tmp_path, "baseline", {}, (0.42, 0.20, 0.40, 0.18))
+    nonorm = _fake_run(tmp_path, "no-norm", {"norm": False}, (0.44, 0.21, 0.4137, 0.1915))
+    assert main(["report", str(base), str(nonorm), "--out", str(tmp_path / "rep")]) == 0
+    md = (tmp_path / "rep" / "report.md").read_text()
+    assert "| baseline | 42.00 / 20.00 | 40.00 / 18.00 | 3 |" in md
+    assert "- no-norm: `norm=False`" in md and "- baseline: none" in md
+    assert "| no-norm | 41.37 / 19.15 | +1.37 / +1.15 | LRN: 1.4 / 1.2 |" in md
+    assert "40.66 / 18.21" in md  # the original run's log beside
+    assert (tmp_path / "rep" / "curves.png").stat().st_size > 10_000
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["report", str(empty)]) == 2
+    assert "not a finished run folder" in capsys.readouterr().err
+
+
+def test_nearest_neighbours_on_a_constructed_feature_set():
+    from replica.analysis import nearest
+
+    rng = np.random.default_rng(2)
+    pool = torch.as_tensor(rng.normal(size=(1000, 16)))
+    queries = pool[[5, 700, 999]] + 1e-3  # each query sits next to a known pool item
+    idx, dist = nearest(queries, pool, k=3, chunk=128)  # chunks smaller than the pool
+    assert idx[:, 0].tolist() == [5, 700, 999]
+    brute = torch.cdist(queries.double(), pool.double()).topk(3, largest=False)
+    assert torch.equal(idx, brute.indices) and torch.allclose(dist, brute.values)
+
+
+def test_neighbors_command_draws_the_grid(tmp_path):
+    from replica.store import prepare
+    from replica.synth import synth
+    from replica.config import load_config
+    from replica.train import train
+
+    synth(tmp_path / "s", classes=3, train_per_class=3, val_per_class=1, workers=1, progress=False)
+    prepare(tmp_path / "s", tmp_path / "st", workers=1, progress=False)
+    cfg = load_config(None, dict(data=str(tmp_path / "st"), batch_size=3, epochs=1, steps_per_epoch=1, workers=0,
+                                 devices="cpu", init="caffe"))
+    train(cfg, tmp_path / "run", progress=False)
+    assert main(["neighbors", str(tmp_path / "run"), "--queries", "2", "--k", "3", "--devices", "cpu"]) == 0
+    from PIL import Image
+    img = Image.open(tmp_path / "run" / "neighbors.png")
+    assert img.size == (4 * 100 + 8, 2 * 100)
+
+
+def test_reproduce_runs_baseline_and_every_ablation_in_tiny_mode(tmp_path):
+    from reproduce import ABLATIONS, reproduce
+    from replica.store import prepare
+    from replica.synth import synth
+
+    synth(tmp_path / "s", classes=10, train_per_class=1, val_per_class=1, workers=1, progress=False)
+    prepare(tmp_path / "s", tmp_path / "st", workers=1, progress=False)
+    path = reproduce(tmp_path / "st", tmp_path / "out", tiny=True, progress=False, overrides=["devices=cpu"])
+    md = path.read_text()
+    for name in ["alexnet-2gpu", *ABLATIONS]:
+        assert f"| {name}-seed0 |" in md
+        assert (tmp_path / "out" / f"{name}-seed0" / "eval.json").exists()
+    assert "LRN: 1.4 / 1.2" in md and "two GPUs: 1.7 / 1.2" in md and "overlapping pooling: 0.4 / 0.3" in md
