@@ -360,3 +360,20 @@ def test_cifar10_batches_train_on_the_fly(tmp_path):
     m = read_metrics(tmp_path / "run")[0]
     assert m["val_images"] == 4 and (tmp_path / "run" / "stats.npz").exists()
     assert load_checkpoint(tmp_path / "run")["meta"]["num_classes"] == 10
+
+
+def test_bf16_autocast_trains_with_float32_weights(store, tmp_path, monkeypatch):
+    seen = []
+    real = train_mod.build_model
+
+    def spy(cfg, n, devices):
+        m = real(cfg, n, devices)
+        m.tower_a.conv2.register_forward_hook(lambda mod, i, o: seen.append(o.dtype))
+        return m
+
+    monkeypatch.setattr(train_mod, "build_model", spy)
+    train(tiny(store, bf16=True, epochs=1, steps_per_epoch=2), tmp_path / "run", progress=False)
+    assert torch.bfloat16 in seen  # the convolutions ran in bfloat16
+    ck = load_checkpoint(tmp_path / "run")
+    assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in ck["model"].values())
+    assert math.isfinite(read_metrics(tmp_path / "run")[0]["train_loss"])
