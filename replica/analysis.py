@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from .errors import ReplicaError
-from .runs import load_checkpoint
+from .runs import best_or_last, load_checkpoint
 
 SEPARATION = 0.2  # towers "separate" when their median specificities differ by at least this
 
@@ -87,7 +87,7 @@ def filters(runs, out=None) -> list[dict]:
     results = []
     for r in runs:
         p = Path(r)
-        ck = load_checkpoint(p / "best.pt" if (p / "best.pt").exists() else p)
+        ck = load_checkpoint(best_or_last(p))
         kernels = tower_kernels(ck)
         if not kernels:
             raise ReplicaError(f"{r}: the checkpoint holds no conv1 kernels")
@@ -287,7 +287,7 @@ def neighbors(run, queries: int = 8, k: int = 6, data=None, out=None, devices="a
     from .predict import model_from_checkpoint
 
     run = Path(run)
-    ck = load_checkpoint(run / "best.pt" if (run / "best.pt").exists() else run)
+    ck = load_checkpoint(best_or_last(run))
     data = data or ck["config"].get("data")
     if data is None:
         raise ReplicaError("no --data given and the checkpoint names none")

@@ -15,7 +15,7 @@ import torch
 
 from . import augment
 from .errors import ReplicaError
-from .imageio import DEFAULT_MAX_PIXELS, BadImage, read_prepared, resize_center
+from .imageio import DEFAULT_MAX_PIXELS, BadImage, prepared_from_array, read_prepared
 from .sources import Source, find_source
 from .store import PixelStats, PreparedStore
 
@@ -36,8 +36,7 @@ class FileImages:
 
     def read(self, i: int) -> np.ndarray:
         if self.arrays is not None:
-            from PIL import Image
-            return resize_center(Image.fromarray(self.arrays[self.items[i]].transpose(1, 2, 0), "RGB"), self.size)
+            return prepared_from_array(self.arrays[self.items[i]], self.size)
         return read_prepared(self.items[i], self.size, self.max_pixels)
 
     def batch(self, positions):

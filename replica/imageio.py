@@ -78,6 +78,11 @@ def resize_center(img: Image.Image, size: int = 256) -> np.ndarray:
     return np.asarray(img, dtype=np.uint8).transpose(2, 0, 1)  # (H, W, 3) → (3, H, W)
 
 
+def prepared_from_array(chw: np.ndarray, size: int = 256) -> np.ndarray:
+    """A (3, h, w) uint8 array (CIFAR-10's rows) → (3, size, size) uint8, like a file."""
+    return resize_center(Image.fromarray(np.ascontiguousarray(chw.transpose(1, 2, 0)), "RGB"), size)
+
+
 def read_prepared(path, size: int = 256, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """One file → (3, size, size) uint8, or :class:`BadImage`."""
     return resize_center(load_rgb(path, max_pixels, draft_size=size), size)

@@ -13,7 +13,7 @@ from .errors import ReplicaError
 from .evaluate import evaluate, predict_probs
 from .imageio import BadImage, read_prepared
 from .model import AlexNet
-from .runs import atomic_write, load_checkpoint
+from .runs import atomic_write, best_or_last, load_checkpoint
 
 
 def model_from_checkpoint(ckpt: dict, devices="auto") -> AlexNet:
@@ -27,16 +27,10 @@ def model_from_checkpoint(ckpt: dict, devices="auto") -> AlexNet:
     return model.eval()
 
 
-def _best_or_last(path: Path) -> Path:
-    if path.is_dir():
-        return path / "best.pt" if (path / "best.pt").exists() else path / "last.pt"
-    return path
-
-
 def run_eval(target, data=None, views=(1, 10), devices="auto", batch: int = 32, progress: bool = True) -> dict:
     """top-1/top-5 error, one view and ten views; writes eval.json into the run folder."""
     target = Path(target)
-    ckpt_path = _best_or_last(target)
+    ckpt_path = best_or_last(target)
     ckpt = load_checkpoint(ckpt_path)
     model = model_from_checkpoint(ckpt, devices)
     if data is None:
@@ -69,7 +63,7 @@ def format_eval(r: dict) -> str:
 
 def predict(ckpt_path, images, topk: int = 5, views: int = 1, devices="auto"):
     """Yield (image, [(class, probability), ...]) or (image, error message) for each image."""
-    ckpt = load_checkpoint(_best_or_last(Path(ckpt_path)))
+    ckpt = load_checkpoint(best_or_last(Path(ckpt_path)))
     model = model_from_checkpoint(ckpt, devices)
     classes = ckpt["meta"]["classes"]
     crop = ckpt["meta"].get("crop", augment.CROP)

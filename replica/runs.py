@@ -25,43 +25,22 @@ from pathlib import Path
 import torch
 
 from .errors import ReplicaError
+from .fileio import atomic_write
 
 CKPT_FORMAT = "replica-checkpoint"
 CKPT_VERSION = 1
 
 
-def fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: Path, write) -> None:
-    """``write(f)`` into a temp file beside ``path``, fsync, rename: all or nothing."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        reason = os.strerror(e.errno) if e.errno else str(e)
-        raise ReplicaError(f"cannot write {path}: {reason}") from None
-    fsync_dir(path.parent)
-
-
 def save_checkpoint(path: Path, ckpt: dict) -> None:
     atomic_write(path, lambda f: torch.save(ckpt, f))
+
+
+def best_or_last(path) -> Path:
+    """A run folder means its best.pt (else last.pt); a file means itself."""
+    path = Path(path)
+    if path.is_dir():
+        return path / "best.pt" if (path / "best.pt").exists() else path / "last.pt"
+    return path
 
 
 def load_checkpoint(path) -> dict:

@@ -31,7 +31,8 @@ from pathlib import Path
 import numpy as np
 
 from .errors import ReplicaError
-from .imageio import DEFAULT_MAX_PIXELS, BadImage, read_prepared, resize_center
+from .fileio import atomic_write
+from .imageio import DEFAULT_MAX_PIXELS, BadImage, prepared_from_array, read_prepared
 from .sources import Source, find_source
 
 FORMAT_VERSION = 1
@@ -97,24 +98,6 @@ def pca_of(cov: np.ndarray, mu, npix: int, images: int) -> dict:
 # Writing
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _atomic_save_npz(path: Path, **arrays) -> None:
-    tmp = path.with_name(path.name + ".tmp.npz")
-    with open(tmp, "wb") as f:
-        np.savez(f, **arrays)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def _fingerprint(src: Source, size: int) -> str:
     h = hashlib.sha256(f"{FORMAT_VERSION}|{size}|{src.kind}|{src.classes}".encode())
     for name, s in src.splits.items():
@@ -144,8 +127,7 @@ def _worker_chunk(task):
     for i, item in enumerate(items):
         try:
             if arrays is not None:  # CIFAR: a (3, 32, 32) array
-                from PIL import Image
-                img = resize_center(Image.fromarray(arrays[i].transpose(1, 2, 0), "RGB"), size)
+                img = prepared_from_array(arrays[i], size)
             else:
                 img = read_prepared(item, size, _W["max_pixels"])
         except BadImage as e:
@@ -210,7 +192,7 @@ def prepare(src, out, val=None, size: int = 256, workers: int | None = None, chu
             stats = PixelStats.from_arrays(st)
     meta = dict(version=FORMAT_VERSION, fingerprint=fp, complete=False, source=source.root, kind=source.kind,
                 size=size, classes=source.classes)
-    _atomic_write_bytes(meta_path, json.dumps(meta, indent=1).encode())
+    atomic_write(meta_path, lambda f: f.write(json.dumps(meta, indent=1).encode()))
 
     todo = [c for c in chunks if not done[c[0]][c[1]]]
     resumed = len(chunks) - len(todo)
@@ -224,8 +206,8 @@ def prepare(src, out, val=None, size: int = 256, workers: int | None = None, chu
     def save_state():
         extra = {f"done_{k}": v for k, v in done.items()}
         extra.update({f"ok_{k}": v for k, v in ok_flags.items()})
-        _atomic_save_npz(state_path, fingerprint=np.array(fp), skips=np.array(json.dumps(skips)),
-                         **stats.arrays(), **extra)
+        atomic_write(state_path, lambda f: np.savez(f, fingerprint=np.array(fp), skips=np.array(json.dumps(skips)),
+                                                    **stats.arrays(), **extra))
 
     total = sum(len(s.items) for s in source.splits.values())
     t0 = time.time()
@@ -286,7 +268,7 @@ def _finish(out: Path, source: Source, meta: dict, ok_flags, skips, stats: Pixel
             f.write(f"{split}\t{path}\t{reason}\n")
     splits = {name: dict(total=len(s.items), used=int(ok_flags[name].sum())) for name, s in source.splits.items()}
     meta.update(complete=True, splits=splits, skipped=len(skips))
-    _atomic_write_bytes(out / "meta.json", json.dumps(meta, indent=1).encode())
+    atomic_write(out / "meta.json", lambda f: f.write(json.dumps(meta, indent=1).encode()))
     (out / STATE).unlink(missing_ok=True)
     meta["seconds"] = seconds
     meta["resumed_chunks"] = resumed
