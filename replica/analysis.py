@@ -184,7 +184,8 @@ def plot_curves(summaries, dest: Path) -> None:
         if not m:
             continue
         ep = [r["epoch"] for r in m]
-        ax[0].plot(ep, [r["train_loss"] for r in m], label=s["name"])
+        ax[0].plot(ep, [r["train_loss"] if r["train_loss"] is not None else float("nan") for r in m],
+                   label=s["name"])
         if "val_top1_err" in m[0]:
             ax[1].plot(ep, [100 * r["val_top1_err"] for r in m], label=f"{s['name']} top-1")
             ax[1].plot(ep, [100 * r["val_top5_err"] for r in m], "--", label=f"{s['name']} top-5")

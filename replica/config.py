@@ -28,6 +28,7 @@ class Config:
     pca_mode: str | None = None  # None: the preset's ("as-run": 0.1·z·√λ then ÷1.1; "paper-text": α·λ)
     pca_off_epoch: float | None = 67  # as-run: "set color noise to 0 from 0.1" at 67 of 91 (layer-params-145.cfg:178)
     workers: int = 2  # loader processes
+    strict_data: bool = False  # a bad or missing input stops the run (default: skip it, log it, count it)
     # -- model ---------------------------------------------------------------------------------
     preset: str = "as-run"  # or "paper-text" (SPEC.md §1-3)
     variant: str = "two-tower"  # or "one-gpu-half" (run 145-half)
@@ -58,7 +59,7 @@ class Config:
     val_batches: int | None = None  # cap the validation batches per epoch; None: all
     checkpoint_minutes: float = 10.0  # also save `last` this often within an epoch
     stall_steps: int = 300  # warn if the loss is still ≈ ln(classes) after this many steps (0: never)
-    bf16: bool = False  # autocast to bfloat16 (CUDA)
+    bf16: bool = False  # autocast to bfloat16 (CUDA, or a CPU with native bf16: AVX512_BF16/AMX)
     channels_last: bool = True  # layout only; faster max-pooling on CPU
     compile: bool = False  # torch.compile the model
 

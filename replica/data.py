@@ -145,12 +145,15 @@ class TrainBatches(torch.utils.data.Dataset):
             crops.share_memory_()
         if hasattr(self.images, "crops"):  # prepared store: read only the crops' bytes
             labels, bad = self.images.crops(positions, oy, ox, fl, self.crop, crops.numpy())
-        else:  # files on the fly: decode whole images, then crop; bad files shorten the batch
+            keep = _keep(len(positions), bad)
+            if bad:
+                crops = crops[keep]
+        else:  # files on the fly: decode whole images, then crop
             u8, labels, bad = self.images.batch(positions)
-            keep = torch.ones(len(positions), dtype=torch.bool)
-            keep[[k for _, _, k in bad]] = False  # each image keeps the draws made for its place
+            keep = _keep(len(positions), bad)  # each image keeps the draws made for its place
             crops = augment.crop(torch.from_numpy(u8), oy[keep], ox[keep], fl[keep], self.crop)
-            shift = shift[keep] if shift is not None else None
+        if bad and shift is not None:  # bad inputs shorten the batch
+            shift = shift[keep]
         return crops, shift, torch.as_tensor(labels), b, bad
 
     def finish(self, crops: torch.Tensor, shift: torch.Tensor | None) -> torch.Tensor:
@@ -161,6 +164,12 @@ class TrainBatches(torch.utils.data.Dataset):
         """Batch ``start + i`` as (float32 images, labels), in this process."""
         crops, shift, labels, _, _ = self[i]
         return self.finish(crops, shift), labels
+
+
+def _keep(n: int, bad) -> torch.Tensor:
+    keep = torch.ones(n, dtype=torch.bool)
+    keep[[k for _, _, k in bad]] = False
+    return keep
 
 
 def loader(ds: torch.utils.data.Dataset, workers: int = 0, pin_memory: bool = False):

@@ -8,15 +8,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
 from .analysis import filters, report
 from .config import load_config
 from .predict import format_eval, run_eval
+from .runtime import fast_bf16
 from .store import prepare
 from .synth import synth
 from .train import train
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-FULL = dict(train_per_class=100, val_per_class=20)
+FULL = dict(train_per_class=400, val_per_class=20)
 TINY = dict(train_per_class=4, val_per_class=2)  # seconds: for the tests
 
 
@@ -29,6 +32,8 @@ def demo(out="replica-demo", tiny: bool = False, devices: str = "auto", progress
     print(f"[2/4] prepared store with mean image and RGB PCA: {out / 'store'}"
           f"{' (reused)' if 'seconds' not in meta else ''}")
     overrides = dict(data=str(out / "store"), devices=devices)
+    first = ("cuda:0" if torch.cuda.is_available() else "cpu") if devices == "auto" else str(devices).split(",")[0]
+    overrides["bf16"] = fast_bf16(first)  # the same net and weights in float32; convolutions in bfloat16
     if tiny:
         overrides.update(batch_size=8, epochs=1, steps_per_epoch=2, workers=0)
     cfg = load_config(CONFIGS / "demo.yaml", overrides)
@@ -37,7 +42,8 @@ def demo(out="replica-demo", tiny: bool = False, devices: str = "auto", progress
         print(f"[3/4] training: {run} (finished earlier, reused)")
     else:
         resume = (run / "last.pt").exists()
-        print(f"[3/4] training the two-tower as-run net{' (resuming)' if resume else ''}: {run}")
+        print(f"[3/4] training the two-tower as-run net{' (resuming)' if resume else ''}: {run} "
+              f"(bf16 autocast {'on' if cfg.bf16 else 'off: no native bf16 on ' + first})")
         train(cfg, run, resume=resume, progress=progress)
     result = run_eval(run, views=(1, 10), devices=devices, progress=progress)
     print("[4/4] evaluation on the synthetic val set (error; chance is 90% top-1):")

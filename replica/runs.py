@@ -105,8 +105,40 @@ def append_metrics(run: Path, record: dict) -> None:
         raise ReplicaError(f"cannot write {run / 'metrics.jsonl'}: {os.strerror(e.errno) if e.errno else e}") from None
 
 
+def write_metrics(run: Path, records: list[dict]) -> None:
+    """Replace metrics.jsonl with ``records`` (on resume: the checkpoint's own account)."""
+    atomic_write(run / "metrics.jsonl", lambda f: f.write("".join(json.dumps(r) + "\n" for r in records).encode()))
+
+
 def read_metrics(run) -> list[dict]:
+    """metrics.jsonl's records; a line torn by a kill mid-write is left out."""
     p = Path(run) / "metrics.jsonl"
     if not p.exists():
         return []
-    return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+    out = []
+    for line in p.read_text(errors="replace").splitlines():
+        try:
+            out.append(json.loads(line))
+        except ValueError:
+            continue
+    return [r for r in out if isinstance(r, dict)]
+
+
+def log_bad_inputs(run: Path, epoch: int, batch: int, bad, warn: int = 10) -> None:
+    """Append each bad input of a training batch to RUN/bad_inputs.tsv; name up to ``warn`` on the console."""
+    from tqdm import tqdm
+
+    path = run / "bad_inputs.tsv"
+    new = not path.exists()
+    try:
+        with open(path, "a") as f:
+            if new:
+                f.write("epoch\tbatch\tinput\treason\n")
+            for what, why, _ in bad:
+                f.write(f"{epoch + 1}\t{batch}\t{what}\t{why}\n")
+    except OSError as e:
+        raise ReplicaError(f"cannot write {path}: {os.strerror(e.errno) if e.errno else e}") from None
+    for what, why, _ in bad[:max(warn, 0)]:
+        tqdm.write(f"warning: skipped {what}: {why} (listed in {path})")
+    if 0 < warn <= len(bad):
+        tqdm.write(f"warning: further bad inputs are listed in {path} only")

@@ -35,3 +35,22 @@ def tune_cpu_allocator() -> bool:
     _tuned = bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
     log.debug("malloc tuning %s", "applied" if _tuned else "refused")
     return _tuned
+
+
+def fast_bf16(device) -> bool:
+    """Whether bfloat16 autocast is a speed-up on ``device``: a CUDA GPU that supports it, or a
+    CPU with native bf16 instructions (AVX512_BF16 or AMX). Elsewhere oneDNN emulates bf16,
+    slower than float32, so the demo leaves it off."""
+    import torch
+
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if dev.type != "cpu":
+        return False
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "").split()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags

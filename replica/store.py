@@ -293,7 +293,11 @@ class PreparedStore:
         meta_path = self.root / "meta.json"
         if not meta_path.exists():
             raise ReplicaError(f"{self.root}: not a prepared store (no meta.json); run 'replica prepare' first")
-        self.meta = json.loads(meta_path.read_text())
+        try:
+            self.meta = json.loads(meta_path.read_text())
+        except (OSError, ValueError) as e:
+            raise ReplicaError(f"{meta_path}: unreadable ({_reason(e)}); run 'replica prepare' into a new "
+                               "folder") from None
         if not self.meta.get("complete"):
             raise ReplicaError(f"{self.root}: preparation did not finish; run 'replica prepare' again to resume")
         if split not in self.meta["splits"]:
@@ -301,11 +305,26 @@ class PreparedStore:
         self.split = split
         self.size = self.meta["size"]
         self.classes = self.meta["classes"]
-        labels = np.load(self.root / split / "labels.npy")
+        try:
+            labels = np.load(self.root / split / "labels.npy", allow_pickle=False)
+        except (OSError, ValueError, EOFError) as e:
+            raise ReplicaError(f"{self.root / split / 'labels.npy'}: unreadable ({_reason(e)}); the store is "
+                               "damaged: run 'replica prepare' into a new folder") from None
         self.rows = np.flatnonzero(labels >= 0)  # skipped inputs never reach a batch
         self.labels = labels[self.rows]
-        n = len(labels)
-        self.images = np.memmap(self.root / split / "images.u8", np.uint8, "r", shape=(n, 3, self.size, self.size))
+        self.file = self.root / split / "images.u8"
+        row_bytes = 3 * self.size * self.size
+        try:
+            have = self.file.stat().st_size // row_bytes
+        except OSError as e:
+            raise ReplicaError(f"{self.file}: {_reason(e)}; the store is damaged: run 'replica prepare' into a "
+                               "new folder") from None
+        # a truncated file (a disk that filled, a copy cut short) keeps its whole rows readable;
+        # the rest are reported as bad inputs at the batch that asks for them
+        self.readable = min(have, len(labels))
+        self.truncated = int((self.rows >= self.readable).sum())
+        shape = (self.readable, 3, self.size, self.size)
+        self.images = np.memmap(self.file, np.uint8, "r", shape=shape) if self.readable else np.empty(shape, np.uint8)
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -315,33 +334,59 @@ class PreparedStore:
         meta = Path(root) / "meta.json"
         return list(json.loads(meta.read_text()).get("splits", {})) if meta.exists() else []
 
-    def batch(self, positions) -> tuple[np.ndarray, np.ndarray, list]:
-        """uint8 (B, 3, S, S), int64 (B,) labels and no bad files, for positions 0…len−1."""
+    def _split_bad(self, positions):
+        """(positions with readable rows, their rows, bad entries (what, reason, index in batch))."""
         positions = np.asarray(positions)
         rows = self.rows[positions]
+        ok = rows < self.readable
+        bad = [(f"{self.file} row {int(r)}", "truncated store: the row lies beyond the end of the file", int(k))
+               for k, r in zip(np.flatnonzero(~ok), rows[~ok])]
+        return positions[ok], rows[ok], bad
+
+    def batch(self, positions) -> tuple[np.ndarray, np.ndarray, list]:
+        """uint8 (B, 3, S, S), int64 (B,) labels and the bad rows, for positions 0…len−1."""
+        positions, rows, bad = self._split_bad(positions)
         order = np.argsort(rows, kind="stable")
         out = np.empty((len(rows), 3, self.size, self.size), np.uint8)
         out[order] = self.images[rows[order]]  # read in file order
-        return out, self.labels[positions], []
+        return out, self.labels[positions], bad
 
     def crops(self, positions, oy, ox, flips, size: int, out: np.ndarray) -> tuple[np.ndarray, list]:
         """Cut crop i of image positions[i] at (oy[i], ox[i]), mirrored where flips[i], into out[i].
 
-        Reads only the crop's bytes from the file, in file order; returns (labels, no bad files).
+        Reads only the crop's bytes from the file, in file order; returns (labels of the readable
+        images, bad entries). Rows that cannot be read leave out[i] unwritten: drop them by ``bad``.
         """
         positions = np.asarray(positions)
         rows = self.rows[positions]
+        _, _, bad = self._split_bad(positions)
         for i in np.argsort(rows, kind="stable").tolist():
+            if rows[i] >= self.readable:
+                continue
             y, x = int(oy[i]), int(ox[i])
             patch = self.images[rows[i], :, y:y + size, x:x + size]  # (3, size, size) view of the file
             out[i] = patch[:, :, ::-1] if flips[i] else patch
-        return self.labels[positions], []
+        return self.labels[positions[rows < self.readable]], bad
 
     def mean(self) -> np.ndarray:
-        return np.load(self.root / "mean.npy")
+        try:
+            return np.load(self.root / "mean.npy", allow_pickle=False)
+        except (OSError, ValueError, EOFError) as e:
+            raise ReplicaError(f"{self.root / 'mean.npy'}: unreadable ({_reason(e)}); run 'replica prepare' "
+                               "into a new folder") from None
 
     def pca(self) -> dict:
-        return json.loads((self.root / "pca.json").read_text())
+        try:
+            return json.loads((self.root / "pca.json").read_text())
+        except (OSError, ValueError) as e:
+            raise ReplicaError(f"{self.root / 'pca.json'}: unreadable ({_reason(e)}); run 'replica prepare' "
+                               "into a new folder") from None
+
+
+def _reason(e: Exception) -> str:
+    if isinstance(e, OSError) and e.errno:
+        return os.strerror(e.errno)
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:120]
 
 
 def describe_stats(root) -> str:

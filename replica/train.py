@@ -27,7 +27,7 @@ from .evaluate import evaluate
 from .model import AlexNet, resolve_devices
 from .optim import PaperSGD, Schedule, apply_lrs, param_groups
 from .runs import (CKPT_FORMAT, CKPT_VERSION, append_metrics, atomic_write, check_compatible, code_version,
-                   load_checkpoint, save_checkpoint)
+                   load_checkpoint, log_bad_inputs, save_checkpoint, write_metrics)
 from .store import PreparedStore
 
 log = logging.getLogger("replica")
@@ -152,11 +152,12 @@ def train(cfg: Config, out, resume: bool = False, progress: bool = True) -> dict
     run = Path(out)
     rank, world, local_rank = dist_info()
     main = rank == 0
+    if cfg.batch_size % world:
+        raise ReplicaError(f"batch_size {cfg.batch_size} does not split across {world} processes: give a "
+                           f"multiple of {world}")
     if world > 1 and not torch.distributed.is_initialized():
         backend = "nccl" if torch.cuda.is_available() and cfg.devices != "cpu" else "gloo"
         torch.distributed.init_process_group(backend)
-    if cfg.batch_size % world:
-        raise ReplicaError(f"batch_size {cfg.batch_size} does not split across {world} processes")
     per_rank = cfg.batch_size // world
     if main:
         run.mkdir(parents=True, exist_ok=True)
@@ -183,8 +184,15 @@ def train(cfg: Config, out, resume: bool = False, progress: bool = True) -> dict
         steps_per_epoch = min(steps_per_epoch, cfg.steps_per_epoch)
     sched = Schedule(cfg, steps_per_epoch)
     epoch, in_epoch, step, best = 0, 0, 0, math.inf
+    records: list[dict] = []  # metrics.jsonl's lines, also kept in each checkpoint
+    partial = None  # the running sums of an epoch stopped part-way, so its record counts every step
+    t_epoch, seen, loss_sum, loss_n, skipped = time.time(), 0, 0.0, 0, 0
     torch.manual_seed(cfg.seed * 1000 + rank + 1)  # dropout masks: one stream per process
 
+    if resume and not (run / "last.pt").exists():  # stopped before its first checkpoint: nothing to keep
+        if main:
+            print(f"{run} has no checkpoint yet: starting from the beginning")
+        resume = False
     if resume:
         ckpt = load_checkpoint(run / "last.pt")
         check_compatible(ckpt["meta"], meta, run / "last.pt")
@@ -194,6 +202,10 @@ def train(cfg: Config, out, resume: bool = False, progress: bool = True) -> dict
             opt.state[names[name]]["velocity"] = v.to(names[name].device)
         sched.load_state_dict(ckpt["schedule"])
         epoch, in_epoch, step, best = (ckpt["progress"][k] for k in ("epoch", "in_epoch", "step", "best"))
+        records = list(ckpt["progress"].get("records", []))
+        partial = ckpt["progress"].get("partial") if in_epoch else None
+        if main:  # metrics.jsonl says what the checkpoint says: no epoch lost, none counted twice
+            write_metrics(run, records)
         if ckpt["progress"].get("done"):
             if main:
                 print(f"{run} finished already ({step} steps); nothing to resume")
@@ -217,7 +229,7 @@ def train(cfg: Config, out, resume: bool = False, progress: bool = True) -> dict
     dev0 = devices[0]
     amp = torch.autocast(dev0.type, dtype=torch.bfloat16) if cfg.bf16 else contextlib.nullcontext()
 
-    def checkpoint(path: Path):
+    def checkpoint(path: Path, previous: str = ""):
         states = [rng_state()]
         if world > 1:
             gathered = [None] * world
@@ -231,14 +243,28 @@ def train(cfg: Config, out, resume: bool = False, progress: bool = True) -> dict
                               if "velocity" in opt.state[p]},
                     schedule=sched.state_dict(),
                     progress=dict(epoch=epoch, in_epoch=in_epoch, step=step, best=best,
-                                  done=sched.finished(step) and in_epoch == 0),
+                                  done=sched.finished(step) and in_epoch == 0, records=records,
+                                  partial=dict(loss_sum=loss_sum, loss_n=loss_n, seen=seen, skipped=skipped,
+                                               seconds=time.time() - t_epoch)),
                     rng=states, mean=torch.as_tensor(mean, dtype=torch.float32),
                     pca={k: v for k, v in pca.items()} if pca else {})
-        save_checkpoint(path, ckpt)
+        try:
+            save_checkpoint(path, ckpt)
+        except ReplicaError as e:  # disk full, read-only, quota: the previous file is untouched
+            kept = "; the previous checkpoint is intact" if path.exists() else ""
+            raise ReplicaError(f"{e}{kept}. Free space or fix permissions, then resume with: "
+                               f"replica train --resume {run}") from None
+
+    def stop_with_save(message: str):
+        """Save what the steps so far have done, then stop with ``message``."""
+        checkpoint(run / "last.pt")
+        raise ReplicaError(f"{message}. Progress is saved in {run / 'last.pt'} (epoch {epoch + 1}, step "
+                           f"{in_epoch} of {steps_per_epoch}); resume with: replica train --resume {run}")
 
     ln_c = math.log(num_classes)
     recent: list[float] = []
     stall_warned = False
+    bad_warned = 0  # the first 10 bad inputs are named on the console; all go to bad_inputs.tsv
     last_save = time.time()
     with _Stop() as stop:
         while not sched.finished(step):
@@ -247,16 +273,39 @@ def train(cfg: Config, out, resume: bool = False, progress: bool = True) -> dict
                               world=world, crop=cfg.crop)
             todo = min(steps_per_epoch - in_epoch, sched.total_steps - step)
             t_epoch, seen, loss_sum, loss_n, skipped = time.time(), 0, 0.0, 0, 0
+            if partial:
+                loss_sum, loss_n, seen, skipped = (partial[k] for k in ("loss_sum", "loss_n", "seen", "skipped"))
+                t_epoch -= partial["seconds"]
+                partial = None
             model.train()
             bar = tqdm(total=steps_per_epoch, initial=in_epoch, desc=f"epoch {epoch + 1}", unit="step",
                        disable=not (progress and main), dynamic_ncols=True, leave=False)
             it = iter(loader(ds, cfg.workers, pin_memory=dev0.type == "cuda"))
             try:
                 for _ in range(todo):
-                    crops, shift, labels, b, bad = next(it)
-                    skipped += len(bad)
+                    try:
+                        crops, shift, labels, b, bad = next(it)
+                    except RuntimeError as e:
+                        if "DataLoader worker" not in str(e):
+                            raise
+                        stop_with_save(f"a data-loader worker died at epoch {epoch + 1}, batch {in_epoch + 1} "
+                                       f"({str(e).strip().splitlines()[0][:160]}). Out of memory is the usual "
+                                       f"cause: lower workers={cfg.workers} or batch_size={cfg.batch_size}")
+                    if bad:
+                        skipped += len(bad)
+                        if main:
+                            log_bad_inputs(run, epoch, b, bad, warn=10 - bad_warned)
+                            bad_warned += len(bad)
+                        if cfg.strict_data:
+                            what, why, _ = bad[0]
+                            stop_with_save(f"bad input {what}: {why} (strict_data=true; set strict_data=false to "
+                                           f"skip and count such inputs)")
                     lrs = sched.lrs(step)
                     apply_lrs(opt, lrs)
+                    if len(labels) == 0:  # every input of this batch was bad: nothing to learn from
+                        step, in_epoch = step + 1, in_epoch + 1
+                        bar.update(1)
+                        continue
                     x = ds.finish(crops.to(dev0, non_blocking=True), shift if sched.noise_on(step) else None)
                     y = labels.to(dev0, non_blocking=True)
                     with amp:
@@ -300,7 +349,7 @@ def train(cfg: Config, out, resume: bool = False, progress: bool = True) -> dict
             if in_epoch < steps_per_epoch and not sched.finished(step):
                 continue
             # end of an epoch (or of the run)
-            record = dict(epoch=epoch + 1, step=step, train_loss=loss_sum / max(loss_n, 1),
+            record = dict(epoch=epoch + 1, step=step, train_loss=loss_sum / loss_n if loss_n else None,
                           lr={k: v for k, v in sched.lrs(step - 1).items()}, noise=sched.noise_on(step - 1),
                           seconds=time.time() - t_epoch, images_per_s=seen / max(time.time() - t_epoch, 1e-9),
                           skipped_files=skipped)
@@ -320,16 +369,20 @@ def train(cfg: Config, out, resume: bool = False, progress: bool = True) -> dict
             improved = err is not None and err < best
             if improved:
                 best = err
+            records.append(record)
+            # best, then last, then the metrics line: a kill between any two is repaired on resume
+            # (the epoch is redone from the older last.pt, or metrics.jsonl is rewritten from it)
+            if improved:
+                checkpoint(run / "best.pt")
+            checkpoint(run / "last.pt")
+            last_save = time.time()
             if main:
                 append_metrics(run, record)
-                msg = f"epoch {record['epoch']}: loss {record['train_loss']:.4f}"
+                loss_text = f"{record['train_loss']:.4f}" if loss_n else "n/a (no usable input)"
+                msg = f"epoch {record['epoch']}: loss {loss_text}"
                 if err is not None:
                     msg += f", val top-1 {record['val_top1_err']:.2%} top-5 {record['val_top5_err']:.2%} (1 view)"
                 tqdm.write(msg + f", {record['images_per_s']:.0f} img/s")
-            checkpoint(run / "last.pt")
-            if improved:
-                checkpoint(run / "best.pt")
-            last_save = time.time()
     if world > 1:
         torch.distributed.barrier()
     return dict(stopped=None, step=step, epochs=epoch, best_val_top1_err=best)

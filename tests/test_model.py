@@ -8,7 +8,9 @@ import replica.model as model_mod
 from replica import AlexNet, ReplicaError, count_parameters
 from replica.model import output_sizes
 
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def needs_cuda(f):
+    """Marked ``cuda`` (``pytest -m cuda`` selects them; tools/gpu_check.sh runs them) and skipped without one."""
+    return pytest.mark.cuda(pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")(f))
 
 
 def images(n=2, seed=0, dtype=torch.float32):

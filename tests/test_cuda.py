@@ -1,0 +1,44 @@
+"""Training and evaluation on CUDA, one GPU and the split over cuda:0 + cpu (skipped without CUDA).
+
+``tools/gpu_check.sh`` runs these (``pytest -m cuda``) with the CUDA rows of tools/bench.py.
+"""
+import pytest
+import torch
+
+from replica.config import load_config
+from replica.data import open_heldout
+from replica.evaluate import evaluate
+from replica.predict import model_from_checkpoint
+from replica.runs import load_checkpoint, read_metrics
+from replica.store import prepare
+from replica.synth import synth
+from replica.train import train
+
+pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    d = tmp_path_factory.mktemp("data")
+    synth(d / "synth", classes=4, train_per_class=8, val_per_class=2, seed=5, workers=2, progress=False)
+    prepare(d / "synth", d / "store", workers=2, progress=False)
+    return d / "store"
+
+
+@pytest.mark.parametrize("devices,bf16", [("cuda:0", True), ("cuda:0", False), ("cuda:0,cpu", False)])
+def test_train_on_cuda_then_evaluate_on_cpu(store, tmp_path, devices, bf16):
+    cfg = load_config(None, dict(data=str(store), batch_size=8, epochs=2, steps_per_epoch=2, workers=2,
+                                 devices=devices, bf16=bf16, init="caffe"))
+    r = train(cfg, tmp_path / "run", progress=False)
+    assert r["step"] == 4
+    m = read_metrics(tmp_path / "run")
+    assert all(torch.isfinite(torch.tensor(x["train_loss"])) for x in m)
+    ck = load_checkpoint(tmp_path / "run")
+    assert all(v.device.type == "cpu" for v in ck["model"].values())  # checkpoints are device-free
+    # the same checkpoint on the CPU and on the GPU: the same one-view error
+    val = open_heldout(store)
+    errs = []
+    for dev in ("cpu", "cuda:0"):
+        model = model_from_checkpoint(ck, dev)
+        errs.append(evaluate(model, val, ck["mean"].numpy(), views=10)["top1_err"])
+    assert abs(errs[0] - errs[1]) <= 1 / 8  # at most one of 8 images flips on float differences

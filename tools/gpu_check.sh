@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# One prepared GPU check, ≤ 6 minutes on a single-GPU machine, nothing to set up beyond the
+# README's install:
+#   1. the CUDA tests (pytest -m cuda): towers on their devices, the cuda:0 + cpu split against
+#      one device, training on one GPU (fp32 and bf16) and on the split, checkpoints back on CPU;
+#   2. tools/bench.py --device cuda: model step, end to end from a store, ten-view eval, bf16,
+#      channels_last, torch.compile, augmentation on the GPU vs in workers, the two-device split;
+#   3. a compact table, last.
+# Usage: tools/gpu_check.sh [extra bench.py arguments]     (PYTHON=... to pick the interpreter)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python}
+if ! $PY -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+    echo "gpu_check: no CUDA device visible to $PY (torch $($PY -c 'import torch; print(torch.__version__)'))" >&2
+    exit 1
+fi
+LOG=$(mktemp -d)
+WORKERS=$($PY -c "import os; print(min(8, max(1, (os.cpu_count() or 2) - 2)))")
+$PY -c "import torch; print('gpu_check:', torch.cuda.get_device_name(0), '| devices', torch.cuda.device_count(), '| torch', torch.__version__)"
+
+echo "== [1/2] CUDA tests"
+timeout 150 $PY -m pytest -q -m cuda -p no:cacheprovider tests 2>&1 | tee "$LOG/tests.txt" | tail -20
+TESTS=${PIPESTATUS[0]}
+
+echo "== [2/2] bench.py --device cuda"
+timeout 180 $PY tools/bench.py --device cuda --batch 256 --steps 8 --images 4096 --eval-images 512 \
+    --workers "$WORKERS" "$@" 2>&1 | tee "$LOG/bench.txt"
+BENCH=${PIPESTATUS[0]}
+
+echo
+echo "==================================== gpu_check summary ===================================="
+echo "CUDA tests: $(grep -E '[0-9]+ (passed|failed|error)' "$LOG/tests.txt" | tail -1) (exit $TESTS)"
+sed -n '/^summary/,$p' "$LOG/bench.txt"
+[ "$BENCH" = 0 ] || echo "bench.py exit $BENCH (124: ran past its 180 s limit)"
+exit $(( TESTS != 0 || BENCH != 0 ))
