@@ -229,7 +229,7 @@ def train(cfg: Config, out, resume: bool = False, progress: bool = True) -> dict
     dev0 = devices[0]
     amp = torch.autocast(dev0.type, dtype=torch.bfloat16) if cfg.bf16 else contextlib.nullcontext()
 
-    def checkpoint(path: Path, previous: str = ""):
+    def checkpoint(path: Path):
         states = [rng_state()]
         if world > 1:
             gathered = [None] * world
@@ -303,6 +303,9 @@ def train(cfg: Config, out, resume: bool = False, progress: bool = True) -> dict
                     lrs = sched.lrs(step)
                     apply_lrs(opt, lrs)
                     if len(labels) == 0:  # every input of this batch was bad: nothing to learn from
+                        if world > 1:  # the other processes wait in all-reduce for this one's gradients
+                            stop_with_save(f"every input of batch {in_epoch + 1} on process {rank} was bad; "
+                                           f"see {run / 'bad_inputs.tsv'}")
                         step, in_epoch = step + 1, in_epoch + 1
                         bar.update(1)
                         continue

@@ -492,8 +492,11 @@ def _rss_mb(pid: int) -> float:
 
 @pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads resident memory from /proc")
-def test_2000_steps_memory_flat_and_step_time_steady(store, tmp_path):
+def test_2000_steps_memory_flat_and_step_time_steady(tmp_path):
     """8 epochs × 250 steps of batch 2: RSS after warm-up grows < 5%, the last epoch is not slower."""
+    synth(tmp_path / "synth", classes=4, train_per_class=125, val_per_class=1, seed=4, progress=False)
+    store = tmp_path / "store"
+    prepare(tmp_path / "synth", store, progress=False)
     run = tmp_path / "run"
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     p = subprocess.Popen([sys.executable, "-m", "replica", "train", CONFIG, f"data={store}", "batch_size=2",
