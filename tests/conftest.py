@@ -27,3 +27,15 @@ def tiny_tree(tmp_path):
                 p.parent.mkdir(parents=True, exist_ok=True)
                 Image.fromarray(arr).save(p, quality=95)
     return tmp_path / "src"
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """A prepared store of the synthetic set: 4 classes, 6 training and 2 val images each."""
+    from replica.store import prepare
+    from replica.synth import synth
+
+    d = tmp_path_factory.mktemp("data")
+    synth(d / "synth", classes=4, train_per_class=6, val_per_class=2, seed=1, workers=1, progress=False)
+    prepare(d / "synth", d / "store", workers=1, progress=False)
+    return d / "store"

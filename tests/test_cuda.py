@@ -10,19 +10,9 @@ from replica.data import open_heldout
 from replica.evaluate import evaluate
 from replica.predict import model_from_checkpoint
 from replica.runs import load_checkpoint, read_metrics
-from replica.store import prepare
-from replica.synth import synth
 from replica.train import train
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
-
-
-@pytest.fixture(scope="module")
-def store(tmp_path_factory):
-    d = tmp_path_factory.mktemp("data")
-    synth(d / "synth", classes=4, train_per_class=8, val_per_class=2, seed=5, workers=2, progress=False)
-    prepare(d / "synth", d / "store", workers=2, progress=False)
-    return d / "store"
 
 
 @pytest.mark.parametrize("devices,bf16", [("cuda:0", True), ("cuda:0", False), ("cuda:0,cpu", False)])

@@ -29,24 +29,10 @@ from replica.runs import load_checkpoint, read_metrics
 from replica.store import prepare
 from replica.synth import synth
 from replica.train import train
+from runs_helpers import StopAfter, tiny
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = str(ROOT / "configs" / "alexnet-2gpu.yaml")
-
-
-@pytest.fixture(scope="module")
-def store(tmp_path_factory):
-    d = tmp_path_factory.mktemp("data")
-    synth(d / "synth", classes=4, train_per_class=6, val_per_class=2, seed=3, workers=1, progress=False)
-    prepare(d / "synth", d / "store", workers=1, progress=False)
-    return d / "store"
-
-
-def tiny(store, **kw):
-    base = dict(data=str(store), batch_size=4, epochs=2, steps_per_epoch=3, workers=0, devices="cpu",
-                init="caffe", checkpoint_minutes=60)
-    base.update(kw)
-    return load_config(None, base)
 
 
 def assert_same_weights(run_a, run_b):
@@ -158,24 +144,6 @@ def test_resume_before_the_first_checkpoint_starts_over(store, tmp_path, capsys)
     (tmp_path / "run" / "config.yaml").write_text("x: 1\n")  # killed after config.yaml, before last.pt
     r = train(cfg, tmp_path / "run", resume=True, progress=False)
     assert r["step"] == 3 and "no checkpoint yet: starting from the beginning" in capsys.readouterr().out
-
-
-class StopAfter:
-    """Stands in for the Ctrl-C handler: a stop is requested at its n-th look (one per step)."""
-
-    def __init__(self, n):
-        self.n, self.seen = n, 0
-
-    @property
-    def requested(self):
-        self.seen += 1
-        return "SIGINT" if self.seen >= self.n else None
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def test_a_torn_metrics_line_is_repaired_from_the_checkpoint(store, tmp_path, monkeypatch):

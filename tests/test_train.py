@@ -18,26 +18,10 @@ from replica.config import NAMES, load_config
 from replica.errors import ReplicaError
 from replica.evaluate import evaluate, predict_probs, topk_errors
 from replica.runs import check_compatible, load_checkpoint, read_metrics
-from replica.store import prepare
-from replica.synth import synth
 from replica.train import TrainingStopped, train
+from runs_helpers import StopAfter, tiny
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def store(tmp_path_factory):
-    d = tmp_path_factory.mktemp("data")
-    synth(d / "synth", classes=4, train_per_class=6, val_per_class=2, seed=1, workers=1, progress=False)
-    prepare(d / "synth", d / "store", workers=1, progress=False)
-    return d / "store"
-
-
-def tiny(store, **kw):
-    base = dict(data=str(store), batch_size=4, epochs=2, steps_per_epoch=3, workers=0, devices="cpu",
-                init="caffe", checkpoint_minutes=60)
-    base.update(kw)
-    return load_config(None, base)
 
 
 # -- config ------------------------------------------------------------------------------------
@@ -91,25 +75,6 @@ def test_train_time_errors(store, tmp_path):
 
 
 # -- resume --------------------------------------------------------------------------------------
-
-
-class StopAfter:
-    """Stands in for the Ctrl-C handler: 'requested' turns true at its n-th look (once per step,
-    and once more after each epoch's last step)."""
-
-    def __init__(self, n):
-        self.n, self.seen = n, 0
-
-    @property
-    def requested(self):
-        self.seen += 1
-        return "SIGINT" if self.seen >= self.n else None
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 @pytest.mark.parametrize("look,step,epoch,in_epoch", [

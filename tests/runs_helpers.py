@@ -1,0 +1,29 @@
+"""What the run tests share: a tiny config and a stand-in for the Ctrl-C handler."""
+from replica.config import load_config
+
+
+def tiny(store, **kw):
+    """2 epochs × 3 steps of batch 4 on ``store``, on the CPU, no loader workers."""
+    base = dict(data=str(store), batch_size=4, epochs=2, steps_per_epoch=3, workers=0, devices="cpu",
+                init="caffe", checkpoint_minutes=60)
+    base.update(kw)
+    return load_config(None, base)
+
+
+class StopAfter:
+    """Stands in for the Ctrl-C handler: 'requested' turns true at its n-th look (once per step,
+    and once more after each epoch's last step)."""
+
+    def __init__(self, n):
+        self.n, self.seen = n, 0
+
+    @property
+    def requested(self):
+        self.seen += 1
+        return "SIGINT" if self.seen >= self.n else None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
