@@ -53,19 +53,39 @@ def _shift_sum(t: Tensor, size: int, dim: int, base: float = 0.0) -> Tensor:
     return s
 
 
+def _band(c: int, size: int, like: Tensor) -> Tensor:
+    """The (c, c) 0/1 matrix with ones where |i − j| ≤ size // 2: a window sum as a product."""
+    i = torch.arange(c, device=like.device)
+    return ((i[:, None] - i[None, :]).abs() <= size // 2).to(like.dtype)
+
+
+def _band_sum(t: Tensor, size: int, dim: int, base: float = 0.0) -> Tensor:
+    """The same sum as :func:`_shift_sum`, as one matrix product with :func:`_band` (symmetric).
+
+    For bfloat16/float16 (autocast): elementwise adds in those types are slow on CPU (each one
+    converts), while a matrix product runs natively and accumulates in float32.
+    ``tools/bench_model.py`` prints the difference.
+    """
+    band = _band(t.shape[dim], size, t)
+    s = t @ band if dim == t.dim() - 1 else band @ t
+    return s.add_(base) if base else s
+
+
 def _channel_window_sum(x: Tensor, size: int, groups: int, base: float = 0.0) -> Tensor:
     """base + Σ_{j=f-r}^{f+r} x_j over channels, clipped at each group's edges (r = size // 2).
 
     ``x`` is (N, C, H, W); the C channels are ``groups`` independent blocks (one per tower),
     and a window never reaches across a block boundary. Works in either memory format.
+    Float32/64: shifted adds, exact. Half types: a banded matrix product (see :func:`_band_sum`).
     """
     n, c, h, w = x.shape
     cg = c // groups
+    wsum = _band_sum if x.dtype in (torch.bfloat16, torch.float16) else _shift_sum
     if _channels_last(x):
         rows = x.permute(0, 2, 3, 1).reshape(n * h * w * groups, cg)  # channels innermost
-        return _shift_sum(rows, size, 1, base).view(n, h, w, c).permute(0, 3, 1, 2)  # NCHW view, channels_last
+        return wsum(rows, size, 1, base).view(n, h, w, c).permute(0, 3, 1, 2)  # NCHW view, channels_last
     planes = x.contiguous().view(n, groups, cg, h * w)  # (N, G, C/G, HW): a shift moves whole maps
-    return _shift_sum(planes, size, 2, base).view(n, c, h, w)
+    return wsum(planes, size, 2, base).view(n, c, h, w)
 
 
 def _spatial_window_sum(x: Tensor, size: int, base: float = 0.0) -> Tensor:

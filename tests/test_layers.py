@@ -92,6 +92,27 @@ def test_lrn_gradient_matches_autograd_of_formula():
 
 
 @pytest.mark.parametrize("fmt", [torch.contiguous_format, CL])
+@pytest.mark.parametrize("groups", [1, 2])
+def test_lrn_bfloat16_path_matches_formula(fmt, groups):
+    """Under bf16 autocast the window sum is a banded matrix product: same values, same gradient
+    (to bf16 precision), and the window still stops at the tower boundary."""
+    torch.manual_seed(5)
+    x = (torch.randn(3, 24, 6, 5) * 60).to(torch.bfloat16).contiguous(memory_format=fmt)
+    g = torch.randn(x.shape).to(torch.bfloat16)
+    a = x.clone().requires_grad_()
+    y = local_response_norm(a, 5, 1e-2, 0.75, 2.0, groups=groups)
+    y.backward(g)
+    assert y.dtype == torch.bfloat16 and y.is_contiguous(memory_format=fmt)
+    ref_in = x.double().requires_grad_()
+    want = lrn_by_formula(ref_in, alpha=1e-2, groups=groups)
+    want.backward(g.double())
+    assert (y.double() - want).abs().max() <= 0.01 * want.abs().max()
+    assert (a.grad.double() - ref_in.grad).abs().max() <= 0.02 * ref_in.grad.abs().max()
+    # the cross-channel term is large here: a per-channel-only norm would miss by far more
+    assert (want - lrn_by_formula(ref_in.detach(), n=1, alpha=1e-2 / 5, groups=groups)).abs().max() > 0.1 * want.abs().max()
+
+
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, CL])
 def test_spatial_norm_matches_formula_and_avg_pool(fmt):
     torch.manual_seed(5)
     x = (torch.randn(2, 4, 8, 7, dtype=torch.float64) * 50).contiguous(memory_format=fmt)
