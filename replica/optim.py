@@ -19,10 +19,28 @@ class PaperSGD(torch.optim.Optimizer):
 
     A frozen group (conv1 from epoch 72 of 91) gets no update at all, no decay, and keeps its
     velocity, as ``getBaseRate() > 0`` guards the 2012 update (src/weights.cu:148).
+
+    How it runs: torch's fused SGD kernel (one pass over each tensor instead of four) keeps
+    ``b = −v/ε`` and steps ``b ← μb + ḡ + λw; w ← w − εb``, which is the rule above as long as
+    ε holds. When ε changes from ε₀ to ε₁, ``b`` is first multiplied by ε₀/ε₁, so
+    ``v = −ε₁·b`` carries over unchanged, as the rule requires (``tests/test_optim.py`` checks
+    the trace against the rule written out). :meth:`velocity` gives ``v`` itself.
     """
 
     def __init__(self, groups, momentum: float = 0.9):
         super().__init__(groups, dict(lr=0.01, weight_decay=0.0, momentum=momentum))
+        self._fused = True
+
+    def velocity(self, p: torch.Tensor) -> torch.Tensor | None:
+        """``v`` of parameter ``p`` (None before its first update)."""
+        st = self.state.get(p)
+        if not st or "momentum_buffer" not in st:
+            return None
+        return st["momentum_buffer"] * -st["buffer_lr"]
+
+    def set_velocity(self, p: torch.Tensor, v: torch.Tensor) -> None:
+        """Start ``p`` from velocity ``v`` (a checkpoint without the buffer, or a hand-set state)."""
+        self.state[p].update(momentum_buffer=v.detach().clone(), buffer_lr=-1.0)  # −(−1)·b = v
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -30,17 +48,47 @@ class PaperSGD(torch.optim.Optimizer):
             lr, wd, mu = g["lr"], g["weight_decay"], g["momentum"]
             if lr == 0:
                 continue
+            by_device: dict = {}
             for p in g["params"]:
                 if p.grad is None:
                     continue
-                state = self.state[p]
-                v = state.get("velocity")
-                if v is None:
-                    v = state["velocity"] = torch.zeros_like(p)
-                v.mul_(mu).add_(p.grad, alpha=-lr)  # μv − εḡ
-                if wd:
-                    v.add_(p, alpha=-lr * wd)  # − ελw
-                p.add_(v)
+                st = self.state[p]
+                b = st.get("momentum_buffer")
+                if b is None:
+                    b = st["momentum_buffer"] = torch.zeros_like(p)
+                elif st["buffer_lr"] != lr:
+                    b.mul_(st["buffer_lr"] / lr)  # keep v = −ε·b across the change of ε
+                st["buffer_lr"] = lr
+                ps, gs, bs = by_device.setdefault((p.device, p.dtype), ([], [], []))
+                ps.append(p)
+                gs.append(p.grad)
+                bs.append(b)
+            for ps, gs, bs in by_device.values():
+                self._update(ps, gs, bs, lr, wd, mu)
+
+    def _update(self, ps, gs, bs, lr, wd, mu):
+        if self._fused:
+            try:
+                torch._fused_sgd_(ps, gs, bs, weight_decay=wd, momentum=mu, lr=lr, dampening=0.0, nesterov=False,
+                                  maximize=False, is_first_step=False)
+                return
+            except (AttributeError, TypeError, RuntimeError, NotImplementedError):  # a torch or device without it
+                self._fused = False
+        for p, gr, b in zip(ps, gs, bs):
+            b.mul_(mu).add_(gr)
+            if wd:
+                b.add_(p, alpha=wd)
+            p.add_(b, alpha=-lr)
+
+    def state_for_checkpoint(self, named) -> dict:
+        """name → (buffer, ε it is expressed in): restores the optimizer bit for bit."""
+        return {n: (self.state[p]["momentum_buffer"], float(self.state[p]["buffer_lr"])) for n, p in named
+                if "momentum_buffer" in self.state.get(p, {})}
+
+    def load_checkpoint_state(self, named: dict, saved: dict) -> None:
+        for n, (b, blr) in saved.items():
+            p = named[n]
+            self.state[p].update(momentum_buffer=b.to(p.device).clone(), buffer_lr=float(blr))
 
 
 def param_groups(model: nn.Module, lr: float, weight_decay: float, bias_lr: float | None):
@@ -101,7 +149,11 @@ class Schedule:
             c1w = w * 0.1  # conv1's own extra ÷10 (layer-params-145.cfg: 1e-5 while the rest had 1e-4)
         if c.conv1_freeze_epoch is not None and step >= self.at(c.conv1_freeze_epoch):
             c1w = c1b = 0.0  # conv1's bias freezes with conv1
-        return {"weight": w, "bias": b, "conv1.weight": c1w, "conv1.bias": c1b}
+        lrs = {"weight": w, "bias": b, "conv1.weight": c1w, "conv1.bias": c1b}
+        warm = round(c.warmup_epochs * self.steps_per_epoch)
+        if step < warm:  # not in the paper: step s of a warm-up of W steps runs at (s+1)/W of every ε
+            lrs = {k: v * (step + 1) / warm for k, v in lrs.items()}
+        return lrs
 
     def noise_on(self, step: int) -> bool:
         c = self.cfg

@@ -198,8 +198,11 @@ def train(cfg: Config, out, resume: bool = False, progress: bool = True) -> dict
         check_compatible(ckpt["meta"], meta, run / "last.pt")
         model.load_state_dict(ckpt["model"])
         names = dict(model.named_parameters())
-        for name, v in ckpt["velocity"].items():
-            opt.state[names[name]]["velocity"] = v.to(names[name].device)
+        if "momentum" in ckpt:  # the optimizer's own buffers: bit for bit
+            opt.load_checkpoint_state(names, ckpt["momentum"])
+        else:  # a checkpoint from before the fused optimizer: velocities only
+            for name, v in ckpt["velocity"].items():
+                opt.set_velocity(names[name], v.to(names[name].device))
         sched.load_state_dict(ckpt["schedule"])
         epoch, in_epoch, step, best = (ckpt["progress"][k] for k in ("epoch", "in_epoch", "step", "best"))
         records = list(ckpt["progress"].get("records", []))
@@ -239,8 +242,8 @@ def train(cfg: Config, out, resume: bool = False, progress: bool = True) -> dict
             return
         ckpt = dict(format=CKPT_FORMAT, version=CKPT_VERSION, meta=meta, config=cfg.to_dict(),
                     model={k: v.detach().cpu() for k, v in model.state_dict().items()},
-                    velocity={n: opt.state[p]["velocity"].cpu() for n, p in model.named_parameters()
-                              if "velocity" in opt.state[p]},
+                    momentum={n: (b.cpu(), lr) for n, (b, lr) in  # velocity v = −lr·b (PaperSGD)
+                              opt.state_for_checkpoint(model.named_parameters()).items()},
                     schedule=sched.state_dict(),
                     progress=dict(epoch=epoch, in_epoch=in_epoch, step=step, best=best,
                                   done=sched.finished(step) and in_epoch == 0, records=records,
@@ -359,7 +362,7 @@ def train(cfg: Config, out, resume: bool = False, progress: bool = True) -> dict
             err = None
             if val_images is not None and main:
                 r = evaluate(model, val_images, mean, views=1, batch=min(cfg.batch_size, 128),
-                             max_batches=cfg.val_batches, crop=cfg.crop)
+                             max_batches=cfg.val_batches, crop=cfg.crop, bf16=cfg.bf16)
                 record.update(val_top1_err=r["top1_err"], val_top5_err=r["top5_err"], val_images=r["images"])
                 err = r["top1_err"]
             if world > 1:

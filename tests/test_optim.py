@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from replica.config import load_config
+from replica.errors import ReplicaError
 from replica.optim import PaperSGD, Schedule, apply_lrs, param_groups
 
 
@@ -19,11 +20,14 @@ class Tiny(nn.Module):
         return self.fc(self.conv1(x).mean((2, 3)))
 
 
-def test_update_rule_trace_with_an_lr_change():
-    """v ← μv − ελw − εḡ; w ← w + v, velocity kept across the ε change, biases: no decay."""
+@pytest.mark.parametrize("fused", [True, False])
+def test_update_rule_trace_with_an_lr_change(fused):
+    """v ← μv − ελw − εḡ; w ← w + v, velocity kept across the ε change, biases: no decay.
+    Both ways the optimizer can run (torch's fused kernel, and the plain fallback) follow it."""
     torch.manual_seed(0)
     m = Tiny()
     opt = PaperSGD(param_groups(m, 0.1, 0.05, bias_lr=0.2), momentum=0.9)
+    opt._fused = fused
     ref = {n: p.detach().clone() for n, p in m.named_parameters()}
     vel = {n: torch.zeros_like(p) for n, p in ref.items()}
     xs = [torch.randn(4, 1, 5, 5) for _ in range(4)]
@@ -41,6 +45,40 @@ def test_update_rule_trace_with_an_lr_change():
             ref[n] = ref[n] + vel[n]
     for n, p in m.named_parameters():
         torch.testing.assert_close(p.detach(), ref[n], rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(opt.velocity(p), vel[n], rtol=1e-5, atol=1e-7)
+    assert opt._fused == fused  # the fused kernel ran here (it exists on this torch for CPU)
+
+
+def test_optimizer_state_restores_bit_for_bit_and_from_velocities():
+    torch.manual_seed(6)
+    xs = [torch.randn(3, 1, 5, 5) for _ in range(6)]
+    lrs = [0.1, 0.1, 0.1, 0.01, 0.01, 0.001]
+
+    def run(steps, m, opt):
+        for x, lr in steps:
+            apply_lrs(opt, {"weight": lr, "conv1.weight": lr, "bias": 0.2, "conv1.bias": 0.2})
+            opt.zero_grad()
+            m(x).square().sum().backward()
+            opt.step()
+
+    m1 = Tiny()
+    opt1 = PaperSGD(param_groups(m1, 0.1, 0.05, bias_lr=0.2))
+    run(zip(xs[:3], lrs[:3]), m1, opt1)
+    m2, m3 = Tiny(), Tiny()
+    m2.load_state_dict(m1.state_dict())
+    m3.load_state_dict(m1.state_dict())
+    opt2 = PaperSGD(param_groups(m2, 0.1, 0.05, bias_lr=0.2))
+    opt2.load_checkpoint_state(dict(m2.named_parameters()), opt1.state_for_checkpoint(m1.named_parameters()))
+    opt3 = PaperSGD(param_groups(m3, 0.1, 0.05, bias_lr=0.2))  # from velocities alone (older checkpoints)
+    for (n, p), p3 in zip(m1.named_parameters(), m3.parameters()):
+        opt3.set_velocity(p3, opt1.velocity(p))
+    before = [p.detach().clone() for p in m1.parameters()]
+    for m, opt in ((m1, opt1), (m2, opt2), (m3, opt3)):
+        run(zip(xs[3:], lrs[3:]), m, opt)
+    for a, b, c, a0 in zip(m1.parameters(), m2.parameters(), m3.parameters(), before):
+        assert not torch.equal(a, a0)  # the three steps after the restore moved every parameter
+        assert torch.equal(a, b)
+        torch.testing.assert_close(a, c, rtol=1e-6, atol=1e-7)
 
 
 def test_lr_zero_freezes_a_group_entirely():
@@ -50,13 +88,13 @@ def test_lr_zero_freezes_a_group_entirely():
     m(torch.randn(2, 1, 5, 5)).sum().backward()
     opt.step()
     before = m.conv1.weight.detach().clone()
-    v = opt.state[m.conv1.weight]["velocity"].clone()
+    v = opt.velocity(m.conv1.weight).clone()
     apply_lrs(opt, {"weight": 0.1, "bias": 0.2, "conv1.weight": 0.0, "conv1.bias": 0.0})
     opt.zero_grad()
     m(torch.randn(2, 1, 5, 5)).sum().backward()
     opt.step()
     assert torch.equal(m.conv1.weight, before)  # no update, no decay
-    assert torch.equal(opt.state[m.conv1.weight]["velocity"], v)  # the velocity waits
+    assert torch.equal(opt.velocity(m.conv1.weight), v)  # the velocity waits
 
 
 def test_groups_paper_text_treats_biases_like_weights():
@@ -86,6 +124,19 @@ def test_schedule_scales_to_a_short_run_and_optional_bias_cut():
     assert s.lrs(24)["weight"] == 0.01 and s.lrs(25)["weight"] == pytest.approx(1e-3)
     assert s.lrs(25)["bias"] == pytest.approx(0.002)
     assert s.noise_on(66) and not s.noise_on(67)
+
+
+def test_warmup_ramps_every_group_then_leaves_the_schedule_alone():
+    cfg = load_config(None, {"epochs": 9.1, "warmup_epochs": 0.5})
+    s, plain = Schedule(cfg, steps_per_epoch=10), Schedule(load_config(None, {"epochs": 9.1}), 10)
+    assert s.lrs(0) == {k: v / 5 for k, v in plain.lrs(0).items()}  # step 1 of 5
+    assert s.lrs(2)["weight"] == pytest.approx(0.006) and s.lrs(2)["bias"] == pytest.approx(0.012)
+    assert s.lrs(4) == plain.lrs(4)  # the 5th step runs at the full rate
+    assert all(s.lrs(k) == plain.lrs(k) for k in range(5, 91))
+    with pytest.raises(ReplicaError, match="warmup_epochs"):
+        load_config(None, {"epochs": 2, "warmup_epochs": 2})
+    with pytest.raises(ReplicaError, match="warmup_epochs"):
+        load_config(None, {"warmup_epochs": -1})
 
 
 def test_plateau_schedule_drops_at_most_three_times():

@@ -40,8 +40,9 @@ def assert_same_weights(run_a, run_b):
     assert a["progress"]["step"] == b["progress"]["step"]
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
-    for k in a["velocity"]:
-        assert torch.equal(a["velocity"][k], b["velocity"][k]), k
+    assert a["momentum"].keys() == b["momentum"].keys()
+    for k in a["momentum"]:
+        assert torch.equal(a["momentum"][k][0], b["momentum"][k][0]) and a["momentum"][k][1] == b["momentum"][k][1], k
 
 
 def one_line_error(capsys) -> str:

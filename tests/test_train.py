@@ -15,6 +15,7 @@ import replica.train as train_mod
 from replica import augment
 from replica.cli import main
 from replica.config import NAMES, load_config
+from replica.data import open_heldout
 from replica.errors import ReplicaError
 from replica.evaluate import evaluate, predict_probs, topk_errors
 from replica.runs import check_compatible, load_checkpoint, read_metrics
@@ -98,8 +99,9 @@ def test_interrupted_and_resumed_equals_uninterrupted(store, tmp_path, monkeypat
     b = load_checkpoint(tmp_path / "cut" / "last.pt")
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
-    for k in a["velocity"]:
-        assert torch.equal(a["velocity"][k], b["velocity"][k]), k
+    assert a["momentum"].keys() == b["momentum"].keys()
+    for k in a["momentum"]:
+        assert torch.equal(a["momentum"][k][0], b["momentum"][k][0]) and a["momentum"][k][1] == b["momentum"][k][1], k
     ma, mb = read_metrics(tmp_path / "whole"), read_metrics(tmp_path / "cut")
     assert [m["epoch"] for m in ma] == [m["epoch"] for m in mb] == [1, 2]
     assert ma[0]["val_top1_err"] == mb[0]["val_top1_err"]
@@ -275,8 +277,8 @@ def test_ddp_two_processes_equal_one_process_on_the_combined_batch(store, tmp_pa
     assert len(a["rng"]) == 2  # each rank's RNG is kept for resume
     for k in a["model"]:
         torch.testing.assert_close(a["model"][k], b["model"][k], rtol=1e-4, atol=1e-6, msg=k)
-    assert len(a["velocity"]) == len(a["model"])  # every parameter was updated...
-    assert all(v.abs().sum() > 0 for v in a["velocity"].values())  # ...by a non-zero step
+    assert len(a["momentum"]) == len(a["model"])  # every parameter was updated...
+    assert all(b.abs().sum() > 0 and lr > 0 for b, lr in a["momentum"].values())  # ...by a non-zero step
 
 
 def test_real_sigint_saves_and_the_run_resumes_to_the_end(store, tmp_path):
@@ -342,3 +344,35 @@ def test_bf16_autocast_trains_with_float32_weights(store, tmp_path, monkeypatch)
     ck = load_checkpoint(tmp_path / "run")
     assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in ck["model"].values())
     assert math.isfinite(read_metrics(tmp_path / "run")[0]["train_loss"])
+    assert seen[-1] == torch.bfloat16  # the epoch's validation ran under autocast too
+
+
+def test_eval_precision_follows_the_run(store, tmp_path, monkeypatch):
+    """A bf16 run evaluates in bf16 where the device has native bf16, in float32 elsewhere or
+    with --fp32; eval.json says which. Both precisions give (nearly) the same probabilities."""
+    import replica.predict as predict_mod
+
+    run = tmp_path / "run"
+    train(tiny(store, bf16=True, epochs=1, steps_per_epoch=2), run, progress=False)
+    dtypes = []
+    real = predict_mod.model_from_checkpoint
+
+    def spy(ckpt, devices="auto"):
+        m = real(ckpt, devices)
+        m.tower_a.conv2.register_forward_hook(lambda mod, i, o: dtypes.append(o.dtype))
+        return m
+
+    monkeypatch.setattr(predict_mod, "model_from_checkpoint", spy)
+    for native, args, want in ((True, [], "bf16"), (False, [], "fp32"), (True, ["--fp32"], "fp32")):
+        monkeypatch.setattr(predict_mod, "fast_bf16", lambda dev, native=native: native)
+        dtypes.clear()
+        assert main(["eval", str(run), "--batch", "4", "--views", "1", *args]) == 0
+        assert json.loads((run / "eval.json").read_text())["precision"] == want
+        assert set(dtypes) == {torch.bfloat16 if want == "bf16" else torch.float32}
+    ck = load_checkpoint(run)
+    model = real(ck, "cpu")
+    u8 = torch.from_numpy(open_heldout(store).batch(np.arange(4))[0])
+    mean_crop = augment.centre_crop_of(ck["mean"], 224)
+    p32 = predict_probs(model, u8, mean_crop, views=10)
+    p16 = predict_probs(model, u8, mean_crop, views=10, bf16=True)
+    assert (p32 - p16).abs().max() < 0.02
