@@ -17,10 +17,8 @@ def _devices(text: str):
 
 def _cmd_model(args) -> int:
     from .model import AlexNet
-    from .runtime import tune_cpu_allocator
     from .summary import summary
 
-    tune_cpu_allocator()
     model = AlexNet(args.classes, devices=_devices(args.devices), preset=args.preset, variant=args.variant,
                     norm=not args.no_norm, overlap=not args.no_overlap, dropout=not args.no_dropout,
                     init=args.init)
@@ -60,10 +58,8 @@ def _cmd_train(args) -> int:
     import yaml
 
     from .config import load_config
-    from .runtime import tune_cpu_allocator
     from .train import train
 
-    tune_cpu_allocator()
     if args.resume:
         run = Path(args.resume)
         if not (run / "config.yaml").exists():
@@ -90,7 +86,8 @@ def _cmd_eval(args) -> int:
     from .predict import format_eval, run_eval
 
     views = (1, 10) if args.views is None else (args.views,)
-    r = run_eval(args.target, args.data, views, _devices(args.devices), args.batch)
+    r = run_eval(args.target, args.data, views, _devices(args.devices), args.batch,
+                 bf16=False if args.fp32 else None)
     print(format_eval(r))
     return 0
 
@@ -110,9 +107,7 @@ def _cmd_predict(args) -> int:
 
 def _cmd_demo(args) -> int:
     from .demo import demo
-    from .runtime import tune_cpu_allocator
 
-    tune_cpu_allocator()
     demo(args.out, tiny=args.tiny, devices=args.devices)
     return 0
 
@@ -197,6 +192,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--views", type=int, choices=[1, 10], default=None, help="only this many views (default: both)")
     e.add_argument("--batch", type=int, default=32)
     e.add_argument("--devices", default="auto")
+    e.add_argument("--fp32", action="store_true",
+                   help="evaluate in float32 even if the run trained with bf16=true (default: as it trained, "
+                        "where the device has native bf16)")
     e.set_defaults(func=_cmd_eval)
 
     pd = sub.add_parser("predict", help="top-k classes of images, in any format PIL reads")
@@ -239,6 +237,9 @@ def main(argv=None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
+    from .runtime import tune_cpu_allocator
+
+    tune_cpu_allocator()  # every command: eval, filters and neighbors run the net on big batches too
     try:
         return args.func(args)
     except ReplicaError as e:

@@ -1,6 +1,8 @@
 """Top-1 and top-5 error, one view and ten views. Never touches optimizer state."""
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import torch
 
@@ -16,23 +18,34 @@ def topk_errors(probs: torch.Tensor, labels: torch.Tensor) -> tuple[int, int]:
 
 
 @torch.no_grad()
-def predict_probs(model, u8: torch.Tensor, mean_crop: torch.Tensor, views: int = 1, crop: int = augment.CROP):
-    """Softmax probabilities (B, classes); with 10 views, the mean of the views' probabilities."""
+def predict_probs(model, u8: torch.Tensor, mean_crop: torch.Tensor, views: int = 1, crop: int = augment.CROP,
+                  bf16: bool = False):
+    """Softmax probabilities (B, classes); with 10 views, the mean of the views' probabilities.
+
+    ``bf16``: the forward pass under bfloat16 autocast, as a run trained with ``bf16=true`` was;
+    the softmax and the averaging stay in float32.
+    """
     dev = model.devices[0]
     u8 = u8.to(dev)
     mean_crop = mean_crop.to(dev)
+    amp = torch.autocast(dev.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
     if views == 1:
-        return torch.softmax(model(augment.centre_view(u8, mean_crop, crop)).float(), 1)
+        with amp:
+            logits = model(augment.centre_view(u8, mean_crop, crop))
+        return torch.softmax(logits.float(), 1)
     x = augment.ten_views(u8, mean_crop, crop)  # (B, 10, 3, h, w)
     b = x.shape[0]
-    p = torch.softmax(model(x.flatten(0, 1)).float(), 1)  # (B·10, classes)
+    with amp:
+        logits = model(x.flatten(0, 1))
+    p = torch.softmax(logits.float(), 1)  # (B·10, classes)
     return p.view(b, 10, -1).mean(1)  # average probabilities, not logits (src/layer.cu:1809-1822)
 
 
 @torch.no_grad()
 def evaluate(model, images, mean_image, views: int = 1, batch: int = 64, max_batches: int | None = None,
-             crop: int = augment.CROP, progress: bool = False) -> dict:
-    """top-1 / top-5 error of ``model`` on ``images`` (a store or file images)."""
+             crop: int = augment.CROP, progress: bool = False, bf16: bool = False) -> dict:
+    """top-1 / top-5 error of ``model`` on ``images`` (a store or file images); ``bf16``: see
+    :func:`predict_probs`."""
     from tqdm import tqdm
 
     if views not in (1, 10):
@@ -50,7 +63,7 @@ def evaluate(model, images, mean_image, views: int = 1, batch: int = 64, max_bat
             bad += b
             if len(u8) == 0:
                 continue
-            probs = predict_probs(model, torch.from_numpy(u8), mean_crop, views, crop)
+            probs = predict_probs(model, torch.from_numpy(u8), mean_crop, views, crop, bf16)
             m1, m5 = topk_errors(probs.cpu(), torch.as_tensor(labels))
             n, e1, e5 = n + len(u8), e1 + m1, e5 + m5
     finally:

@@ -14,6 +14,7 @@ from .evaluate import evaluate, predict_probs
 from .imageio import BadImage, read_prepared
 from .model import AlexNet
 from .runs import atomic_write, best_or_last, load_checkpoint
+from .runtime import fast_bf16
 
 
 def model_from_checkpoint(ckpt: dict, devices="auto") -> AlexNet:
@@ -27,12 +28,19 @@ def model_from_checkpoint(ckpt: dict, devices="auto") -> AlexNet:
     return model.eval()
 
 
-def run_eval(target, data=None, views=(1, 10), devices="auto", batch: int = 32, progress: bool = True) -> dict:
-    """top-1/top-5 error, one view and ten views; writes eval.json into the run folder."""
+def run_eval(target, data=None, views=(1, 10), devices="auto", batch: int = 32, progress: bool = True,
+             bf16: bool | None = None) -> dict:
+    """top-1/top-5 error, one view and ten views; writes eval.json into the run folder.
+
+    ``bf16=None``: bfloat16 autocast if the run trained with it and the device has native bf16
+    (:func:`replica.runtime.fast_bf16`); eval.json records which precision was used.
+    """
     target = Path(target)
     ckpt_path = best_or_last(target)
     ckpt = load_checkpoint(ckpt_path)
     model = model_from_checkpoint(ckpt, devices)
+    if bf16 is None:
+        bf16 = bool(ckpt["config"].get("bf16")) and fast_bf16(model.devices[0])
     if data is None:
         data = ckpt["config"].get("val_data") or ckpt["config"].get("data")
         if data is None:
@@ -43,9 +51,9 @@ def run_eval(target, data=None, views=(1, 10), devices="auto", batch: int = 32, 
                            f"classes this checkpoint was trained on")
     mean = ckpt["mean"].numpy()
     crop = ckpt["meta"].get("crop", augment.CROP)
-    results = {f"{v}-view": evaluate(model, images, mean, views=v, batch=batch, crop=crop, progress=progress)
-               for v in views}
-    out = dict(checkpoint=str(ckpt_path), data=str(data), **results)
+    results = {f"{v}-view": evaluate(model, images, mean, views=v, batch=batch, crop=crop, progress=progress,
+                                     bf16=bf16) for v in views}
+    out = dict(checkpoint=str(ckpt_path), data=str(data), precision="bf16" if bf16 else "fp32", **results)
     run = target if target.is_dir() else target.parent
     if (run / "config.yaml").exists():
         atomic_write(run / "eval.json", lambda f: f.write(json.dumps(out, indent=1).encode()))
@@ -65,6 +73,7 @@ def predict(ckpt_path, images, topk: int = 5, views: int = 1, devices="auto"):
     """Yield (image, [(class, probability), ...]) or (image, error message) for each image."""
     ckpt = load_checkpoint(best_or_last(Path(ckpt_path)))
     model = model_from_checkpoint(ckpt, devices)
+    bf16 = bool(ckpt["config"].get("bf16")) and fast_bf16(model.devices[0])  # as run_eval
     classes = ckpt["meta"]["classes"]
     crop = ckpt["meta"].get("crop", augment.CROP)
     mean_crop = augment.centre_crop_of(ckpt["mean"], crop)
@@ -75,6 +84,7 @@ def predict(ckpt_path, images, topk: int = 5, views: int = 1, devices="auto"):
         except BadImage as e:
             yield path, str(e)
             continue
-        probs = predict_probs(model, torch.from_numpy(np.ascontiguousarray(u8))[None], mean_crop, views, crop)[0]
+        probs = predict_probs(model, torch.from_numpy(np.ascontiguousarray(u8))[None], mean_crop, views, crop,
+                              bf16)[0]
         p, i = probs.topk(min(topk, len(classes)))
         yield path, [(classes[j], float(q)) for q, j in zip(p.tolist(), i.tolist())]
