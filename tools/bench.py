@@ -9,6 +9,8 @@ reference is measured in the same run, so a ratio survives a noisy shared machin
 
 1. model: the train step (forward + backward + SGD update) of the as-run two-tower net on one
    device vs ``torchvision.models.alexnet``, steps interleaved. RATIO = torchvision s / ours s.
+   Each model updates with its own optimizer: ours with PaperSGD (what ``replica train`` runs),
+   torchvision's with ``torch.optim.SGD``.
 2. e2e: what a user gets: our pipeline (prepared store → crops and flips in loader workers →
    mean, PCA noise, ÷1.1 on the device) feeding our net, vs torchvision's ImageFolder +
    RandomResizedCrop + flip + ToTensor + Normalize feeding its AlexNet. Each pipeline is also
@@ -41,7 +43,7 @@ import torch.nn.functional as F  # noqa: E402
 import torchvision  # noqa: E402
 from torchvision import transforms as T  # noqa: E402
 
-from bench_model import race, sync, train_step_fn  # noqa: E402
+from bench_model import make_optimizer, race, sync, train_step_fn  # noqa: E402
 from replica import augment  # noqa: E402
 from replica.data import TrainBatches, loader  # noqa: E402
 from replica.evaluate import evaluate  # noqa: E402
@@ -108,7 +110,7 @@ def loader_rate(batches, steps: int, warmup: int, device, n: int) -> float:
 
 
 def stepper(model, device, amp=None):
-    opt = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9, weight_decay=5e-4)
+    opt = make_optimizer(model)
 
     def step(x, y):
         with amp or contextlib.nullcontext():

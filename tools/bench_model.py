@@ -2,16 +2,25 @@
 """Train-step speed of the faithful model against torchvision's AlexNet, in one process.
 
     python tools/bench_model.py [--device cpu|cuda] [--batch 128] [--steps 5] [--grouped]
+    python tools/bench_model.py --fast-paths [--batch 32] [--bf16]
 
-Each row is forward + backward + SGD step on random input, after warm-up; the models take
+Each row is forward + backward + SGD step on random input, after warm-up (ours with the
+optimizer ``replica train`` runs, :class:`replica.optim.PaperSGD`; torchvision's with
+``torch.optim.SGD`` as its users call it); the models take
 turns step by step, so that a slow patch of a shared machine hits both alike, and each row
 reports the median. The ratio is torchvision's step time over ours: ≥ 1.0 means ours is at
 least as fast. A second table times the cross-map LRN alone (forward + backward on tower a's
 layer-1 activations, 48×55×55) against ``torch.nn.LocalResponseNorm``.
+
+``--fast-paths`` times only our step, as ``replica train`` runs it (PaperSGD, optionally under
+bf16 autocast), against the same step with one fast path turned back: the channel window sums
+as shifted adds instead of a banded matrix product (the product is used for bf16/fp16 inputs
+only), and the optimizer as four plain passes instead of torch's fused SGD kernel.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import sys
 import time
@@ -23,8 +32,10 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 import torchvision  # noqa: E402
 
+import replica.layers as layers  # noqa: E402
 from replica.layers import local_response_norm  # noqa: E402
 from replica.model import AlexNet  # noqa: E402
+from replica.optim import PaperSGD, param_groups  # noqa: E402
 from replica.runtime import tune_cpu_allocator  # noqa: E402
 
 
@@ -33,8 +44,15 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
+def make_optimizer(model):
+    """What each model trains with: PaperSGD for ours (as ``replica train``), torch's SGD for torchvision's."""
+    if isinstance(getattr(model, "_orig_mod", model), AlexNet):  # also under torch.compile
+        return PaperSGD(param_groups(model, 1e-4, 5e-4, 2e-4))
+    return torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9, weight_decay=5e-4)
+
+
 def train_step_fn(model, x, y):
-    opt = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9, weight_decay=5e-4)
+    opt = make_optimizer(model)
 
     def step():
         opt.zero_grad(set_to_none=True)
@@ -57,6 +75,44 @@ def race(fns: dict, steps: int, warmup: int, device) -> dict:
     return {k: statistics.median(v) for k, v in times.items()}
 
 
+def fast_paths(device, n: int, bf16: bool, steps: int, warmup: int) -> None:
+    """Our train step with all fast paths, and with each one turned back in turn."""
+    x = (torch.randn(n, 3, 224, 224, device=device) * 50).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 1000, (n,), device=device)
+    model = AlexNet(devices=str(device))
+    amp = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
+
+    def stepper(fused=True, band=True):
+        opt = PaperSGD(param_groups(model, 1e-4, 5e-4, 2e-4))
+        opt._fused = fused
+
+        def step():
+            saved = layers._band_sum
+            if not band:
+                layers._band_sum = layers._shift_sum  # what the window sum was before the product
+            try:
+                with amp():
+                    out = model(x)
+                opt.zero_grad(set_to_none=True)
+                F.cross_entropy(out.float(), y).backward()
+                opt.step()
+            finally:
+                layers._band_sum = saved
+        return step
+
+    rows = {"all fast paths (as replica train runs)": stepper(),
+            "window sums as shifted adds": stepper(band=False),
+            "optimizer as 4 plain passes (not fused)": stepper(fused=False)}
+    if not bf16:
+        del rows["window sums as shifted adds"]  # float32 uses shifted adds anyway
+    t = race(rows, steps, warmup, device)
+    base = t["all fast paths (as replica train runs)"]
+    print(f"\n{'train step, batch ' + str(n) + (', bf16 autocast' if bf16 else ', float32'):<42} {'s/step':>8} "
+          f"{'img/s':>8} {'vs all':>7}")
+    for k, v in t.items():
+        print(f"{k:<42} {v:8.3f} {n / v:8.1f} {base / v:7.2f}")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -65,6 +121,8 @@ def main(argv=None):
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--grouped", action="store_true", help="also time conv2/4/5 as grouped vs per-tower convs")
     p.add_argument("--no-malloc-tuning", action="store_true", help="leave glibc malloc as it is")
+    p.add_argument("--fast-paths", action="store_true", help="only our step, with each fast path turned back in turn")
+    p.add_argument("--bf16", action="store_true", help="with --fast-paths: under bf16 autocast, as the demo trains")
     args = p.parse_args(argv)
     tuned = False if args.no_malloc_tuning else tune_cpu_allocator()
     device = torch.device(args.device)
@@ -75,6 +133,10 @@ def main(argv=None):
     print(f"device {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else f'{torch.get_num_threads()} threads'}),"
           f" batch {n}, median of {args.steps} steps after {args.warmup} warm-up; torch {torch.__version__};"
           f" malloc tuning {'on' if tuned else 'off'}")
+
+    if args.fast_paths:
+        fast_paths(device, n, args.bf16, args.steps, args.warmup)
+        return
 
     x = torch.randn(n, 3, 224, 224, device=device) * 50
     y = torch.randint(0, 1000, (n,), device=device)
