@@ -51,6 +51,7 @@ class Config:
     conv1_drop_epoch: float | None = 67  # conv1's extra ÷10 at 67 of 91
     conv1_freeze_epoch: float | None = 72  # conv1 frozen (ε = 0, no decay) from 72 of 91
     schedule_epochs: float = 91  # the run length the epoch numbers above are written for
+    warmup_epochs: float = 0.0  # not in the paper: every ε ramps up linearly over this many (real) epochs
     plateau_patience: int = 1  # plateau: epochs without a new best val error before ÷10
     plateau_max_drops: int = 3  # §5: "reduced three times prior to termination"
     # -- run -------------------------------------------------------------------------------------
@@ -85,7 +86,7 @@ CHOICES = {
 }
 POSITIVE = ("batch_size", "epochs", "lr", "crop", "schedule_epochs", "checkpoint_minutes")
 NON_NEGATIVE = ("momentum", "weight_decay", "workers", "stall_steps", "plateau_patience", "plateau_max_drops",
-                "bias_lr")
+                "bias_lr", "warmup_epochs")
 
 # what a preset file changes, for the paper-text reading
 PAPER_TEXT = dict(preset="paper-text", schedule="plateau", epochs=90, bias_lr=None, pca_off_epoch=None,
@@ -117,6 +118,8 @@ def _check(c: Config) -> None:
             raise ReplicaError(f"{name}: expected a positive integer or null, got {v}")
     if list(c.lr_drops) != sorted(c.lr_drops) or any(d <= 0 for d in c.lr_drops):
         raise ReplicaError(f"lr_drops: expected increasing positive epochs, got {list(c.lr_drops)}")
+    if c.warmup_epochs >= c.epochs:
+        raise ReplicaError(f"warmup_epochs: expected fewer than epochs={c.epochs}, got {c.warmup_epochs}")
     if not 0 <= c.momentum < 1:
         raise ReplicaError(f"momentum: expected a number in [0, 1), got {c.momentum}")
 
