@@ -81,8 +81,8 @@ class PaperSGD(torch.optim.Optimizer):
             p.add_(b, alpha=-lr)
 
     def state_for_checkpoint(self, named) -> dict:
-        """name → (buffer, ε it is expressed in): restores the optimizer bit for bit."""
-        return {n: (self.state[p]["momentum_buffer"], float(self.state[p]["buffer_lr"])) for n, p in named
+        """name → (buffer on the CPU, ε it is expressed in): restores the optimizer bit for bit."""
+        return {n: (self.state[p]["momentum_buffer"].cpu(), float(self.state[p]["buffer_lr"])) for n, p in named
                 if "momentum_buffer" in self.state.get(p, {})}
 
     def load_checkpoint_state(self, named: dict, saved: dict) -> None:

@@ -28,6 +28,11 @@ def model_from_checkpoint(ckpt: dict, devices="auto") -> AlexNet:
     return model.eval()
 
 
+def trained_precision_bf16(ckpt: dict, model: AlexNet) -> bool:
+    """Evaluate as the run trained: bf16 autocast if it trained so and the device has native bf16."""
+    return bool(ckpt["config"].get("bf16")) and fast_bf16(model.devices[0])
+
+
 def run_eval(target, data=None, views=(1, 10), devices="auto", batch: int = 32, progress: bool = True,
              bf16: bool | None = None) -> dict:
     """top-1/top-5 error, one view and ten views; writes eval.json into the run folder.
@@ -40,7 +45,7 @@ def run_eval(target, data=None, views=(1, 10), devices="auto", batch: int = 32, 
     ckpt = load_checkpoint(ckpt_path)
     model = model_from_checkpoint(ckpt, devices)
     if bf16 is None:
-        bf16 = bool(ckpt["config"].get("bf16")) and fast_bf16(model.devices[0])
+        bf16 = trained_precision_bf16(ckpt, model)
     if data is None:
         data = ckpt["config"].get("val_data") or ckpt["config"].get("data")
         if data is None:
@@ -73,7 +78,7 @@ def predict(ckpt_path, images, topk: int = 5, views: int = 1, devices="auto"):
     """Yield (image, [(class, probability), ...]) or (image, error message) for each image."""
     ckpt = load_checkpoint(best_or_last(Path(ckpt_path)))
     model = model_from_checkpoint(ckpt, devices)
-    bf16 = bool(ckpt["config"].get("bf16")) and fast_bf16(model.devices[0])  # as run_eval
+    bf16 = trained_precision_bf16(ckpt, model)
     classes = ckpt["meta"]["classes"]
     crop = ckpt["meta"].get("crop", augment.CROP)
     mean_crop = augment.centre_crop_of(ckpt["mean"], crop)

@@ -242,8 +242,7 @@ def train(cfg: Config, out, resume: bool = False, progress: bool = True) -> dict
             return
         ckpt = dict(format=CKPT_FORMAT, version=CKPT_VERSION, meta=meta, config=cfg.to_dict(),
                     model={k: v.detach().cpu() for k, v in model.state_dict().items()},
-                    momentum={n: (b.cpu(), lr) for n, (b, lr) in  # velocity v = −lr·b (PaperSGD)
-                              opt.state_for_checkpoint(model.named_parameters()).items()},
+                    momentum=opt.state_for_checkpoint(model.named_parameters()),  # v = −ε·b (PaperSGD)
                     schedule=sched.state_dict(),
                     progress=dict(epoch=epoch, in_epoch=in_epoch, step=step, best=best,
                                   done=sched.finished(step) and in_epoch == 0, records=records,

@@ -93,9 +93,15 @@ def test_lrn_gradient_matches_autograd_of_formula():
 
 @pytest.mark.parametrize("fmt", [torch.contiguous_format, CL])
 @pytest.mark.parametrize("groups", [1, 2])
-def test_lrn_bfloat16_path_matches_formula(fmt, groups):
+def test_lrn_bfloat16_path_matches_formula(fmt, groups, monkeypatch):
     """Under bf16 autocast the window sum is a banded matrix product: same values, same gradient
     (to bf16 precision), and the window still stops at the tower boundary."""
+    import replica.layers as layers
+
+    def no_shifts(*a, **k):
+        raise AssertionError("bf16 input took the shifted-add window sum")
+
+    monkeypatch.setattr(layers, "_shift_sum", no_shifts)  # the product path must be the one that runs
     torch.manual_seed(5)
     x = (torch.randn(3, 24, 6, 5) * 60).to(torch.bfloat16).contiguous(memory_format=fmt)
     g = torch.randn(x.shape).to(torch.bfloat16)
