@@ -63,6 +63,7 @@ class Config:
     bf16: bool = False  # autocast to bfloat16 (CUDA, or a CPU with native bf16: AVX512_BF16/AMX)
     channels_last: bool = True  # layout only; faster max-pooling on CPU
     compile: bool = False  # torch.compile the model
+    fused_norms: bool | None = None  # the norms as compiled fused loops, same math; null: on for the CPU (float32)
 
     def __post_init__(self):
         _check(self)
@@ -201,8 +202,11 @@ def load_config(path=None, overrides=(), base: dict | None = None) -> Config:
     values = dict(base or {})
     if path is not None:
         p = Path(path)
+        presets = Path(__file__).resolve().parents[1] / "configs"
+        if not p.exists() and p.suffix == "" and len(p.parts) == 1 and (presets / f"{p}.yaml").exists():
+            p = presets / f"{p}.yaml"  # a preset by name: `replica train demo`
         if not p.exists():
-            near = sorted(q.stem for q in (Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+            near = sorted(q.stem for q in presets.glob("*.yaml"))
             raise ReplicaError(f"config {p}: no such file" + (f" (presets: {', '.join(near)})" if near else ""))
         try:
             loaded = yaml.safe_load(p.read_text()) or {}

@@ -16,6 +16,7 @@ pass below is closed-form: with ``d = k + c·S(x²)`` and ``y = x·d^-β``,
 
 where ``S`` is the same (symmetric, zero-padded) window sum used in the forward pass. That is
 two window sums and a handful of in-place elementwise passes, forward and backward together.
+:func:`set_fused_norms` runs the same formula as compiled, fused loops instead (below).
 """
 from __future__ import annotations
 
@@ -30,6 +31,8 @@ __all__ = [
     "LocalResponseNorm",
     "SpatialResponseNorm",
     "NonInvertedDropout",
+    "set_fused_norms",
+    "fused_norms_enabled",
 ]
 
 
@@ -125,19 +128,144 @@ def _norm_backward(g: Tensor, x: Tensor, d: Tensor, scale: Tensor, kind: str, si
     return gs.add_(t, alpha=-2.0 * beta * c)
 
 
+# -- fused path: the same math as one generated loop per pass (torch.compile / inductor) ---------
+#
+# Eager PyTorch runs each norm as ~20 memory-bound passes over its activation (forward and
+# backward). Written as pure functions of channels-last (N, H, W, C) tensors, the forward and
+# the backward each compile to two fused loops (C++ on CPU, Triton on CUDA). Same formula;
+# tests/test_layers.py checks it against the float64 reference and the eager path. Switched
+# on by :func:`set_fused_norms` (``replica train`` does so from the config key ``fused_norms``,
+# by default on the CPU); if compiling fails (no C++ compiler, say), it warns once and the
+# eager path runs instead. Figures and what was tried: docs/performance.md.
+
+_FUSED = {"enabled": False, "broken": None}
+_COMPILED: dict = {}
+
+
+def set_fused_norms(enabled: bool) -> None:
+    """Run the norms through compiled, fused loops (True) or the eager path (False; the default
+    of this module, while ``replica train`` sets it from ``fused_norms``)."""
+    _FUSED["enabled"] = bool(enabled)
+
+
+def fused_norms_enabled() -> bool:
+    """Whether the fused path is on and has not failed to compile in this process."""
+    return _FUSED["enabled"] and _FUSED["broken"] is None
+
+
+def _padded(t: Tensor, kind: str, size: int, groups: int) -> Tensor:
+    """``t`` (N, H, W, C) zero-padded where its window reaches: channels per group, or H and W."""
+    r = size // 2
+    if kind == "channel":
+        return F.pad(t.reshape(*t.shape[:3], groups, t.shape[3] // groups), (r, r))
+    return F.pad(t, (0, 0, r, r, r, r))
+
+
+def _window_of_padded(tp: Tensor, kind: str, size: int, shape) -> Tensor:
+    """The window sum of the tensor that :func:`_padded` padded, back in ``shape``: in-range
+    shifted slices only, so the generated loops carry no bounds masks."""
+    if kind == "channel":
+        n = tp.shape[-1] - (size - 1)
+        s = tp[..., 0:n]
+        for j in range(1, size):
+            s = s + tp[..., j:j + n]
+        return s.reshape(shape)
+    h, w = shape[1], shape[2]
+    s = tp[:, 0:h]
+    for j in range(1, size):
+        s = s + tp[:, j:j + h]
+    u = s[:, :, 0:w]
+    for j in range(1, size):
+        u = u + s[:, :, j:j + w]
+    return u
+
+
+def _fused_fns(kind: str, size: int, groups: int, k: float, c: float, beta: float, shape=()):
+    # One compiled set per layer shape (C, H, W): a new batch size recompiles once with a
+    # dynamic batch dimension; a new layer shape does not turn the others' loops dynamic.
+    key = (kind, size, groups, k, c, beta, tuple(shape[1:]))
+    if key not in _COMPILED:
+        def neg_pow(d):
+            if beta == 0.75:
+                r = torch.rsqrt(d)
+                return r * torch.sqrt(r)
+            return d.pow(-beta)
+
+        def squares(x):  # x², padded
+            return _padded(x * x, kind, size, groups)
+
+        def forward(x, sq):  # (y, d)
+            d = k + c * _window_of_padded(sq, kind, size, x.shape)
+            return x * neg_pow(d), d
+
+        def inner(g, x, d):  # t = g·y/d, padded
+            return _padded(g * x * neg_pow(d) / d, kind, size, groups)
+
+        def backward(g, x, d, t):  # g·d^-β − 2βc·x·S(t)
+            return g * neg_pow(d) - (2.0 * beta * c) * x * _window_of_padded(t, kind, size, x.shape)
+
+        # Each window sum reads a padded tensor written by the loop before it: fused into one
+        # loop, every tap of the window needs a bounds mask, and every output element recomputes
+        # t (a division and two roots) at each tap; both cost more than the extra write
+        # (docs/performance.md, "Fused norms, second try").
+        _COMPILED[key] = tuple(torch.compile(f) for f in (squares, forward, inner, backward))
+    return _COMPILED[key]
+
+
+def _nhwc(t: Tensor) -> Tensor:
+    return t.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1)
+
+
+def _nchw(t: Tensor) -> Tensor:
+    return t.permute(0, 3, 1, 2)
+
+
+def _fused_failed(err: Exception) -> None:
+    import warnings
+
+    _FUSED["broken"] = f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"
+    warnings.warn(f"fused norms unavailable ({_FUSED['broken'][:200]}); running the eager norms instead",
+                  RuntimeWarning, stacklevel=3)
+
+
 class _WindowNorm(torch.autograd.Function):
     """y = x · (k + c·S(x²))^-β for a symmetric window sum S (over channels or within a map)."""
 
     @staticmethod
     def forward(ctx, x: Tensor, kind: str, size: int, groups: int, k: float, c: float, beta: float) -> Tensor:
+        ctx.spec = (kind, size, groups, c, beta)
+        ctx.fused = None
+        # On CPU under bf16 the eager path's banded product is faster than the generated loops
+        # (docs/performance.md), so there the fused path takes float32 only.
+        if fused_norms_enabled() and _channels_last(x) and (x.is_cuda or x.dtype == torch.float32):
+            fns = _fused_fns(kind, size, groups, k, c, beta, x.shape)
+            xl = _nhwc(x)
+            try:
+                y, d = fns[1](xl, fns[0](xl))
+            except Exception as err:  # compiling failed: say so once, then run eager
+                _fused_failed(err)
+            else:
+                ctx.save_for_backward(x, _nchw(d))
+                ctx.fused = fns[2:]
+                return _nchw(y)
         y, d, scale = _norm_forward(x, kind, size, groups, k, c, beta)
         ctx.save_for_backward(x, d, scale)
-        ctx.spec = (kind, size, groups, c, beta)
         return y
 
     @staticmethod
     def backward(ctx, g: Tensor):
-        x, d, scale = ctx.saved_tensors
+        if ctx.fused is not None:
+            x, d = ctx.saved_tensors
+            if _FUSED["broken"] is None:
+                inner, backward = ctx.fused
+                gl, xl, dl = _nhwc(g), _nhwc(x), _nhwc(d)
+                try:
+                    return (_nchw(backward(gl, xl, dl, inner(gl, xl, dl))),) + (None,) * 6
+                except Exception as err:
+                    _fused_failed(err)
+            scale = _neg_pow(d, ctx.spec[4])
+        else:
+            x, d, scale = ctx.saved_tensors
         return (_norm_backward(g, x, d, scale, *ctx.spec),) + (None,) * 6
 
 

@@ -279,12 +279,16 @@ class AlexNet(nn.Module):
     def _dropout(self, x: Tensor) -> Tensor:
         return dropout_noninverted(x, DROPOUT_KEEP, self.training) if self.opts.dropout else x
 
-    @staticmethod
-    def _pad(x: Tensor) -> Tensor:
+    def _pad(self, x: Tensor) -> Tensor:
         # cuda-convnet's conv output 1 + ceil((img − filter)/stride) reads 3 zero columns/rows
-        # past the right and bottom edge (layer.py:1004): 224 → 227 → 55. The input keeps its
-        # layout: conv1's channels_last weights already make every later activation channels_last.
-        return F.pad(x, (0, 3, 0, 3))  # (N, 3, 224, 224) → (N, 3, 227, 227)
+        # past the right and bottom edge (layer.py:1004): 224 → 227 → 55. Written straight
+        # into the model's layout, once: an NCHW input to channels_last convs is converted by
+        # each conv1, forward and backward (4 copies a step; 38 ms at batch 128 on CPU).
+        n, c, h, w = x.shape
+        out = torch.empty((n, c, h + 3, w + 3), dtype=x.dtype, device=x.device,
+                          memory_format=self.memory_format).zero_()
+        out[:, :, :h, :w] = x
+        return out  # (N, 3, 224, 224) → (N, 3, 227, 227)
 
     # -- forward ---------------------------------------------------------------------------------
 

@@ -24,6 +24,7 @@ from .config import Config, dump_config
 from .data import TrainBatches, compute_stats, loader, open_heldout, open_images
 from .errors import ReplicaError
 from .evaluate import evaluate
+from .layers import set_fused_norms
 from .model import AlexNet, resolve_devices
 from .optim import PaperSGD, Schedule, apply_lrs, param_groups
 from .runs import (CKPT_FORMAT, CKPT_VERSION, append_metrics, atomic_write, check_compatible, code_version,
@@ -84,6 +85,15 @@ def data_stats(train, run: Path):
     mean, pca = compute_stats(train, progress=True)
     atomic_write(cache, lambda f: np.savez(f, mean=mean, pca=np.array(json.dumps(pca))))
     return mean, pca
+
+
+def fused_norms_for(cfg: Config, device: torch.device) -> bool:
+    """``fused_norms``: true / false as set; null (the default) turns them on for the CPU, where
+    they are measured faster in float32 (docs/performance.md), and off on CUDA until measured
+    there (``tools/gpu_check.sh`` prints both). ``REPLICA_FUSED_NORMS=0`` turns the default off."""
+    if cfg.fused_norms is not None:
+        return cfg.fused_norms
+    return device.type == "cpu" and os.environ.get("REPLICA_FUSED_NORMS", "1") != "0"
 
 
 def build_model(cfg: Config, num_classes: int, devices) -> AlexNet:
@@ -230,6 +240,10 @@ def train(cfg: Config, out, resume: bool = False, progress: bool = True) -> dict
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=None)  # the module may span two devices
     fwd = torch.compile(net) if cfg.compile else net
     dev0 = devices[0]
+    set_fused_norms(fused_norms_for(cfg, dev0))
+    if main and fused_norms_for(cfg, dev0):
+        log.info("fused norms: the first step compiles them (about half a minute the first time, "
+                 "seconds from the cache); fused_norms=false runs the eager ones")
     amp = torch.autocast(dev0.type, dtype=torch.bfloat16) if cfg.bf16 else contextlib.nullcontext()
 
     def checkpoint(path: Path):

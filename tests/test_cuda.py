@@ -32,3 +32,24 @@ def test_train_on_cuda_then_evaluate_on_cpu(store, tmp_path, devices, bf16):
         model = model_from_checkpoint(ck, dev)
         errs.append(evaluate(model, val, ck["mean"].numpy(), views=10)["top1_err"])
     assert abs(errs[0] - errs[1]) <= 1 / 8  # at most one of 8 images flips on float differences
+
+
+def test_fused_norms_on_cuda_match_the_eager_norms(monkeypatch):
+    """The compiled (Triton) norms on the GPU, float32 and bf16, against the eager path."""
+    import replica.layers as layers
+    from replica.layers import local_response_norm, spatial_response_norm
+
+    torch.manual_seed(3)
+    x = (torch.randn(4, 48, 27, 27, device="cuda") * 40).contiguous(memory_format=torch.channels_last)
+    g = torch.randn_like(x)
+    for dtype, tol in ((torch.float32, 1e-4), (torch.bfloat16, 3e-2)):
+        got = []
+        for on in (False, True):
+            monkeypatch.setitem(layers._FUSED, "enabled", on)
+            a = x.to(dtype).requires_grad_()
+            y = spatial_response_norm(local_response_norm(a, 5, 1e-3, 0.75, 2.0))
+            y.backward(g.to(dtype))
+            got.append((y.float(), a.grad.float()))
+        assert layers._FUSED["broken"] is None, layers._FUSED["broken"]
+        for e, f in zip(*got):
+            assert (e - f).abs().max() <= tol * e.abs().max()

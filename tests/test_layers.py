@@ -157,3 +157,113 @@ def test_lrn_rejects_bad_shapes():
         local_response_norm(torch.randn(3, 4))
     with pytest.raises(ValueError, match="groups"):
         local_response_norm(torch.randn(1, 5, 2, 2), groups=2)
+
+
+# -- the fused (compiled) norms ------------------------------------------------------------------
+
+@pytest.fixture
+def fused(monkeypatch):
+    """The fused path switched on for one test (and reset after it)."""
+    import replica.layers as layers
+
+    monkeypatch.setitem(layers._FUSED, "enabled", True)
+    monkeypatch.setitem(layers._FUSED, "broken", None)
+    return layers
+
+
+def _no_eager(*a, **k):
+    raise AssertionError("the eager norm ran")
+
+
+FUSED_CASES = {  # name: (norm, float64 reference, shape); α and scale large enough that the window matters
+    "lrn": (lambda t: local_response_norm(t, 5, 1e-2, 0.75, 2.0),
+            lambda t: lrn_by_formula(t, alpha=1e-2), (3, 12, 7, 6)),
+    "lrn-2-groups": (lambda t: local_response_norm(t, 5, 1e-2, 0.75, 2.0, groups=2),
+                     lambda t: lrn_by_formula(t, alpha=1e-2, groups=2), (2, 16, 5, 6)),
+    "spatial": (lambda t: spatial_response_norm(t, 5, 1e-3, 0.75),
+                lambda t: spatial_by_formula(t, 5, 1e-3, 0.75), (2, 6, 8, 7)),
+}
+
+
+@pytest.mark.parametrize("case", sorted(FUSED_CASES))
+def test_fused_norms_match_formula(case, fused, monkeypatch):
+    """float32 channels_last input: the compiled loops run (the eager path is made to fail), and
+    value and gradient match the float64 formula."""
+    monkeypatch.setattr(fused, "_norm_forward", _no_eager)
+    monkeypatch.setattr(fused, "_norm_backward", _no_eager)
+    norm, formula, shape = FUSED_CASES[case]
+    torch.manual_seed(7)
+    x = (torch.randn(shape) * 60).contiguous(memory_format=CL)
+    g = torch.randn(shape)
+    a = x.clone().requires_grad_()
+    y = norm(a)
+    y.backward(g)
+    assert y.dtype == torch.float32 and y.is_contiguous(memory_format=CL)
+    ref = x.double().requires_grad_()
+    want = formula(ref)
+    want.backward(g.double())
+    torch.testing.assert_close(y.double(), want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+    torch.testing.assert_close(a.grad.double(), ref.grad, rtol=1e-4, atol=1e-5 * ref.grad.abs().max().item())
+    # the window term is large here: a norm without it would miss by far more than the tolerance
+    assert (want - x.double()).abs().max() > 0.1 * want.abs().max()
+
+
+def test_fused_norms_skip_nchw_and_cpu_bf16(fused, monkeypatch):
+    """NCHW input and bfloat16 on CPU (where the banded product is faster) take the eager path."""
+    def no_compile(*a, **k):
+        raise AssertionError("the fused path was taken")
+
+    monkeypatch.setattr(fused, "_fused_fns", no_compile)
+    x = torch.randn(2, 12, 5, 5) * 60
+    torch.testing.assert_close(local_response_norm(x, 5, 1e-2), lrn_by_formula(x, alpha=1e-2))
+    xb = x.to(torch.bfloat16).contiguous(memory_format=CL)
+    assert local_response_norm(xb, 5, 1e-2).dtype == torch.bfloat16
+
+
+def test_fused_norms_fall_back_to_eager_when_compiling_fails(fused, monkeypatch):
+    """No compiler (or any compile error): one warning, then the eager path gives the same answer."""
+    calls = []
+
+    def broken(*a, **k):
+        def fail(*t):
+            calls.append(1)
+            raise RuntimeError("C++ compile error: no working compiler")
+        return fail, fail, fail, fail
+
+    monkeypatch.setattr(fused, "_fused_fns", broken)
+    x = (torch.randn(2, 12, 5, 5) * 60).contiguous(memory_format=CL).requires_grad_()
+    with pytest.warns(RuntimeWarning, match="fused norms unavailable.*no working compiler"):
+        y = local_response_norm(x, 5, 1e-2)
+    torch.testing.assert_close(y, lrn_by_formula(x.detach(), alpha=1e-2))
+    y.sum().backward()
+    assert x.grad is not None and not fused.fused_norms_enabled()
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # said once only; later calls go straight to the eager path
+        local_response_norm(x.detach(), 5, 1e-2)
+    assert len(calls) == 1
+
+
+def test_fused_norms_backward_failure_falls_back_mid_step(fused, monkeypatch):
+    """The forward compiled, the backward's compile fails: the step still finishes, eagerly."""
+    real = fused._fused_fns
+
+    def half_broken(*a, **k):
+        squares, forward = real(*a, **k)[:2]
+
+        def fail(*t):
+            raise RuntimeError("backward compile failed")
+        return squares, forward, fail, fail
+
+    monkeypatch.setattr(fused, "_fused_fns", half_broken)
+    x = (torch.randn(2, 12, 5, 5) * 60).contiguous(memory_format=CL)
+    a = x.clone().requires_grad_()
+    g = torch.randn(x.shape)
+    y = local_response_norm(a, 5, 1e-2)  # forward compiled
+    with pytest.warns(RuntimeWarning, match="backward compile failed"):
+        y.backward(g)
+    ref = x.double().requires_grad_()
+    lrn_by_formula(ref, alpha=1e-2).backward(g.double())
+    torch.testing.assert_close(a.grad.double(), ref.grad, rtol=1e-4, atol=1e-5 * ref.grad.abs().max().item())
+    assert not fused.fused_norms_enabled()

@@ -304,6 +304,34 @@ def test_channels_last_is_layout_only():
     torch.testing.assert_close(a(x), b(x))
 
 
+def test_fused_norms_are_the_same_net(monkeypatch):
+    """``fused_norms``: the three norms as compiled loops give the eager net's logits and gradients
+    (float32, the as-run net at batch 4), and the compiled path is the one that ran."""
+    import replica.layers as layers
+
+    torch.manual_seed(11)
+    net = AlexNet(10, devices="cpu").eval()  # eval: dropout is ×0.5, the same in both passes
+    x = images(4)
+    ran = []
+    real = layers._fused_fns
+    monkeypatch.setattr(layers, "_fused_fns", lambda *a, **k: ran.append(a[0]) or real(*a, **k))
+
+    def run(fused):
+        monkeypatch.setitem(layers._FUSED, "enabled", fused)
+        net.zero_grad()
+        out = net(x)
+        out.square().sum().backward()
+        return out.detach(), {n: p.grad.clone() for n, p in net.named_parameters()}
+
+    eager_out, eager_grads = run(False)
+    assert ran == []
+    fused_out, fused_grads = run(True)
+    assert sorted(ran) == ["channel"] * 4 + ["spatial"] * 2  # both towers: LRN 1, LRN 2, spatial norm
+    torch.testing.assert_close(fused_out, eager_out, rtol=1e-4, atol=1e-4 * eager_out.abs().max().item())
+    for n, g in eager_grads.items():
+        torch.testing.assert_close(fused_grads[n], g, rtol=1e-3, atol=1e-4 * g.abs().max().item(), msg=n)
+
+
 # ---------------------------------------------------------------------------------------------
 # CUDA only
 

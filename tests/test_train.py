@@ -58,6 +58,10 @@ def test_every_preset_loads_and_holds_only_known_keys():
     assert load_config(ROOT / "configs" / "no-norm.yaml").norm is False
     with pytest.raises(ReplicaError, match="no such file"):
         load_config(ROOT / "configs" / "nope.yaml")
+    # a preset by its name, from any folder: `replica train no-norm`
+    assert load_config("no-norm") == load_config(ROOT / "configs" / "no-norm.yaml")
+    with pytest.raises(ReplicaError, match="no such file.*presets: .*no-norm"):
+        load_config("no-nrom")
 
 
 def test_train_time_errors(store, tmp_path):
@@ -376,3 +380,40 @@ def test_eval_precision_follows_the_run(store, tmp_path, monkeypatch):
     p32 = predict_probs(model, u8, mean_crop, views=10)
     p16 = predict_probs(model, u8, mean_crop, views=10, bf16=True)
     assert (p32 - p16).abs().max() < 0.02
+
+
+def test_fused_norms_train_like_the_eager_norms(store, tmp_path, monkeypatch):
+    """``fused_norms=true`` from the command line: the compiled norms run, and the run's losses
+    equal the eager run's (same seed, same data order) to float32 rounding."""
+    import replica.layers as layers
+
+    ran = []
+    real = layers._fused_fns
+    monkeypatch.setattr(layers, "_fused_fns", lambda *a, **k: ran.append(a[0]) or real(*a, **k))
+    monkeypatch.setitem(layers._FUSED, "broken", None)
+    train(tiny(store, epochs=1, steps_per_epoch=2, fused_norms=False), tmp_path / "eager", progress=False)
+    assert ran == [] and not layers.fused_norms_enabled()
+    assert main(["train", "alexnet-2gpu", f"data={store}", "batch_size=4", "epochs=1", "steps_per_epoch=2", "workers=0",
+                 "devices=cpu", "init=caffe", "checkpoint_minutes=60", "fused_norms=true",
+                 "--out", str(tmp_path / "fused")]) == 0
+    assert "channel" in ran and "spatial" in ran
+    e, f = read_metrics(tmp_path / "eager")[0], read_metrics(tmp_path / "fused")[0]
+    assert e["train_loss"] == pytest.approx(f["train_loss"], rel=1e-4)
+    assert e["val_top1_err"] == f["val_top1_err"]
+    assert load_checkpoint(tmp_path / "fused")["config"]["fused_norms"] is True
+    layers.set_fused_norms(False)
+
+
+def test_fused_norms_default_is_on_for_the_cpu_only(monkeypatch):
+    cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
+    monkeypatch.delenv("REPLICA_FUSED_NORMS", raising=False)
+    auto = load_config(None, {})
+    assert auto.fused_norms is None
+    assert train_mod.fused_norms_for(auto, cpu) is True
+    assert train_mod.fused_norms_for(auto, cuda) is False  # not yet measured on a GPU
+    assert train_mod.fused_norms_for(load_config(None, ["fused_norms=true"]), cuda) is True
+    assert train_mod.fused_norms_for(load_config(None, ["fused_norms=off"]), cpu) is False
+    monkeypatch.setenv("REPLICA_FUSED_NORMS", "0")
+    assert train_mod.fused_norms_for(auto, cpu) is False
+    with pytest.raises(ReplicaError, match="fused_norms: expected true or false"):
+        load_config(None, ["fused_norms=maybe"])

@@ -9,6 +9,9 @@ reference is measured in the same run, so a ratio survives a noisy shared machin
 
 1. model: the train step (forward + backward + SGD update) of the as-run two-tower net on one
    device vs ``torchvision.models.alexnet``, steps interleaved. RATIO = torchvision s / ours s.
+   Our net runs as ``replica train`` runs it by default: on the CPU with the fused norms (the
+   three norms as compiled loops), with an extra row for the eager norms, here and in [2]; on
+   CUDA with the eager norms, and [4] times the fused ones under bf16.
    Each model updates with its own optimizer: ours with PaperSGD (what ``replica train`` runs),
    torchvision's with ``torch.optim.SGD``.
 2. e2e: what a user gets: our pipeline (prepared store → crops and flips in loader workers →
@@ -16,7 +19,7 @@ reference is measured in the same run, so a ratio survives a noisy shared machin
    RandomResizedCrop + flip + ToTensor + Normalize feeding its AlexNet. Each pipeline is also
    timed alone, so the script can say which stage bounds the path.
 3. eval: ten-view evaluation images/s (10 forward passes per image, probabilities averaged).
-4. options: bf16 autocast, channels_last off, torch.compile (CUDA), augmentation on the GPU
+4. options: bf16 autocast, channels_last off, torch.compile and fused_norms (CUDA), augmentation on the GPU
    instead of in the workers (CUDA), and the two-device split (two GPUs, or cuda:0 + cpu as a
    functional check) against one device.
 
@@ -43,7 +46,7 @@ import torch.nn.functional as F  # noqa: E402
 import torchvision  # noqa: E402
 from torchvision import transforms as T  # noqa: E402
 
-from bench_model import make_optimizer, race, sync, train_step_fn  # noqa: E402
+from bench_model import fused, make_optimizer, race, sync, train_step_fn  # noqa: E402
 from replica import augment  # noqa: E402
 from replica.data import TrainBatches, loader  # noqa: E402
 from replica.evaluate import evaluate  # noqa: E402
@@ -73,13 +76,13 @@ class Table:
         rate = img_s * flop_per_img
         peak = self.peak.get(precision)
         self.rows.append((name, img_s, rate, rate / peak if peak else float("nan"), precision, note))
-        print(f"  {name:<52} {img_s:9.1f} img/s  {rate / 1e9:9.1f} GFLOP/s  "
+        print(f"  {name:<56} {img_s:9.1f} img/s  {rate / 1e9:9.1f} GFLOP/s  "
               f"{100 * rate / peak if peak else float('nan'):5.1f}% of {precision} matmul  {note}", flush=True)
 
     def render(self) -> str:
         lines = [f"{'row':<52} {'img/s':>9} {'GFLOP/s':>9} {'of mm':>6}"]
         for name, img_s, rate, frac, prec, note in self.rows:
-            lines.append(f"{name:<52} {img_s:9.1f} {rate / 1e9:9.1f} {100 * frac:5.1f}%  {note}".rstrip())
+            lines.append(f"{name:<56} {img_s:9.1f} {rate / 1e9:9.1f} {100 * frac:5.1f}%  {note}".rstrip())
         return "\n".join(lines)
 
 
@@ -158,15 +161,25 @@ def main(argv=None):
     x = (torch.randn(n, 3, 224, 224, device=device) * 50).contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 1000, (n,), device=device)
     bf16 = torch.autocast(device.type, dtype=torch.bfloat16)
+    # what `replica train` runs by default: the fused norms on the CPU, the eager ones on CUDA
+    default_norms = "eager norms" if cuda else "fused norms"  # the device's default
+
+    def as_default(step):
+        return step if cuda else fused(step)
 
     if "model" in only:
         print("\n[1] model train step, synthetic input")
         ours, tv = AlexNet(devices=str(device)), torchvision.models.alexnet().to(device)
-        t = race({"ours": train_step_fn(ours, x, y), "tv": train_step_fn(tv, x.contiguous(), y)}, args.steps,
-                 args.warmup, device)
-        table.add("model step: replica as-run (one device)", n / t["ours"], FLOP_TRAIN)
+        rows = {"ours": as_default(train_step_fn(ours, x, y)), "tv": train_step_fn(tv, x.contiguous(), y)}
+        if not cuda:  # on CUDA the fused norms are timed in [4], under bf16
+            rows["eager"] = train_step_fn(ours, x, y)
+        t = race(rows, args.steps, args.warmup, device)
+        table.add(f"model step: replica as-run, {default_norms}", n / t["ours"], FLOP_TRAIN)
         table.add("model step: torchvision alexnet", n / t["tv"], FLOP_TRAIN)
         ratios["model step (torchvision s / replica s)"] = t["tv"] / t["ours"]
+        if not cuda:
+            table.add("model step: replica as-run, eager norms", n / t["eager"], FLOP_TRAIN)
+            ratios["model step, eager norms (torchvision s / replica s)"] = t["tv"] / t["eager"]
         s_bf = stepper(ours, device, bf16)
         s_tv = stepper(tv, device, bf16)
         t = race({"ours": lambda: s_bf(x, y), "tv": lambda: s_tv(x.contiguous(), y)}, args.steps, args.warmup, device)
@@ -222,14 +235,19 @@ def main(argv=None):
         print("\n[2] end to end: data pipeline feeding the train step")
         ours, tv = AlexNet(devices=str(device)), torchvision.models.alexnet().to(device)
         s_ours, s_tv = stepper(ours, device), stepper(tv, device)
-        e_ours = n / timed_steps(ours_batches(), s_ours, args.steps, args.warmup, device)
+        e_ours = n / timed_steps(ours_batches(), as_default(s_ours), args.steps, args.warmup, device)
         e_tv = n / timed_steps(tv_batches(), s_tv, args.steps, args.warmup, device)
-        table.add("end to end: replica (store → workers → device finish)", e_ours, FLOP_TRAIN)
+        table.add(f"end to end: replica (store → workers), {default_norms}", e_ours, FLOP_TRAIN)
         table.add("end to end: torchvision (ImageFolder JPEG pipeline)", e_tv, FLOP_TRAIN)
         ratios["end to end (replica img/s / torchvision img/s)"] = e_ours / e_tv
+        if not cuda:
+            e_eager = n / timed_steps(ours_batches(), s_ours, args.steps, args.warmup, device)
+            table.add("end to end: replica, eager norms", e_eager, FLOP_TRAIN)
+            ratios["end to end, eager norms (replica img/s / torchvision img/s)"] = e_eager / e_tv
         d_ours = loader_rate(ours_batches(), args.steps, args.warmup, device, n)
         d_tv = loader_rate(tv_batches(), args.steps, args.warmup, device, n)
-        t = race({"ours": lambda: s_ours(x, y), "tv": lambda: s_tv(x.contiguous(), y)}, args.steps, 1, device)
+        t = race({"ours": lambda: as_default(s_ours)(x, y), "tv": lambda: s_tv(x.contiguous(), y)}, args.steps, 1,
+                 device)
         table.add("data alone: replica pipeline", d_ours, 0, note="(no model)")
         table.add("data alone: torchvision pipeline", d_tv, 0, note="(no model)")
         for who, d, m in (("replica", d_ours, n / t["ours"]), ("torchvision", d_tv, n / t["tv"])):
@@ -286,6 +304,11 @@ def main(argv=None):
                 table.add("model step bf16, eager", n / tc["e"], FLOP_TRAIN, "bf16")
             except Exception as e:  # a compiler toolchain problem is a finding, not a crash
                 print(f"  torch.compile failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+            s_f = fused(lambda: s_bf(x, y))
+            s_f()  # compiles the norms (on failure: one warning, then the eager norms)
+            tf = race({"f": s_f, "e": lambda: s_bf(x, y)}, args.steps, args.warmup, device)
+            table.add("model step bf16, fused_norms=true", n / tf["f"], FLOP_TRAIN, "bf16")
+            table.add("model step bf16, eager norms", n / tf["e"], FLOP_TRAIN, "bf16")
             pair = ("cuda:0", "cuda:1") if torch.cuda.device_count() > 1 else ("cuda:0", "cpu")
             small = 16 if pair[1] == "cpu" else n
             two = AlexNet(devices=pair)

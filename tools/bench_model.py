@@ -12,10 +12,15 @@ reports the median. The ratio is torchvision's step time over ours: ≥ 1.0 mean
 least as fast. A second table times the cross-map LRN alone (forward + backward on tower a's
 layer-1 activations, 48×55×55) against ``torch.nn.LocalResponseNorm``.
 
-``--fast-paths`` times only our step, as ``replica train`` runs it (PaperSGD, optionally under
-bf16 autocast), against the same step with one fast path turned back: the channel window sums
-as shifted adds instead of a banded matrix product (the product is used for bf16/fp16 inputs
-only), and the optimizer as four plain passes instead of torch's fused SGD kernel.
+Our net is timed twice: with its three norms as compiled fused loops (``fused_norms``, what
+``replica train`` uses on the CPU by default; the first, warm-up, step compiles) and with the
+eager norms (``fused_norms=false``).
+
+``--fast-paths`` times only our step (PaperSGD, optionally under bf16 autocast; in float32
+also with the fused norms, which ``replica train`` uses on the CPU by default), against the
+same step with one fast path turned back: the channel window sums as shifted adds instead of
+a banded matrix product (the product is used for bf16/fp16 inputs only), and the optimizer as
+four plain passes instead of torch's fused SGD kernel.
 """
 from __future__ import annotations
 
@@ -61,6 +66,17 @@ def train_step_fn(model, x, y):
     return step
 
 
+def fused(fn):
+    """``fn`` with the norms as compiled fused loops (the ``fused_norms`` option), off again after."""
+    def call(*args):
+        layers.set_fused_norms(True)
+        try:
+            fn(*args)
+        finally:
+            layers.set_fused_norms(False)
+    return call
+
+
 def race(fns: dict, steps: int, warmup: int, device) -> dict:
     """Median seconds per call of each fn, calls interleaved round-robin."""
     times = {k: [] for k in fns}
@@ -100,13 +116,14 @@ def fast_paths(device, n: int, bf16: bool, steps: int, warmup: int) -> None:
                 layers._band_sum = saved
         return step
 
-    rows = {"all fast paths (as replica train runs)": stepper(),
+    rows = {"all fast paths, eager norms": stepper(),
             "window sums as shifted adds": stepper(band=False),
             "optimizer as 4 plain passes (not fused)": stepper(fused=False)}
     if not bf16:
         del rows["window sums as shifted adds"]  # float32 uses shifted adds anyway
+        rows["all, fused norms (CPU default, float32)"] = fused(stepper())
     t = race(rows, steps, warmup, device)
-    base = t["all fast paths (as replica train runs)"]
+    base = t["all fast paths, eager norms"]
     print(f"\n{'train step, batch ' + str(n) + (', bf16 autocast' if bf16 else ', float32'):<42} {'s/step':>8} "
           f"{'img/s':>8} {'vs all':>7}")
     for k, v in t.items():
@@ -141,7 +158,7 @@ def main(argv=None):
     x = torch.randn(n, 3, 224, 224, device=device) * 50
     y = torch.randint(0, 1000, (n,), device=device)
     models = {
-        "replica as-run (one device)": AlexNet(devices=str(device)),
+        "replica as-run, eager norms": AlexNet(devices=str(device)),
         "torchvision alexnet": torchvision.models.alexnet().to(device),
         "replica as-run, NCHW layout": AlexNet(devices=str(device), channels_last=False),
         "replica without norms (run 148)": AlexNet(devices=str(device), norm=False),
@@ -149,12 +166,15 @@ def main(argv=None):
     }
     fns = {k: train_step_fn(m, x.contiguous(memory_format=torch.channels_last) if "channels_last" in k else x, y)
            for k, m in models.items()}
+    fns["replica as-run, fused norms"] = fused(train_step_fn(models["replica as-run, eager norms"], x, y))
     t = race(fns, args.steps, args.warmup, device)
-    ours, ref = t["replica as-run (one device)"], t["torchvision alexnet"]
+    ours, ref = t["replica as-run, eager norms"], t["torchvision alexnet"]
     print(f"\n{'train step':<38} {'s/step':>8} {'img/s':>8}")
     for k, v in t.items():
         print(f"{k:<38} {v:8.3f} {n / v:8.1f}")
-    print(f"RATIO model step (torchvision / replica, ≥ 1.0 = replica at least as fast): {ref / ours:.2f}")
+    print(f"RATIO model step, fused norms (replica train's CPU default; torchvision / replica, "
+          f"≥ 1.0 = replica at least as fast): {ref / t['replica as-run, fused norms']:.2f}")
+    print(f"RATIO model step, eager norms (fused_norms=false): {ref / ours:.2f}")
 
     del models, fns
     a = (torch.randn(n, 48, 55, 55, device=device) * 40).requires_grad_()
@@ -163,7 +183,8 @@ def main(argv=None):
     g_cl = g.contiguous(memory_format=torch.channels_last)  # as the model's pooling hands it back
     torch_lrn = torch.nn.LocalResponseNorm(5, alpha=1e-4, beta=0.75, k=2.0)
     lrn = {
-        "replica LRN": lambda: local_response_norm(a_cl, 5, 1e-4, 0.75, 2.0).backward(g_cl),
+        "replica LRN, eager": lambda: local_response_norm(a_cl, 5, 1e-4, 0.75, 2.0).backward(g_cl),
+        "replica LRN, fused": fused(lambda: local_response_norm(a_cl, 5, 1e-4, 0.75, 2.0).backward(g_cl)),
         "replica LRN, NCHW": lambda: local_response_norm(a, 5, 1e-4, 0.75, 2.0).backward(g),
         "torch LocalResponseNorm": lambda: torch_lrn(a).backward(g),
     }
@@ -171,7 +192,8 @@ def main(argv=None):
     print(f"\n{'LRN fwd+bwd, ' + str(n) + '×48×55×55':<38} {'s':>8}")
     for k, v in t.items():
         print(f"{k:<38} {v:8.3f}")
-    print(f"RATIO LRN (torch / replica): {t['torch LocalResponseNorm'] / t['replica LRN']:.2f}")
+    print(f"RATIO LRN (torch / replica): {t['torch LocalResponseNorm'] / t['replica LRN, eager']:.2f} eager; "
+          f"{t['torch LocalResponseNorm'] / t['replica LRN, fused']:.2f} fused")
 
     if args.grouped:
         torch.manual_seed(1)

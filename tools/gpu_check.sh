@@ -2,9 +2,11 @@
 # One prepared GPU check, ≤ 6 minutes on a single-GPU machine, nothing to set up beyond the
 # README's install:
 #   1. the CUDA tests (pytest -m cuda): towers on their devices, the cuda:0 + cpu split against
-#      one device, training on one GPU (fp32 and bf16) and on the split, checkpoints back on CPU;
+#      one device, training on one GPU (fp32 and bf16) and on the split, checkpoints back on CPU,
+#      the fused norms on the GPU against the eager ones;
 #   2. tools/bench.py --device cuda: model step, end to end from a store, ten-view eval, bf16,
-#      channels_last, torch.compile, augmentation on the GPU vs in workers, the two-device split;
+#      channels_last, torch.compile, the fused norms (Triton) vs eager under bf16, augmentation on
+#      the GPU vs in workers, the two-device split;
 #   3. a compact table, last.
 # Usage: tools/gpu_check.sh [extra bench.py arguments]     (PYTHON=... to pick the interpreter)
 set -uo pipefail
