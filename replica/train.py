@@ -88,12 +88,13 @@ def data_stats(train, run: Path):
 
 
 def fused_norms_for(cfg: Config, device: torch.device) -> bool:
-    """``fused_norms``: true / false as set; null (the default) turns them on for the CPU, where
-    they are measured faster in float32 (docs/performance.md), and off on CUDA until measured
-    there (``tools/gpu_check.sh`` prints both). ``REPLICA_FUSED_NORMS=0`` turns the default off."""
+    """``fused_norms``: true / false as set; null (the default) turns them on for float32 on the
+    CPU, where they are measured faster (docs/performance.md); off under bf16 there (the eager
+    path is faster) and on CUDA until measured there (``tools/gpu_check.sh`` prints both).
+    ``REPLICA_FUSED_NORMS=0`` turns the default off."""
     if cfg.fused_norms is not None:
         return cfg.fused_norms
-    return device.type == "cpu" and os.environ.get("REPLICA_FUSED_NORMS", "1") != "0"
+    return device.type == "cpu" and not cfg.bf16 and os.environ.get("REPLICA_FUSED_NORMS", "1") != "0"
 
 
 def build_model(cfg: Config, num_classes: int, devices) -> AlexNet:
