@@ -391,6 +391,7 @@ def test_fused_norms_train_like_the_eager_norms(store, tmp_path, monkeypatch):
     real = layers._fused_fns
     monkeypatch.setattr(layers, "_fused_fns", lambda *a, **k: ran.append(a[0]) or real(*a, **k))
     monkeypatch.setitem(layers._FUSED, "broken", None)
+    monkeypatch.setitem(layers._FUSED, "enabled", False)  # restored after the test, whatever train sets
     train(tiny(store, epochs=1, steps_per_epoch=2, fused_norms=False), tmp_path / "eager", progress=False)
     assert ran == [] and not layers.fused_norms_enabled()
     assert main(["train", "alexnet-2gpu", f"data={store}", "batch_size=4", "epochs=1", "steps_per_epoch=2", "workers=0",
@@ -401,7 +402,7 @@ def test_fused_norms_train_like_the_eager_norms(store, tmp_path, monkeypatch):
     assert e["train_loss"] == pytest.approx(f["train_loss"], rel=1e-4)
     assert e["val_top1_err"] == f["val_top1_err"]
     assert load_checkpoint(tmp_path / "fused")["config"]["fused_norms"] is True
-    layers.set_fused_norms(False)
+    assert layers._FUSED["broken"] is None  # the fused loops ran, no fallback
 
 
 def test_fused_norms_default_is_on_for_float32_on_the_cpu_only(monkeypatch):
