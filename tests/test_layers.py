@@ -186,7 +186,7 @@ FUSED_CASES = {  # name: (norm, float64 reference, shape); α and scale large en
 
 
 @pytest.mark.parametrize("case", sorted(FUSED_CASES))
-def test_fused_norms_match_formula(case, fused, monkeypatch):
+def test_fused_norms_match_formula(case, fused, monkeypatch, cxx):
     """float32 channels_last input: the compiled loops run (the eager path is made to fail), and
     value and gradient match the float64 formula."""
     monkeypatch.setattr(fused, "_norm_forward", _no_eager)
@@ -245,7 +245,7 @@ def test_fused_norms_fall_back_to_eager_when_compiling_fails(fused, monkeypatch)
     assert len(calls) == 1
 
 
-def test_fused_norms_backward_failure_falls_back_mid_step(fused, monkeypatch):
+def test_fused_norms_backward_failure_falls_back_mid_step(fused, monkeypatch, cxx):
     """The forward compiled, the backward's compile fails: the step still finishes, eagerly."""
     real = fused._fused_fns
 

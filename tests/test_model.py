@@ -304,7 +304,7 @@ def test_channels_last_is_layout_only():
     torch.testing.assert_close(a(x), b(x))
 
 
-def test_fused_norms_are_the_same_net(monkeypatch):
+def test_fused_norms_are_the_same_net(monkeypatch, cxx):
     """``fused_norms``: the three norms as compiled loops give the eager net's logits and gradients
     (float32, the as-run net at batch 4), and the compiled path is the one that ran."""
     import replica.layers as layers

@@ -382,7 +382,7 @@ def test_eval_precision_follows_the_run(store, tmp_path, monkeypatch):
     assert (p32 - p16).abs().max() < 0.02
 
 
-def test_fused_norms_train_like_the_eager_norms(store, tmp_path, monkeypatch):
+def test_fused_norms_train_like_the_eager_norms(store, tmp_path, monkeypatch, cxx):
     """``fused_norms=true`` from the command line: the compiled norms run, and the run's losses
     equal the eager run's (same seed, same data order) to float32 rounding."""
     import replica.layers as layers
