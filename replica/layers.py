@@ -235,8 +235,8 @@ class _WindowNorm(torch.autograd.Function):
     def forward(ctx, x: Tensor, kind: str, size: int, groups: int, k: float, c: float, beta: float) -> Tensor:
         ctx.spec = (kind, size, groups, c, beta)
         ctx.fused = None
-        # On CPU under bf16 the eager path's banded product is faster than the generated loops
-        # (docs/performance.md), so there the fused path takes float32 only.
+        # On CPU under bf16 the generated loops are no faster than the eager path's banded
+        # product (docs/performance.md), so there the fused path takes float32 only.
         if fused_norms_enabled() and _channels_last(x) and (x.is_cuda or x.dtype == torch.float32):
             fns = _fused_fns(kind, size, groups, k, c, beta, x.shape)
             xl = _nhwc(x)

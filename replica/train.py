@@ -89,8 +89,8 @@ def data_stats(train, run: Path):
 
 def fused_norms_for(cfg: Config, device: torch.device) -> bool:
     """``fused_norms``: true / false as set; null (the default) turns them on for float32 on the
-    CPU, where they are measured faster (docs/performance.md); off under bf16 there (the eager
-    path is faster) and on CUDA until measured there (``tools/gpu_check.sh`` prints both).
+    CPU, where they are measured faster (docs/performance.md); off under bf16 there (no faster
+    than the eager path, so not worth a compile) and on CUDA until measured there (``tools/gpu_check.sh`` prints both).
     ``REPLICA_FUSED_NORMS=0`` turns the default off."""
     if cfg.fused_norms is not None:
         return cfg.fused_norms

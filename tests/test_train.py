@@ -412,7 +412,7 @@ def test_fused_norms_default_is_on_for_float32_on_the_cpu_only(monkeypatch):
     assert auto.fused_norms is None
     assert train_mod.fused_norms_for(auto, cpu) is True
     assert train_mod.fused_norms_for(auto, cuda) is False  # not yet measured on a GPU
-    assert train_mod.fused_norms_for(load_config(None, ["bf16=true"]), cpu) is False  # eager is faster there
+    assert train_mod.fused_norms_for(load_config(None, ["bf16=true"]), cpu) is False  # no faster there
     assert train_mod.fused_norms_for(load_config(None, ["fused_norms=true"]), cuda) is True
     assert train_mod.fused_norms_for(load_config(None, ["fused_norms=off"]), cpu) is False
     monkeypatch.setenv("REPLICA_FUSED_NORMS", "0")
