@@ -16,7 +16,7 @@ pass below is closed-form: with ``d = k + c·S(x²)`` and ``y = x·d^-β``,
 
 where ``S`` is the same (symmetric, zero-padded) window sum used in the forward pass. That is
 two window sums and a handful of in-place elementwise passes, forward and backward together.
-:func:`set_fused_norms` runs the same formula as compiled, fused loops instead (below).
+``fused=True`` runs the same formula as compiled, fused loops instead (below).
 """
 from __future__ import annotations
 
@@ -31,8 +31,7 @@ __all__ = [
     "LocalResponseNorm",
     "SpatialResponseNorm",
     "NonInvertedDropout",
-    "set_fused_norms",
-    "fused_norms_enabled",
+    "fused_norms_available",
 ]
 
 
@@ -133,24 +132,18 @@ def _norm_backward(g: Tensor, x: Tensor, d: Tensor, scale: Tensor, kind: str, si
 # Eager PyTorch runs each norm as ~20 memory-bound passes over its activation (forward and
 # backward). Written as pure functions of channels-last (N, H, W, C) tensors, the forward and
 # the backward each compile to two fused loops (C++ on CPU, Triton on CUDA). Same formula;
-# tests/test_layers.py checks it against the float64 reference and the eager path. Switched
-# on by :func:`set_fused_norms` (``replica train`` does so from the config key ``fused_norms``,
-# by default on the CPU); if compiling fails (no C++ compiler, say), it warns once and the
-# eager path runs instead. Figures and what was tried: docs/performance.md.
+# tests/test_layers.py checks it against the float64 reference and the eager path. Asked for
+# per call (``fused=True``; the model passes its ``fused_norms``, which ``replica train`` sets
+# from the config key); if compiling fails (no C++ compiler, say), it warns once and the eager
+# path runs from then on, in the whole process. Figures and what was tried: docs/performance.md.
 
-_FUSED = {"enabled": False, "broken": None}
+_BROKEN: dict = {"why": None}  # why compiling failed in this process, once it has
 _COMPILED: dict = {}
 
 
-def set_fused_norms(enabled: bool) -> None:
-    """Run the norms through compiled, fused loops (True) or the eager path (False; the default
-    of this module, while ``replica train`` sets it from ``fused_norms``)."""
-    _FUSED["enabled"] = bool(enabled)
-
-
-def fused_norms_enabled() -> bool:
-    """Whether the fused path is on and has not failed to compile in this process."""
-    return _FUSED["enabled"] and _FUSED["broken"] is None
+def fused_norms_available() -> bool:
+    """False once compiling the fused norms has failed in this process (they then run eagerly)."""
+    return _BROKEN["why"] is None
 
 
 def _padded(t: Tensor, kind: str, size: int, groups: int) -> Tensor:
@@ -223,8 +216,8 @@ def _nchw(t: Tensor) -> Tensor:
 def _fused_failed(err: Exception) -> None:
     import warnings
 
-    _FUSED["broken"] = f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"
-    warnings.warn(f"fused norms unavailable ({_FUSED['broken'][:200]}); running the eager norms instead",
+    _BROKEN["why"] = f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"
+    warnings.warn(f"fused norms unavailable ({_BROKEN['why'][:200]}); running the eager norms instead",
                   RuntimeWarning, stacklevel=3)
 
 
@@ -232,12 +225,13 @@ class _WindowNorm(torch.autograd.Function):
     """y = x · (k + c·S(x²))^-β for a symmetric window sum S (over channels or within a map)."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, kind: str, size: int, groups: int, k: float, c: float, beta: float) -> Tensor:
+    def forward(ctx, x: Tensor, kind: str, size: int, groups: int, k: float, c: float, beta: float,
+                fused: bool) -> Tensor:
         ctx.spec = (kind, size, groups, c, beta)
         ctx.fused = None
         # On CPU under bf16 the generated loops are no faster than the eager path's banded
         # product (docs/performance.md), so there the fused path takes float32 only.
-        if fused_norms_enabled() and _channels_last(x) and (x.is_cuda or x.dtype == torch.float32):
+        if fused and fused_norms_available() and _channels_last(x) and (x.is_cuda or x.dtype == torch.float32):
             fns = _fused_fns(kind, size, groups, k, c, beta, x.shape)
             xl = _nhwc(x)
             try:
@@ -256,21 +250,22 @@ class _WindowNorm(torch.autograd.Function):
     def backward(ctx, g: Tensor):
         if ctx.fused is not None:
             x, d = ctx.saved_tensors
-            if _FUSED["broken"] is None:
+            if fused_norms_available():
                 inner, backward = ctx.fused
                 gl, xl, dl = _nhwc(g), _nhwc(x), _nhwc(d)
                 try:
-                    return (_nchw(backward(gl, xl, dl, inner(gl, xl, dl))),) + (None,) * 6
+                    return (_nchw(backward(gl, xl, dl, inner(gl, xl, dl))),) + (None,) * 7
                 except Exception as err:
                     _fused_failed(err)
             scale = _neg_pow(d, ctx.spec[4])
         else:
             x, d, scale = ctx.saved_tensors
-        return (_norm_backward(g, x, d, scale, *ctx.spec),) + (None,) * 6
+        return (_norm_backward(g, x, d, scale, *ctx.spec),) + (None,) * 7
 
 
 def local_response_norm(
-    x: Tensor, size: int = 5, alpha: float = 1e-4, beta: float = 0.75, k: float = 2.0, groups: int = 1
+    x: Tensor, size: int = 5, alpha: float = 1e-4, beta: float = 0.75, k: float = 2.0, groups: int = 1,
+    fused: bool = False,
 ) -> Tensor:
     """Cross-map LRN with torch's α convention, per channel group.
 
@@ -280,27 +275,31 @@ def local_response_norm(
     ``groups`` channel blocks separately. as-run (run 145): n=5, α=1e-4 (2e-5 per square, the
     parser's ``scale /= size``, layer.py:1183), β=0.75, k=2 (``minDiv``,
     layer-params-145.cfg:140). paper-text reads the printed formula literally: α=5e-4.
+    ``fused``: the same formula as compiled loops, for channels_last input in float32 (any
+    dtype on CUDA); otherwise, or if compiling fails, the eager path.
     """
     if x.dim() != 4:
         raise ValueError(f"local_response_norm expects (N, C, H, W), got shape {tuple(x.shape)}")
     if x.shape[1] % groups:
         raise ValueError(f"{x.shape[1]} channels do not split into {groups} groups")
 
-    return _WindowNorm.apply(x, "channel", size, groups, k, alpha / size, beta)
+    return _WindowNorm.apply(x, "channel", size, groups, k, alpha / size, beta, fused)
 
 
-def spatial_response_norm(x: Tensor, size: int = 5, scale: float = 1e-3, beta: float = 0.75) -> Tensor:
+def spatial_response_norm(x: Tensor, size: int = 5, scale: float = 1e-3, beta: float = 0.75,
+                          fused: bool = False) -> Tensor:
     """Within-map response norm (``rnorm``, ``cnorm2a/b`` of layers-145.cfg:107-117).
 
         out = x · (1 + (scale/size²)·Σ_{size×size window, zero-padded} x²)^(−β)
 
     i.e. ``x * (1 + scale*avg_pool2d(x*x, size, 1, size//2, count_include_pad=True))**-β``.
     k is hard-coded to 1 by the 7-argument kernel (cuda-convnet v1 conv_util.cu:1011).
+    ``fused``: as in :func:`local_response_norm`.
     """
     if x.dim() != 4:
         raise ValueError(f"spatial_response_norm expects (N, C, H, W), got shape {tuple(x.shape)}")
 
-    return _WindowNorm.apply(x, "spatial", size, 1, 1.0, scale / (size * size), beta)
+    return _WindowNorm.apply(x, "spatial", size, 1, 1.0, scale / (size * size), beta, fused)
 
 
 def dropout_noninverted(x: Tensor, keep: float = 0.5, training: bool = True, generator=None) -> Tensor:

@@ -187,6 +187,8 @@ class AlexNet(nn.Module):
             Tower a lives on the first, tower b and fc8 placement follow SPEC.md §1.
         preset: ``"as-run"`` (what run 145 computed; default) or ``"paper-text"``.
         norm, overlap, variant, dropout, init: the ablation switches of :class:`NetOptions`.
+        channels_last, fused_norms: how it runs, not what it computes: activations' memory
+            layout, and the norms as compiled loops (settable later as ``model.fused_norms``).
 
     Departures from ``torchvision.models.alexnet``: 96 conv1 filters split 48/48, per-tower
     conv2/4/5 and LRN, the spatial norm after layer 2 (as-run), non-inverted dropout, input
@@ -194,11 +196,13 @@ class AlexNet(nn.Module):
     """
 
     def __init__(self, num_classes: int = 1000, devices="auto", preset: str = "as-run", *,
-                 channels_last: bool = True, **options):
+                 channels_last: bool = True, fused_norms: bool = False, **options):
         super().__init__()
         # Layout only, not math. On CPU, torch's NCHW max-pooling is slow and its channels_last
         # kernel is not; tools/bench_model.py times the train step in both layouts.
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        # Not math either: the norms as compiled loops (replica.layers; `fused_norms` in the config).
+        self.fused_norms = fused_norms
         if not isinstance(num_classes, int) or num_classes < 1:
             raise ReplicaError(f"num_classes: expected a positive integer, got {num_classes!r}")
         unknown = set(options) - {"norm", "overlap", "variant", "dropout", "init"}
@@ -258,18 +262,19 @@ class AlexNet(nn.Module):
         if not o.norm:
             return F.max_pool2d(F.relu_(x), *self._pool())
         if o.lrn_before_relu:  # as-run: conv1 → LRN (pre-ReLU) → maxpool → ReLU
-            x = local_response_norm(x, LRN_SIZE, o.lrn_alpha, LRN_BETA, LRN_K)
+            x = local_response_norm(x, LRN_SIZE, o.lrn_alpha, LRN_BETA, LRN_K, fused=self.fused_norms)
             return F.relu_(F.max_pool2d(x, *self._pool()))
-        x = local_response_norm(F.relu_(x), LRN_SIZE, o.lrn_alpha, LRN_BETA, LRN_K)  # paper-text
+        x = local_response_norm(F.relu_(x), LRN_SIZE, o.lrn_alpha, LRN_BETA, LRN_K,
+                                fused=self.fused_norms)  # paper-text
         return F.max_pool2d(x, *self._pool())
 
     def _layer2(self, x: Tensor) -> Tensor:
         o = self.opts
         x = F.relu_(x)
         if o.norm:
-            x = local_response_norm(x, LRN_SIZE, o.lrn_alpha, LRN_BETA, LRN_K)
+            x = local_response_norm(x, LRN_SIZE, o.lrn_alpha, LRN_BETA, LRN_K, fused=self.fused_norms)
         if o.spatial_norm:
-            x = spatial_response_norm(x, 5, 1e-3, 0.75)  # layer-params-145.cfg:157-163
+            x = spatial_response_norm(x, 5, 1e-3, 0.75, fused=self.fused_norms)  # layer-params-145.cfg:157-163
         return F.max_pool2d(x, *self._pool())
 
     def _pool(self):

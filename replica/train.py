@@ -24,7 +24,6 @@ from .config import Config, dump_config
 from .data import TrainBatches, compute_stats, loader, open_heldout, open_images
 from .errors import ReplicaError
 from .evaluate import evaluate
-from .layers import set_fused_norms
 from .model import AlexNet, resolve_devices
 from .optim import PaperSGD, Schedule, apply_lrs, param_groups
 from .runs import (CKPT_FORMAT, CKPT_VERSION, append_metrics, atomic_write, check_compatible, code_version,
@@ -90,8 +89,8 @@ def data_stats(train, run: Path):
 def fused_norms_for(cfg: Config, device: torch.device) -> bool:
     """``fused_norms``: true / false as set; null (the default) turns them on for float32 on the
     CPU, where they are measured faster (docs/performance.md); off under bf16 there (no faster
-    than the eager path, so not worth a compile) and on CUDA until measured there (``tools/gpu_check.sh`` prints both).
-    ``REPLICA_FUSED_NORMS=0`` turns the default off."""
+    than the eager path, so not worth a compile) and on CUDA until measured there
+    (``tools/gpu_check.sh`` prints both). ``REPLICA_FUSED_NORMS=0`` turns the default off."""
     if cfg.fused_norms is not None:
         return cfg.fused_norms
     return device.type == "cpu" and not cfg.bf16 and os.environ.get("REPLICA_FUSED_NORMS", "1") != "0"
@@ -241,8 +240,8 @@ def train(cfg: Config, out, resume: bool = False, progress: bool = True) -> dict
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=None)  # the module may span two devices
     fwd = torch.compile(net) if cfg.compile else net
     dev0 = devices[0]
-    set_fused_norms(fused_norms_for(cfg, dev0))
-    if main and fused_norms_for(cfg, dev0):
+    model.fused_norms = fused_norms_for(cfg, dev0)  # this run's model only; eval afterwards is eager
+    if main and model.fused_norms:
         log.info("fused norms: the first step compiles them (about half a minute the first time, "
                  "seconds from the cache); fused_norms=false runs the eager ones")
     amp = torch.autocast(dev0.type, dtype=torch.bfloat16) if cfg.bf16 else contextlib.nullcontext()

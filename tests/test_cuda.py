@@ -45,11 +45,10 @@ def test_fused_norms_on_cuda_match_the_eager_norms(monkeypatch):
     for dtype, tol in ((torch.float32, 1e-4), (torch.bfloat16, 3e-2)):
         got = []
         for on in (False, True):
-            monkeypatch.setitem(layers._FUSED, "enabled", on)
             a = x.to(dtype).requires_grad_()
-            y = spatial_response_norm(local_response_norm(a, 5, 1e-3, 0.75, 2.0))
+            y = spatial_response_norm(local_response_norm(a, 5, 1e-3, 0.75, 2.0, fused=on), fused=on)
             y.backward(g.to(dtype))
             got.append((y.float(), a.grad.float()))
-        assert layers._FUSED["broken"] is None, layers._FUSED["broken"]
+        assert layers.fused_norms_available(), layers._BROKEN["why"]
         for e, f in zip(*got):
             assert (e - f).abs().max() <= tol * e.abs().max()

@@ -315,10 +315,10 @@ def test_fused_norms_are_the_same_net(monkeypatch, cxx):
     ran = []
     real = layers._fused_fns
     monkeypatch.setattr(layers, "_fused_fns", lambda *a, **k: ran.append(a[0]) or real(*a, **k))
-    monkeypatch.setitem(layers._FUSED, "broken", None)
+    monkeypatch.setitem(layers._BROKEN, "why", None)
 
     def run(fused):
-        monkeypatch.setitem(layers._FUSED, "enabled", fused)
+        net.fused_norms = fused
         net.zero_grad()
         out = net(x)
         out.square().sum().backward()
@@ -328,7 +328,11 @@ def test_fused_norms_are_the_same_net(monkeypatch, cxx):
     assert ran == []
     fused_out, fused_grads = run(True)
     assert sorted(ran) == ["channel"] * 4 + ["spatial"] * 2  # both towers: LRN 1, LRN 2, spatial norm
-    assert layers._FUSED["broken"] is None  # compiled and ran: no fallback to the eager path
+    assert layers.fused_norms_available()  # compiled and ran: no fallback to the eager path
+    # the option belongs to this model: a fresh one runs the eager norms
+    ran.clear()
+    AlexNet(10, devices="cpu").eval()(x[:1])
+    assert ran == []
     torch.testing.assert_close(fused_out, eager_out, rtol=1e-4, atol=1e-4 * eager_out.abs().max().item())
     for n, g in eager_grads.items():
         torch.testing.assert_close(fused_grads[n], g, rtol=1e-3, atol=1e-4 * g.abs().max().item(), msg=n)

@@ -18,6 +18,7 @@ from replica.config import NAMES, load_config
 from replica.data import open_heldout
 from replica.errors import ReplicaError
 from replica.evaluate import evaluate, predict_probs, topk_errors
+from replica.predict import run_eval
 from replica.runs import check_compatible, load_checkpoint, read_metrics
 from replica.train import TrainingStopped, train
 from runs_helpers import StopAfter, tiny
@@ -390,19 +391,23 @@ def test_fused_norms_train_like_the_eager_norms(store, tmp_path, monkeypatch, cx
     ran = []
     real = layers._fused_fns
     monkeypatch.setattr(layers, "_fused_fns", lambda *a, **k: ran.append(a[0]) or real(*a, **k))
-    monkeypatch.setitem(layers._FUSED, "broken", None)
-    monkeypatch.setitem(layers._FUSED, "enabled", False)  # restored after the test, whatever train sets
+    monkeypatch.setitem(layers._BROKEN, "why", None)
     train(tiny(store, epochs=1, steps_per_epoch=2, fused_norms=False), tmp_path / "eager", progress=False)
-    assert ran == [] and not layers.fused_norms_enabled()
-    assert main(["train", "alexnet-2gpu", f"data={store}", "batch_size=4", "epochs=1", "steps_per_epoch=2", "workers=0",
-                 "devices=cpu", "init=caffe", "checkpoint_minutes=60", "fused_norms=true",
+    assert ran == []
+    assert main(["train", "alexnet-2gpu", f"data={store}", "batch_size=4", "epochs=1", "steps_per_epoch=2",
+                 "workers=0", "devices=cpu", "init=caffe", "checkpoint_minutes=60", "fused_norms=true",
                  "--out", str(tmp_path / "fused")]) == 0
     assert "channel" in ran and "spatial" in ran
     e, f = read_metrics(tmp_path / "eager")[0], read_metrics(tmp_path / "fused")[0]
     assert e["train_loss"] == pytest.approx(f["train_loss"], rel=1e-4)
     assert e["val_top1_err"] == f["val_top1_err"]
     assert load_checkpoint(tmp_path / "fused")["config"]["fused_norms"] is True
-    assert layers._FUSED["broken"] is None  # the fused loops ran, no fallback
+    assert layers.fused_norms_available()  # the fused loops ran, no fallback
+    # the option went with that run's model: evaluating afterwards, in the same process (as the
+    # demo and tools/reproduce.py do), runs the eager norms and compiles nothing
+    ran.clear()
+    run_eval(tmp_path / "fused", views=(1,), progress=False)
+    assert ran == []
 
 
 def test_fused_norms_default_is_on_for_float32_on_the_cpu_only(monkeypatch):

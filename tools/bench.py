@@ -80,7 +80,7 @@ class Table:
               f"{100 * rate / peak if peak else float('nan'):5.1f}% of {precision} matmul  {note}", flush=True)
 
     def render(self) -> str:
-        lines = [f"{'row':<52} {'img/s':>9} {'GFLOP/s':>9} {'of mm':>6}"]
+        lines = [f"{'row':<56} {'img/s':>9} {'GFLOP/s':>9} {'of mm':>6}"]
         for name, img_s, rate, frac, prec, note in self.rows:
             lines.append(f"{name:<56} {img_s:9.1f} {rate / 1e9:9.1f} {100 * frac:5.1f}%  {note}".rstrip())
         return "\n".join(lines)
@@ -164,13 +164,13 @@ def main(argv=None):
     # what `replica train` runs by default: the fused norms on the CPU, the eager ones on CUDA
     default_norms = "eager norms" if cuda else "fused norms"  # the device's default
 
-    def as_default(step):
-        return step if cuda else fused(step)
+    def as_default(model, step):
+        return step if cuda else fused(model, step)
 
     if "model" in only:
         print("\n[1] model train step, synthetic input")
         ours, tv = AlexNet(devices=str(device)), torchvision.models.alexnet().to(device)
-        rows = {"ours": as_default(train_step_fn(ours, x, y)), "tv": train_step_fn(tv, x.contiguous(), y)}
+        rows = {"ours": as_default(ours, train_step_fn(ours, x, y)), "tv": train_step_fn(tv, x.contiguous(), y)}
         if not cuda:  # on CUDA the fused norms are timed in [4], under bf16
             rows["eager"] = train_step_fn(ours, x, y)
         t = race(rows, args.steps, args.warmup, device)
@@ -235,7 +235,8 @@ def main(argv=None):
         print("\n[2] end to end: data pipeline feeding the train step")
         ours, tv = AlexNet(devices=str(device)), torchvision.models.alexnet().to(device)
         s_ours, s_tv = stepper(ours, device), stepper(tv, device)
-        e_ours = n / timed_steps(ours_batches(), as_default(s_ours), args.steps, args.warmup, device)
+        s_default = as_default(ours, s_ours)  # what replica train runs on this device
+        e_ours = n / timed_steps(ours_batches(), s_default, args.steps, args.warmup, device)
         e_tv = n / timed_steps(tv_batches(), s_tv, args.steps, args.warmup, device)
         table.add(f"end to end: replica (store → workers), {default_norms}", e_ours, FLOP_TRAIN)
         table.add("end to end: torchvision (ImageFolder JPEG pipeline)", e_tv, FLOP_TRAIN)
@@ -246,8 +247,7 @@ def main(argv=None):
             ratios["end to end, eager norms (replica img/s / torchvision img/s)"] = e_eager / e_tv
         d_ours = loader_rate(ours_batches(), args.steps, args.warmup, device, n)
         d_tv = loader_rate(tv_batches(), args.steps, args.warmup, device, n)
-        t = race({"ours": lambda: as_default(s_ours)(x, y), "tv": lambda: s_tv(x.contiguous(), y)}, args.steps, 1,
-                 device)
+        t = race({"ours": lambda: s_default(x, y), "tv": lambda: s_tv(x.contiguous(), y)}, args.steps, 1, device)
         table.add("data alone: replica pipeline", d_ours, 0, note="(no model)")
         table.add("data alone: torchvision pipeline", d_tv, 0, note="(no model)")
         for who, d, m in (("replica", d_ours, n / t["ours"]), ("torchvision", d_tv, n / t["tv"])):
@@ -258,7 +258,7 @@ def main(argv=None):
             e_bf = n / timed_steps(ours_batches(), s_bf, args.steps, args.warmup, device)
             table.add("end to end: replica, bf16 autocast", e_bf, FLOP_TRAIN, "bf16")
             ratios["end to end, replica bf16 vs torchvision fp32"] = e_bf / e_tv
-        del ours, tv, s_ours, s_tv
+        del ours, tv, s_ours, s_tv, s_default
 
     if "eval" in only:
         print("\n[3] ten-view evaluation")
@@ -316,7 +316,7 @@ def main(argv=None):
             table.add(f"two devices {pair[0]} + {pair[1]}, batch {small}", small / t["two"], FLOP_TRAIN, note=note)
             table.add(f"one device cuda:0, batch {small}", small / t["one"], FLOP_TRAIN)
             # last: the norms' first compile (Triton) is the slowest part of [4]
-            s_f = fused(lambda: s_bf(x, y))
+            s_f = fused(ours, lambda: s_bf(x, y))
             s_f()  # compiles the norms (on failure: one warning, then the eager norms)
             tf = race({"f": s_f, "e": lambda: s_bf(x, y)}, args.steps, args.warmup, device)
             table.add("model step bf16, fused_norms=true", n / tf["f"], FLOP_TRAIN, "bf16")

@@ -66,14 +66,14 @@ def train_step_fn(model, x, y):
     return step
 
 
-def fused(fn):
-    """``fn`` with the norms as compiled fused loops (the ``fused_norms`` option), off again after."""
+def fused(model, fn):
+    """``fn`` with ``model``'s norms as compiled fused loops (``fused_norms``), off again after."""
     def call(*args):
-        layers.set_fused_norms(True)
+        model.fused_norms = True
         try:
             fn(*args)
         finally:
-            layers.set_fused_norms(False)
+            model.fused_norms = False
     return call
 
 
@@ -121,7 +121,7 @@ def fast_paths(device, n: int, bf16: bool, steps: int, warmup: int) -> None:
             "optimizer as 4 plain passes (not fused)": stepper(fused=False)}
     if not bf16:
         del rows["window sums as shifted adds"]  # float32 uses shifted adds anyway
-        rows["all, fused norms (CPU default, float32)"] = fused(stepper())
+        rows["all, fused norms (CPU default, float32)"] = fused(model, stepper())
     t = race(rows, steps, warmup, device)
     base = t["all fast paths, eager norms"]
     print(f"\n{'train step, batch ' + str(n) + (', bf16 autocast' if bf16 else ', float32'):<42} {'s/step':>8} "
@@ -166,7 +166,8 @@ def main(argv=None):
     }
     fns = {k: train_step_fn(m, x.contiguous(memory_format=torch.channels_last) if "channels_last" in k else x, y)
            for k, m in models.items()}
-    fns["replica as-run, fused norms"] = fused(train_step_fn(models["replica as-run, eager norms"], x, y))
+    net = models["replica as-run, eager norms"]
+    fns["replica as-run, fused norms"] = fused(net, train_step_fn(net, x, y))
     t = race(fns, args.steps, args.warmup, device)
     ours, ref = t["replica as-run, eager norms"], t["torchvision alexnet"]
     print(f"\n{'train step':<38} {'s/step':>8} {'img/s':>8}")
@@ -184,7 +185,7 @@ def main(argv=None):
     torch_lrn = torch.nn.LocalResponseNorm(5, alpha=1e-4, beta=0.75, k=2.0)
     lrn = {
         "replica LRN, eager": lambda: local_response_norm(a_cl, 5, 1e-4, 0.75, 2.0).backward(g_cl),
-        "replica LRN, fused": fused(lambda: local_response_norm(a_cl, 5, 1e-4, 0.75, 2.0).backward(g_cl)),
+        "replica LRN, fused": lambda: local_response_norm(a_cl, 5, 1e-4, 0.75, 2.0, fused=True).backward(g_cl),
         "replica LRN, NCHW": lambda: local_response_norm(a, 5, 1e-4, 0.75, 2.0).backward(g),
         "torch LocalResponseNorm": lambda: torch_lrn(a).backward(g),
     }
