@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -77,7 +78,7 @@ def _cmd_train(args) -> int:
             raise ReplicaError(f"{out} already holds a run; continue it with --resume {out}, or choose --out")
         result = train(cfg, out)
         run = out
-    if not result.get("stopped"):
+    if not result.get("stopped") and os.environ.get("RANK", "0") == "0":
         print(f"finished: {run} (metrics.jsonl, last.pt, best.pt)")
     return 0
 
@@ -243,6 +244,8 @@ def main(argv=None) -> int:
     try:
         return args.func(args)
     except ReplicaError as e:
+        if e.quiet:  # a stop taken by every process of a torchrun job: rank 0 says it and exits non-zero;
+            return 0  # the others exit 0, since torchrun would kill rank 0 at another's failure, mid-sentence
         print(f"replica: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -2,4 +2,12 @@
 
 
 class ReplicaError(Exception):
-    """A mistake in what the user asked for (config, devices, paths, files)."""
+    """A mistake in what the user asked for (config, devices, paths, files).
+
+    ``quiet``: the same stop, raised in every process of a torchrun job but rank 0; only rank 0
+    says it (and its exit status is the job's), so a user reads one message, not one per process.
+    """
+
+    def __init__(self, *args, quiet: bool = False):
+        super().__init__(*args)
+        self.quiet = quiet

@@ -1,12 +1,11 @@
 """Top-1 and top-5 error, one view and ten views. Never touches optimizer state."""
 from __future__ import annotations
 
-import contextlib
-
 import numpy as np
 import torch
 
 from . import augment
+from .runtime import autocast
 
 
 def topk_errors(probs: torch.Tensor, labels: torch.Tensor) -> tuple[int, int]:
@@ -28,14 +27,13 @@ def predict_probs(model, u8: torch.Tensor, mean_crop: torch.Tensor, views: int =
     dev = model.devices[0]
     u8 = u8.to(dev)
     mean_crop = mean_crop.to(dev)
-    amp = torch.autocast(dev.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
     if views == 1:
-        with amp:
+        with autocast(model.devices, bf16):
             logits = model(augment.centre_view(u8, mean_crop, crop))
         return torch.softmax(logits.float(), 1)
     x = augment.ten_views(u8, mean_crop, crop)  # (B, 10, 3, h, w)
     b = x.shape[0]
-    with amp:
+    with autocast(model.devices, bf16):
         logits = model(x.flatten(0, 1))
     p = torch.softmax(logits.float(), 1)  # (B·10, classes)
     return p.view(b, 10, -1).mean(1)  # average probabilities, not logits (src/layer.cu:1809-1822)

@@ -65,14 +65,15 @@ def _check_device(spec) -> torch.device:
     return dev
 
 
-def resolve_devices(devices="auto") -> tuple[torch.device, ...]:
+def resolve_devices(devices="auto", towers: int = 2) -> tuple[torch.device, ...]:
     """One or two devices from ``"auto"``, a device, or a pair of devices.
 
-    ``"auto"`` picks two GPUs, else one GPU, else the CPU, and logs the choice.
+    ``"auto"`` picks two GPUs, else one GPU, else the CPU, and logs the choice; for a net of
+    one tower (``towers=1``: variant one-gpu-half) it picks one GPU, else the CPU.
     """
     if isinstance(devices, str) and devices == "auto":
         n = torch.cuda.device_count()
-        chosen = ("cuda:0", "cuda:1") if n >= 2 else ("cuda:0",) if n == 1 else ("cpu",)
+        chosen = ("cuda:0", "cuda:1") if n >= 2 and towers == 2 else ("cuda:0",) if n >= 1 else ("cpu",)
         log.info("devices=auto: %s (%d CUDA device(s) visible)", " + ".join(chosen), n)
         devices = chosen
     if isinstance(devices, (str, torch.device)):
@@ -89,8 +90,13 @@ def cross(x: Tensor, device: torch.device) -> Tensor:
     Forward it is a copy ``y = x`` onto ``device``; backward autograd copies ``∂L/∂y`` back.
     Per image in fp32 this carries 28,288 floats each way (conv3 21,632, fc6 4,608, fc7 2,048)
     plus 2,048 into fc8 (SPEC.md §7). On the same device it returns ``x`` itself.
+
+    Non-blocking only onto a CUDA device: there the copy is queued on the destination's stream,
+    ahead of every kernel that reads it. A non-blocking copy from a GPU onto the CPU returns
+    before the bytes have arrived, and the CPU tower would read a half-written tensor (a
+    ``cuda:0,cpu`` split); onto the CPU it blocks until the data is there.
     """
-    return x.to(device, non_blocking=True)
+    return x.to(device, non_blocking=device.type == "cuda")  # (N, …) on x.device → (N, …) on device
 
 
 # ----------------------------------------------------------------------------------------------
@@ -244,7 +250,7 @@ class AlexNet(nn.Module):
 
     def place(self, devices="auto") -> "AlexNet":
         """Put tower a (and fc8) on the first device, tower b on the second."""
-        self.devices = resolve_devices(devices)
+        self.devices = resolve_devices(devices, towers=len(self.towers))
         if self.tower_b is None and len(self.devices) == 2:
             raise ReplicaError("variant 'one-gpu-half' has one tower: give it one device, not two")
         d0 = self.devices[0]

@@ -1,6 +1,7 @@
 """Process-level settings that make CPU training faster without changing any result."""
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import logging
@@ -54,3 +55,20 @@ def fast_bf16(device) -> bool:
     except OSError:
         return False
     return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+@contextlib.contextmanager
+def autocast(devices, bf16: bool):
+    """bfloat16 autocast on every device type the model spans (nothing when ``bf16`` is off).
+
+    ``torch.autocast`` covers one device type: entered for ``cuda`` alone, a ``cuda:0,cpu``
+    split would run tower b in float32 and tower a in bf16. One context per device type keeps
+    both towers at the precision the run asked for.
+    """
+    import torch
+
+    with contextlib.ExitStack() as stack:
+        if bf16:
+            for kind in dict.fromkeys(torch.device(d).type for d in devices):
+                stack.enter_context(torch.autocast(kind, dtype=torch.bfloat16))
+        yield

@@ -59,11 +59,19 @@ def time_train_step(model: AlexNet, batch: int, image: int = 224) -> float:
     x = torch.randn(batch, 3, image, image) * 50
     y = torch.randint(0, model.num_classes, (batch,))
     model.train()
+    cuda = [d for d in model.devices if d.type == "cuda"]
+
+    def sync():  # a GPU returns from its launches at once: wait for the work itself
+        for d in cuda:
+            torch.cuda.synchronize(d)
+
     times = []
     for _ in range(2):
+        sync()
         t0 = time.perf_counter()
         out = model(x)
         torch.nn.functional.cross_entropy(out, y.to(out.device)).backward()
+        sync()
         times.append(time.perf_counter() - t0)
     model.zero_grad(set_to_none=True)
     return times[-1]

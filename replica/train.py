@@ -1,12 +1,17 @@
-"""One plain loop: train_one_epoch → evaluate → schedule → checkpoint. Resumable exactly.
+"""One plain loop: train_one_epoch → end of epoch (validate, schedule, checkpoint, metrics).
 
 Everything random is either derived from (seed, epoch, batch) — data order, crops, flips,
 colour noise — or kept in the checkpoint — the dropout RNG — so a run stopped anywhere and
 resumed ends with the same parameters as one that never stopped.
+
+Under torchrun every process takes each decision that leads into a collective (save, stop,
+give up on an error) at the same step: :class:`Ranks` all-reduces one small flag tensor per
+step on a CPU (gloo) group, so a signal, a clock or a bad batch seen by one process stops or
+saves all of them together, never one in ``all_gather_object`` while another waits in DDP's
+all-reduce.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
@@ -20,6 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from . import augment
 from .config import Config, dump_config
 from .data import TrainBatches, compute_stats, loader, open_heldout, open_images
 from .errors import ReplicaError
@@ -28,9 +34,14 @@ from .model import AlexNet, resolve_devices
 from .optim import PaperSGD, Schedule, apply_lrs, param_groups
 from .runs import (CKPT_FORMAT, CKPT_VERSION, append_metrics, atomic_write, check_compatible, code_version,
                    load_checkpoint, log_bad_inputs, save_checkpoint, write_metrics)
+from .runtime import autocast
 from .store import PreparedStore
 
 log = logging.getLogger("replica")
+
+# Losses stay on the device and are read (and checked for NaN) every this many steps, and
+# before every save: reading one makes the CPU wait for the GPU. On the CPU there is no wait.
+LOSS_READ_STEPS = {"cpu": 1, "cuda": 20}
 
 
 class TrainingStopped(ReplicaError):
@@ -47,16 +58,87 @@ def dist_info() -> tuple[int, int, int]:
 
 
 def process_devices(cfg: Config, local_rank: int, world: int):
+    """The device(s) of this process: the config's alone, or its share of the node's GPUs under torchrun."""
     if world == 1:
         return cfg.devices if "," not in cfg.devices else tuple(cfg.devices.split(","))
     if cfg.devices == "cpu" or not torch.cuda.is_available():
         return "cpu"
-    k = cfg.devices_per_process
+    k = 1 if cfg.variant == "one-gpu-half" else cfg.devices_per_process  # one tower, one GPU
     first = local_rank * k
     if first + k > torch.cuda.device_count():
         raise ReplicaError(f"process {local_rank} needs cuda:{first}…cuda:{first + k - 1}, but only "
                            f"{torch.cuda.device_count()} GPUs are visible (devices_per_process={k})")
     return tuple(f"cuda:{first + i}" for i in range(k)) if k == 2 else f"cuda:{first}"
+
+
+class Ranks:
+    """The processes of a run, and the decisions they take together.
+
+    One process: every call is the identity. Under torchrun: collectives on ``group``, a gloo
+    group of CPU tensors (NCCL's own group carries only DDP's gradients), so deciding costs no
+    wait on the GPU and object collectives never guess a device.
+    """
+
+    FLAGS = ("stop", "save", "error", "nan")
+
+    def __init__(self, rank: int = 0, world: int = 1, group=None):
+        self.rank, self.world, self.group = rank, world, group
+        self.main = rank == 0
+
+    def agree(self, **flags) -> dict:
+        """Each flag true if it is true in any process (an all-reduce of one int tensor)."""
+        if self.world == 1:
+            return {k: bool(flags.get(k)) for k in self.FLAGS}
+        t = torch.tensor([int(bool(flags.get(k))) for k in self.FLAGS], dtype=torch.int64)
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX, group=self.group)
+        return {k: bool(v) for k, v in zip(self.FLAGS, t.tolist())}
+
+    def gather(self, obj) -> list:
+        if self.world == 1:
+            return [obj]
+        out = [None] * self.world
+        torch.distributed.all_gather_object(out, obj, group=self.group)
+        return out
+
+    def broadcast(self, obj):
+        """Rank 0's ``obj`` in every process."""
+        if self.world == 1:
+            return obj
+        box = [obj]
+        torch.distributed.broadcast_object_list(box, src=0, group=self.group)
+        return box[0]
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            torch.distributed.barrier(group=self.group)
+
+    def first_message(self, message: str | None) -> str:
+        """The first process's message of those that have one, naming it when there are several."""
+        msgs = self.gather(message)
+        r, m = next((r, m) for r, m in enumerate(msgs) if m is not None)
+        return m if self.world == 1 else f"process {r}: {m}"
+
+
+def setup_ranks(cfg: Config) -> tuple[Ranks, tuple]:
+    """Join torchrun's job (if any) and pick this process's devices, in that order's reverse:
+    a process's GPU is set before its process group exists, so NCCL and its barrier use it."""
+    rank, world, local_rank = dist_info()
+    if cfg.batch_size % world:
+        raise ReplicaError(f"batch_size {cfg.batch_size} does not split across {world} processes: give a "
+                           f"multiple of {world}")
+    spec = process_devices(cfg, local_rank, world)
+    if world == 1:
+        return Ranks(), spec
+    dist = torch.distributed
+    first = torch.device(spec[0] if isinstance(spec, tuple) else spec)
+    if not dist.is_initialized():
+        if first.type == "cuda":
+            torch.cuda.set_device(first)
+            dist.init_process_group("nccl", device_id=first)
+        else:
+            dist.init_process_group("gloo")
+    group = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else None
+    return Ranks(rank, world, group), spec
 
 
 def open_data(cfg: Config):
@@ -125,15 +207,19 @@ def set_rng_state(st: dict) -> None:
         torch.cuda.set_rng_state_all(st["cuda"][: torch.cuda.device_count()])
 
 
-# ----------------------------------------------------------------------------------------------
-# The loop
-
-
 class _Stop:
-    """Ctrl-C / SIGTERM: finish the step, save, exit cleanly."""
+    """Ctrl-C / SIGTERM: finish the step, save, exit cleanly.
+
+    A second signal stops at once, unless ``escalate`` is off or it comes within a second of
+    the first: a terminal's Ctrl-C reaches every process of the group, and torchrun forwards
+    the signal it got to its workers again, so one Ctrl-C can arrive twice. Under torchrun a
+    worker never escalates; the agent kills workers that have not exited 30 s after it.
+    """
 
     def __init__(self):
         self.requested = None
+        self.escalate = True
+        self._first = 0.0
         self._old = {}
 
     def __enter__(self):
@@ -146,262 +232,380 @@ class _Stop:
         return self
 
     def _handle(self, signum, frame):
-        if self.requested is not None:  # a second Ctrl-C: stop now
-            raise KeyboardInterrupt
+        if self.requested is not None:
+            if self.escalate and time.monotonic() - self._first > 1.0:  # a second Ctrl-C: stop now
+                raise KeyboardInterrupt
+            return
         self.requested = signal.Signals(signum).name
+        self._first = time.monotonic()
 
     def __exit__(self, *exc):
         for s, h in self._old.items():
             signal.signal(s, h)
 
 
-def train(cfg: Config, out, resume: bool = False, progress: bool = True) -> dict:
-    """Train per ``cfg`` into the run folder ``out``; with ``resume``, continue what is there."""
-    from tqdm import tqdm
+# ----------------------------------------------------------------------------------------------
+# The loop
 
-    run = Path(out)
-    rank, world, local_rank = dist_info()
-    main = rank == 0
-    if cfg.batch_size % world:
-        raise ReplicaError(f"batch_size {cfg.batch_size} does not split across {world} processes: give a "
-                           f"multiple of {world}")
-    if world > 1 and not torch.distributed.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() and cfg.devices != "cpu" else "gloo"
-        torch.distributed.init_process_group(backend)
-    per_rank = cfg.batch_size // world
-    if main:
-        run.mkdir(parents=True, exist_ok=True)
 
-    train_images, val_images, classes = open_data(cfg)
-    if cfg.num_classes is not None and cfg.num_classes != len(classes):
-        raise ReplicaError(f"num_classes={cfg.num_classes}, but {cfg.data} has {len(classes)} classes")
-    num_classes = len(classes)
-    if world > 1:
-        torch.distributed.barrier()
-    mean, pca = data_stats(train_images, run) if main or isinstance(train_images, PreparedStore) else (None, None)
-    if world > 1 and not isinstance(train_images, PreparedStore):
-        box = [mean, pca]
-        torch.distributed.broadcast_object_list(box, src=0)
-        mean, pca = box
+class _Run:
+    """One training run's state and its three phases: setup, train_one_epoch, end_of_epoch."""
 
-    torch.manual_seed(cfg.seed)  # the same initial weights in every process
-    devices = resolve_devices(process_devices(cfg, local_rank, world))
-    model = build_model(cfg, num_classes, devices)
-    meta = model_meta(cfg, num_classes, classes)
-    opt = PaperSGD(param_groups(model, cfg.lr, cfg.weight_decay, cfg.bias_lr), momentum=cfg.momentum)
-    steps_per_epoch = len(TrainBatches(train_images, per_rank, mean, None, world=world, rank=rank, crop=cfg.crop))
-    if cfg.steps_per_epoch:
-        steps_per_epoch = min(steps_per_epoch, cfg.steps_per_epoch)
-    sched = Schedule(cfg, steps_per_epoch)
-    epoch, in_epoch, step, best = 0, 0, 0, math.inf
-    records: list[dict] = []  # metrics.jsonl's lines, also kept in each checkpoint
-    partial = None  # the running sums of an epoch stopped part-way, so its record counts every step
-    t_epoch, seen, loss_sum, loss_n, skipped = time.time(), 0, 0.0, 0, 0
-    torch.manual_seed(cfg.seed * 1000 + rank + 1)  # dropout masks: one stream per process
+    def __init__(self, cfg: Config, out, progress: bool):
+        self.cfg, self.run, self.progress = cfg, Path(out), progress
+        self.ranks, spec = setup_ranks(cfg)
+        self.main = self.ranks.main
+        self.per_rank = cfg.batch_size // self.ranks.world
+        if self.main:
+            self.run.mkdir(parents=True, exist_ok=True)
 
-    if resume and not (run / "last.pt").exists():  # stopped before its first checkpoint: nothing to keep
-        if main:
-            print(f"{run} has no checkpoint yet: starting from the beginning")
-        resume = False
-    if resume:
-        ckpt = load_checkpoint(run / "last.pt")
-        check_compatible(ckpt["meta"], meta, run / "last.pt")
-        model.load_state_dict(ckpt["model"])
-        names = dict(model.named_parameters())
+        self.train_images, self.val_images, classes = open_data(cfg)
+        if cfg.num_classes is not None and cfg.num_classes != len(classes):
+            raise ReplicaError(f"num_classes={cfg.num_classes}, but {cfg.data} has {len(classes)} classes")
+        self.num_classes = len(classes)
+        self.ranks.barrier()  # the run folder exists for every process
+        store = isinstance(self.train_images, PreparedStore)
+        mean, pca = data_stats(self.train_images, self.run) if self.main or store else (None, None)
+        if not store:
+            mean, pca = self.ranks.broadcast((mean, pca))
+        self.mean, self.pca = mean, pca
+
+        torch.manual_seed(cfg.seed)  # the same initial weights in every process
+        self.devices = resolve_devices(spec, towers=1 if cfg.variant == "one-gpu-half" else 2)
+        self.dev0 = self.devices[0]
+        self.model = build_model(cfg, self.num_classes, self.devices)
+        self.meta = model_meta(cfg, self.num_classes, classes)
+        self.opt = PaperSGD(param_groups(self.model, cfg.lr, cfg.weight_decay, cfg.bias_lr), momentum=cfg.momentum)
+        r, w = self.ranks.rank, self.ranks.world
+        n = len(TrainBatches(self.train_images, self.per_rank, mean, None, world=w, rank=r, crop=cfg.crop))
+        self.steps_per_epoch = min(n, cfg.steps_per_epoch) if cfg.steps_per_epoch else n
+        self.sched = Schedule(cfg, self.steps_per_epoch)
+        # the mean crop, once on the device (finish() would otherwise copy it every step)
+        self.mean_crop = augment.centre_crop_of(torch.as_tensor(mean), cfg.crop).to(self.dev0)
+        self.epoch, self.in_epoch, self.step, self.best = 0, 0, 0, math.inf
+        self.records: list[dict] = []  # metrics.jsonl's lines, also kept in each checkpoint
+        self.partial = None  # the running sums of an epoch stopped part-way, so its record counts every step
+        self.t_epoch, self.seen, self.loss_sum, self.loss_n, self.skipped = time.time(), 0, 0.0, 0, 0
+        self.pending: list[torch.Tensor] = []  # this process's losses not read yet (on the device)
+        self.last_loss = None
+        self.recent: list[float] = []
+        self.stall_warned = False
+        self.bad_warned = 0  # the first 10 bad inputs are named on the console; all go to bad_inputs.tsv
+        self.read_every = LOSS_READ_STEPS.get(self.dev0.type, 20)
+        torch.manual_seed(cfg.seed * 1000 + r + 1)  # dropout masks: one stream per process
+
+    # -- resume / start ------------------------------------------------------------------------
+
+    def resume(self) -> bool:
+        """Load last.pt; False if the run finished already."""
+        ckpt = load_checkpoint(self.run / "last.pt")
+        check_compatible(ckpt["meta"], self.meta, self.run / "last.pt")
+        self.model.load_state_dict(ckpt["model"])
+        names = dict(self.model.named_parameters())
         if "momentum" in ckpt:  # the optimizer's own buffers: bit for bit
-            opt.load_checkpoint_state(names, ckpt["momentum"])
+            self.opt.load_checkpoint_state(names, ckpt["momentum"])
         else:  # a checkpoint from before the fused optimizer: velocities only
             for name, v in ckpt["velocity"].items():
-                opt.set_velocity(names[name], v.to(names[name].device))
-        sched.load_state_dict(ckpt["schedule"])
-        epoch, in_epoch, step, best = (ckpt["progress"][k] for k in ("epoch", "in_epoch", "step", "best"))
-        records = list(ckpt["progress"].get("records", []))
-        partial = ckpt["progress"].get("partial") if in_epoch else None
-        if main:  # metrics.jsonl says what the checkpoint says: no epoch lost, none counted twice
-            write_metrics(run, records)
-        if ckpt["progress"].get("done"):
-            if main:
-                print(f"{run} finished already ({step} steps); nothing to resume")
-            return dict(stopped=None, step=step, epochs=epoch, best_val_top1_err=best)
+                self.opt.set_velocity(names[name], v.to(names[name].device))
+        self.sched.load_state_dict(ckpt["schedule"])
+        prog = ckpt["progress"]
+        self.epoch, self.in_epoch, self.step, self.best = (prog[k] for k in ("epoch", "in_epoch", "step", "best"))
+        self.records = list(prog.get("records", []))
+        self.partial = prog.get("partial") if self.in_epoch else None
+        if self.main:  # metrics.jsonl says what the checkpoint says: no epoch lost, none counted twice
+            write_metrics(self.run, self.records)
+        if prog.get("done"):
+            if self.main:
+                print(f"{self.run} finished already ({self.step} steps); nothing to resume")
+            return False
         states = ckpt["rng"]  # one per process that saved it
-        set_rng_state(states[rank] if rank < len(states) else states[0])
-        if main:
-            log.info("resumed %s at epoch %d, step %d of the epoch (%d in all)", run, epoch + 1, in_epoch, step)
-    elif main:
+        set_rng_state(states[self.ranks.rank] if self.ranks.rank < len(states) else states[0])
+        if self.main:
+            log.info("resumed %s at epoch %d, step %d of the epoch (%d in all)", self.run, self.epoch + 1,
+                     self.in_epoch, self.step)
+        return True
+
+    def start(self) -> None:
+        if not self.main:
+            return
+        cfg, run = self.cfg, self.run
         atomic_write(run / "config.yaml", lambda f: f.write(dump_config(cfg).encode()))
         atomic_write(run / "version.json", lambda f: f.write(json.dumps(code_version(), indent=1).encode()))
         (run / "metrics.jsonl").unlink(missing_ok=True)
         log.info("run %s: %s, %d classes, %d training images, batch %d, %d steps (%d per epoch), devices %s",
-                 run, cfg.preset, num_classes, len(train_images), cfg.batch_size, sched.total_steps,
-                 steps_per_epoch, " + ".join(map(str, devices)))
+                 run, cfg.preset, self.num_classes, len(self.train_images), cfg.batch_size, self.sched.total_steps,
+                 self.steps_per_epoch, " + ".join(map(str, self.devices)))
 
-    net = model
-    if world > 1:
-        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=None)  # the module may span two devices
-    fwd = torch.compile(net) if cfg.compile else net
-    dev0 = devices[0]
-    model.fused_norms = fused_norms_for(cfg, dev0)  # this run's model only; eval afterwards is eager
-    if main and model.fused_norms:
-        log.info("fused norms: the first step compiles them (about half a minute the first time, "
-                 "seconds from the cache); fused_norms=false runs the eager ones")
-    amp = torch.autocast(dev0.type, dtype=torch.bfloat16) if cfg.bf16 else contextlib.nullcontext()
+    def prepare_step_function(self) -> None:
+        model, cfg = self.model, self.cfg
+        net = model
+        if self.ranks.world > 1:
+            one_gpu = len(self.devices) == 1 and self.dev0.type == "cuda"
+            # a module spanning two devices takes device_ids=None
+            net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[self.dev0] if one_gpu else None)
+        self.fwd = torch.compile(net) if cfg.compile else net
+        model.fused_norms = fused_norms_for(cfg, self.dev0)  # this run's model only; eval afterwards is eager
+        if self.main and model.fused_norms:
+            log.info("fused norms: the first step compiles them (about half a minute the first time, "
+                     "seconds from the cache); fused_norms=false runs the eager ones")
 
-    def checkpoint(path: Path):
-        states = [rng_state()]
-        if world > 1:
-            gathered = [None] * world
-            torch.distributed.all_gather_object(gathered, states[0])
-            states = gathered
-        if not main:
+    # -- saving ----------------------------------------------------------------------------------
+
+    def checkpoint(self, path: Path) -> None:
+        """Every process's RNG state, and rank 0 writes (a collective: every process calls it)."""
+        states = self.ranks.gather(rng_state())
+        if not self.main:
             return
-        ckpt = dict(format=CKPT_FORMAT, version=CKPT_VERSION, meta=meta, config=cfg.to_dict(),
+        opt, sched, model = self.opt, self.sched, self.model
+        ckpt = dict(format=CKPT_FORMAT, version=CKPT_VERSION, meta=self.meta, config=self.cfg.to_dict(),
                     model={k: v.detach().cpu() for k, v in model.state_dict().items()},
                     momentum=opt.state_for_checkpoint(model.named_parameters()),  # v = −ε·b (PaperSGD)
                     schedule=sched.state_dict(),
-                    progress=dict(epoch=epoch, in_epoch=in_epoch, step=step, best=best,
-                                  done=sched.finished(step) and in_epoch == 0, records=records,
-                                  partial=dict(loss_sum=loss_sum, loss_n=loss_n, seen=seen, skipped=skipped,
-                                               seconds=time.time() - t_epoch)),
-                    rng=states, mean=torch.as_tensor(mean, dtype=torch.float32),
-                    pca={k: v for k, v in pca.items()} if pca else {})
+                    progress=dict(epoch=self.epoch, in_epoch=self.in_epoch, step=self.step, best=self.best,
+                                  done=sched.finished(self.step) and self.in_epoch == 0, records=self.records,
+                                  partial=dict(loss_sum=self.loss_sum, loss_n=self.loss_n, seen=self.seen,
+                                               skipped=self.skipped, seconds=time.time() - self.t_epoch)),
+                    rng=states, mean=torch.as_tensor(self.mean, dtype=torch.float32),
+                    pca={k: v for k, v in self.pca.items()} if self.pca else {})
         try:
             save_checkpoint(path, ckpt)
         except ReplicaError as e:  # disk full, read-only, quota: the previous file is untouched
             kept = "; the previous checkpoint is intact" if path.exists() else ""
             raise ReplicaError(f"{e}{kept}. Free space or fix permissions, then resume with: "
-                               f"replica train --resume {run}") from None
+                               f"replica train --resume {self.run}") from None
 
-    def stop_with_save(message: str):
-        """Save what the steps so far have done, then stop with ``message``."""
-        checkpoint(run / "last.pt")
-        raise ReplicaError(f"{message}. Progress is saved in {run / 'last.pt'} (epoch {epoch + 1}, step "
-                           f"{in_epoch} of {steps_per_epoch}); resume with: replica train --resume {run}")
+    def save_last(self) -> None:
+        """last.pt, after every process has checked its losses since the last read."""
+        self.read_losses()
+        self.checkpoint(self.run / "last.pt")
 
-    ln_c = math.log(num_classes)
-    recent: list[float] = []
-    stall_warned = False
-    bad_warned = 0  # the first 10 bad inputs are named on the console; all go to bad_inputs.tsv
-    last_save = time.time()
-    with _Stop() as stop:
-        while not sched.finished(step):
-            ds = TrainBatches(train_images, per_rank, mean, pca, seed=cfg.seed, epoch=epoch, start=in_epoch,
-                              pca_mode=cfg.pca_kind, noise=cfg.pca_noise, chunk=cfg.flip_chunk, rank=rank,
-                              world=world, crop=cfg.crop)
-            todo = min(steps_per_epoch - in_epoch, sched.total_steps - step)
-            t_epoch, seen, loss_sum, loss_n, skipped = time.time(), 0, 0.0, 0, 0
-            if partial:
-                loss_sum, loss_n, seen, skipped = (partial[k] for k in ("loss_sum", "loss_n", "seen", "skipped"))
-                t_epoch -= partial["seconds"]
-                partial = None
-            model.train()
-            bar = tqdm(total=steps_per_epoch, initial=in_epoch, desc=f"epoch {epoch + 1}", unit="step",
-                       disable=not (progress and main), dynamic_ncols=True, leave=False)
-            it = iter(loader(ds, cfg.workers, pin_memory=dev0.type == "cuda"))
-            try:
-                for _ in range(todo):
-                    try:
-                        crops, shift, labels, b, bad = next(it)
-                    except RuntimeError as e:
-                        if "DataLoader worker" not in str(e):
-                            raise
-                        stop_with_save(f"a data-loader worker died at epoch {epoch + 1}, batch {in_epoch + 1} "
-                                       f"({str(e).strip().splitlines()[0][:160]}). Out of memory is the usual "
-                                       f"cause: lower workers={cfg.workers} or batch_size={cfg.batch_size}")
-                    if bad:
-                        skipped += len(bad)
-                        if main:
-                            log_bad_inputs(run, epoch, b, bad, warn=10 - bad_warned)
-                            bad_warned += len(bad)
-                        if cfg.strict_data:
-                            what, why, _ = bad[0]
-                            stop_with_save(f"bad input {what}: {why} (strict_data=true; set strict_data=false to "
-                                           f"skip and count such inputs)")
-                    lrs = sched.lrs(step)
-                    apply_lrs(opt, lrs)
-                    if len(labels) == 0:  # every input of this batch was bad: nothing to learn from
-                        if world > 1:  # the other processes wait in all-reduce for this one's gradients
-                            stop_with_save(f"every input of batch {in_epoch + 1} on process {rank} was bad; "
-                                           f"see {run / 'bad_inputs.tsv'}")
-                        step, in_epoch = step + 1, in_epoch + 1
-                        bar.update(1)
-                        continue
-                    x = ds.finish(crops.to(dev0, non_blocking=True), shift if sched.noise_on(step) else None)
-                    y = labels.to(dev0, non_blocking=True)
-                    with amp:
-                        logits = fwd(x)
-                    loss = F.cross_entropy(logits.float(), y)
-                    if not torch.isfinite(loss):
-                        raise TrainingStopped(
-                            f"loss is {loss.item()} at epoch {epoch + 1}, step {in_epoch + 1}: stopped. The last "
-                            f"good checkpoint is kept in {run / 'last.pt'}. Try a lower lr or init=caffe.")
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    opt.step()
-                    step, in_epoch = step + 1, in_epoch + 1
-                    lv = loss.item()
-                    loss_sum, loss_n, seen = loss_sum + lv, loss_n + 1, seen + len(y) * world
-                    recent = (recent + [lv])[-50:]
-                    if cfg.stall_steps and step == cfg.stall_steps and not stall_warned and main:
-                        if sum(recent) / len(recent) > 0.97 * ln_c:
-                            stall_warned = True
-                            tqdm.write(f"warning: after {step} steps the loss is still {sum(recent) / len(recent):.3f} "
-                                       f"≈ ln({num_classes}) = {ln_c:.3f}: a stalled start. The paper's init (biases 1, "
-                                       f"σ 0.01) is known to sit there for a long time; init=caffe (biases 0.1, "
-                                       f"fc6/fc7 σ 0.005) usually starts at once.")
-                    rate = seen / max(time.time() - t_epoch, 1e-9)
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{lv:.3f}", lr=f"{lrs['weight']:.0e}", img_s=f"{rate:.0f}", refresh=False)
-                    if stop.requested:
-                        break
-                    if time.time() - last_save > cfg.checkpoint_minutes * 60:
-                        checkpoint(run / "last.pt")
-                        last_save = time.time()
-            finally:
-                bar.close()
-                del it
-            if stop.requested:
-                checkpoint(run / "last.pt")
-                if main:
-                    print(f"stopped by {stop.requested} at epoch {epoch + 1}, step {in_epoch} of {steps_per_epoch}; "
-                          f"saved {run / 'last.pt'}. Resume with: replica train --resume {run}")
-                return dict(stopped=stop.requested, step=step)
-            if in_epoch < steps_per_epoch and not sched.finished(step):
-                continue
-            # end of an epoch (or of the run)
-            record = dict(epoch=epoch + 1, step=step, train_loss=loss_sum / loss_n if loss_n else None,
-                          lr={k: v for k, v in sched.lrs(step - 1).items()}, noise=sched.noise_on(step - 1),
-                          seconds=time.time() - t_epoch, images_per_s=seen / max(time.time() - t_epoch, 1e-9),
-                          skipped_files=skipped)
-            err = None
-            if val_images is not None and main:
-                r = evaluate(model, val_images, mean, views=1, batch=min(cfg.batch_size, 128),
-                             max_batches=cfg.val_batches, crop=cfg.crop, bf16=cfg.bf16)
-                record.update(val_top1_err=r["top1_err"], val_top5_err=r["top5_err"], val_images=r["images"])
-                err = r["top1_err"]
-            if world > 1:
-                box = [err]
-                torch.distributed.broadcast_object_list(box, src=0)
-                err = box[0]
-            if err is not None and sched.on_validation(err) and main:
-                tqdm.write(f"validation error stopped improving: learning rate ÷10 (drop {sched.plateau_drops})")
-            epoch, in_epoch = epoch + 1, 0
-            improved = err is not None and err < best
-            if improved:
-                best = err
-            records.append(record)
-            # best, then last, then the metrics line: a kill between any two is repaired on resume
-            # (the epoch is redone from the older last.pt, or metrics.jsonl is rewritten from it)
-            if improved:
-                checkpoint(run / "best.pt")
-            checkpoint(run / "last.pt")
-            last_save = time.time()
-            if main:
-                append_metrics(run, record)
-                loss_text = f"{record['train_loss']:.4f}" if loss_n else "n/a (no usable input)"
-                msg = f"epoch {record['epoch']}: loss {loss_text}"
-                if err is not None:
-                    msg += f", val top-1 {record['val_top1_err']:.2%} top-5 {record['val_top5_err']:.2%} (1 view)"
-                tqdm.write(msg + f", {record['images_per_s']:.0f} img/s")
-    if world > 1:
-        torch.distributed.barrier()
-    return dict(stopped=None, step=step, epochs=epoch, best_val_top1_err=best)
+    def stop_with_save(self, message: str):
+        """Save what the steps so far have done, then stop every process with ``message``."""
+        self.save_last()
+        self.ranks.barrier()  # no process leaves before rank 0's file is complete
+        raise ReplicaError(f"{message}. Progress is saved in {self.run / 'last.pt'} (epoch {self.epoch + 1}, step "
+                           f"{self.in_epoch} of {self.steps_per_epoch}); resume with: replica train --resume "
+                           f"{self.run}", quiet=not self.main)
+
+    # -- losses ----------------------------------------------------------------------------------
+
+    def read_losses(self) -> None:
+        """Bring this process's pending losses to the host (one wait for the device), add them to the
+        epoch's sums, and stop every process if any of them saw a NaN since the last read."""
+        vals = torch.stack(self.pending).tolist() if self.pending else []
+        self.pending = []
+        bad = next((i for i, v in enumerate(vals) if not math.isfinite(v)), None)
+        if self.ranks.agree(nan=bad is not None)["nan"]:
+            msg = None
+            if bad is not None:
+                in_epoch = self.in_epoch - len(vals) + bad + 1  # the step of the epoch (1-based) that saw it
+                msg = f"loss is {vals[bad]} at epoch {self.epoch + 1}, step {in_epoch}"
+            msg = self.ranks.first_message(msg)
+            raise TrainingStopped(f"{msg}: stopped. The last good checkpoint is kept in {self.run / 'last.pt'}. "
+                                  f"Try a lower lr or init=caffe.", quiet=not self.main)
+        for v in vals:
+            self.loss_sum, self.loss_n = self.loss_sum + v, self.loss_n + 1
+        if vals:
+            self.last_loss = vals[-1]
+            self.recent = (self.recent + vals)[-50:]
+        self._check_stall()
+
+    def _check_stall(self) -> None:
+        cfg = self.cfg
+        if not (cfg.stall_steps and self.step >= cfg.stall_steps and not self.stall_warned and self.main
+                and self.recent):
+            return
+        self.stall_warned = True
+        ln_c = math.log(self.num_classes)
+        avg = sum(self.recent) / len(self.recent)
+        if avg > 0.97 * ln_c:
+            from tqdm import tqdm
+
+            tqdm.write(f"warning: after {self.step} steps the loss is still {avg:.3f} ≈ ln({self.num_classes}) = "
+                       f"{ln_c:.3f}: a stalled start. The paper's init (biases 1, σ 0.01) is known to sit there for "
+                       f"a long time; init=caffe (biases 0.1, fc6/fc7 σ 0.005) usually starts at once.")
+
+    # -- one epoch -------------------------------------------------------------------------------
+
+    def _next_batch(self, it):
+        """(batch or None, this process's reason to stop the run or None)."""
+        cfg = self.cfg
+        try:
+            batch = next(it)
+        except RuntimeError as e:
+            if "DataLoader worker" not in str(e):
+                raise
+            return None, (f"a data-loader worker died at epoch {self.epoch + 1}, batch {self.in_epoch + 1} "
+                          f"({str(e).strip().splitlines()[0][:160]}). Out of memory is the usual cause: lower "
+                          f"workers={cfg.workers} or batch_size={cfg.batch_size}")
+        crops, shift, labels, b, bad = batch
+        if bad:
+            self.skipped += len(bad)
+            if self.main:
+                log_bad_inputs(self.run, self.epoch, b, bad, warn=10 - self.bad_warned)
+                self.bad_warned += len(bad)
+            else:  # rank 0 writes the file; the others name theirs on the console
+                from tqdm import tqdm
+
+                for what, why, _ in bad:
+                    tqdm.write(f"warning: process {self.ranks.rank} skipped {what}: {why}")
+            if cfg.strict_data:
+                what, why, _ = bad[0]
+                return batch, (f"bad input {what}: {why} (strict_data=true; set strict_data=false to skip and "
+                               f"count such inputs)")
+        if len(labels) == 0 and self.ranks.world > 1:  # the others would wait in all-reduce for this one
+            return batch, f"every input of batch {self.in_epoch + 1} was bad; see {self.run / 'bad_inputs.tsv'}"
+        return batch, None
+
+    def train_one_epoch(self, stop, bar) -> bool:
+        """The epoch's remaining steps; False if a stop was decided (saved already)."""
+        cfg, sched, ranks = self.cfg, self.sched, self.ranks
+        ds = TrainBatches(self.train_images, self.per_rank, self.mean, self.pca, seed=cfg.seed, epoch=self.epoch,
+                          start=self.in_epoch, pca_mode=cfg.pca_kind, noise=cfg.pca_noise, chunk=cfg.flip_chunk,
+                          rank=ranks.rank, world=ranks.world, crop=cfg.crop)
+        todo = min(self.steps_per_epoch - self.in_epoch, sched.total_steps - self.step)
+        self.model.train()
+        it = iter(loader(ds, cfg.workers, pin_memory=self.dev0.type == "cuda"))
+        try:
+            for _ in range(todo):
+                batch, problem = self._next_batch(it)
+                # the one place where the processes decide together, before anything that waits on the others
+                d = ranks.agree(stop=stop.requested is not None, error=problem is not None,
+                                save=self.main and time.time() - self.last_save > cfg.checkpoint_minutes * 60)
+                if d["error"]:
+                    self.stop_with_save(ranks.first_message(problem))
+                if d["stop"]:
+                    self.save_last()
+                    return False
+                if d["save"]:
+                    self.save_last()
+                    self.last_save = time.time()
+                self._step(ds, batch, bar)
+        finally:
+            del it
+        return True
+
+    def _step(self, ds, batch, bar) -> None:
+        crops, shift, labels, _, _ = batch
+        sched = self.sched
+        lrs = sched.lrs(self.step)
+        apply_lrs(self.opt, lrs)
+        if len(labels) == 0:  # one process only: every input of this batch was bad, nothing to learn from
+            self.step, self.in_epoch = self.step + 1, self.in_epoch + 1
+            bar.update(1)
+            return
+        x = augment.finish(crops.to(self.dev0, non_blocking=True), self.mean_crop,
+                           shift if sched.noise_on(self.step) else None, self.cfg.pca_kind)  # (B, 3, 224, 224)
+        y = labels.to(self.dev0, non_blocking=True)
+        with autocast(self.devices, self.cfg.bf16):
+            logits = self.fwd(x)
+        loss = F.cross_entropy(logits.float(), y)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        self.step, self.in_epoch = self.step + 1, self.in_epoch + 1
+        self.pending.append(loss.detach())
+        self.seen += len(y) * self.ranks.world
+        if len(self.pending) >= self.read_every:
+            self.read_losses()
+        bar.update(1)
+        if self.last_loss is not None:
+            rate = self.seen / max(time.time() - self.t_epoch, 1e-9)
+            bar.set_postfix(loss=f"{self.last_loss:.3f}", lr=f"{lrs['weight']:.0e}", img_s=f"{rate:.0f}",
+                            refresh=False)
+
+    # -- end of an epoch -------------------------------------------------------------------------
+
+    def end_of_epoch(self) -> None:
+        """Validate (rank 0), schedule, checkpoint (best, then last), metrics line."""
+        from tqdm import tqdm
+
+        cfg, sched, ranks = self.cfg, self.sched, self.ranks
+        self.read_losses()
+        step = self.step
+        record = dict(epoch=self.epoch + 1, step=step, train_loss=self.loss_sum / self.loss_n if self.loss_n else None,
+                      lr={k: v for k, v in sched.lrs(step - 1).items()}, noise=sched.noise_on(step - 1),
+                      seconds=time.time() - self.t_epoch,
+                      images_per_s=self.seen / max(time.time() - self.t_epoch, 1e-9), skipped_files=self.skipped)
+        err = None
+        if self.val_images is not None and self.main:
+            r = evaluate(self.model, self.val_images, self.mean, views=1, batch=min(cfg.batch_size, 128),
+                         max_batches=cfg.val_batches, crop=cfg.crop, bf16=cfg.bf16)
+            record.update(val_top1_err=r["top1_err"], val_top5_err=r["top5_err"], val_images=r["images"])
+            err = r["top1_err"]
+        err = ranks.broadcast(err)
+        if err is not None and sched.on_validation(err) and self.main:
+            tqdm.write(f"validation error stopped improving: learning rate ÷10 (drop {sched.plateau_drops})")
+        self.epoch, self.in_epoch = self.epoch + 1, 0
+        improved = err is not None and err < self.best
+        if improved:
+            self.best = err
+        self.records.append(record)
+        # best, then last, then the metrics line: a kill between any two is repaired on resume
+        # (the epoch is redone from the older last.pt, or metrics.jsonl is rewritten from it)
+        if improved:
+            self.checkpoint(self.run / "best.pt")
+        self.checkpoint(self.run / "last.pt")
+        self.last_save = time.time()
+        if self.main:
+            append_metrics(self.run, record)
+            loss_text = f"{record['train_loss']:.4f}" if self.loss_n else "n/a (no usable input)"
+            msg = f"epoch {record['epoch']}: loss {loss_text}"
+            if err is not None:
+                msg += f", val top-1 {record['val_top1_err']:.2%} top-5 {record['val_top5_err']:.2%} (1 view)"
+            tqdm.write(msg + f", {record['images_per_s']:.0f} img/s")
+
+    # -- the whole run ---------------------------------------------------------------------------
+
+    def loop(self) -> dict:
+        from tqdm import tqdm
+
+        sched, ranks = self.sched, self.ranks
+        self.last_save = time.time()
+        with _Stop() as stop:
+            stop.escalate = ranks.world == 1  # under torchrun the agent ends workers that do not stop
+            while not sched.finished(self.step):
+                self.t_epoch, self.seen, self.loss_sum, self.loss_n, self.skipped = time.time(), 0, 0.0, 0, 0
+                if self.partial:
+                    p = self.partial
+                    self.loss_sum, self.loss_n, self.seen, self.skipped = (p[k] for k in
+                                                                           ("loss_sum", "loss_n", "seen", "skipped"))
+                    self.t_epoch -= p["seconds"]
+                    self.partial = None
+                bar = tqdm(total=self.steps_per_epoch, initial=self.in_epoch, desc=f"epoch {self.epoch + 1}",
+                           unit="step", disable=not (self.progress and self.main), dynamic_ncols=True, leave=False)
+                try:
+                    finished = self.train_one_epoch(stop, bar)
+                    # once more before validating: a stop asked for during the last step need not wait for it
+                    if finished and ranks.agree(stop=stop.requested is not None)["stop"]:
+                        self.save_last()
+                        finished = False
+                finally:
+                    bar.close()
+                if not finished:
+                    if self.main:
+                        print(f"stopped by {stop.requested or 'a signal to another process'} at epoch "
+                              f"{self.epoch + 1}, step {self.in_epoch} of {self.steps_per_epoch}; saved "
+                              f"{self.run / 'last.pt'}. Resume with: replica train --resume {self.run}")
+                    return dict(stopped=stop.requested or "signal", step=self.step)
+                if self.in_epoch < self.steps_per_epoch and not sched.finished(self.step):
+                    continue
+                self.end_of_epoch()
+        ranks.barrier()
+        return dict(stopped=None, step=self.step, epochs=self.epoch, best_val_top1_err=self.best)
+
+
+def train(cfg: Config, out, resume: bool = False, progress: bool = True) -> dict:
+    """Train per ``cfg`` into the run folder ``out``; with ``resume``, continue what is there."""
+    r = _Run(cfg, out, progress)
+    if resume and not (r.run / "last.pt").exists():  # stopped before its first checkpoint: nothing to keep
+        if r.main:
+            print(f"{r.run} has no checkpoint yet: starting from the beginning")
+        resume = False
+    if resume:
+        if not r.resume():
+            return dict(stopped=None, step=r.step, epochs=r.epoch, best_val_top1_err=r.best)
+    else:
+        r.start()
+    r.prepare_step_function()
+    return r.loop()

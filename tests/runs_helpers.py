@@ -11,8 +11,8 @@ def tiny(store, **kw):
 
 
 class StopAfter:
-    """Stands in for the Ctrl-C handler: 'requested' turns true at its n-th look (once per step,
-    and once more after each epoch's last step)."""
+    """Stands in for the Ctrl-C handler: 'requested' turns true at its n-th look (once before each
+    step, and once more after each epoch's last step, before its validation)."""
 
     def __init__(self, n):
         self.n, self.seen = n, 0

@@ -52,3 +52,44 @@ def test_fused_norms_on_cuda_match_the_eager_norms(monkeypatch):
         assert layers.fused_norms_available(), layers._BROKEN["why"]
         for e, f in zip(*got):
             assert (e - f).abs().max() <= tol * e.abs().max()
+
+
+# -- DDP over NCCL ------------------------------------------------------------------------------
+
+import os  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _ddp_against_one_process(store, tmp_path, nproc, per_process):
+    """torchrun over NCCL, ``nproc`` processes × batch 8/nproc against one process × batch 8."""
+    args = [f"data={store}", "batch_size=8", "epochs=1", "steps_per_epoch=3", "workers=0", "init=caffe",
+            "dropout=false", f"devices_per_process={per_process}", "checkpoint_minutes=0.0001"]
+    env = dict(os.environ, PYTHONPATH=str(ROOT), NCCL_DEBUG="WARN")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc), "-m",
+           "replica", "train", str(ROOT / "configs" / "alexnet-2gpu.yaml"), *args, "devices=auto",
+           "--out", str(tmp_path / "ddp")]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    one_dev = "cuda:0,cuda:1" if per_process == 2 else "cuda:0"
+    r = subprocess.run([sys.executable, "-m", "replica", "train", str(ROOT / "configs" / "alexnet-2gpu.yaml"), *args,
+                        f"devices={one_dev}", "--out", str(tmp_path / "one")], env=env, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    a, b = load_checkpoint(tmp_path / "ddp"), load_checkpoint(tmp_path / "one")
+    assert a["progress"]["step"] == b["progress"]["step"] == 3 and len(a["rng"]) == nproc
+    for k in a["model"]:  # float32 on GPUs, gradients summed in another order: a few ulps per step
+        torch.testing.assert_close(a["model"][k], b["model"][k], rtol=1e-3, atol=1e-5, msg=k)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_ddp_over_nccl_one_device_per_process(store, tmp_path):
+    _ddp_against_one_process(store, tmp_path, 2, 1)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 4, reason="needs four CUDA devices")
+def test_ddp_over_nccl_two_devices_per_process(store, tmp_path):
+    _ddp_against_one_process(store, tmp_path, 2, 2)

@@ -153,7 +153,7 @@ def test_a_torn_metrics_line_is_repaired_from_the_checkpoint(store, tmp_path, mo
     cfg = tiny(store)
     train(cfg, tmp_path / "whole", progress=False)
     stopped = tmp_path / "cut"
-    monkeypatch.setattr(train_mod, "_Stop", lambda: StopAfter(5))  # one step into epoch 2
+    monkeypatch.setattr(train_mod, "_Stop", lambda: StopAfter(6))  # one step into epoch 2
     train(cfg, stopped, progress=False)
     monkeypatch.undo()
     with open(stopped / "metrics.jsonl", "a") as f:

@@ -1,0 +1,188 @@
+"""Two processes under torchrun (gloo on the CPU), with faults on one rank only.
+
+Every decision that leads into a collective is taken by all processes at the same step: a
+timed save while rank 0's writes take seconds, a Ctrl-C sent to the whole process group, a
+NaN, a batch of bad inputs or a dead loader worker on rank 1 alone. Each run either finishes
+or stops every process at one step, with one message, progress saved, and resume completes.
+Real processes, real signals; the faults are injected by a driver that wraps the product's
+own functions in the rank named by ``FAULT_RANK``.
+"""
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from replica.runs import load_checkpoint, read_metrics
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = str(ROOT / "configs" / "alexnet-2gpu.yaml")
+
+DRIVER = r"""
+import os, signal, sys, time
+import torch
+rank = int(os.environ.get("RANK", 0))
+fault = os.environ.get("FAULT", "")
+mine = rank == int(os.environ.get("FAULT_RANK", "-1"))
+
+import replica.runs as runs
+import replica.train as train_mod
+from replica.data import TrainBatches
+
+if os.environ.get("SLOW_SAVE") and rank == 0:  # rank 0's writes take seconds
+    real_write = runs.atomic_write
+    def slow(path, write):
+        def w(f):
+            write(f)
+            f.flush()
+            print(f"WRITING {path}", file=sys.stderr, flush=True)
+            time.sleep(float(os.environ["SLOW_SAVE"]))
+        real_write(path, w)
+    runs.atomic_write = slow
+
+if os.environ.get("STEP_SLEEP"):  # slow steps, so that a signal lands mid-epoch
+    real_step = train_mod._Run._step
+    def sleepy(self, *a):
+        time.sleep(float(os.environ["STEP_SLEEP"]))
+        print(f"STEP {self.step + 1} rank {rank}", file=sys.stderr, flush=True)
+        return real_step(self, *a)
+    train_mod._Run._step = sleepy
+
+if fault == "nan" and mine:  # rank 1's 5th loss (epoch 2, step 2) is NaN
+    real_ce, calls = train_mod.F.cross_entropy, []
+    def ce(logits, y):
+        calls.append(1)
+        out = real_ce(logits, y)
+        return out * float("nan") if len(calls) == 5 else out
+    train_mod.F.cross_entropy = ce
+
+if fault in ("bad", "worker") and mine:
+    real_get = TrainBatches.__getitem__
+    def get(self, i):
+        b = self.start + i
+        if self.epoch == 1 and b == 1:
+            if fault == "worker":  # as the kernel's OOM killer would
+                os.kill(os.getpid(), signal.SIGKILL)
+            crops, shift, labels, b, _ = real_get(self, i)
+            bad = [(f"image{k}.jpg", "injected: unreadable", k) for k in range(len(labels))]
+            return crops[:0], None, labels[:0], b, bad
+        return real_get(self, i)
+    TrainBatches.__getitem__ = get
+
+from replica.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def torchrun(driver, *args):
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(driver),
+            "train", *args]
+
+
+def env(**kw):
+    e = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
+    e.update({k: str(v) for k, v in kw.items()})
+    return e
+
+
+def run(cmd, timeout=240, **kw):
+    r = subprocess.run(cmd, env=env(**kw), capture_output=True, text=True, timeout=timeout)
+    return r.returncode, r.stdout + r.stderr
+
+
+def same_weights(a, b):
+    a, b = load_checkpoint(a), load_checkpoint(b)
+    assert a["progress"]["step"] == b["progress"]["step"]
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    for k in a["momentum"]:
+        assert torch.equal(a["momentum"][k][0], b["momentum"][k][0]), k
+
+
+@pytest.fixture
+def driver(tmp_path):
+    p = tmp_path / "driver.py"
+    p.write_text(DRIVER)
+    return p
+
+
+ARGS = ["batch_size=4", "workers=0", "devices=cpu", "init=caffe", "checkpoint_minutes=60"]
+
+
+def test_timed_saves_while_rank0_writes_slowly(store, driver, tmp_path):
+    """A save every ~2 s by rank 0's clock, each write held 1.5 s: 36 steps finish, nothing hangs."""
+    out = tmp_path / "run"
+    args = [CONFIG, f"data={store}", *ARGS, "batch_size=2", "epochs=3", "steps_per_epoch=12"]
+    rc, log = run(torchrun(driver, *args, "checkpoint_minutes=0.033", "--out", str(out)), SLOW_SAVE=1.5,
+                  STEP_SLEEP=0.2)
+    assert rc == 0, log[-3000:]
+    writes = [line for line in log.splitlines() if "WRITING" in line and line.endswith("last.pt")]
+    assert len(writes) >= 3 + 3, log[-3000:]  # the 3 epoch ends, and timed saves mid-epoch
+    assert [m["epoch"] for m in read_metrics(out)] == [1, 2, 3]
+    ck = load_checkpoint(out)
+    assert ck["progress"]["step"] == 36 and ck["progress"]["done"] and len(ck["rng"]) == 2
+
+
+def test_sigint_to_the_process_group_saves_and_resume_is_bit_equal(store, driver, tmp_path):
+    """Ctrl-C as a terminal sends it (to torchrun and both workers); torchrun forwards it again."""
+    args = [CONFIG, f"data={store}", *ARGS, "epochs=2", "steps_per_epoch=6"]
+    ref, cut = tmp_path / "ref", tmp_path / "cut"
+    rc, log = run(torchrun(driver, *args, "--out", str(ref)))
+    assert rc == 0, log[-3000:]
+
+    p = subprocess.Popen(torchrun(driver, *args, "--out", str(cut)), env=env(STEP_SLEEP=0.5), text=True,
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    lines = []
+    for line in p.stdout:  # until both ranks are inside the second epoch
+        lines.append(line)
+        if "STEP 8 rank 1" in line:  # (a progress bar may share its line)
+            break
+    else:
+        pytest.fail("".join(lines)[-3000:])
+    t0 = time.time()
+    os.killpg(p.pid, signal.SIGINT)
+    rest, _ = p.communicate(timeout=60)
+    took = time.time() - t0
+    log = "".join(lines) + rest
+    assert took < 30, f"{took:.0f} s to exit\n{log[-3000:]}"
+    assert log.count("stopped by SIGINT") == 1, log[-3000:]
+    ck = load_checkpoint(cut)
+    assert not ck["progress"]["done"] and 8 <= ck["progress"]["step"] < 12 and len(ck["rng"]) == 2
+    rc, log = run(torchrun(driver, "--resume", str(cut)))
+    assert rc == 0, log[-3000:]
+    same_weights(ref, cut)
+    assert [m["epoch"] for m in read_metrics(cut)] == [1, 2]
+    assert [m["val_top1_err"] for m in read_metrics(cut)] == [m["val_top1_err"] for m in read_metrics(ref)]
+
+
+@pytest.mark.parametrize("fault,message,step", [
+    ("nan", "process 1: loss is nan at epoch 2, step 2: stopped. The last good checkpoint", 3),
+    ("bad", "process 1: every input of batch 2 was bad", 4),
+    ("worker", "process 1: a data-loader worker died at epoch 2, batch", None),
+])
+def test_a_fault_on_one_rank_stops_every_rank_at_one_step(store, driver, tmp_path, fault, message, step):
+    out = tmp_path / "run"
+    args = [CONFIG, f"data={store}", *ARGS, "epochs=2", "steps_per_epoch=3"]
+    if fault == "worker":
+        args[args.index("workers=0")] = "workers=1"
+    rc, log = run(torchrun(driver, *args, "--out", str(out)), FAULT=fault, FAULT_RANK=1)
+    assert rc != 0, log[-3000:]
+    errors = [line for line in log.splitlines() if "replica: error:" in line]
+    assert len(errors) == 1 and message in errors[0], log[-3000:]  # one message, from rank 0, naming rank 1
+    ck = load_checkpoint(out)
+    if step is not None:
+        assert ck["progress"]["step"] == step
+    else:  # the worker's death is seen before or after batch 1 is handed over
+        assert ck["progress"]["step"] in (3, 4)
+    assert all(torch.isfinite(v).all() for v in ck["model"].values())
+    if fault != "nan":
+        assert "Progress is saved in" in errors[0] and f"replica train --resume {out}" in errors[0]
+    rc, log = run(torchrun(driver, "--resume", str(out)))
+    assert rc == 0, log[-3000:]
+    ck = load_checkpoint(out)
+    assert ck["progress"]["done"] and ck["progress"]["step"] == 6
+    assert [m["epoch"] for m in read_metrics(out)] == [1, 2]
