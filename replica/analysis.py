@@ -17,19 +17,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .colour import colour_specificity  # noqa: F401  (re-exported: replica.analysis.colour_specificity)
 from .errors import ReplicaError
-from .runs import best_or_last, load_checkpoint
+from .runs import load_checkpoint, run_checkpoint
 
 SEPARATION = 0.2  # towers "separate" when their median specificities differ by at least this
-
-
-def colour_specificity(kernels) -> np.ndarray:
-    """(K, 3, h, w) kernels → (K,) fraction of energy off the grey axis."""
-    w = torch.as_tensor(kernels, dtype=torch.float64)
-    m = w.mean(1)  # (K, h, w): the achromatic part
-    total = w.square().sum((1, 2, 3))
-    grey = 3 * m.square().sum((1, 2))
-    return (1 - grey / total.clamp_min(1e-30)).numpy()
 
 
 def tower_kernels(ckpt: dict) -> dict[str, np.ndarray]:
@@ -87,7 +79,7 @@ def filters(runs, out=None) -> list[dict]:
     results = []
     for r in runs:
         p = Path(r)
-        ck = load_checkpoint(best_or_last(p))
+        ck = load_checkpoint(run_checkpoint(p))
         kernels = tower_kernels(ck)
         if not kernels:
             raise ReplicaError(f"{r}: the checkpoint holds no conv1 kernels")
@@ -157,19 +149,34 @@ def _run_summary(run: Path) -> dict:
     return dict(run=run, name=run.name, metrics=read_metrics(run), config=cfg, diff=diff, eval=ev)
 
 
-def _errors(s: dict):
-    """(top-1, top-5) in %, one view and ten views, from eval.json or the last epoch."""
-    ev = s["eval"]
-    one = ev.get("1-view") or {}
-    ten = ev.get("10-view") or {}
-    if not one and s["metrics"] and "val_top1_err" in s["metrics"][-1]:
-        one = dict(top1_err=s["metrics"][-1]["val_top1_err"], top5_err=s["metrics"][-1]["val_top5_err"])
-    f = lambda d: (100 * d["top1_err"], 100 * d["top5_err"]) if d else (None, None)  # noqa: E731
-    return f(one), f(ten)
+def _pct(v) -> str:
+    return "n/a" if v is None else f"{100 * v:.2f}"
 
 
-def _fmt(p):
-    return "—" if p[0] is None else f"{p[0]:.2f} / {p[1]:.2f}"
+def _pair(d) -> str:
+    """top-1 / top-5 in %, n/a where top-5 is undefined (≤ 5 classes)."""
+    return f"{_pct(d['top1_err'])} / {_pct(d['top5_err'])}"
+
+
+def _network(ev: dict) -> str:
+    kind = {"last": "final", "best": "best-on-val", "file": "file"}.get(ev.get("network"), "?")
+    return f"{kind}, epoch {ev.get('epoch')}"
+
+
+def _basis(ev: dict, views: int):
+    """What a figure is comparable on: views, checkpoint rule, split, images, data."""
+    if not ev or f"{views}-view" not in ev:
+        return None
+    return (views, ev.get("network"), ev.get("split", "val"), ev[f"{views}-view"]["images"], ev.get("data"))
+
+
+def _last_epoch(s: dict) -> str:
+    m = [r for r in s["metrics"] if "val_top1_err" in r]
+    if not m:
+        return "—"
+    r = m[-1]
+    n = f", {r['val_images']:,} images" if r.get("val_images") is not None else ""
+    return f"{_pct(r['val_top1_err'])} / {_pct(r.get('val_top5_err'))} (epoch {r['epoch']}{n})"
 
 
 def plot_curves(summaries, dest: Path) -> None:
@@ -178,7 +185,7 @@ def plot_curves(summaries, dest: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(1, 3, figsize=(15, 4))
+    fig, ax = plt.subplots(1, 4, figsize=(20, 4))
     for s in summaries:
         m = s["metrics"]
         if not m:
@@ -188,20 +195,37 @@ def plot_curves(summaries, dest: Path) -> None:
                    label=s["name"])
         if "val_top1_err" in m[0]:
             ax[1].plot(ep, [100 * r["val_top1_err"] for r in m], label=f"{s['name']} top-1")
-            ax[1].plot(ep, [100 * r["val_top5_err"] for r in m], "--", label=f"{s['name']} top-5")
+            if any(r.get("val_top5_err") is not None for r in m):
+                ax[1].plot(ep, [100 * r["val_top5_err"] if r.get("val_top5_err") is not None else float("nan")
+                                for r in m], "--", label=f"{s['name']} top-5")
         ax[2].semilogy(ep, [r["lr"]["weight"] for r in m], label=f"{s['name']} weights")
-    for a, t in zip(ax, ("train loss", "validation error, one view (%)", "learning rate")):
+        for t, style in (("a", "-"), ("b", "--")):
+            vals = [(r.get("colour_specificity") or {}).get(t) for r in m]
+            if any(v is not None for v in vals):
+                ax[3].plot(ep, [v if v is not None else float("nan") for v in vals], style,
+                           label=f"{s['name']} tower {t}")
+    titles = ("train loss", "validation error, one view (%)", "learning rate",
+              "conv1 colour specificity, median per tower")
+    for a, t in zip(ax, titles):
         a.set_title(t)
         a.set_xlabel("epoch")
         a.grid(alpha=0.3)
-        a.legend(fontsize=7)
+        if a.get_legend_handles_labels()[0]:
+            a.legend(fontsize=7)
+    ax[3].set_ylim(0, 1)
     fig.tight_layout()
     fig.savefig(dest, dpi=110)
     plt.close(fig)
 
 
 def report(runs, out=None) -> Path:
-    """Markdown + PNG: curves, final tables, config differences, the paper's numbers, ablations."""
+    """Markdown + PNG: curves, final tables, config differences, the paper's numbers, ablations.
+
+    Final figures come from each run's eval.json (``replica eval``), with the network, views and
+    images they were measured on; the last epoch's validation error (one view, possibly a
+    ``val_batches`` sample) is shown apart, never in their place. Ablations compare only figures
+    measured alike: the same views, checkpoint rule, split, images and data as the baseline's.
+    """
     summaries = [_run_summary(Path(r)) for r in runs]
     names = [s["name"] for s in summaries]
     for s in summaries:
@@ -213,32 +237,73 @@ def report(runs, out=None) -> Path:
     out = Path(out) if out else summaries[0]["run"]
     out.mkdir(parents=True, exist_ok=True)
     plot_curves(summaries, out / "curves.png")
-    lines = ["# replica report", "", "![learning curves](curves.png)", "",
-             "## Final errors (top-1 / top-5, %)", "",
-             "| run | one view | ten views | epochs |", "|---|---|---|---|"]
+    lines = ["# replica report", "", "![learning curves and conv1 colour specificity](curves.png)", "",
+             "## Final errors (top-1 / top-5, %, from `replica eval`)", "",
+             "| run | one view | ten views | network | images | last epoch's validation (one view) |",
+             "|---|---|---|---|---|---|"]
     for s in summaries:
-        one, ten = _errors(s)
-        lines.append(f"| {s['name']} | {_fmt(one)} | {_fmt(ten)} | {len(s['metrics'])} |")
+        ev = s["eval"]
+        one, ten = ev.get("1-view"), ev.get("10-view")
+        if ev:
+            first = one or ten
+            images = f"{first['images']:,} {ev.get('images_of', 'images')}"
+            lines.append(f"| {s['name']} | {_pair(one) if one else '—'} | {_pair(ten) if ten else '—'} | "
+                         f"{_network(ev)} | {images} | {_last_epoch(s)} |")
+        else:
+            lines.append(f"| {s['name']} | not evaluated | not evaluated | — | — | {_last_epoch(s)} |")
+    missing = [s for s in summaries if not s["eval"]]
+    if missing:
+        lines += ["", "Not evaluated: " + ", ".join(f"`replica eval {s['run']}`" for s in missing)]
+    if any((s["eval"].get(k) or {}).get("top5_err", 0) is None for s in summaries for k in ("1-view", "10-view")):
+        lines += ["", "top-5 is n/a with 5 classes or fewer: every label is then in the top 5."]
+    lines += ["", "How each figure was measured:", ""]
+    from .predict import describe_eval
+
+    for s in summaries:
+        lines.append(f"- {s['name']}: {describe_eval(s['eval']) if s['eval'] else 'no eval.json'}")
     lines += ["", "## Differences from the as-run preset", ""]
     for s in summaries:
         d = ", ".join(f"`{k}={v}`" for k, v in s["diff"].items()) or "none"
         lines.append(f"- {s['name']}: {d}")
     if len(summaries) > 1:
-        base = summaries[0]
-        b1, b5 = _errors(base)[1] if _errors(base)[1][0] is not None else _errors(base)[0]
-        lines += ["", f"## Ablations against {base['name']} (ten views where measured)", "",
-                  "| run | top-1 / top-5 | baseline better by | the paper's claim |", "|---|---|---|---|"]
-        for s in summaries[1:]:
-            e = _errors(s)[1] if _errors(s)[1][0] is not None else _errors(s)[0]
-            delta = "—" if e[0] is None or b1 is None else f"{e[0] - b1:+.2f} / {e[1] - b5:+.2f}"
-            claim = next((f"{n}: {c1 if c1 is not None else '?'} / {c5 if c5 is not None else '?'}"
-                          for (k, v), (n, c1, c5) in CLAIMS.items() if s["diff"].get(k) == v), "—")
-            lines.append(f"| {s['name']} | {_fmt(e)} | {delta} | {claim} |")
+        lines += _ablations(summaries)
     lines += ["", "## The paper and the original run (SPEC.md §5, ILSVRC, ten views)", "",
               "| config | original run log | paper |", "|---|---|---|"]
     lines += [f"| {a} | {b} | {c} |" for a, b, c in PAPER]
     (out / "report.md").write_text("\n".join(lines) + "\n")
     return out / "report.md"
+
+
+def _ablations(summaries) -> list[str]:
+    base = summaries[0]
+    views = 10 if "10-view" in base["eval"] else 1
+    basis = _basis(base["eval"], views)
+    if basis is None:
+        return ["", f"## Ablations against {base['name']}", "",
+                f"The baseline has no evaluation: run `replica eval {base['run']}` (and the same for each run) "
+                f"to compare them."]
+    b = base["eval"][f"{views}-view"]
+    what = (f"{'ten views' if views == 10 else 'one view'}, {_network(base['eval']).split(',')[0]} network, "
+            f"{basis[3]:,} {base['eval'].get('images_of', 'images')} of {basis[4]}")
+    lines = ["", f"## Ablations against {base['name']} ({what})", "",
+             "| run | top-1 / top-5 | baseline better by | the paper's claim |", "|---|---|---|---|"]
+    for s in summaries[1:]:
+        claim = next((f"{n}: {c1 if c1 is not None else '?'} / {c5 if c5 is not None else '?'}"
+                      for (k, v), (n, c1, c5) in CLAIMS.items() if s["diff"].get(k) == v), "—")
+        mine = _basis(s["eval"], views)
+        if not s["eval"]:
+            lines.append(f"| {s['name']} | not evaluated (`replica eval {s['run']}`) | — | {claim} |")
+            continue
+        if mine != basis:
+            why = "no such view count" if mine is None else ", ".join(
+                n for n, x, y in zip(("views", "network", "split", "images", "data"), mine, basis) if x != y)
+            lines.append(f"| {s['name']} | not comparable ({why} differ) | — | {claim} |")
+            continue
+        e = s["eval"][f"{views}-view"]
+        d5 = "n/a" if e["top5_err"] is None or b["top5_err"] is None else f"{100 * (e['top5_err'] - b['top5_err']):+.2f}"
+        delta = f"{100 * (e['top1_err'] - b['top1_err']):+.2f} / {d5}"
+        lines.append(f"| {s['name']} | {_pair(e)} | {delta} | {claim} |")
+    return lines
 
 
 # ----------------------------------------------------------------------------------------------
@@ -288,7 +353,7 @@ def neighbors(run, queries: int = 8, k: int = 6, data=None, out=None, devices="a
     from .predict import model_from_checkpoint
 
     run = Path(run)
-    ck = load_checkpoint(best_or_last(run))
+    ck = load_checkpoint(run_checkpoint(run))
     data = data or ck["config"].get("data")
     if data is None:
         raise ReplicaError("no --data given and the checkpoint names none")

@@ -88,7 +88,8 @@ def _cmd_eval(args) -> int:
 
     views = (1, 10) if args.views is None else (args.views,)
     r = run_eval(args.target, args.data, views, _devices(args.devices), args.batch,
-                 bf16=False if args.fp32 else None)
+                 bf16=False if args.fp32 else None, checkpoint=args.checkpoint, split=args.split,
+                 workers=args.workers)
     print(format_eval(r))
     return 0
 
@@ -188,10 +189,17 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=_cmd_train)
 
     e = sub.add_parser("eval", help="top-1/top-5 error with one view and ten views")
-    e.add_argument("target", help="a run folder (uses best.pt) or a checkpoint file")
+    e.add_argument("target", help="a run folder (its final network, last.pt) or a checkpoint file")
+    e.add_argument("--checkpoint", choices=["last", "best"], default="last",
+                   help="of a run folder: last (the final network, as the 2012 run was tested; default) or best "
+                        "(lowest validation error during training: chosen on these same images, so optimistic)")
     e.add_argument("--data", help="prepared store or image folder (default: the run's validation data)")
-    e.add_argument("--views", type=int, choices=[1, 10], default=None, help="only this many views (default: both)")
+    e.add_argument("--split", choices=["val", "train"], default="val",
+                   help="val (default; an error if the data has none) or train (reported as training images)")
+    e.add_argument("--views", type=int, choices=[1, 10], default=None,
+                   help="only this many views (default: both, from one pass of ten views)")
     e.add_argument("--batch", type=int, default=32)
+    e.add_argument("--workers", type=int, default=2, help="loader processes reading the images")
     e.add_argument("--devices", default="auto")
     e.add_argument("--fp32", action="store_true",
                    help="evaluate in float32 even if the run trained with bf16=true (default: as it trained, "
@@ -212,12 +220,12 @@ def build_parser() -> argparse.ArgumentParser:
     rp.set_defaults(func=_cmd_report)
 
     fl = sub.add_parser("filters", help="Fig. 3: per-tower conv1 kernels as a PNG, and their colour specificity")
-    fl.add_argument("runs", nargs="+", help="run folders (best.pt) or checkpoints; several seeds test 'every run'")
+    fl.add_argument("runs", nargs="+", help="run folders (last.pt) or checkpoints; several seeds test 'every run'")
     fl.add_argument("--out", help="folder for the PNGs (default: beside each checkpoint)")
     fl.set_defaults(func=_cmd_filters)
 
     nb = sub.add_parser("neighbors", help="Fig. 4: validation images and their nearest training images by fc7")
-    nb.add_argument("run", help="a run folder (best.pt) or a checkpoint")
+    nb.add_argument("run", help="a run folder (last.pt) or a checkpoint")
     nb.add_argument("--queries", type=int, default=8)
     nb.add_argument("--k", type=int, default=6)
     nb.add_argument("--data", help="store or image folder (default: the run's data)")

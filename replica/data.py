@@ -70,6 +70,42 @@ def open_heldout(path):
     return FileImages(src, "val" if "val" in src.splits else "train")
 
 
+class _Relabelled:
+    """A held-out set whose labels are re-indexed into the training classes (matched by name)."""
+
+    def __init__(self, images, classes, mapping: np.ndarray):
+        self.images, self.classes, self.mapping = images, list(classes), mapping
+        self.size = images.size
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def batch(self, positions):
+        u8, labels, bad = self.images.batch(positions)
+        return u8, self.mapping[labels], bad
+
+
+def match_classes(images, classes, where) -> tuple:
+    """``images`` with labels that index ``classes`` (the training classes), matched by name.
+
+    Returns (images, None) when the class lists are the same, or (relabelled images, "K of the N
+    classes") for a subset. A class that training never saw is an error naming it: labels would
+    otherwise shift by one for every class after a missing one.
+    """
+    classes = list(classes)
+    own = list(images.classes)
+    if own == classes:
+        return images, None
+    index = {c: i for i, c in enumerate(classes)}
+    unknown = [c for c in own if c not in index]
+    if unknown:
+        more = f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""
+        raise ReplicaError(f"{where}: class(es) {', '.join(map(repr, unknown[:5]))}{more} are not among the "
+                           f"{len(classes)} training classes")
+    mapping = np.asarray([index[c] for c in own], np.int64)
+    return _Relabelled(images, classes, mapping), f"{len(own)} of the {len(classes)} classes"
+
+
 def compute_stats(images, batch: int = 64, progress: bool = False) -> tuple[np.ndarray, dict]:
     """Mean image and RGB PCA of a dataset, by the same sums ``prepare`` keeps."""
     from tqdm import tqdm

@@ -1,4 +1,4 @@
-"""Top-1 and top-5 error, one view and ten views. Never touches optimizer state."""
+"""Top-1 and top-5 error, one view and ten views, in one pass. Never touches optimizer state."""
 from __future__ import annotations
 
 import numpy as np
@@ -6,6 +6,8 @@ import torch
 
 from . import augment
 from .runtime import autocast
+
+TOP5_MIN_CLASSES = 6  # with 5 classes or fewer every label is in the top 5: top-5 error is 0 by construction
 
 
 def topk_errors(probs: torch.Tensor, labels: torch.Tensor) -> tuple[int, int]:
@@ -17,53 +19,99 @@ def topk_errors(probs: torch.Tensor, labels: torch.Tensor) -> tuple[int, int]:
 
 
 @torch.no_grad()
-def predict_probs(model, u8: torch.Tensor, mean_crop: torch.Tensor, views: int = 1, crop: int = augment.CROP,
-                  bf16: bool = False):
-    """Softmax probabilities (B, classes); with 10 views, the mean of the views' probabilities.
+def view_probs(model, u8: torch.Tensor, mean_crop: torch.Tensor, views: int = 1, crop: int = augment.CROP,
+               bf16: bool = False) -> torch.Tensor:
+    """Softmax probabilities of each view: (B, 1, classes) for the centre view, (B, 10, classes)
+    for the ten views (:data:`replica.augment.VIEW_OFFSETS`; view 2 is the centre, unflipped).
 
     ``bf16``: the forward pass under bfloat16 autocast, as a run trained with ``bf16=true`` was;
-    the softmax and the averaging stay in float32.
+    the softmax stays in float32.
     """
     dev = model.devices[0]
-    u8 = u8.to(dev)
+    u8 = u8.to(dev, non_blocking=True)
     mean_crop = mean_crop.to(dev)
     if views == 1:
-        with autocast(model.devices, bf16):
-            logits = model(augment.centre_view(u8, mean_crop, crop))
-        return torch.softmax(logits.float(), 1)
-    x = augment.ten_views(u8, mean_crop, crop)  # (B, 10, 3, h, w)
-    b = x.shape[0]
+        x = augment.centre_view(u8, mean_crop, crop)[:, None]  # (B, 1, 3, h, w)
+    else:
+        x = augment.ten_views(u8, mean_crop, crop)  # (B, 10, 3, h, w)
+    b, v = x.shape[:2]
     with autocast(model.devices, bf16):
         logits = model(x.flatten(0, 1))
-    p = torch.softmax(logits.float(), 1)  # (B·10, classes)
-    return p.view(b, 10, -1).mean(1)  # average probabilities, not logits (src/layer.cu:1809-1822)
+    return torch.softmax(logits.float(), 1).view(b, v, -1)
 
 
 @torch.no_grad()
-def evaluate(model, images, mean_image, views: int = 1, batch: int = 64, max_batches: int | None = None,
-             crop: int = augment.CROP, progress: bool = False, bf16: bool = False) -> dict:
-    """top-1 / top-5 error of ``model`` on ``images`` (a store or file images); ``bf16``: see
-    :func:`predict_probs`."""
+def predict_probs(model, u8: torch.Tensor, mean_crop: torch.Tensor, views: int = 1, crop: int = augment.CROP,
+                  bf16: bool = False):
+    """Softmax probabilities (B, classes); with 10 views, the mean of the views' probabilities."""
+    return view_probs(model, u8, mean_crop, views, crop, bf16).mean(1)  # probabilities, not logits (src/layer.cu:1809-1822)
+
+
+class _EvalBatches(torch.utils.data.Dataset):
+    """Batch i of a dataset in order, read in a loader worker: (uint8 images, labels, bad)."""
+
+    def __init__(self, images, batch: int, max_batches: int | None = None):
+        self.images, self.batch = images, batch
+        self.starts = list(range(0, len(images), batch))[: max_batches or None]
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    def __getitem__(self, i):
+        a = self.starts[i]
+        u8, labels, bad = self.images.batch(np.arange(a, min(a + self.batch, len(self.images))))
+        return torch.from_numpy(u8), torch.as_tensor(labels), bad
+
+
+@torch.no_grad()
+def evaluate(model, images, mean_image, views=1, batch: int = 64, max_batches: int | None = None,
+             crop: int = augment.CROP, progress: bool = False, bf16: bool = False, workers: int = 0) -> dict:
+    """top-1 / top-5 error of ``model`` on ``images`` (a store or file images).
+
+    ``views``: 1, 10, or ``(1, 10)``: both from one pass of ten views, the one-view figure from
+    the centre view's probabilities alone (the same crop the one-view path takes). Returns
+    ``{"1-view": {...}, "10-view": {...}}`` for a tuple, the one figure's dict for an int.
+    ``top5_err`` is None with fewer than 6 classes. Batches are read by ``workers`` loader
+    processes (pinned memory for a GPU). ``bf16``: see :func:`view_probs`.
+    """
     from tqdm import tqdm
 
-    if views not in (1, 10):
-        raise ValueError(f"views: expected 1 or 10, got {views}")
+    wanted = (views,) if isinstance(views, int) else tuple(views)
+    if not wanted or any(v not in (1, 10) for v in wanted):
+        raise ValueError(f"views: expected 1, 10 or (1, 10), got {views}")
     was = model.training
     model.eval()
     mean_crop = augment.centre_crop_of(torch.as_tensor(mean_image), crop)
-    n = e1 = e5 = 0
-    bad = []
-    starts = list(range(0, len(images), batch))[: max_batches or None]
+    n, bad = 0, 0
+    miss = {v: [0, 0] for v in wanted}
+    pass_views = 10 if 10 in wanted else 1
+    ds = _EvalBatches(images, batch, max_batches)
+    pin = model.devices[0].type == "cuda"
+    it = torch.utils.data.DataLoader(ds, batch_size=None, shuffle=False, num_workers=workers, pin_memory=pin,
+                                     prefetch_factor=2 if workers else None)
+    classes = None
     try:
-        for a in tqdm(starts, desc=f"eval {views} view{'s' if views > 1 else ''}", disable=not progress,
-                      unit="batch", leave=False):
-            u8, labels, b = images.batch(np.arange(a, min(a + batch, len(images))))
-            bad += b
+        for u8, labels, b in tqdm(it, total=len(ds), desc=f"eval {'/'.join(map(str, wanted))} view(s)",
+                                  disable=not progress, unit="batch", leave=False):
+            bad += len(b)
             if len(u8) == 0:
                 continue
-            probs = predict_probs(model, torch.from_numpy(u8), mean_crop, views, crop, bf16)
-            m1, m5 = topk_errors(probs.cpu(), torch.as_tensor(labels))
-            n, e1, e5 = n + len(u8), e1 + m1, e5 + m5
+            p = view_probs(model, u8, mean_crop, pass_views, crop, bf16).cpu()  # (B, V, classes)
+            classes = p.shape[-1]
+            for v in wanted:
+                probs = p.mean(1) if v == pass_views else p[:, 2]  # view 2: the centre, unflipped
+                m1, m5 = topk_errors(probs, labels)
+                miss[v][0] += m1
+                miss[v][1] += m5
+            n += len(u8)
     finally:
         model.train(was)
-    return dict(views=views, images=n, top1_err=e1 / max(n, 1), top5_err=e5 / max(n, 1), skipped=len(bad))
+    top5 = classes is None or classes >= TOP5_MIN_CLASSES
+    out = {f"{v}-view": dict(views=v, images=n, top1_err=miss[v][0] / max(n, 1),
+                             top5_err=miss[v][1] / max(n, 1) if top5 else None, skipped=bad) for v in wanted}
+    return out[f"{views}-view"] if isinstance(views, int) else out
+
+
+def percent(err) -> str:
+    """An error as a percentage, or n/a where it is not defined (top-5 with ≤ 5 classes)."""
+    return "n/a" if err is None else f"{err:.2%}"

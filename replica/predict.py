@@ -8,12 +8,12 @@ import numpy as np
 import torch
 
 from . import augment
-from .data import open_heldout
+from .data import match_classes, open_images
 from .errors import ReplicaError
-from .evaluate import evaluate, predict_probs
+from .evaluate import evaluate, percent, predict_probs
 from .imageio import BadImage, read_prepared
 from .model import AlexNet
-from .runs import atomic_write, best_or_last, load_checkpoint
+from .runs import atomic_write, load_checkpoint, run_checkpoint
 from .runtime import fast_bf16
 
 
@@ -33,50 +33,89 @@ def trained_precision_bf16(ckpt: dict, model: AlexNet) -> bool:
     return bool(ckpt["config"].get("bf16")) and fast_bf16(model.devices[0])
 
 
-def run_eval(target, data=None, views=(1, 10), devices="auto", batch: int = 32, progress: bool = True,
-             bf16: bool | None = None) -> dict:
-    """top-1/top-5 error, one view and ten views; writes eval.json into the run folder.
+def open_split(data, split: str):
+    """The ``split`` of a store or image source; no silent stand-in when it is missing."""
+    try:
+        return open_images(data, split)
+    except ReplicaError as e:
+        if split == "val":
+            raise ReplicaError(f"{data} has no held-out (val) split to evaluate on ({e}): give --data with one, "
+                               f"or --split train to measure the training images (reported as such)") from None
+        raise
 
+
+def run_eval(target, data=None, views=(1, 10), devices="auto", batch: int = 32, progress: bool = True,
+             bf16: bool | None = None, checkpoint: str = "last", split: str = "val", workers: int = 2) -> dict:
+    """top-1/top-5 error, one view and ten views (one pass); writes eval.json into the run folder.
+
+    ``checkpoint``: a run folder's ``last`` (the final network, what the 2012 run reported: run 145
+    was stopped after epoch 91 and tested; the default) or ``best`` (the lowest one-view
+    validation error, chosen on the same images it is then measured on: optimistic).
+    ``split``: ``val`` (the default; an error if there is none) or ``train``, said on every line.
     ``bf16=None``: bfloat16 autocast if the run trained with it and the device has native bf16
-    (:func:`replica.runtime.fast_bf16`); eval.json records which precision was used.
+    (:func:`replica.runtime.fast_bf16`). eval.json records what was measured and how.
     """
+    if split not in ("val", "train"):
+        raise ReplicaError(f"split: expected 'val' or 'train', got {split!r}")
     target = Path(target)
-    ckpt_path = best_or_last(target)
+    ckpt_path = run_checkpoint(target, checkpoint)
     ckpt = load_checkpoint(ckpt_path)
     model = model_from_checkpoint(ckpt, devices)
     if bf16 is None:
         bf16 = trained_precision_bf16(ckpt, model)
     if data is None:
-        data = ckpt["config"].get("val_data") or ckpt["config"].get("data")
+        data = (ckpt["config"].get("val_data") if split == "val" else None) or ckpt["config"].get("data")
         if data is None:
             raise ReplicaError("no --data given and the checkpoint names none")
-    images = open_heldout(data)
-    if list(images.classes) != list(ckpt["meta"]["classes"]):
-        raise ReplicaError(f"{data}: its {len(images.classes)} classes are not the {ckpt['meta']['num_classes']} "
-                           f"classes this checkpoint was trained on")
+    images = open_split(data, split)
+    images, subset = match_classes(images, ckpt["meta"]["classes"], data)
+    if len(images) == 0:
+        raise ReplicaError(f"{data}: the {split} split holds no images")
     mean = ckpt["mean"].numpy()
     crop = ckpt["meta"].get("crop", augment.CROP)
-    results = {f"{v}-view": evaluate(model, images, mean, views=v, batch=batch, crop=crop, progress=progress,
-                                     bf16=bf16) for v in views}
-    out = dict(checkpoint=str(ckpt_path), data=str(data), precision="bf16" if bf16 else "fp32", **results)
+    results = evaluate(model, images, mean, views=tuple(views), batch=batch, crop=crop, progress=progress,
+                       bf16=bf16, workers=workers)
+    prog = ckpt["progress"]
+    out = dict(checkpoint=str(ckpt_path), network=checkpoint if target.is_dir() else "file",
+               epoch=prog.get("epoch"), step=prog.get("step"), finished=bool(prog.get("done")),
+               split=split, images_of="training images" if split == "train" else "validation images",
+               data=str(data), classes=len(ckpt["meta"]["classes"]), classes_evaluated=subset or "all",
+               precision="bf16" if bf16 else "fp32", **results)
     run = target if target.is_dir() else target.parent
     if (run / "config.yaml").exists():
         atomic_write(run / "eval.json", lambda f: f.write(json.dumps(out, indent=1).encode()))
     return out
 
 
+def describe_eval(r: dict) -> str:
+    """One line: which network, on which images, how."""
+    net = {"last": "final network (last.pt)", "best": "best-on-validation network (best.pt)"}.get(
+        r.get("network"), r.get("checkpoint", "?"))
+    first = next((v for k, v in r.items() if k.endswith("-view")), {})
+    sub = "" if r.get("classes_evaluated", "all") == "all" else f", {r['classes_evaluated']}"
+    step = f", step {r['step']:,}" if r.get("step") is not None else ""
+    return (f"{net}, epoch {r.get('epoch', '?')}{step}; {first.get('images', 0):,} {r.get('images_of', 'images')} "
+            f"of {r.get('data')}{sub}; {first.get('skipped', 0)} skipped; {r.get('precision', '?')}")
+
+
 def format_eval(r: dict) -> str:
-    lines = [f"{'':<10} {'top-1 err':>10} {'top-5 err':>10} {'images':>8}"]
+    what = r.get("images_of", "images")
+    lines = [f"{'':<10} {'top-1 err':>10} {'top-5 err':>10} {what:>18}"]
     for k in ("1-view", "10-view"):
         if k in r:
             v = r[k]
-            lines.append(f"{k:<10} {v['top1_err']:>10.2%} {v['top5_err']:>10.2%} {v['images']:>8,}")
+            lines.append(f"{k:<10} {percent(v['top1_err']):>10} {percent(v['top5_err']):>10} {v['images']:>18,}")
+    if any(r.get(k, {}).get("top5_err", 0) is None for k in ("1-view", "10-view")):
+        lines.append(f"top-5: n/a with {r.get('classes')} classes (every label is in the top 5)")
+    if r.get("split") == "train":
+        lines.append("measured on the TRAINING images (--split train), not held-out data")
+    lines.append(describe_eval(r))
     return "\n".join(lines)
 
 
 def predict(ckpt_path, images, topk: int = 5, views: int = 1, devices="auto"):
     """Yield (image, [(class, probability), ...]) or (image, error message) for each image."""
-    ckpt = load_checkpoint(best_or_last(Path(ckpt_path)))
+    ckpt = load_checkpoint(run_checkpoint(Path(ckpt_path)))
     model = model_from_checkpoint(ckpt, devices)
     bf16 = trained_precision_bf16(ckpt, model)
     classes = ckpt["meta"]["classes"]

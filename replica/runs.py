@@ -6,7 +6,7 @@ A run folder holds::
     version.json     code version (git SHA when known), replica, torch, python, machine
     metrics.jsonl    one line per epoch
     last.pt          the newest checkpoint (atomically replaced)
-    best.pt          the checkpoint with the lowest one-view validation top-1 error
+    best.pt          the checkpoint with the lowest one-view validation top-1 error (on request)
     eval.json        what `replica eval` measured
 
 Checkpoints hold tensors, numbers, strings, lists and dicts only, and are read with
@@ -35,11 +35,19 @@ def save_checkpoint(path: Path, ckpt: dict) -> None:
     atomic_write(path, lambda f: torch.save(ckpt, f))
 
 
-def best_or_last(path) -> Path:
-    """A run folder means its best.pt (else last.pt); a file means itself."""
+def run_checkpoint(path, which: str = "last") -> Path:
+    """A run folder means its final network, last.pt (``which="best"``: best.pt, the lowest
+    one-view validation error, chosen on the images it would then be measured on); a file
+    means itself. The 2012 figures are the final network's (run 145 was stopped after epoch 91
+    and tested), so that is what every command reads unless asked otherwise."""
+    if which not in ("last", "best"):
+        raise ReplicaError(f"checkpoint: expected 'last' or 'best', got {which!r}")
     path = Path(path)
     if path.is_dir():
-        return path / "best.pt" if (path / "best.pt").exists() else path / "last.pt"
+        chosen = path / f"{which}.pt"
+        if which == "best" and not chosen.exists():
+            raise ReplicaError(f"{path}: no best.pt (it is written when a validation error improves)")
+        return chosen
     return path
 
 

@@ -170,19 +170,31 @@ def find_source(src, val=None) -> Source:
         out = Source("folder", str(src), classes, {"train": _folder_split(train_dir, classes)})
         val_dir = Path(val) if val else next((src / d for d in VAL_DIRS if (src / d).is_dir()), None)
         if val_dir is not None:
-            out.splits["val"] = _folder_split(val_dir, classes)
+            out.splits["val"] = _labelled(_folder_split(val_dir, classes), val_dir)
         return _nonempty(out)
     classes = find_classes(src)
     if classes:
         out = Source("folder", str(src), classes, {"train": _folder_split(src, classes)})
         if val:
-            out.splits["val"] = _folder_split(Path(val), classes)
+            out.splits["val"] = _labelled(_folder_split(Path(val), classes), Path(val))
         return _nonempty(out)
     if (src / "train.txt").exists():
         other = next((src / n for n in ("val.txt", "test.txt") if (src / n).exists()), None)
         return find_source(src / "train.txt", val or other)
     raise ReplicaError(f"{src}: found no images: expected class folders, train/ and val/ folders, "
                        "a txt index or CIFAR-10 batches")
+
+
+def _labelled(split: Split, folder: Path) -> Split:
+    """A held-out folder that yields no labelled image is an error, not an empty split (a flat
+    folder of JPEGs, as ILSVRC-2012's val tar unpacks, would otherwise score 0.00% error)."""
+    if split.items:
+        return split
+    flat = sum(1 for e in os.scandir(folder) if e.is_file() and is_image_name(e.name))
+    found = f"{flat:,} image files directly in it but no class folders" if flat else "no image files"
+    raise ReplicaError(f"{folder}: this split has no labelled image ({found}); expected one folder per "
+                       f"class holding its images ({folder}/<class>/<image>), named as the training classes "
+                       f"(ILSVRC-2012's val images can be sorted so with the devkit's labels, e.g. valprep.sh)")
 
 
 def _nonempty(src: Source) -> Source:

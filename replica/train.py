@@ -27,9 +27,10 @@ import torch.nn.functional as F
 
 from . import augment
 from .config import Config, dump_config
-from .data import TrainBatches, compute_stats, loader, open_heldout, open_images
+from .colour import tower_medians
+from .data import TrainBatches, compute_stats, loader, match_classes, open_heldout, open_images
 from .errors import ReplicaError
-from .evaluate import evaluate
+from .evaluate import evaluate, percent
 from .model import AlexNet, resolve_devices
 from .optim import PaperSGD, Schedule, apply_lrs, param_groups
 from .runs import (CKPT_FORMAT, CKPT_VERSION, append_metrics, atomic_write, check_compatible, code_version,
@@ -142,16 +143,27 @@ def setup_ranks(cfg: Config) -> tuple[Ranks, tuple]:
 
 
 def open_data(cfg: Config):
-    """(train images, val images or None, class names)."""
+    """(train images, val images or None, class names).
+
+    ``val_data``'s classes are matched to the training classes by name (a subset is allowed and
+    logged; a class training never saw is an error). A validation split that holds no image is
+    an error too: it would log 0.00% error and keep epoch 1 as the best."""
     if cfg.data is None:
         raise ReplicaError("data: required; give a prepared store or an image folder (data=PATH)")
     train = open_images(cfg.data, "train")
+    where = cfg.val_data or cfg.data
     if cfg.val_data:
-        return train, open_heldout(cfg.val_data), train.classes
-    try:
-        val = open_images(cfg.data, "val")
-    except ReplicaError:  # no validation split: train-loss-only metrics
-        val = None
+        val, subset = match_classes(open_heldout(cfg.val_data), train.classes, cfg.val_data)
+        if subset:
+            log.info("val_data %s: %s (labels matched to the training classes by name)", cfg.val_data, subset)
+    else:
+        try:
+            val = open_images(cfg.data, "val")
+        except ReplicaError:  # no validation split: train-loss-only metrics
+            val = None
+    if val is not None and len(val) == 0:
+        raise ReplicaError(f"{where}: the validation split holds no images; prepare it again from class folders "
+                           f"(val/<class>/<image>), or give val_data=PATH")
     return train, val, train.classes
 
 
@@ -526,11 +538,12 @@ class _Run:
         record = dict(epoch=self.epoch + 1, step=step, train_loss=self.loss_sum / self.loss_n if self.loss_n else None,
                       lr={k: v for k, v in sched.lrs(step - 1).items()}, noise=sched.noise_on(step - 1),
                       seconds=time.time() - self.t_epoch,
-                      images_per_s=self.seen / max(time.time() - self.t_epoch, 1e-9), skipped_files=self.skipped)
+                      images_per_s=self.seen / max(time.time() - self.t_epoch, 1e-9), skipped_files=self.skipped,
+                      colour_specificity=tower_medians(self.model))  # Fig. 3's split, epoch by epoch
         err = None
         if self.val_images is not None and self.main:
             r = evaluate(self.model, self.val_images, self.mean, views=1, batch=min(cfg.batch_size, 128),
-                         max_batches=cfg.val_batches, crop=cfg.crop, bf16=cfg.bf16)
+                         max_batches=cfg.val_batches, crop=cfg.crop, bf16=cfg.bf16, workers=min(cfg.workers, 2))
             record.update(val_top1_err=r["top1_err"], val_top5_err=r["top5_err"], val_images=r["images"])
             err = r["top1_err"]
         err = ranks.broadcast(err)
@@ -552,7 +565,8 @@ class _Run:
             loss_text = f"{record['train_loss']:.4f}" if self.loss_n else "n/a (no usable input)"
             msg = f"epoch {record['epoch']}: loss {loss_text}"
             if err is not None:
-                msg += f", val top-1 {record['val_top1_err']:.2%} top-5 {record['val_top5_err']:.2%} (1 view)"
+                msg += (f", val top-1 {percent(record['val_top1_err'])} top-5 {percent(record['val_top5_err'])} "
+                        f"(1 view, {record['val_images']:,} images)")
             tqdm.write(msg + f", {record['images_per_s']:.0f} img/s")
 
     # -- the whole run ---------------------------------------------------------------------------

@@ -58,7 +58,7 @@ def test_filter_image_contrast_normalizes_each_kernel():
     assert format_filters([]) .startswith("run")
 
 
-def _fake_run(root, name, diff, errs, epochs=3):
+def _fake_run(root, name, diff, errs, epochs=3, images=1000, network="last", evaluated=True):
     import json
 
     import yaml
@@ -70,21 +70,39 @@ def _fake_run(root, name, diff, errs, epochs=3):
     (d / "config.yaml").write_text(yaml.safe_dump(cfg))
     with open(d / "metrics.jsonl", "w") as f:
         for e in range(1, epochs + 1):
-            f.write(json.dumps(dict(epoch=e, train_loss=2.0 / e, val_top1_err=0.5, val_top5_err=0.2,
-                                    lr={"weight": 0.01 / e})) + "\n")
-    (d / "eval.json").write_text(json.dumps({"1-view": dict(top1_err=errs[0], top5_err=errs[1]),
-                                             "10-view": dict(top1_err=errs[2], top5_err=errs[3])}))
+            f.write(json.dumps(dict(epoch=e, train_loss=2.0 / e, val_top1_err=0.5, val_top5_err=0.2, val_images=64,
+                                    lr={"weight": 0.01 / e},
+                                    colour_specificity={"a": 0.7 - 0.1 * e, "b": 0.7 + 0.05 * e})) + "\n")
+    if evaluated:  # as run_eval writes it
+        (d / "eval.json").write_text(json.dumps(dict(
+            checkpoint=str(d / f"{network}.pt"), network=network, epoch=epochs, step=30 * epochs, finished=True,
+            split="val", images_of="validation images", data="/data/store", classes=1000, classes_evaluated="all",
+            precision="fp32",
+            **{"1-view": dict(views=1, images=images, top1_err=errs[0], top5_err=errs[1], skipped=0),
+               "10-view": dict(views=10, images=images, top1_err=errs[2], top5_err=errs[3], skipped=0)})))
     return d
 
 
 def test_report_tables_curves_config_difference_and_ablation_deltas(tmp_path, capsys):
     base = _fake_run(tmp_path, "baseline", {}, (0.42, 0.20, 0.40, 0.18))
     nonorm = _fake_run(tmp_path, "no-norm", {"norm": False}, (0.44, 0.21, 0.4137, 0.1915))
-    assert main(["report", str(base), str(nonorm), "--out", str(tmp_path / "rep")]) == 0
+    fewer = _fake_run(tmp_path, "no-overlap", {"overlap": False}, (0.43, 0.2, 0.41, 0.19), images=500)
+    best = _fake_run(tmp_path, "no-pca", {"pca_noise": False}, (0.43, 0.2, 0.41, 0.19), network="best")
+    bare = _fake_run(tmp_path, "no-dropout", {"dropout": False}, None, evaluated=False)
+    runs = [base, nonorm, fewer, best, bare]
+    assert main(["report", *map(str, runs), "--out", str(tmp_path / "rep")]) == 0
     md = (tmp_path / "rep" / "report.md").read_text()
-    assert "| baseline | 42.00 / 20.00 | 40.00 / 18.00 | 3 |" in md
+    assert ("| baseline | 42.00 / 20.00 | 40.00 / 18.00 | final, epoch 3 | 1,000 validation images | "
+            "50.00 / 20.00 (epoch 3, 64 images) |") in md
     assert "- no-norm: `norm=False`" in md and "- baseline: none" in md
+    assert "## Ablations against baseline (ten views, final network, 1,000 validation images of /data/store)" in md
     assert "| no-norm | 41.37 / 19.15 | +1.37 / +1.15 | LRN: 1.4 / 1.2 |" in md
+    # unlike figures are never set against the baseline's: other images, another checkpoint rule, none
+    assert "| no-overlap | not comparable (images differ) | — |" in md
+    assert "| no-pca | not comparable (network differ) | — |" in md
+    assert f"| no-dropout | not evaluated (`replica eval {bare}`) | — |" in md
+    assert "| no-dropout | not evaluated | not evaluated | — | — | 50.00 / 20.00 (epoch 3, 64 images) |" in md
+    assert "- baseline: final network (last.pt), epoch 3, step 90; 1,000 validation images of /data/store" in md
     assert "40.66 / 18.21" in md  # the original run's log beside
     assert (tmp_path / "rep" / "curves.png").stat().st_size > 10_000
     empty = tmp_path / "empty"

@@ -121,6 +121,7 @@ def test_timed_saves_while_rank0_writes_slowly(store, driver, tmp_path):
                   STEP_SLEEP=0.2)
     assert rc == 0, log[-3000:]
     writes = [line for line in log.splitlines() if "WRITING" in line and line.endswith("last.pt")]
+    print(f"\n{len(writes)} writes of last.pt by rank 0 (3 at epoch ends), each held 1.5 s")
     assert len(writes) >= 3 + 3, log[-3000:]  # the 3 epoch ends, and timed saves mid-epoch
     assert [m["epoch"] for m in read_metrics(out)] == [1, 2, 3]
     ck = load_checkpoint(out)
@@ -148,6 +149,7 @@ def test_sigint_to_the_process_group_saves_and_resume_is_bit_equal(store, driver
     rest, _ = p.communicate(timeout=60)
     took = time.time() - t0
     log = "".join(lines) + rest
+    print(f"\nSIGINT to the process group: torchrun and both ranks exited {took:.1f} s later")
     assert took < 30, f"{took:.0f} s to exit\n{log[-3000:]}"
     assert log.count("stopped by SIGINT") == 1, log[-3000:]
     ck = load_checkpoint(cut)

@@ -1,0 +1,152 @@
+"""Numbers you can trust: no figure that looks right while being wrong.
+
+Each test here failed before its fix: a flat val folder scored 0.00%, eval fell back to the
+training images, val_data's labels shifted with a missing class, top-5 read 0.00% with two
+classes, eval read best.pt, and the one-view figure needed a second pass.
+"""
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from replica.cli import main
+from replica.colour import colour_specificity
+from replica.config import load_config
+from replica.data import open_heldout
+from replica.errors import ReplicaError
+from replica.evaluate import evaluate, predict_probs, view_probs
+from replica.predict import model_from_checkpoint
+from replica.runs import load_checkpoint, read_metrics
+from replica.store import prepare
+from replica.train import open_data, train
+from runs_helpers import tiny
+
+
+def _jpegs(folder, n, seed=0):
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 256, (40, 50, 3), dtype=np.uint8)).save(folder / f"{i}.JPEG")
+
+
+def test_a_flat_val_folder_is_an_error_at_prepare_and_at_train(tiny_tree, tmp_path, capsys):
+    """ILSVRC-2012's val tar unpacks to 50,000 JPEGs and no class folders: 0 labelled images."""
+    import shutil
+
+    shutil.rmtree(tiny_tree / "val")
+    _jpegs(tiny_tree / "val", 3)
+    assert main(["prepare", str(tiny_tree), str(tmp_path / "st")]) == 2
+    err = capsys.readouterr().err
+    assert "val: this split has no labelled image (3 image files directly in it but no class folders)" in err
+    assert "val/<class>/<image>" in err and "Traceback" not in err
+    cfg = tiny(tiny_tree, batch_size=3)
+    with pytest.raises(ReplicaError, match="this split has no labelled image"):
+        train(cfg, tmp_path / "run", progress=False)
+
+
+def test_eval_refuses_to_stand_the_training_images_in_for_a_val_split(tmp_path, capsys):
+    from replica.synth import synth
+
+    synth(tmp_path / "s", classes=3, train_per_class=4, val_per_class=1, workers=1, progress=False)
+    import shutil
+
+    shutil.rmtree(tmp_path / "s" / "val")
+    prepare(tmp_path / "s", tmp_path / "st", workers=1, progress=False)
+    run = tmp_path / "run"
+    train(load_config(None, dict(data=str(tmp_path / "st"), batch_size=4, epochs=1, steps_per_epoch=1, workers=0,
+                                 devices="cpu", init="caffe")), run, progress=False)
+    capsys.readouterr()
+    assert main(["eval", str(run), "--devices", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "has no held-out (val) split" in err and "--split train" in err
+    assert main(["eval", str(run), "--devices", "cpu", "--split", "train", "--workers", "0"]) == 0
+    out = capsys.readouterr().out
+    assert "training images" in out.splitlines()[0] and "measured on the TRAINING images" in out
+    ev = json.loads((run / "eval.json").read_text())
+    assert ev["split"] == "train" and ev["images_of"] == "training images" and ev["1-view"]["images"] == 12
+
+
+def test_val_data_classes_are_matched_by_name(tiny_tree, tmp_path):
+    """val_data holding bee and cat only: labels 1 and 2 of the training classes, not 0 and 1."""
+    import shutil
+
+    sub = tmp_path / "val-sub"
+    for c in ("bee", "cat"):
+        shutil.copytree(tiny_tree / "val" / c, sub / c)
+    cfg = tiny(tiny_tree, batch_size=3, val_data=str(sub))
+    train_images, val, classes = open_data(cfg)
+    assert classes == ["ant", "bee", "cat"]
+    _, labels, _ = val.batch(np.arange(len(val)))
+    assert sorted(set(labels.tolist())) == [1, 2] and len(val) == 4
+    shutil.copytree(tiny_tree / "val" / "cat", sub / "dog")  # a class training never saw
+    with pytest.raises(ReplicaError, match="class\\(es\\) 'dog' are not among the 3 training classes"):
+        open_data(tiny(tiny_tree, batch_size=3, val_data=str(sub)))
+
+
+def test_top5_is_not_applicable_with_five_classes_or_fewer(store, tmp_path, capsys):
+    """The store has 4 classes: top-5 error would be 0.00% by construction."""
+    run = tmp_path / "run"
+    train(tiny(store, epochs=1), run, progress=True)
+    assert "top-5 n/a" in capsys.readouterr().out  # the epoch's line
+    m = read_metrics(run)[0]
+    assert m["val_top5_err"] is None and m["val_top1_err"] is not None
+    assert main(["eval", str(run), "--devices", "cpu", "--workers", "0"]) == 0
+    out = capsys.readouterr().out
+    assert "n/a" in out.splitlines()[1] and "top-5: n/a with 4 classes" in out
+    ev = json.loads((run / "eval.json").read_text())
+    assert ev["10-view"]["top5_err"] is None
+    assert main(["report", str(run)]) == 0
+    assert "/ n/a |" in (run / "report.md").read_text()
+
+
+def test_eval_reports_the_final_network_unless_asked_and_records_how(store, tmp_path, capsys):
+    run = tmp_path / "run"
+    train(tiny(store), run, progress=False)
+    assert main(["eval", str(run), "--devices", "cpu", "--workers", "0"]) == 0
+    ev = json.loads((run / "eval.json").read_text())
+    assert ev["checkpoint"] == str(run / "last.pt") and ev["network"] == "last"
+    assert (ev["epoch"], ev["step"], ev["finished"]) == (2, 6, True)
+    assert ev["data"] == str(store) and ev["classes"] == 4 and ev["precision"] == "fp32" and ev["split"] == "val"
+    assert ev["1-view"]["images"] == ev["10-view"]["images"] == 8 and ev["1-view"]["skipped"] == 0
+    assert "final network (last.pt), epoch 2, step 6; 8 validation images" in capsys.readouterr().out
+    assert main(["eval", str(run), "--devices", "cpu", "--checkpoint", "best", "--workers", "0"]) == 0
+    ev = json.loads((run / "eval.json").read_text())
+    assert ev["checkpoint"] == str(run / "best.pt") and ev["network"] == "best"
+    assert main(["report", str(run)]) == 0
+    assert "best-on-validation network (best.pt)" in (run / "report.md").read_text()
+
+
+def test_one_pass_gives_the_one_view_figure_of_the_separate_path(store, tmp_path):
+    run = tmp_path / "run"
+    train(tiny(store, epochs=1), run, progress=False)
+    ck = load_checkpoint(run)
+    model = model_from_checkpoint(ck, "cpu")
+    val = open_heldout(store)
+    mean = ck["mean"].numpy()
+    both = evaluate(model, val, mean, views=(1, 10), batch=3, workers=1)  # through a loader worker
+    one = evaluate(model, val, mean, views=1, batch=3)
+    ten = evaluate(model, val, mean, views=10, batch=3)
+    assert both["1-view"] == one and both["10-view"] == ten
+    u8 = torch.from_numpy(val.batch(np.arange(4))[0])
+    from replica.augment import centre_crop_of
+
+    mc = centre_crop_of(ck["mean"], 224)
+    # view 2 of the ten is the centre view: the same probabilities as the one-view path (the batch
+    # is 10× larger, so the convolutions may block differently: float32 rounding)
+    torch.testing.assert_close(view_probs(model, u8, mc, 10)[:, 2], predict_probs(model, u8, mc, 1),
+                               rtol=1e-4, atol=1e-6)
+
+
+def test_each_epoch_records_each_towers_colour_specificity(store, tmp_path):
+    run = tmp_path / "run"
+    train(tiny(store), run, progress=False)
+    m = read_metrics(run)
+    assert [sorted(r["colour_specificity"]) for r in m] == [["a", "b"], ["a", "b"]]
+    ck = load_checkpoint(run)  # the end of the last epoch
+    for t in ("a", "b"):
+        want = float(np.median(colour_specificity(ck["model"][f"tower_{t}.conv1.weight"])))
+        assert m[-1]["colour_specificity"][t] == pytest.approx(want, abs=1e-12)
+        assert 0 < m[-1]["colour_specificity"][t] < 1
+    assert m[0]["colour_specificity"] != m[1]["colour_specificity"]  # the kernels moved
