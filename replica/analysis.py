@@ -116,15 +116,17 @@ def format_filters(results: list[dict]) -> str:
 
 # SPEC.md §5: ILSVRC top-1 / top-5 error (%), 10 views, from the original run logs, and the
 # paper's claimed effect of each ablation (how much better the baseline is).
-PAPER = [
-    ("baseline, run 145 (ILSVRC-2012 val)", "40.66 / 18.21", "Table 2 '1 CNN' 40.7 / 18.2"),
-    ("baseline, run 145-2010 (2010 test)", "37.47 / 17.00; centre view 39.02 / 18.30", "Table 1 37.5 / 17.0"),
-    ("one-gpu-half, run 145-half (2010 test)", "39.17 / 18.23", "two GPUs better by 1.7 / 1.2"),
-    ("no-norm, run 148 (2012 val)", "42.03 / 19.36", "LRN better by 1.4 / 1.2"),
-    ("no-overlap, run 147 (2012 val)", "41.06 / 18.51", "overlap better by 0.4 / 0.3"),
-    ("no-pca", "—", "PCA better by > 1 top-1"),
-    ("no-dropout", "—", "'substantial overfitting'"),
+PAPER = [  # (dataset, config, original run log, paper)
+    ("ilsvrc2012", "baseline, run 145 (ILSVRC-2012 val)", "40.66 / 18.21", "Table 2 '1 CNN' 40.7 / 18.2"),
+    ("ilsvrc2010", "baseline, run 145-2010 (ILSVRC-2010 test)", "37.47 / 17.00; centre view 39.02 / 18.30",
+     "Table 1 37.5 / 17.0"),
+    ("ilsvrc2010", "one-gpu-half, run 145-half (ILSVRC-2010 test)", "39.17 / 18.23", "two GPUs better by 1.7 / 1.2"),
+    ("ilsvrc2012", "no-norm, run 148 (ILSVRC-2012 val)", "42.03 / 19.36", "LRN better by 1.4 / 1.2"),
+    ("ilsvrc2012", "no-overlap, run 147 (ILSVRC-2012 val)", "41.06 / 18.51", "overlap better by 0.4 / 0.3"),
+    ("ilsvrc2012", "no-pca", "—", "PCA better by > 1 top-1"),
+    ("ilsvrc2012", "no-dropout", "—", "'substantial overfitting'"),
 ]
+DATASETS = {"ilsvrc2012": "ILSVRC-2012", "ilsvrc2010": "ILSVRC-2010"}
 CLAIMS = {  # config change → the paper's claimed (top-1, top-5) gain of the baseline over it
     ("variant", "one-gpu-half"): ("two GPUs", 1.7, 1.2),
     ("norm", False): ("LRN", 1.4, 1.2),
@@ -267,11 +269,23 @@ def report(runs, out=None) -> Path:
         lines.append(f"- {s['name']}: {d}")
     if len(summaries) > 1:
         lines += _ablations(summaries)
-    lines += ["", "## The paper and the original run (SPEC.md §5, ILSVRC, ten views)", "",
-              "| config | original run log | paper |", "|---|---|---|"]
-    lines += [f"| {a} | {b} | {c} |" for a, b, c in PAPER]
+    lines += _paper_table(summaries)
     (out / "report.md").write_text("\n".join(lines) + "\n")
     return out / "report.md"
+
+
+def _paper_table(summaries) -> list[str]:
+    """SPEC.md §5's figures for the datasets these runs were evaluated on, and only those."""
+    present = [d for d in DATASETS if any(s["eval"].get("dataset") == d for s in summaries)]
+    if not present:
+        return ["", "## The paper and the original run", "",
+                "Not shown: no run here was evaluated on ILSVRC-2012 or ILSVRC-2010 (eval.json names no such "
+                "dataset), so their figures would not compare. `replica prepare` records the dataset when it "
+                "reads ImageNet's archives or the Kaggle layout with all 1,000 classes."]
+    lines = ["", f"## The paper and the original run (SPEC.md §5, {' and '.join(DATASETS[d] for d in present)}, "
+                 f"ten views)", "", "| config | original run log | paper |", "|---|---|---|"]
+    lines += [f"| {a} | {b} | {c} |" for d, a, b, c in PAPER if d in present]
+    return lines
 
 
 def _ablations(summaries) -> list[str]:
@@ -366,9 +380,14 @@ def neighbors(run, queries: int = 8, k: int = 6, data=None, out=None, devices="a
     pool = features_of(model, train, mean, crop=crop, progress=True)
     idx, _ = nearest(q, pool, k)
     size = 96
+    names = ck["meta"].get("names") or ck["meta"]["classes"]
+    name = lambda lab: str(names[int(lab)]).split(",")[0]  # noqa: E731  ("tench, Tinca tinca" → tench)
     sheet = np.full((len(picks) * (size + 4), (k + 1) * (size + 4) + 8, 3), 255, np.uint8)
+    legend = []
     for r, p in enumerate(picks):
-        row = [val.batch([p])[0][0]] + [train.batch([int(i)])[0][0] for i in idx[r]]
+        (q, ql, _), found = val.batch([p]), [train.batch([int(i)]) for i in idx[r]]
+        row = [q[0]] + [f[0][0] for f in found]
+        legend.append(f"row {r + 1}: {name(ql[0])} → " + ", ".join(name(f[1][0]) for f in found))
         for c, img in enumerate(row):
             t = np.asarray(Image.fromarray(img.transpose(1, 2, 0)).resize((size, size), Image.BILINEAR))
             x0 = c * (size + 4) + (8 if c else 0)  # a gap after the query column
@@ -376,6 +395,7 @@ def neighbors(run, queries: int = 8, k: int = 6, data=None, out=None, devices="a
     dest = Path(out) if out else (run / "neighbors.png")
     dest.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(sheet).save(dest)
+    dest.with_suffix(".txt").write_text("\n".join(legend) + "\n")  # each row's classes, by name
     return dest
 
 

@@ -132,7 +132,9 @@ def _cmd_report(args) -> int:
 def _cmd_neighbors(args) -> int:
     from .analysis import neighbors
 
-    print(f"wrote {neighbors(args.run, args.queries, args.k, args.data, args.out, _devices(args.devices))}")
+    dest = neighbors(args.run, args.queries, args.k, args.data, args.out, _devices(args.devices))
+    print(dest.with_suffix(".txt").read_text(), end="")
+    print(f"wrote {dest} (rows: a validation image, then its nearest training images) and {dest.with_suffix('.txt')}")
     return 0
 
 
@@ -194,8 +196,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="of a run folder: last (the final network, as the 2012 run was tested; default) or best "
                         "(lowest validation error during training: chosen on these same images, so optimistic)")
     e.add_argument("--data", help="prepared store or image folder (default: the run's validation data)")
-    e.add_argument("--split", choices=["val", "train"], default="val",
-                   help="val (default; an error if the data has none) or train (reported as training images)")
+    e.add_argument("--split", choices=["val", "test", "train"], default="val",
+                   help="val (default; an error if the data has none), test (ILSVRC-2010's labelled test set, "
+                        "the paper's Table 1) or train (reported as training images)")
     e.add_argument("--views", type=int, choices=[1, 10], default=None,
                    help="only this many views (default: both, from one pass of ten views)")
     e.add_argument("--batch", type=int, default=32)

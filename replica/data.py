@@ -30,6 +30,7 @@ class FileImages:
         s = source.splits[split]
         self.items, self.labels, self.arrays = s.items, np.asarray(s.labels, np.int64), s.arrays
         self.classes = source.classes
+        self.names, self.dataset = source.names, source.dataset
 
     def __len__(self) -> int:
         return len(self.items)

@@ -45,7 +45,9 @@ def load_rgb(path, max_pixels: int = DEFAULT_MAX_PIXELS, draft_size: int | None 
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
+            from .imagenet import open_item
+
+            with Image.open(open_item(path)) as img:  # a file, or an image inside a tar
                 w, h = img.size
                 if w * h > max_pixels:
                     raise BadImage(f"{w}×{h} pixels exceeds the {max_pixels:,}-pixel limit (decompression bomb?)")

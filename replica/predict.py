@@ -51,12 +51,13 @@ def run_eval(target, data=None, views=(1, 10), devices="auto", batch: int = 32, 
     ``checkpoint``: a run folder's ``last`` (the final network, what the 2012 run reported: run 145
     was stopped after epoch 91 and tested; the default) or ``best`` (the lowest one-view
     validation error, chosen on the same images it is then measured on: optimistic).
-    ``split``: ``val`` (the default; an error if there is none) or ``train``, said on every line.
+    ``split``: ``val`` (the default; an error if there is none), ``test`` (ILSVRC-2010's labelled test
+    set: the paper's Table 1) or ``train``, said on every line.
     ``bf16=None``: bfloat16 autocast if the run trained with it and the device has native bf16
     (:func:`replica.runtime.fast_bf16`). eval.json records what was measured and how.
     """
-    if split not in ("val", "train"):
-        raise ReplicaError(f"split: expected 'val' or 'train', got {split!r}")
+    if split not in ("val", "test", "train"):
+        raise ReplicaError(f"split: expected 'val', 'test' or 'train', got {split!r}")
     target = Path(target)
     ckpt_path = run_checkpoint(target, checkpoint)
     ckpt = load_checkpoint(ckpt_path)
@@ -78,8 +79,10 @@ def run_eval(target, data=None, views=(1, 10), devices="auto", batch: int = 32, 
     prog = ckpt["progress"]
     out = dict(checkpoint=str(ckpt_path), network=checkpoint if target.is_dir() else "file",
                epoch=prog.get("epoch"), step=prog.get("step"), finished=bool(prog.get("done")),
-               split=split, images_of="training images" if split == "train" else "validation images",
-               data=str(data), classes=len(ckpt["meta"]["classes"]), classes_evaluated=subset or "all",
+               split=split, images_of={"train": "training images", "val": "validation images",
+                                       "test": "test images"}[split],
+               data=str(data), dataset=ckpt["meta"].get("dataset"), classes=len(ckpt["meta"]["classes"]),
+               classes_evaluated=subset or "all",
                precision="bf16" if bf16 else "fp32", **results)
     run = target if target.is_dir() else target.parent
     if (run / "config.yaml").exists():
@@ -119,6 +122,9 @@ def predict(ckpt_path, images, topk: int = 5, views: int = 1, devices="auto"):
     model = model_from_checkpoint(ckpt, devices)
     bf16 = trained_precision_bf16(ckpt, model)
     classes = ckpt["meta"]["classes"]
+    names = ckpt["meta"].get("names")
+    if names:  # "tench (n01440764)"
+        classes = [f"{n.split(',')[0]} ({c})" if n != c else c for n, c in zip(names, classes)]
     crop = ckpt["meta"].get("crop", augment.CROP)
     mean_crop = augment.centre_crop_of(ckpt["mean"], crop)
     size = ckpt["mean"].shape[-1]

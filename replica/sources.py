@@ -31,10 +31,13 @@ class Split:
 
 @dataclass
 class Source:
-    kind: str  # "folder", "index" or "cifar10"
+    kind: str  # "folder", "index", "cifar10", "ilsvrc2012-archives", "ilsvrc2010-archives" or "kaggle"
     root: str
     classes: list[str]
     splits: dict[str, Split] = field(default_factory=dict)
+    names: list[str] | None = None  # human-readable class names, where the source has them
+    dataset: str | None = None  # "ilsvrc2012", "ilsvrc2010", or None: no paper figures apply
+    notes: list[str] = field(default_factory=list)  # what was recognized, where labels came from
 
     def describe(self) -> str:
         parts = ", ".join(f"{name} {len(s.items):,}" for name, s in self.splits.items())
@@ -148,9 +151,17 @@ def find_source(src, val=None) -> Source:
     ``test/``, ``test_data/``) class-folder trees; one class-folder tree (all training); a txt
     index (``val`` may name a second one); or CIFAR-10's python batches.
     """
+    from . import imagenet
+
     src = Path(src)
     if not src.exists():
         raise ReplicaError(f"{src}: no such file or folder")
+    if src.is_dir() and (year := imagenet.is_archive_root(src)):
+        return _imagenet(src, f"ilsvrc{year}-archives", *imagenet.archives(src, year), year=year)
+    if src.is_dir() and imagenet.is_kaggle_root(src):
+        return _imagenet(src, "kaggle", *imagenet.kaggle(src), year="2012")
+    if src.is_dir() and (hint := imagenet.misplaced_root(src)):
+        raise ReplicaError(hint)
     if src.is_file():
         if src.suffix.lower() != ".txt":
             raise ReplicaError(f"{src}: expected a folder or a txt index of 'PATH LABEL' lines")
@@ -166,23 +177,66 @@ def find_source(src, val=None) -> Source:
         return _cifar(src)
     train_dir = next((src / d for d in TRAIN_DIRS if (src / d).is_dir()), None)
     if train_dir is not None:
+        if not find_classes(train_dir) and any(train_dir.glob("*.tar")):  # one tar per class, not unpacked
+            return _class_tars(src, train_dir, val)
         classes = find_classes(train_dir)
         out = Source("folder", str(src), classes, {"train": _folder_split(train_dir, classes)})
         val_dir = Path(val) if val else next((src / d for d in VAL_DIRS if (src / d).is_dir()), None)
         if val_dir is not None:
-            out.splits["val"] = _labelled(_folder_split(val_dir, classes), val_dir)
+            out.splits["val"] = _val_split(val_dir, classes)
         return _nonempty(out)
     classes = find_classes(src)
     if classes:
         out = Source("folder", str(src), classes, {"train": _folder_split(src, classes)})
         if val:
-            out.splits["val"] = _labelled(_folder_split(Path(val), classes), Path(val))
+            out.splits["val"] = _val_split(Path(val), classes)
         return _nonempty(out)
     if (src / "train.txt").exists():
         other = next((src / n for n in ("val.txt", "test.txt") if (src / n).exists()), None)
         return find_source(src / "train.txt", val or other)
     raise ReplicaError(f"{src}: found no images: expected class folders, train/ and val/ folders, "
                        "a txt index or CIFAR-10 batches")
+
+
+def _val_split(val: Path, classes: list[str]) -> Split:
+    """A held-out split for training classes from class folders: a folder tree, or a txt index
+    whose labels index the training classes (sorted folder names)."""
+    if val.is_file():
+        if val.suffix.lower() != ".txt":
+            raise ReplicaError(f"{val}: expected a folder of class folders or a txt index of 'PATH LABEL' lines")
+        return read_index(val, len(classes))
+    if not val.is_dir():
+        raise ReplicaError(f"{val}: no such file or folder")
+    return _labelled(_folder_split(val, classes), val)
+
+
+def _class_tars(src: Path, train_dir: Path, val) -> Source:
+    """A train/ of per-class tars (``<class>.tar``), read in place."""
+    from .imagenet import folder_of_tars
+
+    per_class = folder_of_tars(train_dir)
+    classes = sorted(per_class)
+    items, labels = [], []
+    for i, c in enumerate(classes):
+        items += per_class[c]
+        labels += [i] * len(per_class[c])
+    out = Source("folder", str(src), classes, {"train": Split(items, labels)},
+                 notes=[f"train: {len(classes):,} per-class tars in {train_dir.name}/, read in place"])
+    val_dir = Path(val) if val else next((src / d for d in VAL_DIRS if (src / d).is_dir()), None)
+    if val_dir is not None:
+        out.splits["val"] = _val_split(val_dir, classes)
+    return _nonempty(out)
+
+
+def _imagenet(src: Path, kind: str, classes, names, splits, notes, year: str) -> Source:
+    from .imagenet import dataset_of
+
+    out = Source(kind, str(src), classes, {k: Split(list(i), list(l)) for k, (i, l) in splits.items()},
+                 names=list(names), dataset=dataset_of(kind, year, classes), notes=notes)
+    for k, s in out.splits.items():
+        if k != "train" and not s.items:
+            raise ReplicaError(f"{src}: the {k} split has no image of the training classes")
+    return _nonempty(out)
 
 
 def _labelled(split: Split, folder: Path) -> Split:
@@ -198,7 +252,10 @@ def _labelled(split: Split, folder: Path) -> Split:
 
 
 def _nonempty(src: Source) -> Source:
+    from .imagenet import warn_if_not_ilsvrc
+
     if not src.splits["train"].items:
         raise ReplicaError(f"{src.root}: the training split holds no image files "
                            f"(extensions: {', '.join(sorted(IMAGE_EXTS))})")
+    warn_if_not_ilsvrc(src.classes, src.root)
     return src

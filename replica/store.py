@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import multiprocessing as mp
 import os
 import time
@@ -34,6 +35,8 @@ from .errors import ReplicaError
 from .fileio import atomic_write
 from .imageio import DEFAULT_MAX_PIXELS, BadImage, prepared_from_array, read_prepared
 from .sources import Source, find_source
+
+log = logging.getLogger("replica")
 
 FORMAT_VERSION = 1
 STATE = ".prepare-state.npz"
@@ -153,6 +156,10 @@ def prepare(src, out, val=None, size: int = 256, workers: int | None = None, chu
     """
     out = Path(out)
     source = find_source(src, val)
+    log.info("%s: %s, %d classes; %s", source.root, source.kind, len(source.classes),
+             ", ".join(f"{k} {len(v.items):,}" for k, v in source.splits.items()))
+    for note in source.notes:  # what was recognized, and where the labels came from
+        log.info("  %s", note)
     fp = _fingerprint(source, size)
     out.mkdir(parents=True, exist_ok=True)
     meta_path = out / "meta.json"
@@ -191,7 +198,7 @@ def prepare(src, out, val=None, size: int = 256, workers: int | None = None, chu
             skips = json.loads(str(st["skips"]))
             stats = PixelStats.from_arrays(st)
     meta = dict(version=FORMAT_VERSION, fingerprint=fp, complete=False, source=source.root, kind=source.kind,
-                size=size, classes=source.classes)
+                size=size, classes=source.classes, names=source.names, dataset=source.dataset, notes=source.notes)
     atomic_write(meta_path, lambda f: f.write(json.dumps(meta, indent=1).encode()))
 
     todo = [c for c in chunks if not done[c[0]][c[1]]]
@@ -305,6 +312,8 @@ class PreparedStore:
         self.split = split
         self.size = self.meta["size"]
         self.classes = self.meta["classes"]
+        self.names = self.meta.get("names")  # human-readable, where the source had them
+        self.dataset = self.meta.get("dataset")  # "ilsvrc2012", "ilsvrc2010" or None
         try:
             labels = np.load(self.root / split / "labels.npy", allow_pickle=False)
         except (OSError, ValueError, EOFError) as e:

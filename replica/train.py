@@ -195,9 +195,10 @@ def build_model(cfg: Config, num_classes: int, devices) -> AlexNet:
                    overlap=cfg.overlap, dropout=cfg.dropout, init=cfg.init, channels_last=cfg.channels_last)
 
 
-def model_meta(cfg: Config, num_classes: int, classes) -> dict:
+def model_meta(cfg: Config, num_classes: int, classes, names=None, dataset=None) -> dict:
     return dict(num_classes=num_classes, variant=cfg.variant, preset=cfg.preset, norm=cfg.norm,
-                overlap=cfg.overlap, dropout=cfg.dropout, init=cfg.init, crop=cfg.crop, classes=list(classes))
+                overlap=cfg.overlap, dropout=cfg.dropout, init=cfg.init, crop=cfg.crop, classes=list(classes),
+                names=list(names) if names else None, dataset=dataset)
 
 
 def rng_state() -> dict:
@@ -286,7 +287,8 @@ class _Run:
         self.devices = resolve_devices(spec, towers=1 if cfg.variant == "one-gpu-half" else 2)
         self.dev0 = self.devices[0]
         self.model = build_model(cfg, self.num_classes, self.devices)
-        self.meta = model_meta(cfg, self.num_classes, classes)
+        self.meta = model_meta(cfg, self.num_classes, classes, getattr(self.train_images, "names", None),
+                               getattr(self.train_images, "dataset", None))
         self.opt = PaperSGD(param_groups(self.model, cfg.lr, cfg.weight_decay, cfg.bias_lr), momentum=cfg.momentum)
         r, w = self.ranks.rank, self.ranks.world
         n = len(TrainBatches(self.train_images, self.per_rank, mean, None, world=w, rank=r, crop=cfg.crop))

@@ -58,7 +58,7 @@ def test_filter_image_contrast_normalizes_each_kernel():
     assert format_filters([]) .startswith("run")
 
 
-def _fake_run(root, name, diff, errs, epochs=3, images=1000, network="last", evaluated=True):
+def _fake_run(root, name, diff, errs, epochs=3, images=1000, network="last", evaluated=True, dataset="ilsvrc2012"):
     import json
 
     import yaml
@@ -77,6 +77,7 @@ def _fake_run(root, name, diff, errs, epochs=3, images=1000, network="last", eva
         (d / "eval.json").write_text(json.dumps(dict(
             checkpoint=str(d / f"{network}.pt"), network=network, epoch=epochs, step=30 * epochs, finished=True,
             split="val", images_of="validation images", data="/data/store", classes=1000, classes_evaluated="all",
+            dataset=dataset,
             precision="fp32",
             **{"1-view": dict(views=1, images=images, top1_err=errs[0], top5_err=errs[1], skipped=0),
                "10-view": dict(views=10, images=images, top1_err=errs[2], top5_err=errs[3], skipped=0)})))
@@ -103,7 +104,12 @@ def test_report_tables_curves_config_difference_and_ablation_deltas(tmp_path, ca
     assert f"| no-dropout | not evaluated (`replica eval {bare}`) | — |" in md
     assert "| no-dropout | not evaluated | not evaluated | — | — | 50.00 / 20.00 (epoch 3, 64 images) |" in md
     assert "- baseline: final network (last.pt), epoch 3, step 90; 1,000 validation images of /data/store" in md
-    assert "40.66 / 18.21" in md  # the original run's log beside
+    assert "40.66 / 18.21" in md and "ILSVRC-2012 val" in md  # the original run's log beside, for its dataset
+    assert "37.47 / 17.00" not in md  # 2010's figures are not set beside 2012 runs
+    other = _fake_run(tmp_path, "synthetic", {}, (0.1, 0.0, 0.1, 0.0), dataset=None)
+    assert main(["report", str(other)]) == 0
+    md = (other / "report.md").read_text()
+    assert "40.66" not in md and "Not shown: no run here was evaluated on ILSVRC" in md
     assert (tmp_path / "rep" / "curves.png").stat().st_size > 10_000
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -137,6 +143,8 @@ def test_neighbors_command_draws_the_grid(tmp_path):
                                  devices="cpu", init="caffe"))
     train(cfg, tmp_path / "run", progress=False)
     assert main(["neighbors", str(tmp_path / "run"), "--queries", "2", "--k", "3", "--devices", "cpu"]) == 0
+    legend = (tmp_path / "run" / "neighbors.txt").read_text().splitlines()
+    assert len(legend) == 2 and all(line.count(",") == 2 and " → " in line for line in legend)
     from PIL import Image
     img = Image.open(tmp_path / "run" / "neighbors.png")
     assert img.size == (4 * 100 + 8, 2 * 100)

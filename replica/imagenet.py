@@ -1,0 +1,405 @@
+"""ImageNet as users download it: the official ILSVRC-2012/2010 archives (read inside the tars,
+nothing unpacked), the same files unpacked, and Kaggle's ImageNet Object Localization layout.
+
+Classes are the sorted WordNet IDs (WNIDs), as ``torchvision.datasets.ImageNet`` orders them, so
+class indices agree with other models. The devkit numbers classes by ``ILSVRC2012_ID`` (or
+``ILSVRC2010_ID``), which is not that order: validation and test labels are mapped through the
+devkit's ``meta.mat`` (its leaf synsets, ``num_children == 0``). Human-readable names come from
+``meta.mat``'s ``words`` or Kaggle's ``LOC_synset_mapping.txt``.
+
+An image inside an uncompressed tar is a :class:`Member`: the archive's path and the byte range
+of the member's data. The training tar's inner per-class tars are uncompressed too, so an image
+there is a byte range of the outer file as well: read with one seek, in any process.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import re
+import tarfile
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+
+from .errors import ReplicaError
+
+log = logging.getLogger("replica")
+
+INNER_IN_MEMORY = 1 << 20  # an inner tar up to this size is read whole; larger ones are walked in place
+EVAL_NAME = re.compile(r"ILSVRC(2010|2012)_(val|test)_(\d{8})\.JPEG$", re.IGNORECASE)
+WNID = re.compile(r"n\d{8}$")
+
+
+class Member(NamedTuple):
+    """An image stored inside an uncompressed tar: ``size`` bytes at ``offset`` of ``path``."""
+
+    path: str
+    offset: int
+    size: int
+    name: str
+
+    def __str__(self) -> str:  # how a bad input is named in skipped.tsv and bad_inputs.tsv
+        return f"{self.path}:{self.name}"
+
+    def read(self) -> bytes:
+        with open(self.path, "rb") as f:
+            f.seek(self.offset)
+            data = f.read(self.size)
+        if len(data) != self.size:
+            raise OSError(f"{self}: the archive ends {self.size - len(data):,} bytes early (truncated)")
+        return data
+
+
+def open_item(item):
+    """What PIL can open: a path, or the bytes of an archive member."""
+    return io.BytesIO(item.read()) if isinstance(item, Member) else item
+
+
+# ----------------------------------------------------------------------------------------------
+# Tars
+
+
+def _tar_members(path: Path, fileobj=None, base: int = 0, limit: int | None = None):
+    """(name, absolute offset, size) of each regular file of an uncompressed tar."""
+    try:
+        tf = tarfile.open(name=None if fileobj else path, fileobj=fileobj, mode="r:")
+    except tarfile.ReadError as e:
+        raise ReplicaError(f"{path}: not an uncompressed tar archive ({e}); image-net.org's archives are "
+                           f"plain .tar files") from None
+    out = []
+    try:
+        for ti in tf:
+            if ti.isfile():
+                end = ti.offset_data + ti.size
+                if limit is not None and end > limit:
+                    raise ReplicaError(f"{path}: truncated: member {ti.name} ends {end - limit:,} bytes past the "
+                                       f"end of the archive; download it again")
+                out.append((ti.name, base + ti.offset_data, ti.size))
+    except (tarfile.ReadError, EOFError) as e:
+        raise ReplicaError(f"{path}: truncated or damaged tar archive ({e}); download it again") from None
+    finally:
+        tf.close()
+    return out
+
+
+def tar_images(path: Path) -> list[Member]:
+    """The image members of a flat tar (the val or test archive)."""
+    size = path.stat().st_size
+    return [Member(str(path), off, n, name) for name, off, n in _tar_members(path, limit=size)]
+
+
+def nested_tar_classes(path: Path) -> dict[str, list[Member]]:
+    """WNID → images of the training tar: one inner ``<wnid>.tar`` per class."""
+    size = path.stat().st_size
+    out: dict[str, list[Member]] = {}
+    with open(path, "rb") as f:
+        for name, off, n in _tar_members(path, limit=size):
+            wnid = Path(name).name[:-4] if name.endswith(".tar") else None
+            if not wnid:
+                continue
+            f.seek(off)
+            inner = io.BytesIO(f.read(n)) if n <= INNER_IN_MEMORY else _Window(f, off, n)
+            members = _tar_members(Path(f"{path}:{name}"), fileobj=inner, base=off, limit=off + n)
+            out[wnid] = [Member(str(path), o, k, f"{name}/{m}") for m, o, k in members]
+    return out
+
+
+def folder_of_tars(folder: Path) -> dict[str, list[Member]]:
+    """WNID → images of a folder of per-class tars (``ILSVRC2012_img_train/`` unpacked once)."""
+    out = {}
+    for p in sorted(folder.glob("*.tar")):
+        out[p.stem] = tar_images(p)
+    return out
+
+
+class _Window(io.RawIOBase):
+    """A read-only window [offset, offset + size) of an open file, for tarfile to walk."""
+
+    def __init__(self, f, offset: int, size: int):
+        self.f, self.offset, self.size, self.pos = f, offset, size, 0
+
+    def readable(self):
+        return True
+
+    def seekable(self):
+        return True
+
+    def seek(self, pos, whence=0):
+        self.pos = {0: pos, 1: self.pos + pos, 2: self.size + pos}[whence]
+        return self.pos
+
+    def tell(self):
+        return self.pos
+
+    def readinto(self, b):
+        n = max(0, min(len(b), self.size - self.pos))
+        self.f.seek(self.offset + self.pos)
+        data = self.f.read(n)
+        b[:len(data)] = data
+        self.pos += len(data)
+        return len(data)
+
+
+# ----------------------------------------------------------------------------------------------
+# The devkit
+
+
+class Devkit(NamedTuple):
+    year: str  # "2012" or "2010"
+    id_to_wnid: dict  # ILSVRC20xx_ID → WNID, leaf synsets only
+    names: dict  # WNID → words
+    ground_truth: dict  # split ("val", "test") → list of IDs, one per image in file order
+    where: str
+
+
+def _meta_mat(data: bytes, where: str):
+    try:
+        import scipy.io
+    except ImportError:
+        raise ReplicaError("reading the ImageNet devkit's meta.mat needs scipy: pip install scipy") from None
+    try:
+        syn = scipy.io.loadmat(io.BytesIO(data), squeeze_me=True)["synsets"]
+        id_field = next(n for n in syn.dtype.names if n.endswith("_ID"))
+        leaf = np.asarray([int(c) == 0 for c in syn["num_children"]])
+        ids = [int(i) for i in syn[id_field][leaf]]
+        wnids = [str(w) for w in syn["WNID"][leaf]]
+        words = [str(w) for w in syn["words"][leaf]]
+    except (KeyError, StopIteration, ValueError, TypeError) as e:
+        raise ReplicaError(f"{where}: not an ILSVRC devkit meta.mat ({type(e).__name__}: {e})") from None
+    return dict(zip(ids, wnids)), dict(zip(wnids, words))
+
+
+def _gt(text: str, where: str) -> list[int]:
+    try:
+        return [int(line) for line in text.split()]
+    except ValueError:
+        raise ReplicaError(f"{where}: expected one class ID per line") from None
+
+
+def find_devkit(root: Path, year: str) -> Devkit | None:
+    """The devkit in ``root``: its .tar.gz as downloaded, or that archive unpacked; ground-truth
+    files for val and test are also taken from ``root`` itself (2010's test labels come apart)."""
+    files: dict[str, bytes] = {}
+    where = None
+    packed = [p for pat in (f"ILSVRC{year}_devkit*.tar.gz", f"ILSVRC{year}_devkit*.tgz", "devkit*.tar.gz")
+              for p in sorted(root.glob(pat))]  # 2010's also travels as devkit-1.0.tar.gz
+    for p in packed:
+        where = str(p)
+        try:
+            with tarfile.open(p, "r:gz") as tf:
+                for ti in tf:
+                    base = Path(ti.name).name
+                    if ti.isfile() and (base == "meta.mat" or base.endswith("_ground_truth.txt")):
+                        files[base] = tf.extractfile(ti).read()
+        except (tarfile.ReadError, EOFError, OSError) as e:
+            raise ReplicaError(f"{p}: truncated or damaged devkit archive ({e}); download it again") from None
+        break
+    if where is None:
+        for d in sorted(root.glob(f"ILSVRC{year}_devkit*")) + sorted(root.glob("devkit*")):
+            if d.is_dir():
+                for p in d.rglob("*"):
+                    if p.is_file() and (p.name == "meta.mat" or p.name.endswith("_ground_truth.txt")):
+                        files[p.name] = p.read_bytes()
+                where = str(d)
+                break
+    for p in root.glob(f"ILSVRC{year}_*_ground_truth.txt"):  # beside the archives
+        files.setdefault(p.name, p.read_bytes())
+        where = where or str(root)
+    if "meta.mat" not in files:
+        return None
+    id_to_wnid, names = _meta_mat(files["meta.mat"], f"{where}: meta.mat")
+    gt = {}
+    for split in ("val", "test"):
+        key = next((k for k in files if k == f"ILSVRC{year}_{split}idation_ground_truth.txt" or
+                    k == f"ILSVRC{year}_{split}_ground_truth.txt"), None)
+        if key:
+            gt[split] = _gt(files[key].decode(), f"{where}: {key}")
+    return Devkit(year, id_to_wnid, names, gt, where)
+
+
+# ----------------------------------------------------------------------------------------------
+# Layouts
+
+
+def is_archive_root(root: Path) -> str | None:
+    """'2012' or '2010' if ``root`` holds ILSVRC archives (packed or unpacked), else None."""
+    for year in ("2012", "2010"):
+        if any(root.glob(f"ILSVRC{year}_im*_train*")) or any(root.glob(f"ILSVRC{year}_im*_val*")):
+            return year
+    return None
+
+
+def is_kaggle_root(root: Path) -> bool:
+    return (root / "LOC_synset_mapping.txt").exists() or (root / "ILSVRC" / "Data" / "CLS-LOC").is_dir()
+
+
+def misplaced_root(root: Path) -> str | None:
+    """Where to point instead, when ``root`` is inside or just above a layout this module reads."""
+    for up in (root.parent, root.parent.parent, root.parent.parent.parent):
+        if up != root and (up / "LOC_synset_mapping.txt").exists() and root.resolve() != up.resolve():
+            if "ILSVRC" in root.parts or "CLS-LOC" in root.parts or root.name in ("Data", "train", "val"):
+                return f"{root} is inside the Kaggle ImageNet layout: point at {up} (it holds LOC_synset_mapping.txt)"
+    kids = [e for e in root.iterdir() if e.is_dir() and not e.name.startswith(".")] if root.is_dir() else []
+    if 1 <= len(kids) <= 3:
+        for k in kids:
+            if is_kaggle_root(k) or is_archive_root(k):
+                return f"{root} holds an ImageNet layout one level down: point at {k}"
+    return None
+
+
+def _eval_number(name: str) -> int | None:
+    m = EVAL_NAME.search(Path(name).name)
+    return int(m.group(3)) if m else None
+
+
+def _labelled_eval(images: list, devkit: Devkit, split: str, classes: list[str], where: str):
+    """Items and labels of a flat val/test set, in image-number order, labelled from the devkit."""
+    numbered = sorted(((n, it) for it in images if (n := _eval_number(it.name if isinstance(it, Member) else it))
+                       is not None), key=lambda t: t[0])
+    gt = devkit.ground_truth.get(split)
+    if gt is None:
+        raise ReplicaError(f"{where}: {len(numbered):,} {split} images but no ILSVRC{devkit.year}_{split}"
+                           f"{'idation' if split == 'val' else ''}_ground_truth.txt in {devkit.where} or beside "
+                           f"the archives")
+    if len(gt) != len(numbered):
+        raise ReplicaError(f"{devkit.where}: the {split} ground truth has {len(gt):,} lines but {where} holds "
+                           f"{len(numbered):,} {split} images")
+    index = {w: i for i, w in enumerate(classes)}
+    items, labels = [], []
+    for n, it in numbered:
+        wnid = devkit.id_to_wnid.get(gt[n - 1])
+        if wnid is None:
+            raise ReplicaError(f"{devkit.where}: {split} image {n} has class ID {gt[n - 1]}, which meta.mat does "
+                               f"not list as a leaf synset")
+        if wnid in index:  # a training subset: images of other classes are left out
+            items.append(it)
+            labels.append(index[wnid])
+    return items, labels
+
+
+def archives(root: Path, year: str):
+    """(kind, classes, names, {split: (items, labels)}, notes) of the official archives in ``root``."""
+    notes = []
+    train_tar = next(iter(sorted(root.glob(f"ILSVRC{year}_im*_train*.tar"))), None)
+    train_dir = next((p for p in sorted(root.glob(f"ILSVRC{year}_im*_train*")) if p.is_dir()), None)
+    if train_tar is not None:
+        per_class = nested_tar_classes(train_tar)
+        notes.append(f"train: {train_tar.name} read in place ({len(per_class):,} inner tars)")
+    elif train_dir is not None:
+        per_class = folder_of_tars(train_dir)
+        if per_class:
+            notes.append(f"train: the per-class tars in {train_dir.name}/")
+        else:
+            from .sources import is_image_name
+
+            per_class = {d.name: sorted(str(p) for p in d.rglob("*") if p.is_file() and is_image_name(p.name))
+                         for d in sorted(train_dir.iterdir()) if d.is_dir()}
+            notes.append(f"train: the class folders in {train_dir.name}/")
+    else:
+        raise ReplicaError(f"{root}: ILSVRC{year} files but no training archive (ILSVRC{year}_img_train.tar, or "
+                           f"it unpacked as ILSVRC{year}_img_train/)")
+    classes = sorted(per_class)
+    items, labels = [], []
+    for i, w in enumerate(classes):
+        items += per_class[w]
+        labels += [i] * len(per_class[w])
+    splits = {"train": (items, labels)}
+    devkit = find_devkit(root, year)
+    names = {}
+    if devkit is not None:
+        names = devkit.names
+        notes.append(f"labels of val/test: {Path(devkit.where).name} (meta.mat IDs → WNIDs; classes in sorted "
+                     f"WNID order)")
+    for split in ("val", "test"):
+        packed = next(iter(sorted(root.glob(f"ILSVRC{year}_im*_{split}*.tar"))), None)
+        unpacked = next((p for p in sorted(root.glob(f"ILSVRC{year}_im*_{split}*")) if p.is_dir()), None)
+        if packed is None and unpacked is None:
+            continue
+        if packed is not None:
+            imgs = tar_images(packed)
+            where = packed.name
+        else:
+            imgs = sorted(str(p) for p in unpacked.rglob("*") if p.is_file())
+            where = f"{unpacked.name}/"
+        if devkit is None:
+            raise ReplicaError(f"{root / where}: {split} images with no labels: their labels are in the devkit "
+                               f"(ILSVRC{year}_devkit_t12.tar.gz for 2012): put it in {root}")
+        if split == "test" and split not in devkit.ground_truth:
+            notes.append(f"test: {where} left out (no ILSVRC{year}_test_ground_truth.txt)")
+            continue
+        splits[split] = _labelled_eval(imgs, devkit, split, classes, str(root / where))
+        notes.append(f"{split}: {where} ({len(splits[split][0]):,} images)")
+    return classes, [names.get(w, w) for w in classes], splits, notes
+
+
+def kaggle(root: Path):
+    """(classes, names, {split: (items, labels)}, notes) of the Kaggle ImageNet Object Localization layout."""
+    from .sources import is_image_name
+
+    mapping = root / "LOC_synset_mapping.txt"
+    if not mapping.exists():
+        raise ReplicaError(f"{root}: Kaggle layout without LOC_synset_mapping.txt (WNID and names, one line each)")
+    names = {}
+    for line in mapping.read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            w, _, words = line.strip().partition(" ")
+            names[w] = words
+    data = root / "ILSVRC" / "Data" / "CLS-LOC"
+    train_dir = data / "train"
+    if not train_dir.is_dir():
+        raise ReplicaError(f"{root}: no {train_dir.relative_to(root)}/ (one folder per WNID)")
+    classes = sorted(d.name for d in train_dir.iterdir() if d.is_dir())
+    index = {w: i for i, w in enumerate(classes)}
+    items, labels = [], []
+    for w in classes:
+        files = sorted(str(p) for p in (train_dir / w).rglob("*") if p.is_file() and is_image_name(p.name))
+        items += files
+        labels += [index[w]] * len(files)
+    splits = {"train": (items, labels)}
+    notes = [f"train: {train_dir.relative_to(root)}/ ({len(classes):,} WNID folders)"]
+    sol = root / "LOC_val_solution.csv"
+    val_dir = data / "val"
+    if val_dir.is_dir():
+        if not sol.exists():
+            raise ReplicaError(f"{val_dir}: validation images with no labels: LOC_val_solution.csv is missing "
+                               f"from {root}")
+        present = {p.stem: str(p) for p in val_dir.iterdir() if p.is_file() and is_image_name(p.name)}
+        vi, vl, missing = [], [], []
+        with open(sol, newline="", encoding="utf-8") as f:
+            for row in csv.DictReader(f):
+                try:
+                    image, first = row["ImageId"], row["PredictionString"].split()[0]
+                except (KeyError, IndexError, AttributeError):
+                    raise ReplicaError(f"{sol}: expected the columns ImageId,PredictionString") from None
+                if image not in present:
+                    missing.append(image)
+                    continue
+                if first in index:
+                    vi.append(present[image])
+                    vl.append(index[first])
+        if missing:
+            raise ReplicaError(f"{sol} names {len(missing):,} images that are not in {val_dir} (first: "
+                               f"{', '.join(missing[:3])})")
+        order = np.argsort(vi, kind="stable")
+        splits["val"] = ([vi[i] for i in order], [vl[i] for i in order])
+        notes.append(f"val: {val_dir.relative_to(root)}/ labelled by LOC_val_solution.csv (first label of each "
+                     f"PredictionString)")
+    if (data / "test").is_dir():
+        notes.append("test: left out (Kaggle's test images have no labels)")
+    return classes, [names.get(w, w) for w in classes], splits, notes
+
+
+def warn_if_not_ilsvrc(classes: list[str], where) -> None:
+    """WordNet-ID classes that are not ILSVRC's 1,000: a subset, legitimate, but say so."""
+    if classes and all(WNID.match(c) for c in classes) and len(classes) != 1000:
+        log.warning("%s: %d classes named by WordNet IDs, not ILSVRC's 1,000: a subset (the paper's figures are "
+                    "for all 1,000)", where, len(classes))
+
+
+def dataset_of(kind: str, year: str | None, classes: list[str]) -> str | None:
+    """Which benchmark a source is: 'ilsvrc2012', 'ilsvrc2010', or None (no paper figures apply)."""
+    if year and len(classes) == 1000:
+        return f"ilsvrc{year}"
+    return None
