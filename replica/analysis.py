@@ -324,42 +324,70 @@ def _ablations(summaries) -> list[str]:
 # Fig. 4: nearest neighbours by fc7 features
 
 
-def nearest(queries: torch.Tensor, pool: torch.Tensor, k: int, chunk: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
-    """Indices and Euclidean distances of the k nearest rows of ``pool`` for each query row.
+class NearestK:
+    """The k nearest pool rows of each query, kept while the pool streams past in chunks: memory
+    is the queries, k candidates each, and one chunk, never the whole pool (ImageNet's 1.28 M
+    fc7 features are 21 GB)."""
 
-    The pool is scanned in chunks, so tens of thousands of 4096-d features fit in memory.
-    """
-    best_d = torch.full((len(queries), 0), float("inf"))
-    best_i = torch.zeros((len(queries), 0), dtype=torch.long)
-    q = queries.double()
+    def __init__(self, queries: torch.Tensor, k: int):
+        self.q, self.k, self.seen = queries.double(), k, 0
+        self.best_d = torch.full((len(queries), 0), float("inf"), dtype=torch.float64)
+        self.best_i = torch.zeros((len(queries), 0), dtype=torch.long)
+
+    def add(self, chunk: torch.Tensor, indices: torch.Tensor | None = None) -> None:
+        """Pool rows ``chunk`` with their ``indices`` (default: continuing from the previous chunk's)."""
+        if indices is None:
+            indices = torch.arange(self.seen, self.seen + len(chunk))
+        d = torch.cdist(self.q, chunk.double())  # (Q, chunk)
+        d_all = torch.cat([self.best_d, d], 1)
+        i_all = torch.cat([self.best_i, torch.as_tensor(indices, dtype=torch.long).expand(len(self.q), -1)], 1)
+        self.best_d, pos = d_all.topk(min(self.k, d_all.shape[1]), dim=1, largest=False)
+        self.best_i = i_all.gather(1, pos)
+        self.seen += len(chunk)
+
+
+def nearest(queries: torch.Tensor, pool: torch.Tensor, k: int, chunk: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices and Euclidean distances of the k nearest rows of ``pool`` for each query row."""
+    top = NearestK(queries, k)
     for a in range(0, len(pool), chunk):
-        p = pool[a:a + chunk].double()
-        d = torch.cdist(q, p)  # (Q, chunk)
-        d_all = torch.cat([best_d, d], 1)
-        i_all = torch.cat([best_i, torch.arange(a, a + len(p)).expand(len(q), -1)], 1)
-        best_d, pos = d_all.topk(min(k, d_all.shape[1]), dim=1, largest=False)
-        best_i = i_all.gather(1, pos)
-    return best_i, best_d
+        top.add(pool[a:a + chunk])
+    return top.best_i, top.best_d
 
 
 @torch.no_grad()
-def features_of(model, images, mean_image, batch: int = 64, crop: int = 224, progress: bool = False):
-    """fc7 features (after ReLU) of every image's centre view, computed in batches."""
+def feature_batches(model, images, mean_image, batch: int = 64, crop: int = 224, progress: bool = False,
+                    workers: int = 0):
+    """(fc7 features after ReLU, their positions) of every image's centre view, one batch at a
+    time, the images read by ``workers`` loader processes; unreadable images are left out."""
     from tqdm import tqdm
 
     from . import augment
+    from .evaluate import _EvalBatches
 
     model.eval()
-    mean_crop = augment.centre_crop_of(torch.as_tensor(mean_image), crop).to(model.devices[0])
-    feats = []
-    for a in tqdm(range(0, len(images), batch), desc="fc7 features", disable=not progress, unit="batch"):
-        u8, _, _ = images.batch(np.arange(a, min(a + batch, len(images))))
-        x = augment.centre_view(torch.from_numpy(u8).to(model.devices[0]), mean_crop, crop)
-        feats.append(model.features(x).float().cpu())
-    return torch.cat(feats)
+    dev = model.devices[0]
+    mean_crop = augment.centre_crop_of(torch.as_tensor(mean_image), crop).to(dev)
+    ds = _EvalBatches(images, batch)
+    it = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=workers, pin_memory=dev.type == "cuda",
+                                     prefetch_factor=2 if workers else None)
+    for i, (u8, _, bad) in enumerate(tqdm(it, total=len(ds), desc="fc7 features", disable=not progress,
+                                          unit="batch")):
+        a = ds.starts[i]
+        keep = np.ones(min(batch, len(images) - a), bool)
+        keep[[k for _, _, k in bad]] = False
+        if not keep.any():
+            continue
+        x = augment.centre_view(u8.to(dev, non_blocking=True), mean_crop, crop)
+        yield model.features(x).float().cpu(), torch.from_numpy(np.flatnonzero(keep) + a)
 
 
-def neighbors(run, queries: int = 8, k: int = 6, data=None, out=None, devices="auto", seed: int = 0) -> Path:
+def features_of(model, images, mean_image, batch: int = 64, crop: int = 224, progress: bool = False):
+    """fc7 features of every image's centre view, all at once (small sets)."""
+    return torch.cat([f for f, _ in feature_batches(model, images, mean_image, batch, crop, progress)])
+
+
+def neighbors(run, queries: int = 8, k: int = 6, data=None, out=None, devices="auto", seed: int = 0,
+              workers: int = 2) -> Path:
     """A PNG grid: each row a validation image, then its k nearest training images by fc7 distance."""
     from PIL import Image
 
@@ -377,8 +405,10 @@ def neighbors(run, queries: int = 8, k: int = 6, data=None, out=None, devices="a
     train, val = open_images(data, "train"), open_heldout(ck["config"].get("val_data") or data)
     picks = np.sort(np.random.default_rng(seed).choice(len(val), min(queries, len(val)), replace=False))
     q = features_of(model, _Subset(val, picks), mean, crop=crop)
-    pool = features_of(model, train, mean, crop=crop, progress=True)
-    idx, _ = nearest(q, pool, k)
+    top = NearestK(q, k)
+    for feats, positions in feature_batches(model, train, mean, crop=crop, progress=True, workers=workers):
+        top.add(feats, positions)  # streamed: memory is one batch of features, not the training set's
+    idx = top.best_i
     size = 96
     names = ck["meta"].get("names") or ck["meta"]["classes"]
     name = lambda lab: str(names[int(lab)]).split(",")[0]  # noqa: E731  ("tench, Tinca tinca" → tench)

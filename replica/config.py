@@ -28,6 +28,7 @@ class Config:
     pca_mode: str | None = None  # None: the preset's ("as-run": 0.1·z·√λ then ÷1.1; "paper-text": α·λ)
     pca_off_epoch: float | None = 67  # as-run: "set color noise to 0 from 0.1" at 67 of 91 (layer-params-145.cfg:178)
     workers: int = 2  # loader processes
+    decode: str = "auto"  # JPEG store: "workers" (CPU, libjpeg-turbo), "device" (the batch, e.g. nvJPEG); auto: device on CUDA
     strict_data: bool = False  # a bad or missing input stops the run (default: skip it, log it, count it)
     # -- model ---------------------------------------------------------------------------------
     preset: str = "as-run"  # or "paper-text" (SPEC.md §1-3)
@@ -84,6 +85,7 @@ CHOICES = {
     "init": (None, "as-run", "paper-text", "caffe"),
     "pca_mode": (None, "as-run", "paper-text"),
     "schedule": ("as-run", "plateau"),
+    "decode": ("auto", "workers", "device"),
 }
 POSITIVE = ("batch_size", "epochs", "lr", "crop", "schedule_epochs", "checkpoint_minutes")
 NON_NEGATIVE = ("momentum", "weight_decay", "workers", "stall_steps", "plateau_patience", "plateau_max_drops",

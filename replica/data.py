@@ -143,7 +143,8 @@ class TrainBatches(torch.utils.data.Dataset):
 
     def __init__(self, images, batch_size: int, mean_image: np.ndarray, pca: dict | None, *, seed: int = 0,
                  epoch: int = 0, start: int = 0, pca_mode: str = "as-run", noise: bool = True,
-                 chunk: int | None = None, rank: int = 0, world: int = 1, crop: int = augment.CROP):
+                 chunk: int | None = None, rank: int = 0, world: int = 1, crop: int = augment.CROP,
+                 decode: str = "workers"):
         if crop > images.size:
             raise ReplicaError(f"crop {crop} is larger than the {images.size}×{images.size} images")
         if batch_size < 1:
@@ -156,6 +157,8 @@ class TrainBatches(torch.utils.data.Dataset):
         self.mean_crop = augment.centre_crop_of(torch.as_tensor(mean_image), crop)
         self.pca, self.pca_mode, self.noise, self.chunk = pca, pca_mode, noise, chunk
         self.rank, self.world = rank, world
+        # "device": a JPEG store's batches leave the workers encoded (JpegBatch), for the GPU to decode
+        self.decode = decode if hasattr(images, "encoded") and getattr(images, "format", "raw") == "jpeg" else "workers"
         self.order = epoch_order(len(images), seed, epoch)
         self.batches = len(images) // (batch_size * world)  # drop the last partial batch
 
@@ -180,7 +183,12 @@ class TrainBatches(torch.utils.data.Dataset):
         crops = torch.empty(shape, dtype=torch.uint8)
         if torch.utils.data.get_worker_info() is not None:
             crops.share_memory_()
-        if hasattr(self.images, "crops"):  # prepared store: read only the crops' bytes
+        if self.decode == "device":  # encoded bytes out; decode, crop and flip where the batch is used
+            datas, labels, bad = self.images.encoded(positions)
+            keep = _keep(len(positions), bad)
+            names = [f"{self.images.file} row {int(r)}" for r in self.images.rows[np.asarray(positions)][keep.numpy()]]
+            crops = JpegBatch(datas, oy[keep], ox[keep], fl[keep], self.crop, names)
+        elif hasattr(self.images, "crops"):  # prepared store: read only the crops' bytes
             labels, bad = self.images.crops(positions, oy, ox, fl, self.crop, crops.numpy())
             keep = _keep(len(positions), bad)
             if bad:
@@ -197,10 +205,65 @@ class TrainBatches(torch.utils.data.Dataset):
         """The float32 batch, on the crops' device."""
         return augment.finish(crops, self.mean_crop, shift, self.pca_mode)
 
-    def batch(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Batch ``start + i`` as (float32 images, labels), in this process."""
+    def batch(self, i: int, device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
+        """Batch ``start + i`` as (float32 images, labels), in this process (decoded on ``device``
+        if it left the workers encoded)."""
         crops, shift, labels, _, _ = self[i]
+        crops, shift, labels, _ = decode_if_encoded(crops, shift, labels, device)
         return self.finish(crops, shift), labels
+
+
+def decode_if_encoded(crops, shift, labels, device):
+    """A :class:`JpegBatch` decoded on ``device`` (dropping entries the decoder refuses, with
+    their shifts and labels); uint8 crops pass through. Returns (crops, shift, labels, bad)."""
+    if not isinstance(crops, JpegBatch):
+        return crops, shift, labels, []
+    out, keep, bad = crops.decode(device)
+    if bad:
+        labels = labels[keep]
+        shift = shift[keep] if shift is not None else None
+    return out, shift, labels, bad
+
+
+class JpegBatch:
+    """A batch still encoded, with its crop draws: decoded where the batch is used (nvJPEG on a
+    GPU: ``torchvision.io.decode_jpeg(list, device="cuda")``), then cropped and flipped there."""
+
+    def __init__(self, datas: list, oy, ox, flips, crop: int, names: list):
+        self.datas, self.oy, self.ox, self.flips, self.crop, self.names = datas, oy, ox, flips, crop, names
+
+    def __len__(self) -> int:
+        return len(self.datas)
+
+    def decode(self, device) -> tuple[torch.Tensor, torch.Tensor, list]:
+        """(uint8 crops (B', 3, c, c) on ``device``, keep mask (B,), bad entries) for this batch."""
+        from .jpeg import decode_jpeg
+
+        device = torch.device(device)
+        try:
+            imgs = decode_jpeg(self.datas, device=device) if self.datas else []
+            ok = [True] * len(imgs)
+        except RuntimeError:  # one corrupt entry fails the whole batched call: find it
+            imgs, ok = [], []
+            for d in self.datas:
+                try:
+                    imgs.append(decode_jpeg(d, device=device))
+                    ok.append(True)
+                except RuntimeError:
+                    imgs.append(None)
+                    ok.append(False)
+        c = self.crop
+        out, bad = [], []
+        for i, img in enumerate(imgs):
+            if not ok[i] or img.shape[0] != 3:
+                bad.append((self.names[i], "corrupt JPEG entry (the decoder refused it)", i))
+                ok[i] = False
+                continue
+            y, x = int(self.oy[i]), int(self.ox[i])
+            patch = img[:, y:y + c, x:x + c]  # (3, c, c) on the device
+            out.append(patch.flip(-1) if self.flips[i] else patch)
+        crops = torch.stack(out) if out else torch.empty((0, 3, c, c), dtype=torch.uint8, device=device)
+        return crops, torch.as_tensor(ok, dtype=torch.bool), bad
 
 
 def _keep(n: int, bad) -> torch.Tensor:

@@ -30,16 +30,20 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from .errors import ReplicaError
 from .fileio import atomic_write
 from .imageio import DEFAULT_MAX_PIXELS, BadImage, prepared_from_array, read_prepared
+from .imagenet import Member
 from .sources import Source, find_source
 
 log = logging.getLogger("replica")
 
 FORMAT_VERSION = 1
 STATE = ".prepare-state.npz"
+JPEG_QUALITY = 90  # 28 KB an image, 3,500 decodes/s per core, mean image within 0.26 of raw (docs/performance.md)
+JPEG_FROM_IMAGES = 50_000  # format=auto: JPEG for sets this large (ImageNet: 36 GB, not 262), raw below
 
 
 # ----------------------------------------------------------------------------------------------
@@ -101,32 +105,66 @@ def pca_of(cov: np.ndarray, mu, npix: int, images: int) -> dict:
 # Writing
 
 
-def _fingerprint(src: Source, size: int) -> str:
-    h = hashlib.sha256(f"{FORMAT_VERSION}|{size}|{src.kind}|{src.classes}".encode())
+def _fingerprint(src: Source, size: int, fmt: str = "raw", quality: int = JPEG_QUALITY) -> str:
+    """What the store is made of. Paths are taken relative to the source's root, so a source
+    moved to another mount (the same files under a new absolute path) still resumes."""
+    form = "" if fmt == "raw" else f"|jpeg{quality}"
+    h = hashlib.sha256(f"{FORMAT_VERSION}|{size}{form}|{src.kind}|{src.classes}".encode())
+    root = str(src.root)
     for name, s in src.splits.items():
         h.update(name.encode())
         h.update(str(len(s.items)).encode())
         for it, lab in zip(s.items, s.labels):
-            h.update(f"{it}\t{lab}\n".encode())
+            h.update(f"{_relative(it, root)}\t{lab}\n".encode())
     return h.hexdigest()
+
+
+def _relative(item, root: str) -> str:
+    if isinstance(item, Member):
+        return f"{os.path.relpath(item.path, root)}:{item.name}@{item.offset}+{item.size}"
+    if isinstance(item, str):
+        return os.path.relpath(item, root)
+    return str(item)  # CIFAR: a row index
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on (a container's or a job scheduler's share, not the machine's)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
 
 
 _W: dict = {}
 
 
-def _worker_init(out: str, shapes: dict, size: int, max_pixels: int):
-    _W.update(out=out, size=size, max_pixels=max_pixels,
-              maps={k: np.memmap(Path(out) / k / "images.u8", np.uint8, "r+", shape=v) for k, v in shapes.items()})
+def _worker_init(out: str, splits: list, size: int, max_pixels: int, fmt: str, quality: int):
+    _W.update(out=out, size=size, max_pixels=max_pixels, fmt=fmt, quality=quality)
+    if fmt == "raw":
+        _W["fds"] = {k: os.open(Path(out) / k / "images.u8", os.O_WRONLY) for k in splits}
+
+
+def _encode(img: np.ndarray, quality: int) -> tuple[bytes, np.ndarray]:
+    """JPEG bytes of a (3, S, S) uint8 image, and the pixels a decoder gives back from them."""
+    from .jpeg import decode_jpeg, encode_jpeg
+
+    data = encode_jpeg(torch.from_numpy(np.ascontiguousarray(img)), quality=quality)
+    return data.numpy().tobytes(), decode_jpeg(data).numpy()
 
 
 def _worker_chunk(task):
-    """Decode one chunk into the memmap; return (split, chunk, ok flags, skips, stats)."""
+    """Decode one chunk; write it (raw: at its rows) or return it (jpeg: the encoded bytes).
+
+    Returns (split, chunk, ok flags, skips, stats, encoded or None). Raw rows go out with one
+    ``pwrite`` each: only what this chunk wrote is written (no whole-map flush), and a full disk
+    is an ``OSError`` (ENOSPC) here, not a SIGBUS that kills the worker.
+    """
     split, chunk, start, items, arrays, want_stats = task
-    size = _W["size"]
-    mm = _W["maps"][split]
+    size, fmt = _W["size"], _W["fmt"]
     ok = np.zeros(len(items), bool)
-    skips = []
+    skips, encoded = [], [] if fmt == "jpeg" else None
     stats = PixelStats(size) if want_stats else None
+    row = 3 * size * size
     for i, item in enumerate(items):
         try:
             if arrays is not None:  # CIFAR: a (3, 32, 32) array
@@ -135,24 +173,72 @@ def _worker_chunk(task):
                 img = read_prepared(item, size, _W["max_pixels"])
         except BadImage as e:
             skips.append((split, str(item), str(e)))
+            if encoded is not None:
+                encoded.append(b"")
             continue
         except Exception as e:  # anything else is still one bad file, not a dead job
             skips.append((split, str(item), f"{type(e).__name__}: {e}"))
+            if encoded is not None:
+                encoded.append(b"")
             continue
-        mm[start + i] = img
+        if fmt == "raw":
+            os.pwrite(_W["fds"][split], np.ascontiguousarray(img).tobytes(), (start + i) * row)
+        else:
+            data, img = _encode(img, _W["quality"])  # statistics of the pixels the net will see
+            encoded.append(data)
         ok[i] = True
         if stats is not None:
             stats.add_image(img)
-    mm.flush()
-    return split, chunk, ok, skips, (stats.arrays() if stats is not None else None)
+    return split, chunk, ok, skips, (stats.arrays() if stats is not None else None), encoded
+
+
+def _estimate_bytes(source: Source, size: int, fmt: str, quality: int, max_pixels: int) -> int:
+    """Bytes the store's images will take: exact for raw, sampled (up to 16 images) for jpeg."""
+    n = sum(len(s.items) for s in source.splits.values())
+    if fmt == "raw":
+        return n * 3 * size * size
+    s = source.splits["train"]
+    sizes = []
+    for k in np.linspace(0, len(s.items) - 1, min(16, len(s.items))).astype(int).tolist():
+        try:
+            img = prepared_from_array(s.arrays[s.items[k]], size) if s.arrays is not None else \
+                read_prepared(s.items[k], size, max_pixels)
+            sizes.append(len(_encode(img, quality)[0]))
+        except (BadImage, OSError):
+            continue
+    per = float(np.mean(sizes)) if sizes else 40_000.0
+    return int(n * per * 1.25)  # a margin: images differ
+
+
+def _check_space(out: Path, needed: int, have: int, what: str) -> None:
+    import shutil
+
+    free = shutil.disk_usage(out).free
+    if needed - have > free:
+        gb = lambda b: f"{b / 1e9:,.1f} GB" if b >= 1e9 else f"{b / 1e6:,.1f} MB"  # noqa: E731
+        raise ReplicaError(f"{out}: the store needs about {gb(needed)} ({what}); {gb(have)} written so far and "
+                           f"{gb(free)} free on that disk. Free {gb(needed - have - free)} or choose another OUT"
+                           + (" (or --format jpeg, about 8× smaller)" if "raw" in what else ""))
+
+
+def _allocated(path: Path) -> int:
+    try:
+        st = path.stat()
+        return min(st.st_size, st.st_blocks * 512)  # a sparse file holds only what was written
+    except (OSError, AttributeError):
+        return 0
 
 
 def prepare(src, out, val=None, size: int = 256, workers: int | None = None, chunk: int = 64,
-            max_pixels: int = DEFAULT_MAX_PIXELS, progress: bool = True, on_chunk=None) -> dict:
+            max_pixels: int = DEFAULT_MAX_PIXELS, progress: bool = True, on_chunk=None, fmt: str = "auto",
+            quality: int = JPEG_QUALITY) -> dict:
     """Write the prepared store for ``src`` into ``out`` (resumable). Returns the summary.
 
-    ``workers=1`` works in this process; more use a process pool. ``on_chunk(done, total)`` is
-    called after each chunk is recorded.
+    ``fmt``: ``raw`` (uint8 rows: a batch is a memory copy), ``jpeg`` (each image encoded once at
+    ``quality``: ~28 KB instead of 196,608 bytes), or ``auto``: jpeg from
+    :data:`JPEG_FROM_IMAGES` images on, raw below. ``workers=1`` works in this process; more use
+    a process pool (default: the CPUs this process may use). ``on_chunk(done, total)`` is called
+    after each chunk is recorded.
     """
     out = Path(out)
     source = find_source(src, val)
@@ -160,33 +246,42 @@ def prepare(src, out, val=None, size: int = 256, workers: int | None = None, chu
              ", ".join(f"{k} {len(v.items):,}" for k, v in source.splits.items()))
     for note in source.notes:  # what was recognized, and where the labels came from
         log.info("  %s", note)
-    fp = _fingerprint(source, size)
-    out.mkdir(parents=True, exist_ok=True)
+    total = sum(len(s.items) for s in source.splits.values())
     meta_path = out / "meta.json"
+    old = None
     if meta_path.exists():
-        meta = json.loads(meta_path.read_text())
-        if meta.get("fingerprint") == fp and meta.get("complete"):
-            return meta  # nothing to do: the same source is already prepared here
-        if meta.get("fingerprint") != fp:
-            raise ReplicaError(f"{out} holds a store prepared from other inputs ({meta.get('source')}); "
-                               "choose a new OUT folder or delete this one")
+        try:
+            old = json.loads(meta_path.read_text())
+        except ValueError:
+            old = None
+    if fmt == "auto":  # an interrupted store keeps its format
+        fmt = (old or {}).get("format") or ("jpeg" if total >= JPEG_FROM_IMAGES else "raw")
+    if fmt not in ("raw", "jpeg"):
+        raise ReplicaError(f"format: expected raw, jpeg or auto, got {fmt!r}")
+    if not 1 <= int(quality) <= 100:
+        raise ReplicaError(f"quality: expected 1 to 100, got {quality}")
+    fp = _fingerprint(source, size, fmt, quality)
+    out.mkdir(parents=True, exist_ok=True)
+    if old is not None:
+        if old.get("fingerprint") == fp and old.get("complete"):
+            return old  # nothing to do: the same source is already prepared here
+        if old.get("fingerprint") != fp:
+            raise ReplicaError(f"{out} holds a store prepared from other inputs or in another format "
+                               f"({old.get('source')}, {old.get('format', 'raw')}); choose a new OUT folder or "
+                               f"delete this one")
 
-    shapes, chunks = {}, []
+    chunks = []
     for name, s in source.splits.items():
-        n = len(s.items)
-        shapes[name] = (n, 3, size, size)
         (out / name).mkdir(exist_ok=True)
-        f = out / name / "images.u8"
-        nbytes = n * 3 * size * size
-        if not f.exists() or f.stat().st_size != nbytes:
-            with open(f, "wb") as fh:
-                fh.truncate(nbytes)  # sparse until written
-        for c, start in enumerate(range(0, n, chunk)):
-            chunks.append((name, c, start, min(start + chunk, n)))
+        for c, start in enumerate(range(0, len(s.items), chunk)):
+            chunks.append((name, c, start, min(start + chunk, len(s.items))))
+    data_file = {k: out / k / ("images.u8" if fmt == "raw" else "images.jpeg") for k in source.splits}
 
     state_path = out / STATE
     done: dict[str, np.ndarray] = {k: np.zeros(-(-len(s.items) // chunk), bool) for k, s in source.splits.items()}
     ok_flags = {k: np.zeros(len(s.items), bool) for k, s in source.splits.items()}
+    index = {k: np.full((len(s.items), 2), -1, np.int64) for k, s in source.splits.items()}  # jpeg: offset, bytes
+    committed = {k: 0 for k in source.splits}  # jpeg: bytes of each file the state accounts for
     skips: list = []
     stats = PixelStats(size)
     if state_path.exists():
@@ -195,14 +290,32 @@ def prepare(src, out, val=None, size: int = 256, workers: int | None = None, chu
             for k in done:
                 done[k] = st[f"done_{k}"].copy()
                 ok_flags[k] = st[f"ok_{k}"].copy()
+                if fmt == "jpeg":
+                    index[k] = st[f"index_{k}"].copy()
+                    committed[k] = int(st[f"committed_{k}"])
             skips = json.loads(str(st["skips"]))
             stats = PixelStats.from_arrays(st)
+    needed = _estimate_bytes(source, size, fmt, quality, max_pixels)
+    have = sum(_allocated(f) if fmt == "raw" else committed[k] for k, f in data_file.items())
+    _check_space(out, needed, have, f"{total:,} images, {fmt}" + ("" if fmt == "raw" else f" quality {quality}"))
+    for k, f in data_file.items():
+        if fmt == "raw":
+            nbytes = len(source.splits[k].items) * 3 * size * size
+            if not f.exists() or f.stat().st_size != nbytes:
+                with open(f, "wb") as fh:
+                    fh.truncate(nbytes)  # sparse until written
+        else:  # bytes past what the state accounts for belong to chunks that will be redone
+            with open(f, "ab") as fh:
+                fh.truncate(committed[k])
     meta = dict(version=FORMAT_VERSION, fingerprint=fp, complete=False, source=source.root, kind=source.kind,
-                size=size, classes=source.classes, names=source.names, dataset=source.dataset, notes=source.notes)
+                size=size, format=fmt, quality=quality if fmt == "jpeg" else None, classes=source.classes,
+                names=source.names, dataset=source.dataset, notes=source.notes)
     atomic_write(meta_path, lambda f: f.write(json.dumps(meta, indent=1).encode()))
 
     todo = [c for c in chunks if not done[c[0]][c[1]]]
     resumed = len(chunks) - len(todo)
+    appends = {k: open(f, "ab") for k, f in data_file.items()} if fmt == "jpeg" else {}
+    readers = {k: os.open(f, os.O_RDONLY) for k, f in data_file.items()}  # to fsync what workers wrote
 
     def task(c):
         name, ci, a, b = c
@@ -211,47 +324,110 @@ def prepare(src, out, val=None, size: int = 256, workers: int | None = None, chu
         return name, ci, a, s.items[a:b], arrays, name == "train"
 
     def save_state():
+        for k in data_file:  # the data first, then the state that says it is there
+            if fmt == "jpeg":
+                appends[k].flush()
+                committed[k] = appends[k].tell()
+            os.fsync(readers[k])
         extra = {f"done_{k}": v for k, v in done.items()}
         extra.update({f"ok_{k}": v for k, v in ok_flags.items()})
+        if fmt == "jpeg":
+            extra.update({f"index_{k}": v for k, v in index.items()})
+            extra.update({f"committed_{k}": np.int64(v) for k, v in committed.items()})
         atomic_write(state_path, lambda f: np.savez(f, fingerprint=np.array(fp), skips=np.array(json.dumps(skips)),
                                                     **stats.arrays(), **extra))
 
-    total = sum(len(s.items) for s in source.splits.values())
+    def record(result):
+        name, ci, ok, sk, part, encoded = result
+        a = ci * chunk
+        ok_flags[name][a:a + len(ok)] = ok
+        skips.extend(sk)
+        if encoded is not None:
+            f = appends[name]
+            for i, data in enumerate(encoded):
+                if data:
+                    index[name][a + i] = (f.tell(), len(data))
+                    f.write(data)
+        if part is not None:
+            stats.merge(PixelStats.from_arrays(part))
+        done[name][ci] = True
+        return len(ok)
+
     t0 = time.time()
-    if todo:
-        workers = workers or os.cpu_count() or 1
-        bar = _bar(total, resumed_images=sum(min(chunk, len(source.splits[c[0]].items) - c[2]) for c in chunks
-                                              if done[c[0]][c[1]]), enabled=progress)
-        last_save, finished = 0.0, resumed
-        pool = None
-        try:
-            if workers > 1:
-                pool = mp.get_context("spawn").Pool(workers, _worker_init, (str(out), shapes, size, max_pixels))
-                results = pool.imap_unordered(_worker_chunk, map(task, todo))
-            else:
-                _worker_init(str(out), shapes, size, max_pixels)
-                results = map(_worker_chunk, map(task, todo))
-            for name, ci, ok, sk, part in results:
-                a = ci * chunk
-                ok_flags[name][a:a + len(ok)] = ok
-                skips.extend(sk)
-                if part is not None:
-                    stats.merge(PixelStats.from_arrays(part))
-                done[name][ci] = True
-                finished += 1
-                if time.time() - last_save > 1.0:  # at most one state write a second
-                    save_state()
-                    last_save = time.time()
-                bar.update(len(ok))
-                bar.set_postfix(skipped=len(skips), refresh=False)
-                if on_chunk is not None:
-                    on_chunk(finished, len(chunks))
-        finally:  # an interrupted run keeps every chunk it finished
+    try:
+        if todo:
+            workers = workers or usable_cpus()
+            bar = _bar(total, resumed_images=sum(min(chunk, len(source.splits[c[0]].items) - c[2]) for c in chunks
+                                                  if done[c[0]][c[1]]), enabled=progress)
+            args = (str(out), list(source.splits), size, max_pixels, fmt, quality)
+            try:
+                _run_chunks(todo, task, record, save_state, bar, workers, args, on_chunk, len(chunks), resumed,
+                            skips, out)
+            finally:  # an interrupted run keeps every chunk it finished
+                save_state()
+                bar.close()
+    finally:
+        for f in appends.values():
+            f.close()
+        for fd in readers.values():
+            os.close(fd)
+    return _finish(out, source, meta, ok_flags, skips, stats, resumed, time.time() - t0, index if fmt == "jpeg" else None)
+
+
+def _run_chunks(todo, task, record, save_state, bar, workers, args, on_chunk, n_chunks, finished, skips, out):
+    """Every chunk of ``todo`` through ``record``, in this process or a pool that reports dead workers."""
+    import concurrent.futures as cf
+    from concurrent.futures.process import BrokenProcessPool
+
+    last_save = 0.0
+
+    def handle(result):
+        nonlocal last_save, finished
+        bar.update(record(result))
+        finished += 1
+        if time.time() - last_save > 1.0:  # at most one state write a second
             save_state()
-            bar.close()
-            if pool is not None:
-                pool.terminate()
-    return _finish(out, source, meta, ok_flags, skips, stats, resumed, time.time() - t0)
+            last_save = time.time()
+        bar.set_postfix(skipped=len(skips), refresh=False)
+        if on_chunk is not None:
+            on_chunk(finished, n_chunks)
+
+    try:
+        if workers <= 1:
+            _worker_init(*args)
+            try:
+                for c in todo:
+                    handle(_worker_chunk(task(c)))
+            finally:
+                for fd in _W.pop("fds", {}).values():
+                    os.close(fd)
+            return
+        # a pool whose workers can die (the OOM killer, a signal) must say so, not wait for ever
+        pool = cf.ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_worker_init,
+                                      initargs=args)
+        try:
+            pending, queue = set(), iter(todo)
+            for c in queue:  # a bounded number in flight: the items of 1.28 M images stay here
+                pending.add(pool.submit(_worker_chunk, task(c)))
+                if len(pending) >= 4 * workers:
+                    break
+            while pending:
+                finished_now, pending = cf.wait(pending, return_when=cf.FIRST_COMPLETED)
+                for fut in finished_now:
+                    handle(fut.result())
+                    nxt = next(queue, None)
+                    if nxt is not None:
+                        pending.add(pool.submit(_worker_chunk, task(nxt)))
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+    except BrokenProcessPool:
+        raise ReplicaError(f"a prepare worker died (killed by a signal: out of memory is the usual cause); "
+                           f"every finished chunk is kept: run the same 'replica prepare' again to resume, with "
+                           f"fewer --workers if memory is short") from None
+    except OSError as e:
+        why = os.strerror(e.errno) if e.errno else str(e)
+        raise ReplicaError(f"writing the store in {out} failed: {why}; every finished chunk is kept: free space "
+                           f"(or fix the disk), then run the same 'replica prepare' again to resume") from None
 
 
 def _bar(total, resumed_images, enabled):
@@ -261,10 +437,13 @@ def _bar(total, resumed_images, enabled):
                 dynamic_ncols=True, mininterval=0.5)
 
 
-def _finish(out: Path, source: Source, meta: dict, ok_flags, skips, stats: PixelStats, resumed, seconds) -> dict:
+def _finish(out: Path, source: Source, meta: dict, ok_flags, skips, stats: PixelStats, resumed, seconds,
+            index=None) -> dict:
     for name, s in source.splits.items():
         labels = np.where(ok_flags[name], np.asarray(s.labels, np.int64), -1)
         np.save(out / name / "labels.npy", labels)
+        if index is not None:
+            np.save(out / name / "index.npy", index[name])
     mean, pca = stats.result()
     np.save(out / "mean.npy", mean)
     (out / "pca.json").write_text(json.dumps(pca, indent=1))
@@ -319,21 +498,53 @@ class PreparedStore:
         except (OSError, ValueError, EOFError) as e:
             raise ReplicaError(f"{self.root / split / 'labels.npy'}: unreadable ({_reason(e)}); the store is "
                                "damaged: run 'replica prepare' into a new folder") from None
+        self.format = self.meta.get("format", "raw")
         self.rows = np.flatnonzero(labels >= 0)  # skipped inputs never reach a batch
         self.labels = labels[self.rows]
-        self.file = self.root / split / "images.u8"
-        row_bytes = 3 * self.size * self.size
+        self.file = self.root / split / ("images.u8" if self.format == "raw" else "images.jpeg")
         try:
-            have = self.file.stat().st_size // row_bytes
+            nbytes = self.file.stat().st_size
         except OSError as e:
             raise ReplicaError(f"{self.file}: {_reason(e)}; the store is damaged: run 'replica prepare' into a "
                                "new folder") from None
         # a truncated file (a disk that filled, a copy cut short) keeps its whole rows readable;
         # the rest are reported as bad inputs at the batch that asks for them
-        self.readable = min(have, len(labels))
-        self.truncated = int((self.rows >= self.readable).sum())
-        shape = (self.readable, 3, self.size, self.size)
-        self.images = np.memmap(self.file, np.uint8, "r", shape=shape) if self.readable else np.empty(shape, np.uint8)
+        if self.format == "raw":
+            self.readable_rows = min(nbytes // (3 * self.size * self.size), len(labels))
+            self.ok_row = np.arange(len(labels)) < self.readable_rows
+        else:
+            try:
+                self.index = np.load(self.root / split / "index.npy", allow_pickle=False)  # (N, 2): offset, bytes
+            except (OSError, ValueError, EOFError) as e:
+                raise ReplicaError(f"{self.root / split / 'index.npy'}: unreadable ({_reason(e)}); the store is "
+                                   "damaged: run 'replica prepare' into a new folder") from None
+            end = self.index[:, 0] + self.index[:, 1]
+            self.ok_row = (self.index[:, 1] > 0) & (end <= nbytes)
+        self.truncated = int((~self.ok_row[self.rows]).sum())
+        self._data = None  # the file's mapping, opened in the process that reads it
+
+    def __reduce__(self):
+        # pickled as its path: a loader worker (spawn or forkserver, Python 3.14's default) opens
+        # the file itself instead of receiving the whole mapping's content
+        return PreparedStore, (str(self.root), self.split)
+
+    @property
+    def data(self) -> np.ndarray:
+        if self._data is None:
+            if self.format == "raw":
+                n = self.readable_rows
+                shape = (n, 3, self.size, self.size)
+                self._data = np.memmap(self.file, np.uint8, "r", shape=shape) if n else np.empty(shape, np.uint8)
+            else:
+                self._data = np.memmap(self.file, np.uint8, "r") if self.file.stat().st_size else np.empty(0, np.uint8)
+        return self._data
+
+    @property
+    def images(self) -> np.ndarray:
+        """Every stored row as (N, 3, S, S) uint8 (raw: the mapping itself; jpeg: decoded, small sets only)."""
+        if self.format == "raw":
+            return self.data
+        return self._decoded(np.arange(len(self)))[0]
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -347,35 +558,86 @@ class PreparedStore:
         """(positions with readable rows, their rows, bad entries (what, reason, index in batch))."""
         positions = np.asarray(positions)
         rows = self.rows[positions]
-        ok = rows < self.readable
+        ok = self.ok_row[rows]
         bad = [(f"{self.file} row {int(r)}", "truncated store: the row lies beyond the end of the file", int(k))
                for k, r in zip(np.flatnonzero(~ok), rows[~ok])]
         return positions[ok], rows[ok], bad
 
+    def encoded(self, positions):
+        """JPEG store: each image's encoded bytes (uint8 tensors, for a batched decode where the
+        batch is used, e.g. nvJPEG on the GPU), their labels, and the bad rows."""
+        positions, rows, bad = self._split_bad(positions)
+        off = self.index[rows]
+        data = self.data
+        out = [torch.from_numpy(np.array(data[o:o + n])) for o, n in off.tolist()]  # copies: a worker sends them
+        return out, self.labels[positions], bad
+
+    def _decoded(self, positions):
+        """(images in position order, labels, bad) with undecodable JPEG entries reported as bad."""
+        if self.format == "raw":
+            positions, rows, bad = self._split_bad(positions)
+            order = np.argsort(rows, kind="stable")
+            out = np.empty((len(rows), 3, self.size, self.size), np.uint8)
+            out[order] = self.data[rows[order]]  # read in file order
+            return out, positions, bad
+        from .jpeg import decode_jpeg
+
+        all_pos = np.asarray(positions)
+        keep, bad = [], []
+        imgs = []
+        rows = self.rows[all_pos]
+        for k, (p, r) in enumerate(zip(all_pos.tolist(), rows.tolist())):
+            if not self.ok_row[r]:
+                bad.append((f"{self.file} row {r}", "truncated store: the entry lies beyond the end of the file", k))
+                continue
+            o, n = self.index[r].tolist()
+            try:
+                img = decode_jpeg(torch.from_numpy(np.array(self.data[o:o + n]))).numpy()
+                if img.shape != (3, self.size, self.size):
+                    raise RuntimeError(f"decoded to {tuple(img.shape)}")
+            except RuntimeError as e:
+                bad.append((f"{self.file} row {r}", f"corrupt JPEG entry ({str(e).splitlines()[0][:100]})", k))
+                continue
+            imgs.append(img)
+            keep.append(p)
+        out = np.stack(imgs) if imgs else np.empty((0, 3, self.size, self.size), np.uint8)
+        return out, np.asarray(keep, np.int64), bad
+
     def batch(self, positions) -> tuple[np.ndarray, np.ndarray, list]:
         """uint8 (B, 3, S, S), int64 (B,) labels and the bad rows, for positions 0…len−1."""
-        positions, rows, bad = self._split_bad(positions)
-        order = np.argsort(rows, kind="stable")
-        out = np.empty((len(rows), 3, self.size, self.size), np.uint8)
-        out[order] = self.images[rows[order]]  # read in file order
-        return out, self.labels[positions], bad
+        out, kept, bad = self._decoded(positions)
+        return out, self.labels[kept], bad
 
     def crops(self, positions, oy, ox, flips, size: int, out: np.ndarray) -> tuple[np.ndarray, list]:
         """Cut crop i of image positions[i] at (oy[i], ox[i]), mirrored where flips[i], into out[i].
 
-        Reads only the crop's bytes from the file, in file order; returns (labels of the readable
-        images, bad entries). Rows that cannot be read leave out[i] unwritten: drop them by ``bad``.
+        Raw: reads only the crop's bytes from the file, in file order. JPEG: decodes each image
+        (libjpeg-turbo via torchvision), then crops. Returns (labels of the readable images, bad
+        entries). Rows that cannot be read leave out[i] unwritten: drop them by ``bad``.
         """
         positions = np.asarray(positions)
+        if self.format == "jpeg":
+            imgs, kept, bad = self._decoded(positions)
+            skip = {k for _, _, k in bad}
+            j = 0
+            for i in range(len(positions)):
+                if i in skip:
+                    continue
+                y, x = int(oy[i]), int(ox[i])
+                patch = imgs[j, :, y:y + size, x:x + size]
+                out[i] = patch[:, :, ::-1] if flips[i] else patch
+                j += 1
+            return self.labels[kept], bad
         rows = self.rows[positions]
         _, _, bad = self._split_bad(positions)
+        data = self.data
         for i in np.argsort(rows, kind="stable").tolist():
-            if rows[i] >= self.readable:
+            if not self.ok_row[rows[i]]:
                 continue
             y, x = int(oy[i]), int(ox[i])
-            patch = self.images[rows[i], :, y:y + size, x:x + size]  # (3, size, size) view of the file
+            patch = data[rows[i], :, y:y + size, x:x + size]  # (3, size, size) view of the file
             out[i] = patch[:, :, ::-1] if flips[i] else patch
-        return self.labels[positions[rows < self.readable]], bad
+        return self.labels[positions[self.ok_row[rows]]], bad
 
     def mean(self) -> np.ndarray:
         try:

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from . import augment
 from .config import Config, dump_config
 from .colour import tower_medians
-from .data import TrainBatches, compute_stats, loader, match_classes, open_heldout, open_images
+from .data import TrainBatches, compute_stats, decode_if_encoded, loader, match_classes, open_heldout, open_images
 from .errors import ReplicaError
 from .evaluate import evaluate, percent
 from .model import AlexNet, resolve_devices
@@ -43,6 +43,9 @@ log = logging.getLogger("replica")
 # Losses stay on the device and are read (and checked for NaN) every this many steps, and
 # before every save: reading one makes the CPU wait for the GPU. On the CPU there is no wait.
 LOSS_READ_STEPS = {"cpu": 1, "cuda": 20}
+# Image folders are read on the fly for small sets; past this many images, the statistics alone
+# would take an hour in one thread before step 1: ``prepare`` does it once on every core.
+STATS_ON_THE_FLY_MAX = 50_000
 
 
 class TrainingStopped(ReplicaError):
@@ -175,6 +178,12 @@ def data_stats(train, run: Path):
     if cache.exists():
         z = np.load(cache, allow_pickle=False)
         return z["mean"], json.loads(str(z["pca"]))
+    if len(train) > STATS_ON_THE_FLY_MAX:
+        hours = len(train) / 200 / 3600  # ~200 images/s decoded and resized in one thread
+        raise ReplicaError(f"data={train.source.root} holds {len(train):,} images: their mean image and PCA would "
+                           f"take about {hours:.1f} h in one thread before step 1 (longer than a DDP timeout); run "
+                           f"'replica prepare {train.source.root} STORE' once (all cores, resumable) and train with "
+                           f"data=STORE")
     mean, pca = compute_stats(train, progress=True)
     atomic_write(cache, lambda f: np.savez(f, mean=mean, pca=np.array(json.dumps(pca))))
     return mean, pca
@@ -306,6 +315,8 @@ class _Run:
         self.stall_warned = False
         self.bad_warned = 0  # the first 10 bad inputs are named on the console; all go to bad_inputs.tsv
         self.read_every = LOSS_READ_STEPS.get(self.dev0.type, 20)
+        # a JPEG store's batches: decoded by the workers (CPU), or as a batch where the model is (nvJPEG)
+        self.decode = cfg.decode if cfg.decode != "auto" else ("device" if self.dev0.type == "cuda" else "workers")
         torch.manual_seed(cfg.seed * 1000 + r + 1)  # dropout masks: one stream per process
 
     # -- resume / start ------------------------------------------------------------------------
@@ -453,6 +464,9 @@ class _Run:
                           f"({str(e).strip().splitlines()[0][:160]}). Out of memory is the usual cause: lower "
                           f"workers={cfg.workers} or batch_size={cfg.batch_size}")
         crops, shift, labels, b, bad = batch
+        crops, shift, labels, more = decode_if_encoded(crops, shift, labels, self.dev0)
+        bad = list(bad) + more  # entries the decoder refused are bad inputs like any other
+        batch = (crops, shift, labels, b, bad)
         if bad:
             self.skipped += len(bad)
             if self.main:
@@ -476,7 +490,7 @@ class _Run:
         cfg, sched, ranks = self.cfg, self.sched, self.ranks
         ds = TrainBatches(self.train_images, self.per_rank, self.mean, self.pca, seed=cfg.seed, epoch=self.epoch,
                           start=self.in_epoch, pca_mode=cfg.pca_kind, noise=cfg.pca_noise, chunk=cfg.flip_chunk,
-                          rank=ranks.rank, world=ranks.world, crop=cfg.crop)
+                          rank=ranks.rank, world=ranks.world, crop=cfg.crop, decode=self.decode)
         todo = min(self.steps_per_epoch - self.in_epoch, sched.total_steps - self.step)
         self.model.train()
         it = iter(loader(ds, cfg.workers, pin_memory=self.dev0.type == "cuda"))

@@ -34,7 +34,8 @@ ILSVRC_TRAIN = 1_281_167
 def realistic_jpeg(rng, w=500, h=375, quality=92) -> bytes:
     base = rng.integers(0, 256, (h // 8, w // 8, 3), dtype=np.uint8)
     img = Image.fromarray(base).resize((w, h), Image.BICUBIC).filter(ImageFilter.GaussianBlur(2))
-    a = np.asarray(img, dtype=np.int16) + rng.integers(-18, 19, (h, w, 3))  # sensor-like texture
+    # texture as photos have it: mostly in brightness (one value for R, G, B), a little in colour
+    a = np.asarray(img, dtype=np.int16) + rng.integers(-18, 19, (h, w, 1)) + rng.integers(-4, 5, (h, w, 3))
     img = Image.fromarray(np.clip(a, 0, 255).astype(np.uint8))
     b = io.BytesIO()
     img.save(b, "JPEG", quality=quality)

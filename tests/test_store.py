@@ -1,0 +1,196 @@
+"""The store at ImageNet scale: the JPEG format, decode in the workers or where the batch is
+used, bad entries, free space, a disk that fills, a worker that dies, a source that moved, and
+loader workers that receive a store's path rather than its content."""
+import errno
+import json
+import os
+import pickle
+import shutil
+import signal
+
+import numpy as np
+import pytest
+import torch
+
+import replica.store as store_mod
+from replica.cli import main
+from replica.config import load_config
+from replica.data import TrainBatches
+from replica.errors import ReplicaError
+from replica.runs import load_checkpoint
+from replica.store import PixelStats, PreparedStore, prepare
+from replica.synth import synth
+from replica.train import train
+
+
+@pytest.fixture(scope="module")
+def synth_src(tmp_path_factory):
+    d = tmp_path_factory.mktemp("src")
+    synth(d / "s", classes=4, train_per_class=6, val_per_class=2, seed=3, workers=1, progress=False)
+    return d / "s"
+
+
+def test_jpeg_store_holds_the_images_in_a_fraction_of_the_bytes(synth_src, tmp_path):
+    raw = prepare(synth_src, tmp_path / "raw", workers=1, progress=False, fmt="raw")
+    jpg = prepare(synth_src, tmp_path / "jpg", workers=1, progress=False, fmt="jpeg")
+    assert raw["format"] == "raw" and jpg["format"] == "jpeg" and jpg["quality"] == 90
+    a, b = PreparedStore(tmp_path / "raw"), PreparedStore(tmp_path / "jpg")
+    assert len(a) == len(b) == 24 and a.labels.tolist() == b.labels.tolist()
+    x, y = a.images.astype(np.int16), b.images.astype(np.int16)
+    assert np.abs(x - y).mean() < 3  # quality 90: the same pictures
+    per_image = (tmp_path / "jpg" / "train" / "images.jpeg").stat().st_size / len(b)
+    assert per_image < 196_608 / 4
+    # the statistics are of the pixels the net will see: the decoded JPEGs
+    st = PixelStats(256)
+    for img in b.images:
+        st.add_image(img)
+    mean, pca = st.result()
+    np.testing.assert_allclose(np.load(tmp_path / "jpg" / "mean.npy"), mean, rtol=1e-12)
+    np.testing.assert_allclose(json.loads((tmp_path / "jpg" / "pca.json").read_text())["covariance"],
+                               pca["covariance"], rtol=1e-9)
+
+
+def test_auto_picks_jpeg_for_large_sets(synth_src, tmp_path, monkeypatch):
+    assert prepare(synth_src, tmp_path / "small", workers=1, progress=False)["format"] == "raw"
+    monkeypatch.setattr(store_mod, "JPEG_FROM_IMAGES", 10)
+    assert prepare(synth_src, tmp_path / "large", workers=1, progress=False)["format"] == "jpeg"
+
+
+def _cfg(data, **kw):
+    base = dict(data=str(data), batch_size=4, epochs=2, steps_per_epoch=3, workers=1, devices="cpu", init="caffe")
+    base.update(kw)
+    return load_config(None, base)
+
+
+def test_decoding_in_the_workers_or_where_the_batch_is_used_trains_the_same(synth_src, tmp_path):
+    """decode=device is the GPU path (a batched nvJPEG decode, then crops on the GPU), run here on
+    the CPU: the same batches and the same weights as decoding in the loader workers."""
+    prepare(synth_src, tmp_path / "jpg", workers=1, progress=False, fmt="jpeg")
+    st = PreparedStore(tmp_path / "jpg")
+    mean = np.load(tmp_path / "jpg" / "mean.npy")
+    pca = json.loads((tmp_path / "jpg" / "pca.json").read_text())
+    for i in range(3):
+        a = TrainBatches(st, 4, mean, pca, seed=1, decode="workers").batch(i)
+        b = TrainBatches(st, 4, mean, pca, seed=1, decode="device").batch(i)
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    train(_cfg(tmp_path / "jpg", decode="workers"), tmp_path / "w", progress=False)
+    train(_cfg(tmp_path / "jpg", decode="device"), tmp_path / "d", progress=False)
+    x, y = load_checkpoint(tmp_path / "w"), load_checkpoint(tmp_path / "d")
+    assert all(torch.equal(x["model"][k], y["model"][k]) for k in x["model"])
+
+
+def test_bad_entries_inside_a_jpeg_store_are_skipped_and_logged(synth_src, tmp_path):
+    prepare(synth_src, tmp_path / "jpg", workers=1, progress=False, fmt="jpeg")
+    index = np.load(tmp_path / "jpg" / "train" / "index.npy")
+    f = tmp_path / "jpg" / "train" / "images.jpeg"
+    with open(f, "r+b") as fh:  # one entry garbled
+        fh.seek(int(index[3, 0]))
+        fh.write(b"\0" * int(index[3, 1]))
+    last = int(np.argmax(index[:, 0]))
+    with open(f, "r+b") as fh:  # and the file cut inside its last entry
+        fh.truncate(int(index[last, 0]) + 10)
+    for decode in ("workers", "device"):
+        run = tmp_path / f"run-{decode}"
+        train(_cfg(tmp_path / "jpg", epochs=1, steps_per_epoch=6, decode=decode), run, progress=False)
+        tsv = (run / "bad_inputs.tsv").read_text()
+        assert f"images.jpeg row 3\tcorrupt JPEG entry" in tsv, tsv
+        assert f"images.jpeg row {last}\ttruncated store" in tsv, tsv
+        assert json.loads((run / "metrics.jsonl").read_text().splitlines()[0])["skipped_files"] == 2
+
+
+def test_prepare_refuses_a_disk_without_room_with_the_numbers(synth_src, tmp_path, monkeypatch, capsys):
+    real = shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: real(p)._replace(free=1_000_000))
+    assert main(["prepare", str(synth_src), str(tmp_path / "st"), "--format", "raw"]) == 2
+    err = capsys.readouterr().err
+    assert "the store needs about 6.3 MB (32 images, raw); 0.0 MB written so far and 1.0 MB free" in err
+    assert "needs about" in err and "32 images, raw" in err and "free on that disk" in err and "--format jpeg" in err
+    assert "Traceback" not in err
+
+
+def _same_store(a, b):
+    for split in ("train", "val"):
+        x, y = PreparedStore(a, split), PreparedStore(b, split)
+        assert np.array_equal(x.images, y.images) and x.labels.tolist() == y.labels.tolist()
+    assert np.array_equal(np.load(a / "mean.npy"), np.load(b / "mean.npy"))
+
+
+@pytest.mark.parametrize("fmt", ["raw", "jpeg"])
+def test_a_disk_that_fills_mid_way_ends_with_one_line_and_resumes(synth_src, tmp_path, monkeypatch, capsys, fmt):
+    calls = []
+    real_pwrite, real_chunk = os.pwrite, store_mod._worker_chunk
+
+    def full(*a):  # raw: the worker's own write of a row; jpeg: a chunk's work
+        calls.append(1)
+        if len(calls) > (10 if fmt == "raw" else 2):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_pwrite(*a) if fmt == "raw" else real_chunk(*a)
+
+    monkeypatch.setattr(os, "pwrite", full) if fmt == "raw" else monkeypatch.setattr(store_mod, "_worker_chunk", full)
+    argv = ["prepare", str(synth_src), str(tmp_path / "st"), "--workers", "1", "--chunk", "4", "--format", fmt]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "No space left on device" in err and "run the same 'replica prepare' again to resume" in err
+    assert "Traceback" not in err
+    monkeypatch.undo()
+    m = prepare(synth_src, tmp_path / "st", workers=1, chunk=4, progress=False, fmt=fmt)
+    assert m["resumed_chunks"] >= 2
+    prepare(synth_src, tmp_path / "fresh", workers=1, chunk=4, progress=False, fmt=fmt)
+    _same_store(tmp_path / "st", tmp_path / "fresh")
+
+
+def test_a_killed_prepare_worker_ends_with_one_line_not_a_hang(synth_src, tmp_path):
+    import multiprocessing as mp
+
+    def kill_one(done, total):
+        if done == 1:
+            os.kill(mp.active_children()[0].pid, signal.SIGKILL)  # as the OOM killer would
+
+    with pytest.raises(ReplicaError, match="a prepare worker died .* run the same 'replica prepare' again to resume"):
+        prepare(synth_src, tmp_path / "st", workers=2, chunk=2, progress=False, fmt="raw", on_chunk=kill_one)
+    m = prepare(synth_src, tmp_path / "st", workers=2, chunk=2, progress=False, fmt="raw")
+    assert m["resumed_chunks"] >= 1
+    prepare(synth_src, tmp_path / "fresh", workers=1, chunk=2, progress=False, fmt="raw")
+    _same_store(tmp_path / "st", tmp_path / "fresh")
+
+
+def test_a_moved_source_still_resumes(synth_src, tmp_path):
+    src = tmp_path / "disk1" / "s"
+    shutil.copytree(synth_src, src)
+
+    def stop(done, total):
+        if done == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        prepare(src, tmp_path / "st", workers=1, chunk=4, progress=False, on_chunk=stop)
+    moved = tmp_path / "disk2" / "s"
+    moved.parent.mkdir()
+    shutil.move(str(src), str(moved))  # the same files under a new absolute path
+    m = prepare(moved, tmp_path / "st", workers=1, chunk=4, progress=False)
+    assert m["resumed_chunks"] == 3
+
+
+def test_a_store_pickles_as_its_path_and_spawned_workers_read_it(synth_src, tmp_path):
+    prepare(synth_src, tmp_path / "st", workers=1, progress=False)
+    st = PreparedStore(tmp_path / "st")
+    _ = st.images[0]  # the mapping is open here
+    assert len(pickle.dumps(st)) < 1_000  # its path, not 4.7 MB of pixels
+    mean = np.load(tmp_path / "st" / "mean.npy")
+    ds = TrainBatches(st, 4, mean, None, seed=2)
+    here = [ds[i][0] for i in range(len(ds))]
+    it = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=1, multiprocessing_context="spawn")
+    there = [c for c, *_ in it]
+    assert all(torch.equal(a, b) for a, b in zip(here, there)) and len(there) == len(here)
+
+
+def test_a_large_image_folder_gets_advice_instead_of_an_hour_of_statistics(synth_src, tmp_path, monkeypatch):
+    import replica.train as train_mod
+
+    monkeypatch.setattr(train_mod, "STATS_ON_THE_FLY_MAX", 10)
+    with pytest.raises(ReplicaError, match=r"holds 24 images: .* run 'replica prepare .* once"):
+        train(_cfg(synth_src, workers=0), tmp_path / "run", progress=False)
+
+
+def test_workers_default_to_the_cpus_this_process_may_use():
+    assert store_mod.usable_cpus() == len(os.sched_getaffinity(0))
