@@ -2,18 +2,25 @@
 
 Layout of a store folder::
 
-    meta.json          classes, splits, image size, source, format version
-    train/images.u8    (N, 3, 256, 256) uint8, C-order: one raw image after another
+    meta.json          classes (and names), splits, image size, format, source, dataset, version
+    train/images.u8    raw: (N, 3, 256, 256) uint8, C-order: one raw image after another
+    train/images.jpeg  jpeg: the images encoded once, one after another (any order)
+    train/index.npy    jpeg: (N, 2) int64 byte offset and length of each image; -1: skipped
     train/labels.npy   (N,) int64; -1 marks a skipped input
-    val/...            the same for the validation split
+    val/...            the same for the validation split (and test/, for ILSVRC-2010)
     mean.npy           (3, 256, 256) float64 training mean image, 0–255
     pca.json           RGB covariance of all training pixels, its eigenvalues and eigenvectors
     mean.png           the mean image, to look at
     skipped.tsv        split, path and reason for every input that could not be used
 
-Why raw uint8 rather than JPEG: a training batch then costs a memory copy, not a decode
-(``tools/bench_data.py`` measures bytes per image and images/s for both). The price is size:
-196,608 bytes per image, 252 GB for ImageNet's 1.28M training images.
+Two formats. Raw uint8 rows: a training batch costs a memory copy, not a decode, but 196,608
+bytes an image, 252 GB for ImageNet's 1.28M training images, more than most nodes' RAM.
+JPEG at quality 90: about 28 KB an image on ImageNet-like pictures (36 GB for ImageNet), decoded
+by the loader workers (libjpeg-turbo, ~2,700 decode+crop/s per core) or as a batch on the GPU
+(nvJPEG). ``format=auto`` takes JPEG from 50,000 images on. The mean image and PCA of a JPEG
+store are those of the decoded pixels, the ones the net is trained on (JPEG's chroma
+subsampling lowers the two smaller RGB eigenvalues by ~13% on such pictures: the colour noise
+then matches what the net sees). ``tools/bench_data.py`` measures all of it.
 
 Preparation runs in worker processes, chunk by chunk. Each finished chunk is recorded, with
 the running sums for the mean and covariance, in one state file replaced atomically, so an

@@ -48,7 +48,7 @@ from torchvision import transforms as T  # noqa: E402
 
 from bench_model import fused, make_optimizer, race, sync, train_step_fn  # noqa: E402
 from replica import augment  # noqa: E402
-from replica.data import TrainBatches, loader  # noqa: E402
+from replica.data import TrainBatches, decode_if_encoded, loader  # noqa: E402
 from replica.evaluate import evaluate  # noqa: E402
 from replica.model import AlexNet  # noqa: E402
 from replica.runtime import tune_cpu_allocator  # noqa: E402
@@ -195,20 +195,24 @@ def main(argv=None):
         need = n * (args.steps + args.warmup + 1)
         if not args.data:
             synth(data, 10, -(-max(args.images, need) // 10), 1, seed=0, progress=False)
-        prepare(data, Path(tmp.name) / "store", workers=min(os.cpu_count() or 1, 8), progress=False)
+        prepare(data, Path(tmp.name) / "store", workers=min(os.cpu_count() or 1, 8), progress=False, fmt="raw")
+        prepare(data, Path(tmp.name) / "jstore", workers=min(os.cpu_count() or 1, 8), progress=False, fmt="jpeg")
         os.sync()
         store_st = PreparedStore(Path(tmp.name) / "store")
+        jpeg_st = PreparedStore(Path(tmp.name) / "jstore")
         folder = data / "train"
         if len(store_st) < need:
             sys.exit(f"bench: {len(store_st)} training images; the e2e rows need {need} (--images)")
         print(f"\ndata: {len(store_st)} training images from {data}")
 
-    def ours_batches(on_gpu_aug=False):
-        mean, pca = store_st.mean(), store_st.pca()
-        ds = TrainBatches(store_st, n, mean, pca, seed=0)
+    def ours_batches(on_gpu_aug=False, st=None, decode="workers"):
+        st = st or store_st
+        mean, pca = st.mean(), st.pca()
+        ds = TrainBatches(st, n, mean, pca, seed=0, decode=decode)
         mean_crop = ds.mean_crop.to(device)
         if not on_gpu_aug:
             for crops, shift, labels, _, _ in loader(ds, workers, pin_memory=cuda):
+                crops, shift, labels, _ = decode_if_encoded(crops, shift, labels, device)  # JPEG: nvJPEG on CUDA
                 xb = augment.finish(crops.to(device, non_blocking=True), mean_crop, shift.to(device), "as-run")
                 yield xb, labels.to(device, non_blocking=True)
             return
@@ -239,6 +243,9 @@ def main(argv=None):
         e_ours = n / timed_steps(ours_batches(), s_default, args.steps, args.warmup, device)
         e_tv = n / timed_steps(tv_batches(), s_tv, args.steps, args.warmup, device)
         table.add(f"end to end: replica (store → workers), {default_norms}", e_ours, FLOP_TRAIN)
+        jdec = "device" if cuda else "workers"
+        e_jpeg = n / timed_steps(ours_batches(st=jpeg_st, decode=jdec), s_default, args.steps, args.warmup, device)
+        table.add(f"end to end: replica (JPEG store, decode in {'nvJPEG' if cuda else 'workers'})", e_jpeg, FLOP_TRAIN)
         table.add("end to end: torchvision (ImageFolder JPEG pipeline)", e_tv, FLOP_TRAIN)
         ratios["end to end (replica img/s / torchvision img/s)"] = e_ours / e_tv
         if not cuda:
@@ -250,6 +257,9 @@ def main(argv=None):
         t = race({"ours": lambda: s_default(x, y), "tv": lambda: s_tv(x.contiguous(), y)}, args.steps, 1, device)
         table.add("data alone: replica pipeline", d_ours, 0, note="(no model)")
         table.add("data alone: torchvision pipeline", d_tv, 0, note="(no model)")
+        ratios["end to end from the JPEG store / model alone (target ≥ 0.95)"] = e_jpeg / (n / t["ours"])
+        d_jpeg = loader_rate(ours_batches(st=jpeg_st, decode=jdec), args.steps, args.warmup, device, n)
+        table.add("data alone: replica pipeline, JPEG store", d_jpeg, 0, note="(no model)")
         for who, d, m in (("replica", d_ours, n / t["ours"]), ("torchvision", d_tv, n / t["tv"])):
             print(f"  bottleneck, {who}: {'the model' if m < d else 'the input pipeline'} "
                   f"(model alone {m:.0f} img/s, data alone {d:.0f} img/s)")

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Images per second of our training input pipeline against torchvision's standard one.
 
-    python tools/bench_data.py [--data DIR] [--images 1280] [--workers 2] [--batch 128] [--epochs 2]
+    python tools/bench_data.py [--data DIR] [--images 1280] [--workers 2] [--batch 128] [--epochs 2] [--rounds 3]
 
 Both read the same images with the same number of loader workers, after one warm-up epoch
 (so both find their files in the page cache), timed from each epoch's first batch on:
@@ -10,8 +10,9 @@ Both read the same images with the same number of loader workers, after one warm
   (``replica.data.TrainBatches``, as training uses it);
 - torchvision: ``ImageFolder`` over the JPEGs + RandomResizedCrop(224) + RandomHorizontalFlip
   + ToTensor + Normalize, batched by the DataLoader.
-It prints the ratio, and the store-format figures behind the choice of raw rows: bytes per
-image and single-core read+decode rate for raw rows vs JPEG at quality 90 and 95.
+A third row reads the JPEG store (``prepare --format jpeg``: decode in the workers). It prints the
+ratios, and the store-format figures behind the JPEG quality: bytes an image, decode rate on one
+core, and how far the mean image and PCA of the decoded pixels move from the raw pixels'.
 Without ``--data`` it makes a synthetic set (``replica synth``) in a temporary folder.
 """
 from __future__ import annotations
@@ -26,6 +27,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -71,62 +73,103 @@ def main(argv=None):
     data = Path(args.data) if args.data else Path(tmp.name) / "synth"
     if not args.data:
         synth(data, 10, args.images // 10, 1, seed=0, progress=False)
-    store = Path(tmp.name) / "store"
-    prepare(data, store, workers=args.workers, progress=False)
-    os.sync()  # let the freshly written store reach the disk before anything is timed
-    st = PreparedStore(store)
+    store, jstore = Path(tmp.name) / "store", Path(tmp.name) / "jstore"
+    prepare(data, store, workers=args.workers, progress=False, fmt="raw")
+    prepare(data, jstore, workers=args.workers, progress=False, fmt="jpeg")
+    os.sync()  # let the freshly written stores reach the disk before anything is timed
+    st, jst = PreparedStore(store), PreparedStore(jstore)
     print(f"{len(st)} training images from {data}; batch {args.batch}; {args.workers} loader workers; "
           f"{args.epochs} timed epochs after one warm-up; torch {torch.__version__}; "
           f"malloc tuning {'on' if tuned else 'off'}")
 
-    ds = TrainBatches(st, args.batch, st.mean(), st.pca(), seed=0)
+    def pipeline(store_):
+        ds = TrainBatches(store_, args.batch, store_.mean(), store_.pca(), seed=0)
 
-    def ours():  # workers: read + crop (uint8); this process: − mean, + PCA shift, ÷1.1 (float32)
-        for crops, shift, labels, _, _ in loader(ds, args.workers):
-            yield ds.finish(crops, shift), labels
+        def run():  # workers: read (+ decode) + crop (uint8); this process: − mean, + PCA shift, ÷1.1 (float32)
+            for crops, shift, labels, _, _ in loader(ds, args.workers):
+                yield ds.finish(crops, shift), labels
+        return run
 
     tf = T.Compose([T.RandomResizedCrop(224), T.RandomHorizontalFlip(), T.ToTensor(),
                     T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
     folder = torchvision.datasets.ImageFolder(str(data / "train"), tf)
     tv = lambda: torch.utils.data.DataLoader(folder, args.batch, shuffle=True, num_workers=args.workers,  # noqa: E731
                                              drop_last=True)
-    rates = {"ours": [], "tv": []}
+    runs = {"ours": pipeline(st), "jpeg": pipeline(jst), "tv": tv}
+    rates = {k: [] for k in runs}
     for _ in range(args.rounds):
-        for name, it in (("ours", ours), ("tv", tv)):
+        for name, it in runs.items():
             rate(it, 1)  # warm-up: workers start, files enter the page cache
             rates[name].append(rate(it, args.epochs))
-    # best of the rounds for both: on a shared machine a round can lose half its speed to others
-    r_ours, r_tv = max(rates["ours"]), max(rates["tv"])
-    print(f"\n{'pipeline':<58} {'img/s':>9}")
-    print(f"{'ours: prepared store → crops, flips, mean, PCA noise':<58} {r_ours:9.1f}"
-          f"   (rounds: {', '.join(f'{r:.0f}' for r in rates['ours'])})")
-    print(f"{'torchvision: ImageFolder JPEG → RandomResizedCrop … Normalize':<58} {r_tv:9.1f}"
-          f"   (rounds: {', '.join(f'{r:.0f}' for r in rates['tv'])})")
-    print(f"RATIO input pipeline (ours / torchvision, best of {args.rounds} rounds each, target ≥ 3): {r_ours / r_tv:.2f}")
+    # best of the rounds for all: on a shared machine a round can lose half its speed to others
+    best = {k: max(v) for k, v in rates.items()}
+    w = args.workers
+    print(f"\n{'pipeline':<58} {'img/s':>9} {'per worker':>11}")
+    for k, label in (("ours", "ours: raw store → crops, flips, mean, PCA noise"),
+                     ("jpeg", "ours: JPEG store → decode, crops, flips, mean, PCA noise"),
+                     ("tv", "torchvision: ImageFolder JPEG → RandomResizedCrop … Normalize")):
+        print(f"{label:<58} {best[k]:9.1f} {best[k] / w:11.1f}   (rounds: {', '.join(f'{r:.0f}' for r in rates[k])})")
+    print(f"RATIO input pipeline (ours raw / torchvision, best of {args.rounds} rounds each, target ≥ 3): "
+          f"{best['ours'] / best['tv']:.2f}")
+    print(f"RATIO JPEG store / raw store: {best['jpeg'] / best['ours']:.2f}; JPEG store / torchvision: "
+          f"{best['jpeg'] / best['tv']:.2f}")
     med = statistics.median(rates["ours"]) / statistics.median(rates["tv"])
-    print(f"ratio of the medians: {med:.2f}")
+    print(f"ratio of the medians (raw / torchvision): {med:.2f}")
+    formats(st)
 
-    # store format: what a batch costs to read, per image, on one core
-    rows = np.asarray(st.images[: min(256, len(st))])
-    raw_t = []
-    for _ in range(3):
+
+def formats(st, n: int = 256):
+    """Store formats on ImageNet-like pictures (tools/bench_prepare.py's 500×375 JPEGs, resized
+    as prepare does): bytes an image, decode rate on one core, and how far the mean image and the
+    PCA eigenvalues of the decoded pixels move from the raw pixels'."""
+    from bench_prepare import realistic_jpeg
+
+    from replica.imageio import read_prepared
+    from replica.jpeg import decode_jpeg, encode_jpeg
+    from replica.store import PixelStats
+
+    torch.set_num_threads(1)
+    rng = np.random.default_rng(0)
+    imgs = [read_prepared(io.BytesIO(realistic_jpeg(rng)), 256) for _ in range(n)]
+    raw = PixelStats(256)
+    for im in imgs:
+        raw.add_image(im)
+    m0, p0 = raw.result()
+    t0 = time.perf_counter()
+    for im in imgs:
+        np.array(im)
+    raw_rate = n / (time.perf_counter() - t0)
+    print(f"\n{n} ImageNet-like images, 256×256 (one core)")
+    out = np.empty((3, 224, 224), np.uint8)
+
+    def crop(img):  # what a worker does after reading: a 224 crop at (16, 16), mirrored
+        out[:] = img[:, 16:240, 16:240][:, :, ::-1]
+
+    t0 = time.perf_counter()
+    for im in imgs:
+        crop(im)
+    raw_crop = n / (time.perf_counter() - t0)
+    print(f"{'store format':<22} {'bytes/image':>12} {'decode img/s':>13} {'+crop img/s':>12} {'mean |Δ| vs raw':>16}"
+          f"  eigenvalues Δ vs raw")
+    print(f"{'raw uint8 rows':<22} {imgs[0].nbytes:12,} {raw_rate:13,.0f} {raw_crop:12,.0f} {0:16.3f}  —")
+    for q in (75, 85, 90, 95):
+        enc = [encode_jpeg(torch.from_numpy(np.ascontiguousarray(im)), quality=q) for im in imgs]
+        times = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            dec = [decode_jpeg(e) for e in enc]
+            times.append(time.perf_counter() - t0)
         t0 = time.perf_counter()
-        for i in range(len(rows)):
-            np.array(st.images[i])
-        raw_t.append((time.perf_counter() - t0) / len(rows))
-    print(f"\n{'store format':<26} {'bytes/image':>12} {'read+decode img/s (1 core)':>28}")
-    print(f"{'raw uint8 rows (ours)':<26} {rows[0].nbytes:12,} {1 / statistics.median(raw_t):28,.0f}")
-    for q in (90, 95):
-        blobs = []
-        for r in rows:
-            b = io.BytesIO()
-            Image.fromarray(r.transpose(1, 2, 0)).save(b, "JPEG", quality=q)
-            blobs.append(b.getvalue())
-        t0 = time.perf_counter()
-        for b in blobs:
-            np.asarray(Image.open(io.BytesIO(b)).convert("RGB"))
-        dt = (time.perf_counter() - t0) / len(blobs)
-        print(f"{f'JPEG quality {q}':<26} {statistics.mean(map(len, blobs)):12,.0f} {1 / dt:28,.0f}")
+        for e in enc:
+            crop(decode_jpeg(e).numpy())
+        with_crop = n / (time.perf_counter() - t0)
+        stats = PixelStats(256)
+        for d in dec:
+            stats.add_image(d.numpy())
+        m, p = stats.result()
+        eig = ", ".join(f"{(a - b) / b:+.1%}" for a, b in zip(p["eigenvalues"], p0["eigenvalues"]))
+        print(f"{f'JPEG quality {q}':<22} {statistics.mean(len(e) for e in enc):12,.0f} "
+              f"{n / statistics.median(times):13,.0f} {with_crop:12,.0f} {np.abs(m - m0).mean():16.3f}  {eig}")
 
 
 if __name__ == "__main__":
