@@ -116,16 +116,20 @@ def test_interrupted_and_resumed_equals_uninterrupted(store, tmp_path, monkeypat
     assert version["torch"] == torch.__version__
 
 
-def test_nan_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint(store, tmp_path, monkeypatch):
-    real = train_mod.F.cross_entropy
-    calls = []
+def nan_at_call(monkeypatch, n):
+    """The training loss of the n-th step (1-based, counting every run in the test) is NaN."""
+    real, calls = train_mod.F.cross_entropy, []
 
     def sometimes_nan(logits, y):
         calls.append(1)
         loss = real(logits, y)
-        return loss * float("nan") if len(calls) == 5 else loss
+        return loss * float("nan") if len(calls) == n else loss
 
     monkeypatch.setattr(train_mod.F, "cross_entropy", sometimes_nan)
+
+
+def test_nan_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint(store, tmp_path, monkeypatch):
+    nan_at_call(monkeypatch, 5)
     with pytest.raises(TrainingStopped, match="loss is nan at epoch 2, step 2: stopped. The last good checkpoint"):
         train(tiny(store), tmp_path / "run", progress=False)
     ck = load_checkpoint(tmp_path / "run")
@@ -144,14 +148,7 @@ def test_losses_read_every_few_steps_same_account_and_nan_still_named(store, tmp
     assert every["step"] == later["step"] == 6
     assert [m["train_loss"] for m in read_metrics(tmp_path / "every")] == \
         [m["train_loss"] for m in read_metrics(tmp_path / "later")]
-    real, calls = train_mod.F.cross_entropy, []
-
-    def sometimes_nan(logits, y):
-        calls.append(1)
-        loss = real(logits, y)
-        return loss * float("nan") if len(calls) == 4 else loss
-
-    monkeypatch.setattr(train_mod.F, "cross_entropy", sometimes_nan)
+    nan_at_call(monkeypatch, 4)
     with pytest.raises(TrainingStopped, match="loss is nan at epoch 2, step 1: stopped. The last good checkpoint"):
         train(cfg, tmp_path / "nan", progress=False)  # read at the epoch's end, two steps later
     ck = load_checkpoint(tmp_path / "nan")
