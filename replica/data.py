@@ -230,22 +230,31 @@ class JpegBatch:
     GPU: ``torchvision.io.decode_jpeg(list, device="cuda")``), then cropped and flipped there."""
 
     def __init__(self, datas: list, oy, ox, flips, crop: int, names: list):
-        self.datas, self.oy, self.ox, self.flips, self.crop, self.names = datas, oy, ox, flips, crop, names
+        # one tensor of bytes and their lengths: a loader worker hands over one shared buffer, not
+        # one file descriptor per image (hundreds a batch exhaust the process's limit)
+        self.blob = torch.cat(datas) if datas else torch.empty(0, dtype=torch.uint8)
+        self.sizes = [len(d) for d in datas]
+        self.oy, self.ox, self.flips, self.crop, self.names = oy, ox, flips, crop, names
+
+    @property
+    def datas(self) -> list:
+        return list(torch.split(self.blob, self.sizes)) if self.sizes else []
 
     def __len__(self) -> int:
-        return len(self.datas)
+        return len(self.sizes)
 
     def decode(self, device) -> tuple[torch.Tensor, torch.Tensor, list]:
         """(uint8 crops (B', 3, c, c) on ``device``, keep mask (B,), bad entries) for this batch."""
         from .jpeg import decode_jpeg
 
         device = torch.device(device)
+        datas = self.datas
         try:
-            imgs = decode_jpeg(self.datas, device=device) if self.datas else []
+            imgs = decode_jpeg(datas, device=device) if datas else []
             ok = [True] * len(imgs)
         except RuntimeError:  # one corrupt entry fails the whole batched call: find it
             imgs, ok = [], []
-            for d in self.datas:
+            for d in datas:
                 try:
                     imgs.append(decode_jpeg(d, device=device))
                     ok.append(True)

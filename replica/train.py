@@ -178,15 +178,22 @@ def data_stats(train, run: Path):
     if cache.exists():
         z = np.load(cache, allow_pickle=False)
         return z["mean"], json.loads(str(z["pca"]))
-    if len(train) > STATS_ON_THE_FLY_MAX:
-        hours = len(train) / 200 / 3600  # ~200 images/s decoded and resized in one thread
-        raise ReplicaError(f"data={train.source.root} holds {len(train):,} images: their mean image and PCA would "
-                           f"take about {hours:.1f} h in one thread before step 1 (longer than a DDP timeout); run "
-                           f"'replica prepare {train.source.root} STORE' once (all cores, resumable) and train with "
-                           f"data=STORE")
     mean, pca = compute_stats(train, progress=True)
     atomic_write(cache, lambda f: np.savez(f, mean=mean, pca=np.array(json.dumps(pca))))
     return mean, pca
+
+
+def check_stats_feasible(train, run: Path) -> None:
+    """Image folders are fine on the fly when small; past STATS_ON_THE_FLY_MAX images the mean
+    and PCA alone would take hours in one thread before step 1: say so (in every process, so
+    none waits for rank 0's statistics alone)."""
+    if isinstance(train, PreparedStore) or (run / "stats.npz").exists() or len(train) <= STATS_ON_THE_FLY_MAX:
+        return
+    hours = len(train) / 200 / 3600  # ~200 images/s decoded and resized in one thread
+    root = train.source.root
+    raise ReplicaError(f"data={root} holds {len(train):,} images: their mean image and PCA would take about "
+                       f"{hours:.1f} h in one thread before step 1 (longer than a DDP timeout); run 'replica prepare "
+                       f"{root} STORE' once (all cores, resumable) and train with data=STORE")
 
 
 def fused_norms_for(cfg: Config, device: torch.device) -> bool:
@@ -285,6 +292,7 @@ class _Run:
         if cfg.num_classes is not None and cfg.num_classes != len(classes):
             raise ReplicaError(f"num_classes={cfg.num_classes}, but {cfg.data} has {len(classes)} classes")
         self.num_classes = len(classes)
+        check_stats_feasible(self.train_images, self.run)
         self.ranks.barrier()  # the run folder exists for every process
         store = isinstance(self.train_images, PreparedStore)
         mean, pca = data_stats(self.train_images, self.run) if self.main or store else (None, None)
