@@ -412,6 +412,7 @@ def _run_chunks(todo, task, record, save_state, bar, workers, args, on_chunk, n_
         # a pool whose workers can die (the OOM killer, a signal) must say so, not wait for ever
         pool = cf.ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_worker_init,
                                       initargs=args)
+        broken = False
         try:
             pending, queue = set(), iter(todo)
             for c in queue:  # a bounded number in flight: the items of 1.28 M images stay here
@@ -419,14 +420,27 @@ def _run_chunks(todo, task, record, save_state, bar, workers, args, on_chunk, n_
                 if len(pending) >= 4 * workers:
                     break
             while pending:
-                finished_now, pending = cf.wait(pending, return_when=cf.FIRST_COMPLETED)
+                finished_now, pending = cf.wait(pending, timeout=1.0, return_when=cf.FIRST_COMPLETED)
+                if not finished_now and _dead_worker(pool):
+                    # a worker killed while sending its result leaves half a message in the pipe, and
+                    # the pool's own thread then waits on it for ever: look at the processes too
+                    broken = True
+                    raise BrokenProcessPool("a worker process died")
                 for fut in finished_now:
                     handle(fut.result())
                     nxt = next(queue, None)
                     if nxt is not None:
                         pending.add(pool.submit(_worker_chunk, task(nxt)))
+        except BrokenProcessPool:
+            broken = True
+            raise
         finally:
-            pool.shutdown(wait=True, cancel_futures=True)
+            if broken:  # joining the pool's thread could wait on that pipe: end the workers instead
+                for p in list(getattr(pool, "_processes", {}).values()):
+                    p.kill()
+                pool.shutdown(wait=False, cancel_futures=True)
+            else:
+                pool.shutdown(wait=True, cancel_futures=True)
     except BrokenProcessPool:
         raise ReplicaError(f"a prepare worker died (killed by a signal: out of memory is the usual cause); "
                            f"every finished chunk is kept: run the same 'replica prepare' again to resume, with "
@@ -435,6 +449,11 @@ def _run_chunks(todo, task, record, save_state, bar, workers, args, on_chunk, n_
         why = os.strerror(e.errno) if e.errno else str(e)
         raise ReplicaError(f"writing the store in {out} failed: {why}; every finished chunk is kept: free space "
                            f"(or fix the disk), then run the same 'replica prepare' again to resume") from None
+
+
+def _dead_worker(pool) -> bool:
+    """Whether a process of ``pool`` has exited (they exit only at shutdown, or when killed)."""
+    return any(p.exitcode is not None for p in list(getattr(pool, "_processes", {}).values()))
 
 
 def _bar(total, resumed_images, enabled):
