@@ -442,9 +442,9 @@ def _run_chunks(todo, task, record, save_state, bar, workers, args, on_chunk, n_
             else:
                 pool.shutdown(wait=True, cancel_futures=True)
     except BrokenProcessPool:
-        raise ReplicaError(f"a prepare worker died (killed by a signal: out of memory is the usual cause); "
-                           f"every finished chunk is kept: run the same 'replica prepare' again to resume, with "
-                           f"fewer --workers if memory is short") from None
+        raise ReplicaError("a prepare worker died (killed by a signal: out of memory is the usual cause); "
+                           "every finished chunk is kept: run the same 'replica prepare' again to resume, with "
+                           "fewer --workers if memory is short") from None
     except OSError as e:
         why = os.strerror(e.errno) if e.errno else str(e)
         raise ReplicaError(f"writing the store in {out} failed: {why}; every finished chunk is kept: free space "

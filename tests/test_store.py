@@ -93,7 +93,7 @@ def test_bad_entries_inside_a_jpeg_store_are_skipped_and_logged(synth_src, tmp_p
         run = tmp_path / f"run-{decode}"
         train(_cfg(tmp_path / "jpg", epochs=1, steps_per_epoch=6, decode=decode), run, progress=False)
         tsv = (run / "bad_inputs.tsv").read_text()
-        assert f"images.jpeg row 3\tcorrupt JPEG entry" in tsv, tsv
+        assert "images.jpeg row 3\tcorrupt JPEG entry" in tsv, tsv
         assert f"images.jpeg row {last}\ttruncated store" in tsv, tsv
         assert json.loads((run / "metrics.jsonl").read_text().splitlines()[0])["skipped_files"] == 2
 

@@ -32,7 +32,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torchvision  # noqa: E402
-from PIL import Image  # noqa: E402
 from torchvision import transforms as T  # noqa: E402
 
 from replica.data import TrainBatches, loader  # noqa: E402
