@@ -381,10 +381,28 @@ def prepare(src, out, val=None, size: int = 256, workers: int | None = None, chu
     return _finish(out, source, meta, ok_flags, skips, stats, resumed, time.time() - t0, index if fmt == "jpeg" else None)
 
 
+def _pool_worker(conn, args) -> None:
+    """A prepare worker: chunks in over its own pipe, results out; None ends it."""
+    _worker_init(*args)
+    while True:
+        task = conn.recv()
+        if task is None:
+            return
+        try:
+            conn.send(("ok", _worker_chunk(task)))
+        except OSError as e:  # ENOSPC and the like: the main process says it, once
+            conn.send(("oserror", (e.errno, str(e))))
+
+
 def _run_chunks(todo, task, record, save_state, bar, workers, args, on_chunk, n_chunks, finished, skips, out):
-    """Every chunk of ``todo`` through ``record``, in this process or a pool that reports dead workers."""
-    import concurrent.futures as cf
-    from concurrent.futures.process import BrokenProcessPool
+    """Every chunk of ``todo`` through ``record``, in this process or in worker processes.
+
+    Each worker has its own pipe. A worker that dies (the OOM killer, a signal), even half-way
+    through sending a result, closes its end: the read fails at once instead of waiting for the
+    rest of the message (a shared result queue, as ``multiprocessing.Pool`` and
+    ``ProcessPoolExecutor`` use, waits for ever there).
+    """
+    from multiprocessing.connection import wait
 
     last_save = 0.0
 
@@ -399,6 +417,9 @@ def _run_chunks(todo, task, record, save_state, bar, workers, args, on_chunk, n_
         if on_chunk is not None:
             on_chunk(finished, n_chunks)
 
+    died = ReplicaError("a prepare worker died (killed by a signal: out of memory is the usual cause); every "
+                        "finished chunk is kept: run the same 'replica prepare' again to resume, with fewer "
+                        "--workers if memory is short")
     try:
         if workers <= 1:
             _worker_init(*args)
@@ -409,51 +430,52 @@ def _run_chunks(todo, task, record, save_state, bar, workers, args, on_chunk, n_
                 for fd in _W.pop("fds", {}).values():
                     os.close(fd)
             return
-        # a pool whose workers can die (the OOM killer, a signal) must say so, not wait for ever
-        pool = cf.ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_worker_init,
-                                      initargs=args)
-        broken = False
+        ctx = mp.get_context("spawn")
+        procs, conns, clean = [], [], False
         try:
-            pending, queue = set(), iter(todo)
-            for c in queue:  # a bounded number in flight: the items of 1.28 M images stay here
-                pending.add(pool.submit(_worker_chunk, task(c)))
-                if len(pending) >= 4 * workers:
-                    break
-            while pending:
-                finished_now, pending = cf.wait(pending, timeout=1.0, return_when=cf.FIRST_COMPLETED)
-                if not finished_now and _dead_worker(pool):
-                    # a worker killed while sending its result leaves half a message in the pipe, and
-                    # the pool's own thread then waits on it for ever: look at the processes too
-                    broken = True
-                    raise BrokenProcessPool("a worker process died")
-                for fut in finished_now:
-                    handle(fut.result())
-                    nxt = next(queue, None)
-                    if nxt is not None:
-                        pending.add(pool.submit(_worker_chunk, task(nxt)))
-        except BrokenProcessPool:
-            broken = True
-            raise
+            for _ in range(min(workers, len(todo))):
+                mine, theirs = ctx.Pipe()
+                p = ctx.Process(target=_pool_worker, args=(theirs, args), daemon=True)
+                p.start()
+                theirs.close()  # only the worker holds its end: its death closes the pipe
+                procs.append(p)
+                conns.append(mine)
+            queue, busy = iter(todo), {}
+            for conn in conns:
+                c = next(queue, None)
+                if c is not None:
+                    conn.send(task(c))
+                    busy[conn] = True
+            while busy:
+                for ready in wait(list(busy)):
+                    try:
+                        kind, payload = ready.recv()
+                    except (EOFError, OSError):
+                        raise died from None
+                    if kind == "oserror":
+                        raise OSError(*payload)
+                    handle(payload)
+                    c = next(queue, None)
+                    if c is None:
+                        del busy[ready]
+                    else:
+                        ready.send(task(c))
+            clean = True
         finally:
-            if broken:  # joining the pool's thread could wait on that pipe: end the workers instead
-                for p in list(getattr(pool, "_processes", {}).values()):
+            for conn in conns:
+                try:
+                    conn.send(None)
+                except OSError:
+                    pass
+            for p in procs:  # after an error or an interrupt, workers still sending are not waited for
+                p.join(timeout=5 if clean else 0)
+                if p.is_alive():
                     p.kill()
-                pool.shutdown(wait=False, cancel_futures=True)
-            else:
-                pool.shutdown(wait=True, cancel_futures=True)
-    except BrokenProcessPool:
-        raise ReplicaError("a prepare worker died (killed by a signal: out of memory is the usual cause); "
-                           "every finished chunk is kept: run the same 'replica prepare' again to resume, with "
-                           "fewer --workers if memory is short") from None
+                    p.join()
     except OSError as e:
         why = os.strerror(e.errno) if e.errno else str(e)
         raise ReplicaError(f"writing the store in {out} failed: {why}; every finished chunk is kept: free space "
                            f"(or fix the disk), then run the same 'replica prepare' again to resume") from None
-
-
-def _dead_worker(pool) -> bool:
-    """Whether a process of ``pool`` has exited (they exit only at shutdown, or when killed)."""
-    return any(p.exitcode is not None for p in list(getattr(pool, "_processes", {}).values()))
 
 
 def _bar(total, resumed_images, enabled):
