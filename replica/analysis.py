@@ -362,12 +362,12 @@ def feature_batches(model, images, mean_image, batch: int = 64, crop: int = 224,
     from tqdm import tqdm
 
     from . import augment
-    from .evaluate import _EvalBatches
+    from .evaluate import EvalBatches
 
     model.eval()
     dev = model.devices[0]
     mean_crop = augment.centre_crop_of(torch.as_tensor(mean_image), crop).to(dev)
-    ds = _EvalBatches(images, batch)
+    ds = EvalBatches(images, batch)
     it = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=workers, pin_memory=dev.type == "cuda",
                                      prefetch_factor=2 if workers else None)
     for i, (u8, _, bad) in enumerate(tqdm(it, total=len(ds), desc="fc7 features", disable=not progress,

@@ -47,7 +47,7 @@ def predict_probs(model, u8: torch.Tensor, mean_crop: torch.Tensor, views: int =
     return view_probs(model, u8, mean_crop, views, crop, bf16).mean(1)  # probabilities, not logits (src/layer.cu:1809-1822)
 
 
-class _EvalBatches(torch.utils.data.Dataset):
+class EvalBatches(torch.utils.data.Dataset):
     """Batch i of a dataset in order, read in a loader worker: (uint8 images, labels, bad)."""
 
     def __init__(self, images, batch: int, max_batches: int | None = None):
@@ -85,7 +85,7 @@ def evaluate(model, images, mean_image, views=1, batch: int = 64, max_batches: i
     n, bad = 0, 0
     miss = {v: [0, 0] for v in wanted}
     pass_views = 10 if 10 in wanted else 1
-    ds = _EvalBatches(images, batch, max_batches)
+    ds = EvalBatches(images, batch, max_batches)
     pin = model.devices[0].type == "cuda"
     it = torch.utils.data.DataLoader(ds, batch_size=None, shuffle=False, num_workers=workers, pin_memory=pin,
                                      prefetch_factor=2 if workers else None)

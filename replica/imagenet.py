@@ -114,6 +114,24 @@ def folder_of_tars(folder: Path) -> dict[str, list[Member]]:
     return out
 
 
+def by_class(per_class: dict) -> tuple[list, list, list]:
+    """(sorted class names, items, labels) of a class → items mapping: labels index the sorted names."""
+    classes = sorted(per_class)
+    items, labels = [], []
+    for i, c in enumerate(classes):
+        items += per_class[c]
+        labels += [i] * len(per_class[c])
+    return classes, items, labels
+
+
+def class_folders(folder: Path) -> dict[str, list[str]]:
+    """Class name → its image files, for a folder of one sub-folder per class (WNID)."""
+    from .sources import is_image_name
+
+    return {d.name: sorted(str(p) for p in d.rglob("*") if p.is_file() and is_image_name(p.name))
+            for d in sorted(folder.iterdir()) if d.is_dir()}
+
+
 class _Window(io.RawIOBase):
     """A read-only window [offset, offset + size) of an open file, for tarfile to walk."""
 
@@ -280,7 +298,7 @@ def _labelled_eval(images: list, devkit: Devkit, split: str, classes: list[str],
 
 
 def archives(root: Path, year: str):
-    """(kind, classes, names, {split: (items, labels)}, notes) of the official archives in ``root``."""
+    """(classes, names, {split: (items, labels)}, notes) of the official archives in ``root``."""
     notes = []
     train_tar = next(iter(sorted(root.glob(f"ILSVRC{year}_im*_train*.tar"))), None)
     train_dir = next((p for p in sorted(root.glob(f"ILSVRC{year}_im*_train*")) if p.is_dir()), None)
@@ -292,19 +310,12 @@ def archives(root: Path, year: str):
         if per_class:
             notes.append(f"train: the per-class tars in {train_dir.name}/")
         else:
-            from .sources import is_image_name
-
-            per_class = {d.name: sorted(str(p) for p in d.rglob("*") if p.is_file() and is_image_name(p.name))
-                         for d in sorted(train_dir.iterdir()) if d.is_dir()}
+            per_class = class_folders(train_dir)
             notes.append(f"train: the class folders in {train_dir.name}/")
     else:
         raise ReplicaError(f"{root}: ILSVRC{year} files but no training archive (ILSVRC{year}_img_train.tar, or "
                            f"it unpacked as ILSVRC{year}_img_train/)")
-    classes = sorted(per_class)
-    items, labels = [], []
-    for i, w in enumerate(classes):
-        items += per_class[w]
-        labels += [i] * len(per_class[w])
+    classes, items, labels = by_class(per_class)
     splits = {"train": (items, labels)}
     devkit = find_devkit(root, year)
     names = {}
@@ -350,13 +361,8 @@ def kaggle(root: Path):
     train_dir = data / "train"
     if not train_dir.is_dir():
         raise ReplicaError(f"{root}: no {train_dir.relative_to(root)}/ (one folder per WNID)")
-    classes = sorted(d.name for d in train_dir.iterdir() if d.is_dir())
+    classes, items, labels = by_class(class_folders(train_dir))
     index = {w: i for i, w in enumerate(classes)}
-    items, labels = [], []
-    for w in classes:
-        files = sorted(str(p) for p in (train_dir / w).rglob("*") if p.is_file() and is_image_name(p.name))
-        items += files
-        labels += [index[w]] * len(files)
     splits = {"train": (items, labels)}
     notes = [f"train: {train_dir.relative_to(root)}/ ({len(classes):,} WNID folders)"]
     sol = root / "LOC_val_solution.csv"

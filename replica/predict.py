@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from . import augment
-from .data import match_classes, open_images
+from .data import match_classes, open_heldout, open_images
 from .errors import ReplicaError
 from .evaluate import evaluate, percent, predict_probs
 from .imageio import BadImage, read_prepared
@@ -33,8 +33,15 @@ def trained_precision_bf16(ckpt: dict, model: AlexNet) -> bool:
     return bool(ckpt["config"].get("bf16")) and fast_bf16(model.devices[0])
 
 
-def open_split(data, split: str):
-    """The ``split`` of a store or image source; no silent stand-in when it is missing."""
+def open_split(data, split: str, training_data=None):
+    """The ``split`` of a store or image source, with no silent stand-in for a missing val split.
+
+    Held-out data named as such (``--data``, or the run's ``val_data``) may be a single
+    class-folder tree: its only split is the held-out set, as in training. The run's own training
+    data must hold a val split; its training images are measured only on request."""
+    same = training_data is not None and Path(data).resolve() == Path(training_data).resolve()
+    if split == "val" and not same:
+        return open_heldout(data)
     try:
         return open_images(data, split)
     except ReplicaError as e:
@@ -68,7 +75,7 @@ def run_eval(target, data=None, views=(1, 10), devices="auto", batch: int = 32, 
         data = (ckpt["config"].get("val_data") if split == "val" else None) or ckpt["config"].get("data")
         if data is None:
             raise ReplicaError("no --data given and the checkpoint names none")
-    images = open_split(data, split)
+    images = open_split(data, split, training_data=ckpt["config"].get("data"))
     images, subset = match_classes(images, ckpt["meta"]["classes"], data)
     if len(images) == 0:
         raise ReplicaError(f"{data}: the {split} split holds no images")

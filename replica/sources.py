@@ -212,14 +212,9 @@ def _val_split(val: Path, classes: list[str]) -> Split:
 
 def _class_tars(src: Path, train_dir: Path, val) -> Source:
     """A train/ of per-class tars (``<class>.tar``), read in place."""
-    from .imagenet import folder_of_tars
+    from .imagenet import by_class, folder_of_tars
 
-    per_class = folder_of_tars(train_dir)
-    classes = sorted(per_class)
-    items, labels = [], []
-    for i, c in enumerate(classes):
-        items += per_class[c]
-        labels += [i] * len(per_class[c])
+    classes, items, labels = by_class(folder_of_tars(train_dir))
     out = Source("folder", str(src), classes, {"train": Split(items, labels)},
                  notes=[f"train: {len(classes):,} per-class tars in {train_dir.name}/, read in place"])
     val_dir = Path(val) if val else next((src / d for d in VAL_DIRS if (src / d).is_dir()), None)

@@ -49,7 +49,7 @@ log = logging.getLogger("replica")
 
 FORMAT_VERSION = 1
 STATE = ".prepare-state.npz"
-JPEG_QUALITY = 90  # 28 KB an image, 3,500 decodes/s per core, mean image within 0.26 of raw (docs/performance.md)
+JPEG_QUALITY = 90  # 28 KB an image, 3,600 decodes/s per core, mean image within 0.28 of raw (docs/performance.md)
 JPEG_FROM_IMAGES = 50_000  # format=auto: JPEG for sets this large (ImageNet: 36 GB, not 262), raw below
 
 
@@ -225,7 +225,7 @@ def _check_space(out: Path, needed: int, have: int, what: str) -> None:
         gb = lambda b: f"{b / 1e9:,.1f} GB" if b >= 1e9 else f"{b / 1e6:,.1f} MB"  # noqa: E731
         raise ReplicaError(f"{out}: the store needs about {gb(needed)} ({what}); {gb(have)} written so far and "
                            f"{gb(free)} free on that disk. Free {gb(needed - have - free)} or choose another OUT"
-                           + (" (or --format jpeg, about 8× smaller)" if "raw" in what else ""))
+                           + (" (or --format jpeg, about 7× smaller)" if "raw" in what else ""))
 
 
 def _allocated(path: Path) -> int:
@@ -363,13 +363,24 @@ def prepare(src, out, val=None, size: int = 256, workers: int | None = None, chu
     t0 = time.time()
     try:
         if todo:
-            workers = workers or usable_cpus()
             bar = _bar(total, resumed_images=sum(min(chunk, len(source.splits[c[0]].items) - c[2]) for c in chunks
                                                   if done[c[0]][c[1]]), enabled=progress)
+            last_save, finished = 0.0, resumed
+
+            def handle(result):
+                nonlocal last_save, finished
+                bar.update(record(result))
+                finished += 1
+                if time.time() - last_save > 1.0:  # at most one state write a second
+                    save_state()
+                    last_save = time.time()
+                bar.set_postfix(skipped=len(skips), refresh=False)
+                if on_chunk is not None:
+                    on_chunk(finished, len(chunks))
+
             args = (str(out), list(source.splits), size, max_pixels, fmt, quality)
             try:
-                _run_chunks(todo, task, record, save_state, bar, workers, args, on_chunk, len(chunks), resumed,
-                            skips, out)
+                _run_chunks(map(task, todo), handle, min(workers or usable_cpus(), len(todo)), args, out)
             finally:  # an interrupted run keeps every chunk it finished
                 save_state()
                 bar.close()
@@ -394,8 +405,9 @@ def _pool_worker(conn, args) -> None:
             conn.send(("oserror", (e.errno, str(e))))
 
 
-def _run_chunks(todo, task, record, save_state, bar, workers, args, on_chunk, n_chunks, finished, skips, out):
-    """Every chunk of ``todo`` through ``record``, in this process or in worker processes.
+def _run_chunks(tasks, handle, workers: int, args, out):
+    """Every task (an iterable, made as it is needed) through ``_worker_chunk`` and its result
+    through ``handle``, in this process (``workers=1``) or in worker processes.
 
     Each worker has its own pipe. A worker that dies (the OOM killer, a signal), even half-way
     through sending a result, closes its end: the read fails at once instead of waiting for the
@@ -404,19 +416,6 @@ def _run_chunks(todo, task, record, save_state, bar, workers, args, on_chunk, n_
     """
     from multiprocessing.connection import wait
 
-    last_save = 0.0
-
-    def handle(result):
-        nonlocal last_save, finished
-        bar.update(record(result))
-        finished += 1
-        if time.time() - last_save > 1.0:  # at most one state write a second
-            save_state()
-            last_save = time.time()
-        bar.set_postfix(skipped=len(skips), refresh=False)
-        if on_chunk is not None:
-            on_chunk(finished, n_chunks)
-
     died = ReplicaError("a prepare worker died (killed by a signal: out of memory is the usual cause); every "
                         "finished chunk is kept: run the same 'replica prepare' again to resume, with fewer "
                         "--workers if memory is short")
@@ -424,8 +423,8 @@ def _run_chunks(todo, task, record, save_state, bar, workers, args, on_chunk, n_
         if workers <= 1:
             _worker_init(*args)
             try:
-                for c in todo:
-                    handle(_worker_chunk(task(c)))
+                for t in tasks:
+                    handle(_worker_chunk(t))
             finally:
                 for fd in _W.pop("fds", {}).values():
                     os.close(fd)
@@ -433,19 +432,20 @@ def _run_chunks(todo, task, record, save_state, bar, workers, args, on_chunk, n_
         ctx = mp.get_context("spawn")
         procs, conns, clean = [], [], False
         try:
-            for _ in range(min(workers, len(todo))):
+            for _ in range(workers):
                 mine, theirs = ctx.Pipe()
                 p = ctx.Process(target=_pool_worker, args=(theirs, args), daemon=True)
                 p.start()
                 theirs.close()  # only the worker holds its end: its death closes the pipe
                 procs.append(p)
                 conns.append(mine)
-            queue, busy = iter(todo), {}
-            for conn in conns:
-                c = next(queue, None)
-                if c is not None:
-                    conn.send(task(c))
-                    busy[conn] = True
+            queue, busy = iter(tasks), {}  # busy: chunks sent to a worker and not yet back
+            for _ in range(2):  # two in flight each: a worker starts its next chunk while this process records
+                for conn in conns:
+                    t = next(queue, None)
+                    if t is not None:
+                        conn.send(t)
+                        busy[conn] = busy.get(conn, 0) + 1
             while busy:
                 for ready in wait(list(busy)):
                     try:
@@ -455,11 +455,13 @@ def _run_chunks(todo, task, record, save_state, bar, workers, args, on_chunk, n_
                     if kind == "oserror":
                         raise OSError(*payload)
                     handle(payload)
-                    c = next(queue, None)
-                    if c is None:
+                    t = next(queue, None)
+                    if t is not None:
+                        ready.send(t)
+                    elif busy[ready] == 1:
                         del busy[ready]
                     else:
-                        ready.send(task(c))
+                        busy[ready] -= 1
             clean = True
         finally:
             for conn in conns:

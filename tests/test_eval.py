@@ -61,6 +61,14 @@ def test_eval_refuses_to_stand_the_training_images_in_for_a_val_split(tmp_path, 
     assert main(["eval", str(run), "--devices", "cpu"]) == 2
     err = capsys.readouterr().err
     assert "has no held-out (val) split" in err and "--split train" in err
+    assert main(["eval", str(run), "--devices", "cpu", "--data", str(tmp_path / "st")]) == 2  # named, still its own
+    assert "has no held-out (val) split" in capsys.readouterr().err
+    # held-out images named as such may be one class-folder tree (its only split is the held-out set)
+    synth(tmp_path / "v", classes=3, train_per_class=2, val_per_class=0, seed=9, workers=1, progress=False)
+    assert main(["eval", str(run), "--devices", "cpu", "--data", str(tmp_path / "v" / "train"), "--workers", "0"]) == 0
+    out = capsys.readouterr().out
+    assert "validation images" in out.splitlines()[0]
+    assert json.loads((run / "eval.json").read_text())["1-view"]["images"] == 6
     assert main(["eval", str(run), "--devices", "cpu", "--split", "train", "--workers", "0"]) == 0
     out = capsys.readouterr().out
     assert "training images" in out.splitlines()[0] and "measured on the TRAINING images" in out

@@ -192,5 +192,13 @@ def test_a_large_image_folder_gets_advice_instead_of_an_hour_of_statistics(synth
         train(_cfg(synth_src, workers=0), tmp_path / "run", progress=False)
 
 
-def test_workers_default_to_the_cpus_this_process_may_use():
-    assert store_mod.usable_cpus() == len(os.sched_getaffinity(0))
+def test_workers_default_to_the_cpus_this_process_may_use(synth_src, tmp_path, monkeypatch):
+    """Not os.cpu_count(): a container or a job scheduler may give this process fewer CPUs."""
+    seen = []
+    real = store_mod._run_chunks
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0})  # one CPU of the 64
+    monkeypatch.setattr(store_mod, "_run_chunks", lambda tasks, handle, workers, *a: seen.append(workers) or
+                        real(tasks, handle, workers, *a))
+    prepare(synth_src, tmp_path / "st", chunk=4, progress=False)  # 8 chunks: room for 8 workers
+    assert seen == [1]
