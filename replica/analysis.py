@@ -72,8 +72,44 @@ def filter_image(kernels: dict[str, np.ndarray], scale: int = 4, cols: int = 8) 
     return blocks[0]
 
 
+PAPER_STEPS = 450_000  # run 145: about 90 epochs of 1.28 M images at batch 128 (SPEC.md §5)
+
+
+def filter_caption(ckpt: dict, split: dict) -> list[str]:
+    """What the picture shows, and, for a short run, why it cannot show the paper's split yet."""
+    step = int(ckpt.get("progress", {}).get("step") or 0)
+    towers = split["towers"]
+    med = ", ".join(f"{t} {s['median']:.2f}" for t, s in towers.items())
+    order = "tower a (left), tower b (right)" if len(towers) == 2 else "one tower"
+    lines = [f"conv1 kernels, {order}, after {step:,} steps; median colour specificity {med} "
+             f"(0 grey, 1 colour-only)"]
+    if len(towers) == 2 and step < PAPER_STEPS // 10:
+        lines.append(f"A short run: the kernels are still mostly their random start. Fig. 3's split "
+                     f"(one tower colour-agnostic,")
+        lines.append(f"the other colour-specific) came after {PAPER_STEPS:,} steps of ImageNet; "
+                     f"it needs many more steps than this run took.")
+    return lines
+
+
+def captioned(img: np.ndarray, lines: list[str]) -> np.ndarray:
+    """The picture with a white strip of text above it (PIL's built-in font)."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    font = ImageFont.load_default()
+    line_h = 13
+    width = max([img.shape[1]] + [int(ImageDraw.Draw(Image.new("RGB", (1, 1))).textlength(t, font=font)) + 12
+                                  for t in lines])
+    canvas = Image.new("RGB", (width, img.shape[0] + line_h * len(lines) + 10), "white")
+    draw = ImageDraw.Draw(canvas)
+    for i, t in enumerate(lines):
+        draw.text((6, 4 + line_h * i), t, fill=(0, 0, 0), font=font)
+    canvas.paste(Image.fromarray(img), (0, line_h * len(lines) + 8))
+    return np.asarray(canvas)
+
+
 def filters(runs, out=None) -> list[dict]:
-    """Write each run's filters.png and return its per-tower colour-specificity summary."""
+    """Write each run's filters.png (captioned: what it shows, and whether the run is long enough
+    to show Fig. 3's split) and return its per-tower colour-specificity summary."""
     from PIL import Image
 
     results = []
@@ -86,8 +122,11 @@ def filters(runs, out=None) -> list[dict]:
         dest = Path(out) / f"filters-{p.name if p.is_dir() else p.stem}.png" if out else \
             (p if p.is_dir() else p.parent) / "filters.png"
         dest.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(filter_image(kernels)).save(dest)
-        results.append(dict(run=str(r), png=str(dest), **tower_split(ck)))
+        split = tower_split(ck)
+        caption = filter_caption(ck, split)
+        Image.fromarray(captioned(filter_image(kernels), caption)).save(dest)
+        results.append(dict(run=str(r), png=str(dest), caption=caption, step=ck.get("progress", {}).get("step"),
+                            **split))
     return results
 
 
@@ -105,6 +144,9 @@ def format_filters(results: list[dict]) -> str:
         else:
             lines.append(f"{'':<28} one tower: the split needs two towers")
         lines.append(f"{'':<28} picture: {r['png']}")
+        if len(r.get("caption", ())) > 1:
+            lines.append(f"{'':<28} note: a short run ({r['step'] or 0:,} steps): the kernels are still mostly "
+                         f"their random start; Fig. 3's split came after {PAPER_STEPS:,}")
     two = [r for r in results if "separated" in r]
     if len(two) > 1:
         lines.append(f"towers separated in {separated} of {len(two)} runs")
@@ -259,7 +301,7 @@ def report(runs, out=None) -> Path:
     if any((s["eval"].get(k) or {}).get("top5_err", 0) is None for s in summaries for k in ("1-view", "10-view")):
         lines += ["", "top-5 is n/a with 5 classes or fewer: every label is then in the top 5."]
     lines += ["", "How each figure was measured:", ""]
-    from .predict import describe_eval
+    from .inference import describe_eval
 
     for s in summaries:
         lines.append(f"- {s['name']}: {describe_eval(s['eval']) if s['eval'] else 'no eval.json'}")
@@ -392,7 +434,7 @@ def neighbors(run, queries: int = 8, k: int = 6, data=None, out=None, devices="a
     from PIL import Image
 
     from .data import open_heldout, open_images
-    from .predict import model_from_checkpoint
+    from .inference import model_from_checkpoint
 
     run = Path(run)
     ck = load_checkpoint(run_checkpoint(run))

@@ -86,7 +86,7 @@ def _cmd_train(args) -> int:
 
 
 def _cmd_eval(args) -> int:
-    from .predict import format_eval, run_eval
+    from .inference import format_eval, run_eval
 
     views = (1, 10) if args.views is None else (args.views,)
     r = run_eval(args.target, args.data, views, _devices(args.devices), args.batch,
@@ -97,7 +97,7 @@ def _cmd_eval(args) -> int:
 
 
 def _cmd_predict(args) -> int:
-    from .predict import predict
+    from .inference import predict
 
     failed = 0
     for path, result in predict(args.checkpoint, args.images, args.topk, args.views, _devices(args.devices)):
@@ -112,8 +112,8 @@ def _cmd_predict(args) -> int:
 def _cmd_demo(args) -> int:
     from .demo import demo
 
-    demo(args.out, tiny=args.tiny, devices=args.devices)
-    return 0
+    result = demo(args.out, tiny=args.tiny, devices=args.devices, fp32=args.fp32)
+    return 1 if result.get("stopped") else 0
 
 
 def _cmd_filters(args) -> int:
@@ -152,6 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default="replica-demo", help="folder for the dataset, store and run")
     d.add_argument("--tiny", action="store_true", help="a seconds-long version (what the tests run)")
     d.add_argument("--devices", default="auto")
+    d.add_argument("--fp32", action="store_true",
+                   help="train in float32 even where the CPU has native bf16 (as most CPUs train)")
     d.set_defaults(func=_cmd_demo)
 
     m = sub.add_parser("model", help="build the net, print its layers, parameters and devices, time one step")

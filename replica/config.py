@@ -60,6 +60,7 @@ class Config:
     steps_per_epoch: int | None = None  # cap the batches of an epoch (quick runs); None: the whole set
     val_batches: int | None = None  # cap the validation batches per epoch; None: all
     checkpoint_minutes: float = 10.0  # also save `last` this often within an epoch
+    save_best: bool = True  # write best.pt when the validation error improves (false: last.pt only)
     stall_steps: int = 300  # warn if the loss is still ≈ ln(classes) after this many steps (0: never)
     bf16: bool = False  # autocast to bfloat16 (CUDA, or a CPU with native bf16: AVX512_BF16/AMX)
     channels_last: bool = True  # layout only; faster max-pooling on CPU

@@ -7,7 +7,9 @@ the same augmentation afterwards. Knows nothing about the model.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import os
 from pathlib import Path
 
 import numpy as np
@@ -281,11 +283,25 @@ def _keep(n: int, bad) -> torch.Tensor:
     return keep
 
 
-def loader(ds: torch.utils.data.Dataset, workers: int = 0, pin_memory: bool = False):
-    """A DataLoader over whole batches (the dataset makes them; no collation)."""
+WORKER_NICE = 10  # CPU training: loader workers yield to the training threads (docs/performance.md)
+
+
+def _yield_to_training(_worker_id: int) -> None:
+    """Lower a loader worker's priority: on a machine whose cores all run the training step, a
+    worker decoding at equal priority preempts one of its threads and stalls the others at their
+    next join. Niced, it runs in the step's idle moments and while the step waits for a batch
+    (then nothing else wants the cores), and still gets a share when both are busy."""
+    with contextlib.suppress(OSError):
+        os.nice(WORKER_NICE)
+
+
+def loader(ds: torch.utils.data.Dataset, workers: int = 0, pin_memory: bool = False, background: bool = False):
+    """A DataLoader over whole batches (the dataset makes them; no collation). ``background``:
+    workers at lower priority (:func:`_yield_to_training`), for training on the CPU."""
     # its own generator: a DataLoader otherwise draws a seed from the global RNG, which the
     # dropout masks also use, and a resumed run would see other masks
     return torch.utils.data.DataLoader(ds, batch_size=None, shuffle=False, num_workers=workers,
                                        pin_memory=pin_memory, persistent_workers=False,
                                        prefetch_factor=2 if workers else None,
+                                       worker_init_fn=_yield_to_training if background and workers else None,
                                        generator=torch.Generator().manual_seed(0))

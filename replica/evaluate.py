@@ -48,18 +48,27 @@ def predict_probs(model, u8: torch.Tensor, mean_crop: torch.Tensor, views: int =
 
 
 class EvalBatches(torch.utils.data.Dataset):
-    """Batch i of a dataset in order, read in a loader worker: (uint8 images, labels, bad)."""
+    """Batch i of a dataset in order, read in a loader worker: (uint8 images, labels, bad).
+
+    ``max_batches`` caps the images at that many batches, taken evenly spaced over the whole set
+    (always the same ones): sets are stored class by class, and the first batches alone would
+    measure only the first classes."""
 
     def __init__(self, images, batch: int, max_batches: int | None = None):
         self.images, self.batch = images, batch
-        self.starts = list(range(0, len(images), batch))[: max_batches or None]
+        n = len(images)
+        if max_batches and max_batches * batch < n:
+            self.order = np.unique(np.linspace(0, n - 1, max_batches * batch).round().astype(np.int64))
+        else:
+            self.order = np.arange(n)
+        self.starts = list(range(0, len(self.order), batch))
 
     def __len__(self) -> int:
         return len(self.starts)
 
     def __getitem__(self, i):
         a = self.starts[i]
-        u8, labels, bad = self.images.batch(np.arange(a, min(a + self.batch, len(self.images))))
+        u8, labels, bad = self.images.batch(self.order[a:a + self.batch])
         return torch.from_numpy(u8), torch.as_tensor(labels), bad
 
 

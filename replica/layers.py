@@ -9,7 +9,7 @@ an independent reference (forward, and ``gradcheck`` in float64).
 
 Why custom autograd functions: ``torch.nn.LocalResponseNorm`` builds its window sum from
 ``pad`` + ``avg_pool3d`` and lets autograd differentiate every step, which keeps many
-intermediates alive; ``tools/bench_model.py`` prints how much slower that is. The backward
+intermediates alive; ``tools/bench.py model`` prints how much slower that is. The backward
 pass below is closed-form: with ``d = k + c·S(x²)`` and ``y = x·d^-β``,
 
     ∂L/∂x_i = g_i·d_i^-β − 2βc·x_i·S(g·y/d)_i
@@ -66,7 +66,7 @@ def _band_sum(t: Tensor, size: int, dim: int, base: float = 0.0) -> Tensor:
 
     For bfloat16/float16 (autocast): elementwise adds in those types are slow on CPU (each one
     converts), while a matrix product runs natively and accumulates in float32.
-    ``tools/bench_model.py`` prints the difference.
+    ``tools/bench.py model`` prints the difference.
     """
     band = _band(t.shape[dim], size, t)
     s = t @ band if dim == t.dim() - 1 else band @ t

@@ -20,7 +20,7 @@ formulation (conv2/4/5 ``groups=2``, conv3 and the fc layers dense, as Caffe wri
 written independently in ``tests/test_model.py`` and checked against this module, logits and
 gradients. The module runs columns rather than groups: that is what two devices need, and in
 channels_last oneDNN ran grouped and per-tower convolutions at the same speed
-(``tools/bench_model.py --grouped`` prints both).
+(``tools/bench.py model --grouped`` prints both).
 """
 from __future__ import annotations
 
@@ -205,7 +205,7 @@ class AlexNet(nn.Module):
                  channels_last: bool = True, fused_norms: bool = False, **options):
         super().__init__()
         # Layout only, not math. On CPU, torch's NCHW max-pooling is slow and its channels_last
-        # kernel is not; tools/bench_model.py times the train step in both layouts.
+        # kernel is not; tools/bench.py model times the train step in both layouts.
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         # Not math either: the norms as compiled loops (replica.layers; `fused_norms` in the config).
         self.fused_norms = fused_norms

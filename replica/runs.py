@@ -46,7 +46,8 @@ def run_checkpoint(path, which: str = "last") -> Path:
     if path.is_dir():
         chosen = path / f"{which}.pt"
         if which == "best" and not chosen.exists():
-            raise ReplicaError(f"{path}: no best.pt (it is written when a validation error improves)")
+            raise ReplicaError(f"{path}: no best.pt (it is written when a validation error improves, "
+                               f"unless the run was trained with save_best=false)")
         return chosen
     return path
 

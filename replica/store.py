@@ -20,7 +20,7 @@ by the loader workers (libjpeg-turbo, ~2,700 decode+crop/s per core) or as a bat
 (nvJPEG). ``format=auto`` takes JPEG from 50,000 images on. The mean image and PCA of a JPEG
 store are those of the decoded pixels, the ones the net is trained on (JPEG's chroma
 subsampling lowers the two smaller RGB eigenvalues by ~13% on such pictures: the colour noise
-then matches what the net sees). ``tools/bench_data.py`` measures all of it.
+then matches what the net sees). ``tools/bench.py data`` measures all of it.
 
 Preparation runs in worker processes, chunk by chunk. Each finished chunk is recorded, with
 the running sums for the mean and covariance, in one state file replaced atomically, so an

@@ -501,7 +501,8 @@ class _Run:
                           rank=ranks.rank, world=ranks.world, crop=cfg.crop, decode=self.decode)
         todo = min(self.steps_per_epoch - self.in_epoch, sched.total_steps - self.step)
         self.model.train()
-        it = iter(loader(ds, cfg.workers, pin_memory=self.dev0.type == "cuda"))
+        cpu = self.dev0.type == "cpu"
+        it = iter(loader(ds, cfg.workers, pin_memory=self.dev0.type == "cuda", background=cpu))
         try:
             for _ in range(todo):
                 batch, problem = self._next_batch(it)
@@ -580,7 +581,7 @@ class _Run:
         self.records.append(record)
         # best, then last, then the metrics line: a kill between any two is repaired on resume
         # (the epoch is redone from the older last.pt, or metrics.jsonl is rewritten from it)
-        if improved:
+        if improved and cfg.save_best:
             self.checkpoint(self.run / "best.pt")
         self.checkpoint(self.run / "last.pt")
         self.last_save = time.time()

@@ -163,3 +163,24 @@ def test_reproduce_runs_baseline_and_every_ablation_in_tiny_mode(tmp_path):
         assert f"| {name}-seed0 |" in md
         assert (tmp_path / "out" / f"{name}-seed0" / "eval.json").exists()
     assert "LRN: 1.4 / 1.2" in md and "two GPUs: 1.7 / 1.2" in md and "overlapping pooling: 0.4 / 0.3" in md
+
+
+def test_the_picture_says_what_it_shows_and_that_a_short_run_cannot_show_the_split(tmp_path, capsys):
+    """A new user takes a short run's noisy kernels for a bug: the caption and the printout say why."""
+    from PIL import Image
+
+    from replica.analysis import PAPER_STEPS, filters
+    rng = np.random.default_rng(2)
+    k = rng.normal(size=(48, 3, 11, 11))
+    for name, step in (("short", 1_000), ("long", PAPER_STEPS)):
+        ck = fake_ckpt(k, k)
+        ck["progress"] = {"step": step}
+        torch.save(ck, tmp_path / f"{name}.pt")
+    short, long = filters([tmp_path / "short.pt", tmp_path / "long.pt"], tmp_path / "png")
+    assert "after 1,000 steps" in short["caption"][0] and "short run" in " ".join(short["caption"])
+    assert len(long["caption"]) == 1 and "after 450,000 steps" in long["caption"][0]
+    a, b = (np.asarray(Image.open(r["png"])) for r in (short, long))
+    assert a.shape[0] > b.shape[0]  # the extra lines are drawn
+    assert (a[:30] < 128).any()  # dark text in the strip above the kernels
+    assert main(["filters", str(tmp_path / "short.pt")]) == 0
+    assert "note: a short run (1,000 steps)" in capsys.readouterr().out

@@ -8,7 +8,7 @@ import torch
 from replica.config import load_config
 from replica.data import open_heldout
 from replica.evaluate import evaluate
-from replica.predict import model_from_checkpoint
+from replica.inference import model_from_checkpoint
 from replica.runs import load_checkpoint, read_metrics
 from replica.train import train
 

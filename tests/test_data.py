@@ -293,3 +293,24 @@ def test_train_batches_from_files_on_the_fly_skip_and_report_bad_files(tmp_path)
     crops, shift, labels, b, bad = ds[0]
     assert crops.shape == (6, 3, 32, 32) and len(labels) == 6 and shift is None
     assert sorted(p.rsplit("/", 1)[1] for p, _, _ in bad) == ["bomb.png", "empty.jpg", "notimage.jpg", "truncated.jpg"]
+
+
+class _Niceness(torch.utils.data.Dataset):
+    def __len__(self):
+        return 2
+
+    def __getitem__(self, i):
+        import os
+        return os.nice(0)
+
+
+def test_cpu_training_loader_workers_yield_to_the_training_threads():
+    """On the CPU the loader workers run niced (docs/performance.md), the training process is untouched."""
+    import os
+
+    from replica.data import WORKER_NICE, loader
+
+    mine = os.nice(0)
+    background = list(loader(_Niceness(), workers=1, background=True))
+    level = list(loader(_Niceness(), workers=1))
+    assert background == [min(mine + WORKER_NICE, 19)] * 2 and level == [mine] * 2 and os.nice(0) == mine

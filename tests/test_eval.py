@@ -17,7 +17,7 @@ from replica.config import load_config
 from replica.data import open_heldout
 from replica.errors import ReplicaError
 from replica.evaluate import evaluate, predict_probs, view_probs
-from replica.predict import model_from_checkpoint
+from replica.inference import model_from_checkpoint
 from replica.runs import load_checkpoint, read_metrics
 from replica.store import prepare
 from replica.train import open_data, train
@@ -158,3 +158,24 @@ def test_each_epoch_records_each_towers_colour_specificity(store, tmp_path):
         assert m[-1]["colour_specificity"][t] == pytest.approx(want, abs=1e-12)
         assert 0 < m[-1]["colour_specificity"][t] < 1
     assert m[0]["colour_specificity"] != m[1]["colour_specificity"]  # the kernels moved
+
+
+def test_capped_validation_takes_images_from_every_class_not_the_first_batches():
+    """Sets are stored class by class: ``val_batches`` capping at the first batches measured class 0 only."""
+    from replica.evaluate import EvalBatches
+
+    class Sorted:  # 10 classes, 20 images each, in class order as a store holds them
+        labels = np.repeat(np.arange(10), 20)
+
+        def __len__(self):
+            return len(self.labels)
+
+        def batch(self, idx):
+            return np.zeros((len(idx), 3, 8, 8), np.uint8), self.labels[idx], []
+
+    ds = EvalBatches(Sorted(), batch=8, max_batches=4)
+    labels = np.concatenate([ds[i][1].numpy() for i in range(len(ds))])
+    assert len(labels) == 32 and len(set(labels)) == 10
+    assert list(labels) == sorted(labels)  # the same images every time, in order
+    whole = EvalBatches(Sorted(), batch=8)
+    assert sum(len(whole[i][1]) for i in range(len(whole))) == 200

@@ -31,12 +31,15 @@ def test_same_seed_same_bytes_other_seed_other_bytes(tmp_path):
         synth(tmp_path / "a", 10, 3, 1, seed=3, workers=1, progress=False)
 
 
-def test_each_shape_and_each_colour_belongs_to_two_classes():
-    specs = [class_spec(i) for i in range(10)]
-    assert len(set(specs)) == 10
+@pytest.mark.parametrize("n", [4, 6, 8, 10])
+def test_each_shape_and_each_colour_belongs_to_two_classes(n):
+    specs = [class_spec(i, n) for i in range(n)]
+    assert len(set(specs)) == n
     shapes, colours = Counter(s for s, _ in specs), Counter(c for _, c in specs)
     assert set(shapes.values()) == {2} and set(colours.values()) == {2}
     assert class_names(10)[5] == "05_green_disk"
+    assert class_names(6) == ["00_red_disk", "01_green_cross", "02_blue_triangle", "03_green_disk", "04_blue_cross",
+                              "05_red_triangle"]  # the demo's classes
 
 
 def colour_histogram(path, bins=24):
@@ -47,10 +50,11 @@ def colour_histogram(path, bins=24):
     return h / max(h.sum(), 1)
 
 
-def test_colour_alone_does_not_separate_the_classes(tmp_path):
+@pytest.mark.parametrize("n", [6, 10])  # the demo's set, and the default of `replica synth`
+def test_colour_alone_does_not_separate_the_classes(tmp_path, n):
     """A nearest-centroid classifier on colour histograms: its errors go to the colour twin."""
-    synth(tmp_path / "s", 10, 24, 12, seed=0, workers=1, progress=False)
-    names = class_names(10)
+    synth(tmp_path / "s", n, 24, 12, seed=0, workers=1, progress=False)
+    names = class_names(n)
 
     def features(split):
         xs, ys = [], []
@@ -62,12 +66,12 @@ def test_colour_alone_does_not_separate_the_classes(tmp_path):
 
     xtr, ytr = features("train")
     xva, yva = features("val")
-    cents = np.stack([xtr[ytr == c].mean(0) for c in range(10)])
+    cents = np.stack([xtr[ytr == c].mean(0) for c in range(n)])
     pred = np.argmin(((xva[:, None] - cents[None]) ** 2).sum(-1), 1)
     acc = (pred == yva).mean()
     print(f"colour-only accuracy {acc:.2f}")
     assert 0.3 < acc < 0.7  # colour carries information, but it cannot tell the twins apart
-    twin = {i: next(j for j in range(10) if j != i and class_spec(j)[1] == class_spec(i)[1]) for i in range(10)}
+    twin = {i: next(j for j in range(n) if j != i and class_spec(j, n)[1] == class_spec(i, n)[1]) for i in range(n)}
     wrong = pred != yva
     to_twin = np.mean([pred[k] == twin[yva[k]] for k in np.flatnonzero(wrong)])
     print(f"share of errors that pick the colour twin {to_twin:.2f}")

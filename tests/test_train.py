@@ -18,7 +18,7 @@ from replica.config import NAMES, load_config
 from replica.data import open_heldout
 from replica.errors import ReplicaError
 from replica.evaluate import evaluate, predict_probs, topk_errors
-from replica.predict import run_eval
+from replica.inference import run_eval
 from replica.runs import check_compatible, load_checkpoint, read_metrics
 from replica.train import TrainingStopped, train
 from runs_helpers import StopAfter, tiny
@@ -333,13 +333,14 @@ def test_real_sigint_saves_and_the_run_resumes_to_the_end(store, tmp_path):
     run = tmp_path / "run"
     env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
     args = [sys.executable, "-m", "replica", "train", str(ROOT / "configs" / "alexnet-2gpu.yaml"),
-            f"data={store}", "batch_size=4", "epochs=3", "steps_per_epoch=3", "workers=0", "devices=cpu",
+            f"data={store}", "batch_size=4", "epochs=3", "steps_per_epoch=6", "workers=0", "devices=cpu",
             "init=caffe", "--out", str(run)]
     p = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 120
-    while time.time() < deadline and not (run / "config.yaml").exists():
-        time.sleep(0.2)
-    time.sleep(3)  # inside the first epochs
+    # at once after epoch 1's metrics line: inside epoch 2, with 12 steps to go (a fixed delay after
+    # config.yaml could land after the last step on a quick machine, or before the handler on a slow one)
+    while time.time() < deadline and not (run / "metrics.jsonl").exists():
+        time.sleep(0.05)
     p.send_signal(signal.SIGINT)
     out, _ = p.communicate(timeout=300)
     assert p.returncode == 0, out[-2000:]
@@ -351,7 +352,7 @@ def test_real_sigint_saves_and_the_run_resumes_to_the_end(store, tmp_path):
                            capture_output=True, text=True, timeout=300)
         assert r.returncode == 0, r.stderr[-2000:]
     ck = load_checkpoint(run)
-    assert ck["progress"]["done"] and ck["progress"]["step"] == 9
+    assert ck["progress"]["done"] and ck["progress"]["step"] == 18
     assert [m["epoch"] for m in read_metrics(run)] == [1, 2, 3]
 
 
@@ -396,7 +397,7 @@ def test_bf16_autocast_trains_with_float32_weights(store, tmp_path, monkeypatch)
 def test_eval_precision_follows_the_run(store, tmp_path, monkeypatch):
     """A bf16 run evaluates in bf16 where the device has native bf16, in float32 elsewhere or
     with --fp32; eval.json says which. Both precisions give (nearly) the same probabilities."""
-    import replica.predict as predict_mod
+    import replica.inference as predict_mod
 
     run = tmp_path / "run"
     train(tiny(store, bf16=True, epochs=1, steps_per_epoch=2), run, progress=False)

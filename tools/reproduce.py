@@ -22,7 +22,7 @@ sys.path.insert(0, str(ROOT))
 from replica.analysis import report  # noqa: E402
 from replica.config import load_config, parse_overrides  # noqa: E402
 from replica.errors import ReplicaError  # noqa: E402
-from replica.predict import run_eval  # noqa: E402
+from replica.inference import run_eval  # noqa: E402
 from replica.runtime import tune_cpu_allocator  # noqa: E402
 from replica.train import train  # noqa: E402
 

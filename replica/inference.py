@@ -1,4 +1,5 @@
-"""Evaluation and prediction from a run or a checkpoint (``replica eval``, ``replica predict``)."""
+"""Using a trained run or checkpoint: evaluate it (``replica eval``: run_eval) and predict with it
+(``replica predict``); the model rebuilt from a checkpoint, the held-out split opened without stand-ins."""
 from __future__ import annotations
 
 import json
