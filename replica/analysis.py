@@ -146,7 +146,7 @@ def format_filters(results: list[dict]) -> str:
         lines.append(f"{'':<28} picture: {r['png']}")
         if len(r.get("caption", ())) > 1:
             lines.append(f"{'':<28} note: a short run ({r['step'] or 0:,} steps): the kernels are still mostly "
-                         f"their random start; Fig. 3's split came after {PAPER_STEPS:,}")
+                         f"their random start; Fig. 3's split came after {PAPER_STEPS:,} steps of ImageNet")
     two = [r for r in results if "separated" in r]
     if len(two) > 1:
         lines.append(f"towers separated in {separated} of {len(two)} runs")
