@@ -73,6 +73,7 @@ def filter_image(kernels: dict[str, np.ndarray], scale: int = 4, cols: int = 8) 
 
 
 PAPER_STEPS = 450_000  # run 145: about 90 epochs of 1.28 M images at batch 128 (SPEC.md §5)
+NEAR_START_STEPS = 5_000  # below this many steps conv1 is still close to its random draw (the demo: 222)
 
 
 def filter_caption(ckpt: dict, split: dict) -> list[str]:
@@ -84,10 +85,10 @@ def filter_caption(ckpt: dict, split: dict) -> list[str]:
     lines = [f"conv1 kernels, {order}, after {step:,} steps; median colour specificity {med} "
              f"(0 grey, 1 colour-only)"]
     if len(towers) == 2 and step < PAPER_STEPS // 10:
-        lines.append(f"A short run: the kernels are still mostly their random start. Fig. 3's split "
-                     f"(one tower colour-agnostic,")
-        lines.append(f"the other colour-specific) came after {PAPER_STEPS:,} steps of ImageNet; "
-                     f"it needs many more steps than this run took.")
+        lines.append(f"A short run: Fig. 3's split (one tower colour-agnostic, the other colour-specific) "
+                     f"came after {PAPER_STEPS:,} steps of ImageNet;")
+        lines.append("this run is too short to show it" + (
+            ", and its kernels are still close to their random start (noise)." if step < NEAR_START_STEPS else "."))
     return lines
 
 
@@ -145,8 +146,8 @@ def format_filters(results: list[dict]) -> str:
             lines.append(f"{'':<28} one tower: the split needs two towers")
         lines.append(f"{'':<28} picture: {r['png']}")
         if len(r.get("caption", ())) > 1:
-            lines.append(f"{'':<28} note: a short run ({r['step'] or 0:,} steps): the kernels are still mostly "
-                         f"their random start; Fig. 3's split came after {PAPER_STEPS:,} steps of ImageNet")
+            lines.append(f"{'':<28} note: a short run ({r['step'] or 0:,} steps): too short for Fig. 3's split, "
+                         f"which came after {PAPER_STEPS:,} steps of ImageNet")
     two = [r for r in results if "separated" in r]
     if len(two) > 1:
         lines.append(f"towers separated in {separated} of {len(two)} runs")

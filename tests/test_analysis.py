@@ -178,6 +178,7 @@ def test_the_picture_says_what_it_shows_and_that_a_short_run_cannot_show_the_spl
         torch.save(ck, tmp_path / f"{name}.pt")
     short, long = filters([tmp_path / "short.pt", tmp_path / "long.pt"], tmp_path / "png")
     assert "after 1,000 steps" in short["caption"][0] and "short run" in " ".join(short["caption"])
+    assert "random start" in short["caption"][-1]
     assert len(long["caption"]) == 1 and "after 450,000 steps" in long["caption"][0]
     a, b = (np.asarray(Image.open(r["png"])) for r in (short, long))
     assert a.shape[0] > b.shape[0]  # the extra lines are drawn
