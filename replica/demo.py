@@ -16,7 +16,7 @@ from .analysis import filters, report
 from .config import load_config
 from .errors import ReplicaError
 from .inference import format_eval, run_eval
-from .runtime import fast_bf16
+from .runtime import cpu_description, fast_bf16
 from .store import prepare
 from .synth import synth
 from .train import train
@@ -73,16 +73,16 @@ def demo(out="replica-demo", tiny: bool = False, devices: str = "auto", progress
     print(format_eval(result))
     rep = report([run])
     fil = filters([run])[0]
-    print(summary(out, run, rep, fil, time.time() - t0))
+    print(summary(out, run, rep, fil, time.time() - t0, "bf16 autocast" if cfg.bf16 else "float32"))
     return result
 
 
-def summary(out: Path, run: Path, rep: Path, fil: dict, seconds: float) -> str:
-    """Every file the demo wrote, what the filter picture can and cannot show yet, what to run next."""
+def summary(out: Path, run: Path, rep: Path, fil: dict, seconds: float, precision: str) -> str:
+    """Every file the demo wrote, what the filter picture can and cannot show yet (its caption),
+    what to run next."""
     m, s = divmod(round(seconds), 60)
-    towers = ", ".join(f"{t} {v['median']:.2f}" for t, v in fil["towers"].items())
     return "\n".join([
-        f"\ndone in {m} min {s:02d} s. Files:",
+        f"\ndone in {m} min {s:02d} s ({precision}; {cpu_description()}). Files:",
         f"  {out / 'synth'}/{{train,val}}/<class>/*.jpg   the synthetic images (shape × colour classes)",
         f"  {out / 'store'}/   the prepared store: images, mean image (mean.png), RGB PCA (pca.json)",
         f"  {run}/config.yaml, metrics.jsonl   the run's settings and its epoch-by-epoch record",
@@ -90,10 +90,8 @@ def summary(out: Path, run: Path, rep: Path, fil: dict, seconds: float) -> str:
         f"  {run}/eval.json   the figures above and how they were measured",
         f"  {rep}, {rep.parent / 'curves.png'}   the report and its curves",
         f"  {fil['png']}   conv1's kernels, tower a left, tower b right",
-        f"The kernels still look like noise: after {fil.get('step') or 0:,} steps they are close to their random "
-        f"start (median colour",
-        f"specificity {towers}). The paper's split (one tower colour-agnostic, the other colour-specific, Fig. 3)",
-        "came after about 450,000 steps on ImageNet; a run this short cannot show it yet.",
+        "What the filter picture shows (its caption):",
+        *(f"  {line}" for line in fil["caption"]),
         "Next:",
         f"  replica report {run}          the report again (add more runs to compare them)",
         f"  replica filters {run}         conv1's kernels and each tower's colour specificity",

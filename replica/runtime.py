@@ -38,6 +38,29 @@ def tune_cpu_allocator() -> bool:
     return _tuned
 
 
+def _cpuinfo(key: str) -> str:
+    """The first ``key`` line's value in /proc/cpuinfo ('' where there is none)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            line = next((ln for ln in f if ln.split(":")[0].strip() == key), "")
+    except OSError:
+        return ""
+    return line.split(":", 1)[1].strip() if ":" in line else ""
+
+
+def cpu_description() -> str:
+    """The CPU a time was measured on, for every printed timing: model, cores this process may
+    use, native bf16 or not, and any kernel cap set in the environment."""
+    import os
+    import platform
+
+    name = _cpuinfo("model name") or platform.processor() or "unknown CPU"
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    text = f"{name}, {cores} cores, native bf16 {'yes' if fast_bf16('cpu') else 'no'}"
+    caps = [f"{k}={os.environ[k]}" for k in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA") if os.environ.get(k)]
+    return text + (f" (kernels capped: {' '.join(caps)})" if caps else "")
+
+
 def fast_bf16(device) -> bool:
     """Whether bfloat16 autocast is a speed-up on ``device``: a CUDA GPU that supports it, or a
     CPU with native bf16 instructions (AVX512_BF16 or AMX). Elsewhere oneDNN emulates bf16,
@@ -49,11 +72,7 @@ def fast_bf16(device) -> bool:
         return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     if dev.type != "cpu":
         return False
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line for line in f if line.startswith("flags")), "").split()
-    except OSError:
-        return False
+    flags = _cpuinfo("flags").split()
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 

@@ -18,7 +18,8 @@ def test_tiny_demo_runs_and_reruns_reusing_everything(tmp_path, capsys):
     tail = text[text.index("done in"):]
     named = [w for w in tail.split() if w.startswith(str(out)) and "{" not in w]
     assert len(named) >= 8 and all(Path(w.rstrip(",")).exists() for w in named), named
-    assert "cannot show it yet" in tail and "Next:" in tail
+    assert "too short to show it" in tail and "random start" in tail and "Next:" in tail
+    assert "(float32; " in tail and "native bf16" in tail  # the precision and the machine the time was taken on
     for cmd in ("replica report", "replica filters", "replica predict", "replica prepare", "replica train"):
         assert cmd in tail, cmd
     assert "(bf16 autocast off: --fp32 given)" in text

@@ -73,7 +73,7 @@ from replica.evaluate import evaluate  # noqa: E402
 from replica.layers import local_response_norm  # noqa: E402
 from replica.model import AlexNet  # noqa: E402
 from replica.optim import PaperSGD, param_groups  # noqa: E402
-from replica.runtime import tune_cpu_allocator  # noqa: E402
+from replica.runtime import cpu_description, tune_cpu_allocator  # noqa: E402
 from replica.store import PreparedStore, prepare  # noqa: E402
 from replica.synth import synth  # noqa: E402
 
@@ -210,7 +210,8 @@ class Bench:
         torch.manual_seed(0)
         if self.cuda:
             torch.backends.cudnn.benchmark = True
-        self.name = torch.cuda.get_device_name(self.device) if self.cuda else f"{torch.get_num_threads()} threads"
+        self.name = (torch.cuda.get_device_name(self.device) if self.cuda else
+                     f"{cpu_description()}; {torch.get_num_threads()} threads")
         self.peak, self.rows, self.ratios = {}, [], {}
         self.stores = None
         self.tmp = tempfile.TemporaryDirectory()
@@ -258,7 +259,7 @@ class Bench:
         if self.stores is None:
             a, root = self.args, Path(self.tmp.name)
             data = Path(a.data) if a.data else root / "synth"
-            need = self.n * (a.steps + a.warmup + 1)
+            need = self.n * (getattr(a, "steps", -1) + getattr(a, "warmup", 0) + 1)  # `data` times whole epochs
             if not a.data:
                 synth(data, 10, -(-max(a.images, need) // 10), 1, seed=0, progress=False)
             w = min(os.cpu_count() or 1, 8)
@@ -428,15 +429,8 @@ def cmd_data(b: Bench):
     # the main process only finishes batches; with the workers busy on every core, more threads
     # here spin against them (measured: the rate halved in some runs)
     torch.set_num_threads(1)
-    root = Path(b.tmp.name)
-    data = Path(a.data) if a.data else root / "synth"
-    if not a.data:
-        synth(data, 10, a.images // 10, 1, seed=0, progress=False)
-    prepare(data, root / "store", workers=a.workers, progress=False, fmt="raw")
-    prepare(data, root / "jstore", workers=a.workers, progress=False, fmt="jpeg")
-    os.sync()  # let the freshly written stores reach the disk before anything is timed
-    st, jst = PreparedStore(root / "store"), PreparedStore(root / "jstore")
-    print(f"bench data: {len(st)} training images from {data}; batch {a.batch}; {a.workers} loader workers; "
+    st, jst, folder = b.data()
+    print(f"bench data: {cpu_description()}; batch {a.batch}; {a.workers} loader workers; "
           f"{a.epochs} timed epochs after one warm-up; torch {torch.__version__}; "
           f"malloc tuning {'on' if b.tuned else 'off'}")
 
@@ -448,8 +442,8 @@ def cmd_data(b: Bench):
                 yield ds.finish(crops, shift), labels
         return run
 
-    folder = torchvision.datasets.ImageFolder(str(data / "train"), tv_transform())
-    tv = lambda: torch.utils.data.DataLoader(folder, a.batch, shuffle=True, num_workers=a.workers,  # noqa: E731
+    images = torchvision.datasets.ImageFolder(str(folder), tv_transform())
+    tv = lambda: torch.utils.data.DataLoader(images, a.batch, shuffle=True, num_workers=a.workers,  # noqa: E731
                                              drop_last=True)
     runs = {"ours": pipeline(st), "jpeg": pipeline(jst), "tv": tv}
     rates = {k: [] for k in runs}
@@ -493,7 +487,7 @@ def formats(n: int = 256):
     for im in imgs:
         np.array(im)
     raw_rate = n / (time.perf_counter() - t0)
-    print(f"\n{n} ImageNet-like images, 256×256 (one core)")
+    print(f"\n{n} ImageNet-like images, 256×256 (one core of {cpu_description()})")
     out = np.empty((3, 224, 224), np.uint8)
 
     def crop(img):  # what a worker does after reading: a 224 crop at (16, 16), mirrored
@@ -708,7 +702,8 @@ def cmd_prepare(b: Bench):
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     d = Path(b.tmp.name)
     n, mean_bytes = imagenet_like(d, a.images, a.classes)
-    print(f"bench prepare: {n:,} JPEGs, 500×375 quality 92, mean {mean_bytes / 1000:.0f} KB; {cpus} CPUs usable")
+    print(f"bench prepare: {n:,} JPEGs, 500×375 quality 92, mean {mean_bytes / 1000:.0f} KB; {cpus} CPUs usable; "
+          f"{cpu_description()}")
     print(f"{'source':<34} {'workers':>7} {'img/s':>8} {'per worker':>11} {'1.28 M images':>14}")
     for label, src in (("official archive (read in the tar)", d / "archives"), ("class folders", d / "folders")):
         for w in a.workers:
@@ -741,18 +736,18 @@ def parser() -> argparse.ArgumentParser:
     common.add_argument("--steps", type=int, default=5, help="timed steps per row (median)")
     common.add_argument("--warmup", type=int, default=2)
     common.add_argument("--no-malloc-tuning", action="store_true", help="leave glibc malloc as it is")
+    common.add_argument("--no-bf16", action="store_true",
+                        help="leave out the bf16 rows and the bf16 matmul reference (slow where bf16 is emulated)")
     data = argparse.ArgumentParser(add_help=False)
     data.add_argument("--images", type=int, default=1024, help="synthetic training images to make without --data")
     data.add_argument("--eval-images", type=int, default=128)
     data.add_argument("--workers", type=int, default=None, help="loader workers (default: 2 on CPU, 8 on CUDA)")
     data.add_argument("--data", help="an ImageFolder with train/ (default: a synthetic one)")
-    model = argparse.ArgumentParser(add_help=False)
-    model.add_argument("--no-bf16", action="store_true", help="leave out the bf16 autocast rows")
-    for name, parents, text in (("model", [common, model], "train step vs torchvision's AlexNet; LRN vs torch's"),
-                                ("e2e", [common, data, model], "each pipeline feeding its net"),
+    for name, parents, text in (("model", [common], "train step vs torchvision's AlexNet; LRN vs torch's"),
+                                ("e2e", [common, data], "each pipeline feeding its net"),
                                 ("eval", [common, data], "ten-view evaluation rate"),
                                 ("gpu", [common, data], "CUDA options: GPU augmentation, compile, two devices"),
-                                ("all", [common, data, model], "model, e2e, eval (and gpu on CUDA), one summary")):
+                                ("all", [common, data], "model, e2e, eval (and gpu on CUDA), one summary")):
         s = sub.add_parser(name, parents=parents, help=text)
         if name in ("model", "all"):
             s.add_argument("--grouped", action="store_true", help="also time conv2/4/5 as grouped vs per-tower convs")
