@@ -70,7 +70,9 @@ def normalize(crops: Tensor, mean_crop: Tensor, shift: Tensor | None = None, div
     x = torch.sub(crops, mean_crop)  # (B, 3, h, w) − (3, h, w), uint8 → float32
     if shift is None:
         return x.div_(divide) if divide != 1.0 else x
-    s = shift.to(x.device, torch.float32)[:, :, None, None] / divide  # one shift for all pixels of an image
+    # non-blocking: from pinned memory onto a GPU the copy is queued, not waited for (a blocking
+    # copy here made the CPU wait for the GPU once a step); the caller pins (train.to_device)
+    s = shift.to(x.device, torch.float32, non_blocking=True)[:, :, None, None] / divide  # one shift per image
     return torch.add(s, x, alpha=1.0 / divide, out=x)  # (x + shift) / divide in one pass
 
 

@@ -66,6 +66,8 @@ class Config:
     channels_last: bool = True  # layout only; faster max-pooling on CPU
     compile: bool = False  # torch.compile the model
     fused_norms: bool | None = None  # the norms as compiled fused loops, same math; null: on for the CPU (float32)
+    tf32: bool = False  # CUDA: float32 convs/matmuls in TF32 (Ampere+; cuDNN's own default is on); false: true fp32, as in 2012
+    deterministic: bool = False  # CUDA: deterministic cuDNN/cuBLAS algorithms (bit-equal resume on a GPU; slower, cost unmeasured)
 
     def __post_init__(self):
         _check(self)

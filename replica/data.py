@@ -245,22 +245,36 @@ class JpegBatch:
     def __len__(self) -> int:
         return len(self.sizes)
 
-    def decode(self, device) -> tuple[torch.Tensor, torch.Tensor, list]:
-        """(uint8 crops (B', 3, c, c) on ``device``, keep mask (B,), bad entries) for this batch."""
-        from .jpeg import decode_jpeg
+    def decode(self, device, cuda=None) -> tuple[torch.Tensor, torch.Tensor, list]:
+        """(uint8 crops (B', 3, c, c) on ``device``, keep mask (B,), bad entries) for this batch.
+
+        On CUDA the decode runs on a stream of its own (:func:`replica.jpeg.on_decode_stream`),
+        so nvJPEG cannot write into memory that queued training kernels still read."""
+        from .jpeg import on_decode_stream
 
         device = torch.device(device)
+        if device.type == "cuda":
+            return on_decode_stream(device, lambda: self._decode_here(device), cuda=cuda)
+        return self._decode_here(device)
+
+    def _decode_here(self, device) -> tuple[torch.Tensor, torch.Tensor, list]:
+        from .jpeg import decode_jpeg, device_failure, is_decode_failure
+
         datas = self.datas
         try:
             imgs = decode_jpeg(datas, device=device) if datas else []
             ok = [True] * len(imgs)
-        except RuntimeError:  # one corrupt entry fails the whole batched call: find it
+        except RuntimeError as e:  # one corrupt entry fails the whole batched call: find it
+            if not is_decode_failure(e):
+                raise device_failure(e, device) from None
             imgs, ok = [], []
             for d in datas:
                 try:
                     imgs.append(decode_jpeg(d, device=device))
                     ok.append(True)
-                except RuntimeError:
+                except RuntimeError as e1:
+                    if not is_decode_failure(e1):
+                        raise device_failure(e1, device) from None
                     imgs.append(None)
                     ok.append(False)
         c = self.crop

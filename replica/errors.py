@@ -6,8 +6,10 @@ class ReplicaError(Exception):
 
     ``quiet``: the same stop, raised in every process of a torchrun job but rank 0; only rank 0
     says it (and its exit status is the job's), so a user reads one message, not one per process.
+    ``agreed``: every process of the job raised it at the same step (they decided it together),
+    so each may leave the job cleanly.
     """
 
-    def __init__(self, *args, quiet: bool = False):
+    def __init__(self, *args, quiet: bool = False, agreed: bool = False):
         super().__init__(*args)
-        self.quiet = quiet
+        self.quiet, self.agreed = quiet, agreed

@@ -15,7 +15,7 @@ from .evaluate import evaluate, percent, predict_probs
 from .imageio import BadImage, read_prepared
 from .model import AlexNet
 from .runs import atomic_write, load_checkpoint, run_checkpoint
-from .runtime import fast_bf16
+from .runtime import fast_bf16, set_cuda_numerics
 
 
 def model_from_checkpoint(ckpt: dict, devices="auto") -> AlexNet:
@@ -53,7 +53,8 @@ def open_split(data, split: str, training_data=None):
 
 
 def run_eval(target, data=None, views=(1, 10), devices="auto", batch: int = 32, progress: bool = True,
-             bf16: bool | None = None, checkpoint: str = "last", split: str = "val", workers: int = 2) -> dict:
+             bf16: bool | None = None, checkpoint: str = "last", split: str = "val", workers: int = 2,
+             tf32: bool | None = None) -> dict:
     """top-1/top-5 error, one view and ten views (one pass); writes eval.json into the run folder.
 
     ``checkpoint``: a run folder's ``last`` (the final network, what the 2012 run reported: run 145
@@ -62,7 +63,8 @@ def run_eval(target, data=None, views=(1, 10), devices="auto", batch: int = 32, 
     ``split``: ``val`` (the default; an error if there is none), ``test`` (ILSVRC-2010's labelled test
     set: the paper's Table 1) or ``train``, said on every line.
     ``bf16=None``: bfloat16 autocast if the run trained with it and the device has native bf16
-    (:func:`replica.runtime.fast_bf16`). eval.json records what was measured and how.
+    (:func:`replica.runtime.fast_bf16`). ``tf32=None``: as the run trained (its ``tf32`` key). eval.json
+    records what was measured and how: the device, the precision, and on CUDA whether float32 meant TF32.
     """
     if split not in ("val", "test", "train"):
         raise ReplicaError(f"split: expected 'val', 'test' or 'train', got {split!r}")
@@ -72,6 +74,10 @@ def run_eval(target, data=None, views=(1, 10), devices="auto", batch: int = 32, 
     model = model_from_checkpoint(ckpt, devices)
     if bf16 is None:
         bf16 = trained_precision_bf16(ckpt, model)
+    if tf32 is None:  # as the run trained (false: true float32), never cuDNN's TF32 default
+        tf32 = bool(ckpt["config"].get("tf32", False))
+    numerics = set_cuda_numerics(tf32)
+    cuda = any(d.type == "cuda" for d in model.devices)
     if data is None:
         data = (ckpt["config"].get("val_data") if split == "val" else None) or ckpt["config"].get("data")
         if data is None:
@@ -91,7 +97,8 @@ def run_eval(target, data=None, views=(1, 10), devices="auto", batch: int = 32, 
                                        "test": "test images"}[split],
                data=str(data), dataset=ckpt["meta"].get("dataset"), classes=len(ckpt["meta"]["classes"]),
                classes_evaluated=subset or "all",
-               precision="bf16" if bf16 else "fp32", **results)
+               precision="bf16" if bf16 else "fp32", device=" + ".join(map(str, model.devices)),
+               tf32=numerics["tf32"] if cuda else None, **results)
     run = target if target.is_dir() else target.parent
     if (run / "config.yaml").exists():
         atomic_write(run / "eval.json", lambda f: f.write(json.dumps(out, indent=1).encode()))
@@ -105,8 +112,10 @@ def describe_eval(r: dict) -> str:
     first = next((v for k, v in r.items() if k.endswith("-view")), {})
     sub = "" if r.get("classes_evaluated", "all") == "all" else f", {r['classes_evaluated']}"
     step = f", step {r['step']:,}" if r.get("step") is not None else ""
+    tf32 = {True: " (TF32 on)", False: " (TF32 off)"}.get(r.get("tf32"), "")  # CUDA only: None on the CPU
+    dev = f" on {r['device']}" if r.get("device") else ""
     return (f"{net}, epoch {r.get('epoch', '?')}{step}; {first.get('images', 0):,} {r.get('images_of', 'images')} "
-            f"of {r.get('data')}{sub}; {first.get('skipped', 0)} skipped; {r.get('precision', '?')}")
+            f"of {r.get('data')}{sub}; {first.get('skipped', 0)} skipped; {r.get('precision', '?')}{tf32}{dev}")
 
 
 def format_eval(r: dict) -> str:

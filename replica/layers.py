@@ -20,6 +20,8 @@ two window sums and a handful of in-place elementwise passes, forward and backwa
 """
 from __future__ import annotations
 
+import types
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -173,10 +175,25 @@ def _window_of_padded(tp: Tensor, kind: str, size: int, shape) -> Tensor:
     return u
 
 
-def _fused_fns(kind: str, size: int, groups: int, k: float, c: float, beta: float, shape=()):
-    # One compiled set per layer shape (C, H, W): a new batch size recompiles once with a
-    # dynamic batch dimension; a new layer shape does not turn the others' loops dynamic.
-    key = (kind, size, groups, k, c, beta, tuple(shape[1:]))
+def _own_code(f, tag: str):
+    """``f`` with a code object of its own. Dynamo keeps its compiled variants, and counts them
+    against its recompile limit (8), per code object: closures made by one ``def`` share one, so
+    3 layer shapes × 2 devices × 2 dtypes × a batch-size change would pass the limit, after
+    which Dynamo runs the function eagerly with a warning only: the "fused" norms would then be
+    the slow unfused loops. A code object per key keeps each key at 1-2 variants."""
+    code = f.__code__.replace(co_name=f"{f.__name__}_{tag}")
+    return types.FunctionType(code, f.__globals__, code.co_name, f.__defaults__, f.__closure__)
+
+
+_BACKEND = "inductor"  # torch.compile's backend (the tests count recompiles with "eager": no C++ compile)
+
+
+def _fused_fns(kind: str, size: int, groups: int, k: float, c: float, beta: float, shape=(), dtype=None,
+               device=None):
+    # One compiled set per key, each with its own code objects (_own_code): a layer shape
+    # (C, H, W), dtype and device. A new batch size recompiles once with a dynamic batch
+    # dimension; a new key never turns another key's loops dynamic or uses up its limit.
+    key = (kind, size, groups, k, c, beta, tuple(shape[1:]), str(dtype), str(device))
     if key not in _COMPILED:
         def neg_pow(d):
             if beta == 0.75:
@@ -201,7 +218,9 @@ def _fused_fns(kind: str, size: int, groups: int, k: float, c: float, beta: floa
         # loop, every tap of the window needs a bounds mask, and every output element recomputes
         # t (a division and two roots) at each tap; both cost more than the extra write
         # (docs/performance.md, "Fused norms, second try").
-        _COMPILED[key] = tuple(torch.compile(f) for f in (squares, forward, inner, backward))
+        tag = f"k{len(_COMPILED)}"
+        _COMPILED[key] = tuple(torch.compile(_own_code(f, tag), backend=_BACKEND)
+                               for f in (squares, forward, inner, backward))
     return _COMPILED[key]
 
 
@@ -232,7 +251,7 @@ class _WindowNorm(torch.autograd.Function):
         # On CPU under bf16 the generated loops are no faster than the eager path's banded
         # product (docs/performance.md), so there the fused path takes float32 only.
         if fused and fused_norms_available() and _channels_last(x) and (x.is_cuda or x.dtype == torch.float32):
-            fns = _fused_fns(kind, size, groups, k, c, beta, x.shape)
+            fns = _fused_fns(kind, size, groups, k, c, beta, x.shape, x.dtype, x.device)
             xl = _nhwc(x)
             try:
                 y, d = fns[1](xl, fns[0](xl))

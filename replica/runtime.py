@@ -91,3 +91,62 @@ def autocast(devices, bf16: bool):
             for kind in dict.fromkeys(torch.device(d).type for d in devices):
                 stack.enter_context(torch.autocast(kind, dtype=torch.bfloat16))
         yield
+
+
+def _new_tf32_api(torch) -> bool:
+    """torch ≥ 2.9 sets TF32 per backend with ``fp32_precision``; mixing that with the legacy
+    ``allow_tf32`` flags makes reading either raise, so one API is used throughout."""
+    conv = getattr(torch.backends.cudnn, "conv", None)
+    return conv is not None and hasattr(conv, "fp32_precision") and hasattr(torch.backends.cuda.matmul,
+                                                                              "fp32_precision")
+
+
+def set_tf32(on: bool) -> None:
+    """float32 convolutions (cuDNN) and matmuls (cuBLAS) in TF32 (on) or in true float32 (off).
+
+    On Ampere and later, cuDNN runs float32 convolutions in TF32 unless told otherwise (10-bit
+    mantissa inputs), so "float32" on a GPU is TF32 by default. No effect on the CPU."""
+    import torch
+
+    if _new_tf32_api(torch):
+        v = "tf32" if on else "ieee"
+        torch.backends.cuda.matmul.fp32_precision = v
+        torch.backends.cudnn.conv.fp32_precision = v
+    else:  # torch < 2.9
+        torch.backends.cuda.matmul.allow_tf32 = on
+        torch.backends.cudnn.allow_tf32 = on
+
+
+def tf32_enabled() -> bool:
+    """Whether float32 convolutions run in TF32 now (read through the API :func:`set_tf32` uses)."""
+    import torch
+
+    if _new_tf32_api(torch):
+        return torch.backends.cudnn.conv.fp32_precision == "tf32"
+    return bool(torch.backends.cudnn.allow_tf32)
+
+
+def set_cuda_numerics(tf32: bool, deterministic: bool = False, benchmark: bool = False) -> dict:
+    """The process's CUDA numerics, set explicitly, and what was set (for logs and eval.json).
+
+    ``benchmark``: cuDNN times its algorithms for each new shape once and keeps the fastest
+    (training: fixed shapes; off under ``deterministic``, whose algorithms are chosen by rule).
+    ``deterministic``: cuDNN's deterministic algorithms and ``torch.use_deterministic_algorithms``
+    (an op without a deterministic form then raises instead of running); cuBLAS needs
+    ``CUBLAS_WORKSPACE_CONFIG`` before its first handle, so it is set here if unset.
+    """
+    import torch
+
+    set_tf32(tf32)
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.backends.cudnn.deterministic = deterministic
+    torch.backends.cudnn.benchmark = benchmark and not deterministic
+    torch.use_deterministic_algorithms(deterministic)
+    return dict(tf32=tf32, cudnn_benchmark=torch.backends.cudnn.benchmark, deterministic=deterministic)
+
+
+def describe_numerics(n: dict) -> str:
+    """'TF32 off, cudnn.benchmark on, nondeterministic' (what a CUDA float32 figure means)."""
+    return (f"TF32 {'on' if n.get('tf32') else 'off'}, cudnn.benchmark {'on' if n.get('cudnn_benchmark') else 'off'}, "
+            f"{'deterministic' if n.get('deterministic') else 'nondeterministic'} algorithms")

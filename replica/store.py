@@ -630,7 +630,7 @@ class PreparedStore:
             out = np.empty((len(rows), 3, self.size, self.size), np.uint8)
             out[order] = self.data[rows[order]]  # read in file order
             return out, positions, bad
-        from .jpeg import decode_jpeg
+        from .jpeg import decode_jpeg, device_failure, is_decode_failure
 
         all_pos = np.asarray(positions)
         keep, bad = [], []
@@ -646,6 +646,8 @@ class PreparedStore:
                 if img.shape != (3, self.size, self.size):
                     raise RuntimeError(f"decoded to {tuple(img.shape)}")
             except RuntimeError as e:
+                if not is_decode_failure(e):
+                    raise device_failure(e, "cpu") from None
                 bad.append((f"{self.file} row {r}", f"corrupt JPEG entry ({str(e).splitlines()[0][:100]})", k))
                 continue
             imgs.append(img)

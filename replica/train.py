@@ -35,7 +35,7 @@ from .model import AlexNet, resolve_devices
 from .optim import PaperSGD, Schedule, apply_lrs, param_groups
 from .runs import (CKPT_FORMAT, CKPT_VERSION, append_metrics, atomic_write, check_compatible, code_version,
                    load_checkpoint, log_bad_inputs, save_checkpoint, write_metrics)
-from .runtime import autocast
+from .runtime import autocast, describe_numerics, set_cuda_numerics
 from .store import PreparedStore
 
 log = logging.getLogger("replica")
@@ -46,6 +46,18 @@ LOSS_READ_STEPS = {"cpu": 1, "cuda": 20}
 # Image folders are read on the fly for small sets; past this many images, the statistics alone
 # would take an hour in one thread before step 1: ``prepare`` does it once on every core.
 STATS_ON_THE_FLY_MAX = 50_000
+
+
+def to_device(t, device):
+    """``t`` on ``device`` with no host wait: onto a GPU from pinned memory, non-blocking. A copy
+    from pageable memory, or a blocking one, makes the CPU wait until the GPU has drained its
+    queue, once per step. Batches arrive pinned from the loader; a tensor that lost its pinning
+    (a batch shortened by a bad input) is pinned again here."""
+    if t is None or t.device == device:
+        return t
+    if device.type == "cuda" and t.device.type == "cpu" and not t.is_pinned():
+        t = t.pin_memory()
+    return t.to(device, non_blocking=True)
 
 
 class TrainingStopped(ReplicaError):
@@ -61,44 +73,114 @@ def dist_info() -> tuple[int, int, int]:
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
 
 
-def process_devices(cfg: Config, local_rank: int, world: int):
-    """The device(s) of this process: the config's alone, or its share of the node's GPUs under torchrun."""
-    if world == 1:
+def under_launcher() -> bool:
+    """Whether a launcher started this process as part of a job: torchrun (even with one
+    process, so that ``torchrun --nproc-per-node 1`` runs the DDP path it will run with more) or
+    any launcher that sets a world size above one."""
+    return "TORCHELASTIC_RUN_ID" in os.environ or dist_info()[1] > 1
+
+
+def process_devices(cfg: Config, local_rank: int, world: int, visible: int | None = None,
+                    local_world: int | None = None):
+    """The device(s) of this process: the config's alone, or its share of the node's GPUs under torchrun.
+
+    Each process owns ``k`` GPUs (``devices_per_process``; 1 for the one-tower variant). Where
+    every process sees all the node's GPUs (torchrun's way), process ``i`` takes
+    ``cuda:i·k … cuda:i·k+k−1``. Where the launcher already gave each process its own GPUs
+    (SLURM ``--gpus-per-task``, a per-rank ``CUDA_VISIBLE_DEVICES``), the process sees exactly
+    ``k`` and takes ``cuda:0 … cuda:k−1``; :func:`check_distinct_gpus` then makes sure no two
+    processes landed on the same GPU.
+    """
+    if not under_launcher() and world == 1:
+        return cfg.devices if "," not in cfg.devices else tuple(cfg.devices.split(","))
+    if world == 1 and cfg.devices != "auto":  # one process under torchrun: the devices it was given
         return cfg.devices if "," not in cfg.devices else tuple(cfg.devices.split(","))
     if cfg.devices == "cpu" or not torch.cuda.is_available():
         return "cpu"
     k = 1 if cfg.variant == "one-gpu-half" else cfg.devices_per_process  # one tower, one GPU
-    first = local_rank * k
-    if first + k > torch.cuda.device_count():
-        raise ReplicaError(f"process {local_rank} needs cuda:{first}…cuda:{first + k - 1}, but only "
-                           f"{torch.cuda.device_count()} GPUs are visible (devices_per_process={k})")
+    n = torch.cuda.device_count() if visible is None else visible
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world)) if local_world is None else local_world
+    if n >= local_world * k:  # every process sees the whole node
+        first = local_rank * k
+    elif n == k:  # the launcher gave this process exactly its share
+        first = 0
+        log.info("process %d sees %d GPU(s), its own share: using cuda:0…cuda:%d", local_rank, n, k - 1)
+    else:
+        raise ReplicaError(f"process {local_rank} of {local_world} on this node needs {k} GPU(s) "
+                           f"(devices_per_process={k}), but {n} are visible: torchrun needs {local_world * k} "
+                           f"visible to every process, or give each process exactly {k} of its own")
     return tuple(f"cuda:{first + i}" for i in range(k)) if k == 2 else f"cuda:{first}"
+
+
+def process_group_args(devices) -> tuple[str, dict]:
+    """(backend, keyword arguments) of ``init_process_group`` for a process on ``devices``.
+
+    NCCL binds its communicator to ``device_id`` at once (eager init). That is right only for a
+    process that owns one GPU: with two (towers a and b on GPUs 2i and 2i+1), DDP's first
+    broadcast touches tower b's parameters, and ProcessGroupNCCL refuses a collective on a
+    tensor not on the device passed to ``init_process_group``. So two GPUs per process: no
+    ``device_id``, and NCCL makes a communicator per device as it first needs one.
+    """
+    devices = tuple(torch.device(d) for d in devices)
+    if devices[0].type != "cuda":
+        return "gloo", {}
+    return "nccl", (dict(device_id=devices[0]) if len(devices) == 1 else {})
+
+
+def gpu_uuid(device) -> str:
+    """The GPU's UUID, the same in every process whatever its ``CUDA_VISIBLE_DEVICES``."""
+    props = torch.cuda.get_device_properties(torch.device(device))
+    return str(getattr(props, "uuid", f"{props.name} {props.pci_bus_id if hasattr(props, 'pci_bus_id') else device}"))
+
+
+def check_distinct_gpus(ranks: "Ranks", devices, uuid=gpu_uuid) -> None:
+    """Stop with one line if two processes of the job use the same GPU (NCCL would fail later
+    with "Duplicate GPU detected", or two processes would share one GPU's memory)."""
+    import socket
+
+    mine = [(socket.gethostname(), uuid(d), str(d)) for d in devices if torch.device(d).type == "cuda"]
+    if not mine or not ranks.distributed:
+        return
+    seen: dict = {}
+    for r, theirs in enumerate(ranks.gather(mine)):
+        for host, u, name in theirs:
+            if (host, u) in seen:
+                other, other_name = seen[(host, u)]
+                raise ReplicaError(f"processes {other} ({other_name}) and {r} ({name}) both use GPU {u} on {host}: "
+                                   f"give each process its own GPUs (torchrun: all GPUs visible to every process; "
+                                   f"a per-process launcher: exactly devices_per_process of them each)",
+                                   quiet=not ranks.main)
+            seen[(host, u)] = (r, name)
 
 
 class Ranks:
     """The processes of a run, and the decisions they take together.
 
-    One process: every call is the identity. Under torchrun: collectives on ``group``, a gloo
+    One process: every call is the identity. Under a launcher: collectives on ``group``, a gloo
     group of CPU tensors (NCCL's own group carries only DDP's gradients), so deciding costs no
-    wait on the GPU and object collectives never guess a device.
+    wait on the GPU and object collectives never guess a device. ``torchrun --nproc-per-node 1``
+    runs them too (a job of one), so that one GPU exercises what many will.
     """
 
     FLAGS = ("stop", "save", "error", "nan")
 
-    def __init__(self, rank: int = 0, world: int = 1, group=None):
+    def __init__(self, rank: int = 0, world: int = 1, group=None, distributed: bool | None = None,
+                 owns_group: bool = False):
         self.rank, self.world, self.group = rank, world, group
+        self.distributed = world > 1 if distributed is None else distributed
+        self.owns_group = owns_group
         self.main = rank == 0
 
     def agree(self, **flags) -> dict:
         """Each flag true if it is true in any process (an all-reduce of one int tensor)."""
-        if self.world == 1:
+        if not self.distributed:
             return {k: bool(flags.get(k)) for k in self.FLAGS}
         t = torch.tensor([int(bool(flags.get(k))) for k in self.FLAGS], dtype=torch.int64)
         torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX, group=self.group)
         return {k: bool(v) for k, v in zip(self.FLAGS, t.tolist())}
 
     def gather(self, obj) -> list:
-        if self.world == 1:
+        if not self.distributed:
             return [obj]
         out = [None] * self.world
         torch.distributed.all_gather_object(out, obj, group=self.group)
@@ -106,14 +188,14 @@ class Ranks:
 
     def broadcast(self, obj):
         """Rank 0's ``obj`` in every process."""
-        if self.world == 1:
+        if not self.distributed:
             return obj
         box = [obj]
         torch.distributed.broadcast_object_list(box, src=0, group=self.group)
         return box[0]
 
     def barrier(self) -> None:
-        if self.world > 1:
+        if self.distributed:
             torch.distributed.barrier(group=self.group)
 
     def first_message(self, message: str | None) -> str:
@@ -122,27 +204,43 @@ class Ranks:
         r, m = next((r, m) for r, m in enumerate(msgs) if m is not None)
         return m if self.world == 1 else f"process {r}: {m}"
 
+    def close(self) -> None:
+        """Leave the job: destroy the process groups this process made (left alive, NCCL warns at
+        exit, and some NCCL versions hang there). Every process calls it at the same point: the
+        end of the run, or a stop they all agreed on."""
+        if self.owns_group and torch.distributed.is_initialized():
+            if self.group is not None:
+                torch.distributed.destroy_process_group(self.group)
+            torch.distributed.destroy_process_group()
+        self.owns_group = False
+
 
 def setup_ranks(cfg: Config) -> tuple[Ranks, tuple]:
-    """Join torchrun's job (if any) and pick this process's devices, in that order's reverse:
+    """Join the launcher's job (if any) and pick this process's devices, in that order's reverse:
     a process's GPU is set before its process group exists, so NCCL and its barrier use it."""
     rank, world, local_rank = dist_info()
     if cfg.batch_size % world:
         raise ReplicaError(f"batch_size {cfg.batch_size} does not split across {world} processes: give a "
                            f"multiple of {world}")
     spec = process_devices(cfg, local_rank, world)
-    if world == 1:
+    if not under_launcher():
         return Ranks(), spec
+    devices = resolve_devices(spec, towers=1 if cfg.variant == "one-gpu-half" else 2)
     dist = torch.distributed
-    first = torch.device(spec[0] if isinstance(spec, tuple) else spec)
+    owns = False
     if not dist.is_initialized():
-        if first.type == "cuda":
-            torch.cuda.set_device(first)
-            dist.init_process_group("nccl", device_id=first)
-        else:
-            dist.init_process_group("gloo")
+        backend, kwargs = process_group_args(devices)
+        if backend == "nccl":
+            torch.cuda.set_device(devices[0])
+        dist.init_process_group(backend, **kwargs)
+        owns = True
     group = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else None
-    return Ranks(rank, world, group), spec
+    if rank == 0:
+        log.info("job of %d process(es): %s for gradients%s; process 0 on %s", world, dist.get_backend(),
+                 ", gloo for decisions" if group is not None else "", " + ".join(map(str, devices)))
+    ranks = Ranks(rank, world, group, distributed=True, owns_group=owns)
+    check_distinct_gpus(ranks, devices)
+    return ranks, devices
 
 
 def open_data(cfg: Config):
@@ -303,6 +401,9 @@ class _Run:
         torch.manual_seed(cfg.seed)  # the same initial weights in every process
         self.devices = resolve_devices(spec, towers=1 if cfg.variant == "one-gpu-half" else 2)
         self.dev0 = self.devices[0]
+        # explicit, never cuDNN's defaults: float32 there is TF32 unless told, and fixed shapes
+        # make cudnn.benchmark's one-time search pay (docs/training.md)
+        self.numerics = set_cuda_numerics(cfg.tf32, cfg.deterministic, benchmark=True)
         self.model = build_model(cfg, self.num_classes, self.devices)
         self.meta = model_meta(cfg, self.num_classes, classes, getattr(self.train_images, "names", None),
                                getattr(self.train_images, "dataset", None))
@@ -365,14 +466,15 @@ class _Run:
         atomic_write(run / "config.yaml", lambda f: f.write(dump_config(cfg).encode()))
         atomic_write(run / "version.json", lambda f: f.write(json.dumps(code_version(), indent=1).encode()))
         (run / "metrics.jsonl").unlink(missing_ok=True)
-        log.info("run %s: %s, %d classes, %d training images, batch %d, %d steps (%d per epoch), devices %s",
+        log.info("run %s: %s, %d classes, %d training images, batch %d, %d steps (%d per epoch), devices %s, %s%s",
                  run, cfg.preset, self.num_classes, len(self.train_images), cfg.batch_size, self.sched.total_steps,
-                 self.steps_per_epoch, " + ".join(map(str, self.devices)))
+                 self.steps_per_epoch, " + ".join(map(str, self.devices)), "bf16 autocast" if cfg.bf16 else "float32",
+                 f" ({describe_numerics(self.numerics)})" if any(d.type == "cuda" for d in self.devices) else "")
 
     def prepare_step_function(self) -> None:
         model, cfg = self.model, self.cfg
         net = model
-        if self.ranks.world > 1:
+        if self.ranks.distributed:
             one_gpu = len(self.devices) == 1 and self.dev0.type == "cuda"
             # a module spanning two devices takes device_ids=None
             net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[self.dev0] if one_gpu else None)
@@ -418,7 +520,7 @@ class _Run:
         self.ranks.barrier()  # no process leaves before rank 0's file is complete
         raise ReplicaError(f"{message}. Progress is saved in {self.run / 'last.pt'} (epoch {self.epoch + 1}, step "
                            f"{self.in_epoch} of {self.steps_per_epoch}); resume with: replica train --resume "
-                           f"{self.run}", quiet=not self.main)
+                           f"{self.run}", quiet=not self.main, agreed=True)
 
     # -- losses ----------------------------------------------------------------------------------
 
@@ -435,7 +537,7 @@ class _Run:
                 msg = f"loss is {vals[bad]} at epoch {self.epoch + 1}, step {in_epoch}"
             msg = self.ranks.first_message(msg)
             raise TrainingStopped(f"{msg}: stopped. The last good checkpoint is kept in {self.run / 'last.pt'}. "
-                                  f"Try a lower lr or init=caffe.", quiet=not self.main)
+                                  f"Try a lower lr or init=caffe.", quiet=not self.main, agreed=True)
         for v in vals:
             self.loss_sum, self.loss_n = self.loss_sum + v, self.loss_n + 1
         if vals:
@@ -531,9 +633,10 @@ class _Run:
             self.step, self.in_epoch = self.step + 1, self.in_epoch + 1
             bar.update(1)
             return
-        x = augment.finish(crops.to(self.dev0, non_blocking=True), self.mean_crop,
-                           shift if sched.noise_on(self.step) else None, self.cfg.pca_kind)  # (B, 3, 224, 224)
-        y = labels.to(self.dev0, non_blocking=True)
+        noise = shift if sched.noise_on(self.step) else None
+        x = augment.finish(to_device(crops, self.dev0), self.mean_crop, to_device(noise, self.dev0),
+                           self.cfg.pca_kind)  # (B, 3, 224, 224) float32 on dev0
+        y = to_device(labels, self.dev0)
         with autocast(self.devices, self.cfg.bf16):
             logits = self.fwd(x)
         loss = F.cross_entropy(logits.float(), y)
@@ -602,7 +705,7 @@ class _Run:
         sched, ranks = self.sched, self.ranks
         self.last_save = time.time()
         with _Stop() as stop:
-            stop.escalate = ranks.world == 1  # under torchrun the agent ends workers that do not stop
+            stop.escalate = not ranks.distributed  # under torchrun the agent ends workers that do not stop
             while not sched.finished(self.step):
                 self.t_epoch, self.seen, self.loss_sum, self.loss_n, self.skipped = time.time(), 0, 0.0, 0, 0
                 if self.partial:
@@ -637,14 +740,23 @@ class _Run:
 def train(cfg: Config, out, resume: bool = False, progress: bool = True) -> dict:
     """Train per ``cfg`` into the run folder ``out``; with ``resume``, continue what is there."""
     r = _Run(cfg, out, progress)
-    if resume and not (r.run / "last.pt").exists():  # stopped before its first checkpoint: nothing to keep
-        if r.main:
-            print(f"{r.run} has no checkpoint yet: starting from the beginning")
-        resume = False
-    if resume:
-        if not r.resume():
-            return dict(stopped=None, step=r.step, epochs=r.epoch, best_val_top1_err=r.best)
-    else:
-        r.start()
-    r.prepare_step_function()
-    return r.loop()
+    try:
+        if resume and not (r.run / "last.pt").exists():  # stopped before its first checkpoint: nothing to keep
+            if r.main:
+                print(f"{r.run} has no checkpoint yet: starting from the beginning")
+            resume = False
+        if resume:
+            if not r.resume():
+                result = dict(stopped=None, step=r.step, epochs=r.epoch, best_val_top1_err=r.best)
+                r.ranks.close()
+                return result
+        else:
+            r.start()
+        r.prepare_step_function()
+        result = r.loop()
+    except ReplicaError as e:
+        if e.agreed:  # a stop every process decided together (a NaN, a bad batch, a dead worker): all are here
+            r.ranks.close()
+        raise  # else this process alone: destroying the group could wait for the others for ever
+    r.ranks.close()
+    return result

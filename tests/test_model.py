@@ -361,11 +361,20 @@ def splits():
 @needs_cuda
 @pytest.mark.parametrize("devs", splits())
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_cuda_split_matches_one_device(devs, dtype, monkeypatch):
+def test_cuda_split_matches_one_device(devs, dtype):
     """Logits and every gradient of a split against the net on one device. In float32 this also
     catches a device-to-CPU copy that returns before its bytes arrive (replica.model.cross)."""
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # float32 means float32 on both sides
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    from replica.runtime import set_tf32, tf32_enabled
+
+    was = tf32_enabled()
+    set_tf32(False)  # float32 means float32 on both sides
+    try:
+        _split_against_one_device(devs, dtype)
+    finally:
+        set_tf32(was)
+
+
+def _split_against_one_device(devs, dtype):
     torch.manual_seed(10)
     ref = AlexNet(10, devices="cpu").to(dtype)
     two = AlexNet(10, devices=devs).to(dtype)

@@ -73,9 +73,10 @@ from replica.evaluate import evaluate  # noqa: E402
 from replica.layers import local_response_norm  # noqa: E402
 from replica.model import AlexNet  # noqa: E402
 from replica.optim import PaperSGD, param_groups  # noqa: E402
-from replica.runtime import cpu_description, tune_cpu_allocator  # noqa: E402
+from replica.runtime import cpu_description, set_cuda_numerics, tf32_enabled, tune_cpu_allocator  # noqa: E402
 from replica.store import PreparedStore, prepare  # noqa: E402
 from replica.synth import synth  # noqa: E402
+from replica.train import to_device  # noqa: E402
 
 MAC_FORWARD = 724_406_816  # SPEC.md §7, per 224×224 image
 FLOP_TRAIN = 3 * 2 * MAC_FORWARD
@@ -87,8 +88,12 @@ ILSVRC_TRAIN = 1_281_167
 # Timing: one set of helpers for every subcommand
 
 def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    """Wait for every GPU, not only ``device``'s: a two-device row queues tower b's kernels on
+    cuda:1, and waiting for cuda:0 alone would stop the clock before they ran. Where the CPU
+    alone computes there is nothing to wait for."""
+    if device.type == "cuda" or torch.cuda.is_initialized():
+        for i in range(torch.cuda.device_count()):
+            torch.cuda.synchronize(i)
 
 
 def race(fns: dict, steps: int, warmup: int, device) -> dict:
@@ -208,8 +213,8 @@ class Bench:
         self.workers = workers if workers is not None else (8 if self.cuda else 2)
         self.tuned = False if getattr(args, "no_malloc_tuning", False) else tune_cpu_allocator()
         torch.manual_seed(0)
-        if self.cuda:
-            torch.backends.cudnn.benchmark = True
+        if self.cuda:  # what `replica train` sets: cudnn.benchmark on, TF32 per --tf32 (off: true fp32)
+            set_cuda_numerics(tf32=getattr(args, "tf32", False), benchmark=True)
         self.name = (torch.cuda.get_device_name(self.device) if self.cuda else
                      f"{cpu_description()}; {torch.get_num_threads()} threads")
         self.peak, self.rows, self.ratios = {}, [], {}
@@ -231,7 +236,7 @@ class Bench:
             with contextlib.suppress(RuntimeError):
                 self.peak["bf16"] = matmul_rate(self.device, torch.bfloat16, big)
         print("matmul: " + ", ".join(f"{k} {v / 1e12:.2f} TFLOP/s" for k, v in self.peak.items())
-              + (" (TF32 off: true fp32)" if self.cuda and not torch.backends.cuda.matmul.allow_tf32 else ""))
+              + ((" (TF32 on)" if tf32_enabled() else " (TF32 off: true fp32)") if self.cuda else ""))
 
     def add(self, name: str, img_s: float, flop_per_img: float, precision: str = "fp32", note: str = ""):
         rate = img_s * flop_per_img
@@ -283,8 +288,8 @@ class Bench:
         if not on_gpu_aug:
             for crops, shift, labels, _, _ in loader(ds, self.workers, pin_memory=self.cuda, background=background):
                 crops, shift, labels, _ = decode_if_encoded(crops, shift, labels, device)  # JPEG: nvJPEG on CUDA
-                xb = augment.finish(crops.to(device, non_blocking=True), mean_crop, shift.to(device), "as-run")
-                yield xb, labels.to(device, non_blocking=True)
+                xb = augment.finish(to_device(crops, device), mean_crop, to_device(shift, device), "as-run")
+                yield xb, to_device(labels, device)
             return
         # GPU augmentation: workers hand over whole 256² uint8 images; crops, flips, mean and
         # noise are done on the device
@@ -295,7 +300,7 @@ class Bench:
             oy, ox, fl, shift = augment.draw_train(len(u8), g, pca=pca, border=st.size - 224)
             u8 = u8.to(device, non_blocking=True)
             crops = augment.crop(u8, oy.to(device), ox.to(device), fl.to(device), 224)
-            yield augment.finish(crops, mean_crop, shift.to(device), "as-run"), labels.to(device, non_blocking=True)
+            yield augment.finish(crops, mean_crop, to_device(shift, device), "as-run"), to_device(labels, device)
 
     def tv_batches(self, folder):
         """torchvision's standard ImageNet training pipeline on the same JPEGs."""
@@ -736,6 +741,7 @@ def parser() -> argparse.ArgumentParser:
     common.add_argument("--steps", type=int, default=5, help="timed steps per row (median)")
     common.add_argument("--warmup", type=int, default=2)
     common.add_argument("--no-malloc-tuning", action="store_true", help="leave glibc malloc as it is")
+    common.add_argument("--tf32", action="store_true", help="CUDA: float32 convs/matmuls in TF32 (default: true fp32)")
     common.add_argument("--no-bf16", action="store_true",
                         help="leave out the bf16 rows and the bf16 matmul reference (slow where bf16 is emulated)")
     data = argparse.ArgumentParser(add_help=False)

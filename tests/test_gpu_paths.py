@@ -1,0 +1,422 @@
+"""The GPU paths' logic, tested on the CPU by recording the calls it makes.
+
+None of this ran on a GPU here: what NCCL is given, which GPUs a process takes, which streams a
+JPEG decode synchronizes and waits on, which copies are non-blocking, which errors count as a
+corrupt image, what the benchmark waits for, and what gpu_check's dry run checks. The real
+runs of the same code are tools/gpu_check.sh and tests/test_cuda.py.
+"""
+import contextlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import replica.train as T
+from replica.config import load_config
+from replica.errors import ReplicaError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# -- which GPUs, and what init_process_group is given ----------------------------------------------
+
+class FakeDist:
+    """torch.distributed as setup_ranks uses it, recording each call."""
+
+    def __init__(self):
+        self.calls = []
+        self.backend = None
+
+    def is_initialized(self):
+        return self.backend is not None
+
+    def init_process_group(self, backend, **kw):
+        self.calls.append(("init_process_group", backend, kw))
+        self.backend = backend
+
+    def new_group(self, backend):
+        self.calls.append(("new_group", backend))
+        return "gloo-group"
+
+    def get_backend(self):
+        return self.backend
+
+
+@pytest.fixture
+def four_gpus(monkeypatch):
+    """A node with 4 GPUs as torch sees it, and a recording torch.distributed."""
+    fake = FakeDist()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: fake.calls.append(("set_device", str(d))))
+    for name in ("is_initialized", "init_process_group", "new_group", "get_backend"):
+        monkeypatch.setattr(torch.distributed, name, getattr(fake, name))
+    monkeypatch.setattr(T, "check_distinct_gpus", lambda ranks, devices: fake.calls.append(("distinct", devices)))
+    return fake
+
+
+def job(monkeypatch, rank, world, local_world=None):
+    monkeypatch.setenv("RANK", str(rank))
+    monkeypatch.setenv("LOCAL_RANK", str(rank))
+    monkeypatch.setenv("WORLD_SIZE", str(world))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(local_world or world))
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "test")
+
+
+def test_two_gpus_per_process_give_nccl_no_device_id(four_gpus, monkeypatch):
+    """The README's 4-GPU command (2 processes × 2 GPUs): process 1 owns cuda:2 and cuda:3. A
+    device_id would bind NCCL to cuda:2 and DDP's first broadcast of tower b (cuda:3) would fail."""
+    job(monkeypatch, 1, 2)
+    ranks, devices = T.setup_ranks(load_config(None, dict(devices_per_process=2)))
+    assert [str(d) for d in devices] == ["cuda:2", "cuda:3"]
+    assert four_gpus.calls[:3] == [("set_device", "cuda:2"), ("init_process_group", "nccl", {}),
+                                   ("new_group", "gloo")]
+    assert ranks.distributed and ranks.owns_group and ranks.rank == 1
+
+
+def test_one_gpu_per_process_binds_nccl_to_it(four_gpus, monkeypatch):
+    job(monkeypatch, 1, 2)
+    _, devices = T.setup_ranks(load_config(None, dict(devices_per_process=1)))
+    assert [str(d) for d in devices] == ["cuda:1"]
+    assert four_gpus.calls[:2] == [("set_device", "cuda:1"),
+                                   ("init_process_group", "nccl", dict(device_id=torch.device("cuda:1")))]
+
+
+def test_one_process_under_torchrun_joins_a_job_of_one(four_gpus, monkeypatch):
+    """torchrun --nproc-per-node 1: NCCL, the gloo group and DDP run, as they will with more."""
+    job(monkeypatch, 0, 1)
+    ranks, devices = T.setup_ranks(load_config(None, dict(devices="cuda:0")))
+    assert ranks.distributed and ranks.world == 1
+    assert ("init_process_group", "nccl", dict(device_id=torch.device("cuda:0"))) in four_gpus.calls
+
+
+def test_no_launcher_no_process_group(four_gpus, monkeypatch):
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "TORCHELASTIC_RUN_ID"):
+        monkeypatch.delenv(k, raising=False)
+    ranks, _ = T.setup_ranks(load_config(None, dict(devices="cpu")))
+    assert not ranks.distributed and four_gpus.calls == []
+
+
+def test_process_group_args():
+    assert T.process_group_args(["cpu"]) == ("gloo", {})
+    assert T.process_group_args(["cuda:0"]) == ("nccl", dict(device_id=torch.device("cuda:0")))
+    assert T.process_group_args(["cuda:2", "cuda:3"]) == ("nccl", {})
+
+
+@pytest.mark.parametrize("visible,local_rank,want", [
+    (4, 1, ("cuda:2", "cuda:3")),  # torchrun: every process sees the node
+    (2, 1, ("cuda:0", "cuda:1")),  # SLURM --gpus-per-task=2 / per-rank CUDA_VISIBLE_DEVICES: its own share
+    (2, 0, ("cuda:0", "cuda:1")),
+])
+def test_each_process_takes_its_share_of_the_gpus(monkeypatch, visible, local_rank, want):
+    job(monkeypatch, local_rank, 2)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    cfg = load_config(None, dict(devices_per_process=2))
+    assert T.process_devices(cfg, local_rank, 2, visible=visible, local_world=2) == want
+
+
+def test_too_few_gpus_is_one_line(monkeypatch):
+    job(monkeypatch, 1, 2)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    with pytest.raises(ReplicaError, match="needs 2 GPU.*but 3 are visible"):
+        T.process_devices(load_config(None, dict(devices_per_process=2)), 1, 2, visible=3, local_world=2)
+
+
+def test_two_processes_on_one_gpu_are_refused():
+    class TwoRanks(T.Ranks):
+        def gather(self, obj):
+            return [obj, obj]  # both processes report the same GPU
+
+    ranks = TwoRanks(0, 2, distributed=True)
+    with pytest.raises(ReplicaError, match="processes 0 .* and 1 .* both use GPU GPU-1234"):
+        T.check_distinct_gpus(ranks, [torch.device("cuda:0")], uuid=lambda d: "GPU-1234")
+
+
+def test_ranks_close_destroys_the_groups_it_made(monkeypatch):
+    destroyed = []
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "destroy_process_group", lambda g=None: destroyed.append(g))
+    T.Ranks(0, 2, group="gloo-group", distributed=True, owns_group=False).close()
+    assert destroyed == []  # a group made by someone else (a caller's own init) is theirs to destroy
+    r = T.Ranks(0, 2, group="gloo-group", distributed=True, owns_group=True)
+    r.close()
+    r.close()
+    assert destroyed == ["gloo-group", None]  # once, the gloo group then the default group
+
+
+def test_train_leaves_the_job_at_the_end_and_on_an_agreed_stop(monkeypatch, store, tmp_path):
+    """train() closes its Ranks after the loop, and after a stop all processes decided together,
+    but not after an error of this process alone (destroying could wait for the others)."""
+    closed = []
+    monkeypatch.setattr(T.Ranks, "close", lambda self: closed.append(True))
+    cfg = load_config(None, dict(data=str(store), batch_size=4, epochs=1, steps_per_epoch=1, workers=0,
+                                 devices="cpu", init="caffe", val_batches=1))
+    T.train(cfg, tmp_path / "run", progress=False)
+    assert closed == [True]
+
+    def fail(self, *a, agreed):
+        raise ReplicaError("stop", agreed=agreed)
+
+    for agreed, want in ((True, [True, True]), (False, [True, True])):
+        monkeypatch.setattr(T._Run, "loop", lambda self, agreed=agreed: fail(self, agreed=agreed))
+        with pytest.raises(ReplicaError):
+            T.train(cfg, tmp_path / f"run-{agreed}", progress=False)
+        assert closed == want  # the agreed stop closed once more; the lone error did not
+
+
+# -- copies without a host wait ------------------------------------------------------------------
+
+class Recorder:
+    """A CPU tensor's stand-in that records how it is pinned and copied."""
+
+    def __init__(self, t, pinned=False, device="cpu"):
+        self.t, self.pinned, self.device, self.calls = t, pinned, torch.device(device), []
+
+    def is_pinned(self):
+        return self.pinned
+
+    def pin_memory(self):
+        self.calls.append("pin_memory")
+        self.pinned = True
+        return self
+
+    def to(self, *a, **k):
+        self.calls.append(("to", tuple(str(x) for x in a), k))
+        return self.t.to(*[x for x in a if not isinstance(x, torch.device) or x.type == "cpu"])
+
+
+def test_to_device_pins_then_copies_non_blocking():
+    r = Recorder(torch.ones(2))
+    T.to_device(r, torch.device("cuda:0"))
+    assert r.calls == ["pin_memory", ("to", ("cuda:0",), dict(non_blocking=True))]
+    r = Recorder(torch.ones(2), pinned=True)
+    T.to_device(r, torch.device("cuda:0"))
+    assert r.calls == [("to", ("cuda:0",), dict(non_blocking=True))]
+    t = torch.ones(2)
+    assert T.to_device(t, torch.device("cpu")) is t and T.to_device(None, torch.device("cpu")) is None
+
+
+def test_colour_shift_is_copied_non_blocking():
+    """augment.normalize moves the per-image shift with non_blocking (a blocking .to() from the
+    host made the CPU wait for the GPU once a step)."""
+    from replica import augment
+
+    shift = Recorder(torch.ones(2, 3))
+    out = augment.normalize(torch.zeros(2, 3, 4, 4, dtype=torch.uint8), torch.zeros(3, 4, 4), shift, 1.1)
+    assert shift.calls == [("to", ("cpu", "torch.float32"), dict(non_blocking=True))]
+    torch.testing.assert_close(out, torch.full((2, 3, 4, 4), 1 / 1.1))
+
+
+def test_training_step_moves_every_input_through_to_device(monkeypatch, store, tmp_path):
+    moved = []
+    real = T.to_device
+    monkeypatch.setattr(T, "to_device", lambda t, d: moved.append(None if t is None else tuple(t.shape)) or real(t, d))
+    cfg = load_config(None, dict(data=str(store), batch_size=4, epochs=1, steps_per_epoch=1, workers=0,
+                                 devices="cpu", init="caffe", val_batches=1))
+    T.train(cfg, tmp_path / "run", progress=False)
+    assert moved == [(4, 3, 224, 224), (4, 3), (4,)]  # crops, colour shifts, labels
+
+
+# -- nvJPEG on a stream of its own ---------------------------------------------------------------
+
+class FakeCuda:
+    """torch.cuda's stream calls, recorded in order; the 'current' stream is tracked."""
+
+    def __init__(self):
+        self.log = []
+        self.main = self.Stream(self, "main")
+        self.now = self.main
+
+    class Stream:
+        def __init__(self, cuda, name="side"):
+            if not isinstance(cuda, FakeCuda):  # cuda.Stream(device), as on_decode_stream calls it
+                raise AssertionError("a stream is made from the fake, not from a device")
+            self.cuda, self.name = cuda, name
+
+        def synchronize(self):
+            self.cuda.log.append(("synchronize", self.name))
+
+        def wait_stream(self, other):
+            self.cuda.log.append(("wait_stream", self.name, other.name))
+
+    def current_stream(self, device):
+        return self.now
+
+    @contextlib.contextmanager
+    def stream(self, s):
+        before, self.now = self.now, s
+        self.log.append(("enter", s.name))
+        yield
+        self.now = before
+        self.log.append(("leave", s.name))
+
+
+class CudaTensor:
+    is_cuda = True
+
+    def __init__(self, log):
+        self.log = log
+
+    def record_stream(self, s):
+        self.log.append(("record_stream", s.name))
+
+
+def test_jpeg_decode_runs_on_its_own_stream():
+    """The decode's allocations come from a side stream whose own work was waited for first; the
+    current stream waits on the GPU (not the host), and the outputs are marked used by it."""
+    from replica import jpeg
+
+    cuda = FakeCuda()
+    side = {}
+
+    def work():
+        cuda.log.append(("decode on", cuda.now.name))
+        side["stream"] = cuda.now
+        return CudaTensor(cuda.log), "not a tensor"
+
+    cuda.Stream = lambda device, _c=cuda: FakeCuda.Stream(_c, "side")
+    jpeg._STREAMS.clear()
+    jpeg.on_decode_stream(torch.device("cuda:0"), work, cuda=cuda)
+    assert cuda.log == [("synchronize", "side"), ("enter", "side"), ("decode on", "side"), ("leave", "side"),
+                        ("wait_stream", "main", "side"), ("record_stream", "main")]
+    assert ("synchronize", "main") not in cuda.log  # the training stream is never waited for by the host
+    jpeg.on_decode_stream(torch.device("cuda:0"), work, cuda=cuda)
+    assert len([k for k in jpeg._STREAMS if k[0] == id(cuda)]) == 1  # one side stream per device, reused
+
+
+def test_jpeg_batch_decodes_cuda_batches_through_the_side_stream(monkeypatch):
+    from replica import data, jpeg
+
+    seen = []
+    monkeypatch.setattr(jpeg, "on_decode_stream", lambda dev, work, cuda=None: seen.append(str(dev)) or "decoded")
+    b = data.JpegBatch([], torch.zeros(0), torch.zeros(0), torch.zeros(0, dtype=torch.bool), 8, [])
+    assert b.decode("cuda:0") == "decoded" and seen == ["cuda:0"]
+
+
+# -- which errors mean a corrupt image -----------------------------------------------------------
+
+def test_decode_failures_are_told_from_device_failures():
+    from replica.jpeg import is_decode_failure
+
+    for text in ("Unsupported marker type 0x4b", "Not a JPEG file: starts with 0x00 0x01",
+                 "Error while decoding JPEG images: Failed to get image info: 2",
+                 "Premature end of JPEG file"):
+        assert is_decode_failure(RuntimeError(text)), text
+    for err in (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 MiB"),
+                RuntimeError("Error while decoding JPEG images: CUDA error: an illegal memory access was encountered"),
+                RuntimeError("Error while decoding JPEG images: Failed to synchronize CUDA stream: 700"),
+                ValueError("not a runtime error")):
+        assert not is_decode_failure(err), err
+
+
+def test_a_device_failure_during_decode_is_one_line_not_corrupt_images(monkeypatch):
+    from replica import data, jpeg
+    from replica.jpeg import encode_jpeg
+
+    good = encode_jpeg(torch.zeros(3, 8, 8, dtype=torch.uint8))
+    z = torch.zeros(2, dtype=torch.int64)
+    b = data.JpegBatch([good, good], z, z, torch.zeros(2, dtype=torch.bool), 8, ["a", "b"])
+    monkeypatch.setattr(jpeg, "decode_jpeg", lambda *a, **k: (_ for _ in ()).throw(
+        torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 MiB")))
+    with pytest.raises(ReplicaError, match="failed in the device, not in the data: CUDA out of memory.*lower batch_size"):
+        b.decode("cpu")
+    calls = []
+
+    def corrupt_one(d, **k):  # a corrupt entry: the batched call fails, one by one finds it
+        calls.append(1)
+        if isinstance(d, list) or len(calls) == 3:
+            raise RuntimeError("Unsupported marker type 0x00")
+        return torch.zeros(3, 8, 8, dtype=torch.uint8)
+
+    monkeypatch.setattr(jpeg, "decode_jpeg", corrupt_one)
+    crops, keep, bad = b.decode("cpu")
+    assert keep.tolist() == [True, False] and [n for n, _, _ in bad] == ["b"] and crops.shape[0] == 1
+
+
+# -- the benchmark waits for every GPU -------------------------------------------------------------
+
+def test_bench_sync_waits_for_every_gpu(monkeypatch):
+    import bench
+
+    waited = []
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda i=None: waited.append(i))
+    bench.sync(torch.device("cuda:0"))
+    assert waited == [0, 1]
+
+
+# -- CUDA numerics, said explicitly ----------------------------------------------------------------
+
+def test_train_sets_cuda_numerics_explicitly(monkeypatch, store, tmp_path):
+    from replica import runtime
+
+    seen = []
+    real = runtime.set_cuda_numerics
+    monkeypatch.setattr(T, "set_cuda_numerics", lambda *a, **k: seen.append((a, k)) or real(*a, **k))
+    cfg = load_config(None, dict(data=str(store), batch_size=4, epochs=1, steps_per_epoch=1, workers=0,
+                                 devices="cpu", init="caffe", val_batches=1, tf32=True))
+    T.train(cfg, tmp_path / "run", progress=False)
+    assert seen == [((True, False), dict(benchmark=True))]
+    assert runtime.tf32_enabled() and torch.backends.cudnn.benchmark
+    runtime.set_cuda_numerics(False)
+    assert not runtime.tf32_enabled() and not torch.backends.cudnn.benchmark
+
+
+def test_deterministic_sets_cudnn_and_torch(monkeypatch):
+    from replica import runtime
+
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    try:
+        n = runtime.set_cuda_numerics(False, deterministic=True, benchmark=True)
+        assert n == dict(tf32=False, cudnn_benchmark=False, deterministic=True)
+        assert torch.backends.cudnn.deterministic and torch.are_deterministic_algorithms_enabled()
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+    finally:
+        runtime.set_cuda_numerics(False)
+    assert not torch.are_deterministic_algorithms_enabled() and not torch.backends.cudnn.deterministic
+
+
+def test_eval_json_records_the_numerics(store, tmp_path):
+    import json
+
+    from replica.inference import describe_eval, run_eval
+
+    cfg = load_config(None, dict(data=str(store), batch_size=4, epochs=1, steps_per_epoch=1, workers=0,
+                                 devices="cpu", init="caffe", val_batches=1))
+    T.train(cfg, tmp_path / "run", progress=False)
+    r = run_eval(tmp_path / "run", views=(1,), devices="cpu", progress=False, workers=0)
+    saved = json.loads((tmp_path / "run" / "eval.json").read_text())
+    assert saved["device"] == "cpu" and saved["tf32"] is None  # TF32 means nothing on the CPU
+    assert describe_eval(dict(r, tf32=False, device="cuda:0")).endswith("fp32 (TF32 off) on cuda:0")
+
+
+# -- gpu_check.sh ----------------------------------------------------------------------------------
+
+def test_gpu_check_names_what_it_needs_and_fails_on_a_missing_one():
+    import gpu_check
+
+    assert gpu_check.verify_needs() == []
+    broken = {k: list(v) for k, v in gpu_check.NEEDS.items()}
+    broken["files"].append("tools/no-such-file.py")
+    broken["functions"].append("replica.train:_Run._no_such_step")
+    broken["config_keys"].append("no_such_key")
+    broken["bench_args"] = ["all", "--no-such-flag"]
+    missing = gpu_check.verify_needs(broken)
+    assert missing == ["file tools/no-such-file.py", "function replica.train:_Run._no_such_step",
+                       "config key no_such_key", "bench.py arguments all --no-such-flag"]
+
+
+def test_gpu_check_dry_run_passes_on_the_cpu():
+    """The whole script's plumbing on the CPU: every check (a)-(f) at tiny sizes, printed as it ends."""
+    env = dict(os.environ, PYTHON=sys.executable, OMP_NUM_THREADS="2")
+    r = subprocess.run(["bash", str(ROOT / "tools" / "gpu_check.sh"), "--dry-run"], capture_output=True, text=True,
+                       timeout=400, env=env)
+    out = r.stdout
+    assert r.returncode == 0, out[-3000:] + r.stderr[-2000:]
+    for c in "abcdef":
+        assert f"PASS ({c})" in out, out
+    assert "torch " in out.splitlines()[0] and "NCCL" in out.splitlines()[0]
+    assert "6 of 6 checks passed" in out

@@ -1,0 +1,411 @@
+#!/usr/bin/env python
+"""The prepared GPU check: one script, ≤ 8 minutes on one GPU, each result printed as it ends.
+
+    tools/gpu_check.sh [--dry-run] [--only a,b,...]
+
+Uses the interpreter's own torch and torchvision (the lent machine has them preinstalled and no
+network): nothing is installed; the package runs from this checkout (PYTHONPATH). First the
+versions (driver, CUDA, cuDNN, NCCL, torch, torchvision), then, in this order:
+
+  (a) a one-process NCCL smoke run: torchrun --nproc-per-node 1, NCCL plus the gloo group,
+      DDP, 3 steps, the processes' agree/gather;
+  (b) the cuda:0,cpu split (every cross() copy on a real GPU) against the one-device net on the
+      same weights, logits and every gradient, float32 with TF32 off;
+  (c) 3 training steps under torch.cuda.set_sync_debug_mode("error") (no host sync in the
+      step), raw store; the JPEG store with nvJPEG decoding under "warn", its syncs counted;
+  (d) nvJPEG against CPU decoding of the same JPEG store (mean and max pixel difference), and
+      a race stress test modelled on pytorch/vision PR 9606 (200 iterations; corrupted count,
+      which must be 0 through replica's decode path; torchvision's bare call beside it);
+  (e) the speed rows, each beside torchvision's AlexNet in the same run (tools/bench.py all);
+  (f) pytest -m cuda (less the tests that repeat (a), (c) and (d)), with what time is left.
+
+Each check runs in a process of its own under a time limit taken from one 470 s budget, so a
+hang or a crash loses that check only. ``--dry-run`` runs the plumbing on the CPU (tiny sizes,
+gloo instead of NCCL, no sync-debug mode, bench flags parsed, tests collected) and fails if a
+module, flag, file or function the checks name is missing.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tools"))
+
+BUDGET_S = 470  # the whole script, cold caches included, inside the 8 minutes it promises
+LIMITS = {"a": 90, "b": 45, "c": 90, "d": 90, "e": 200, "f": 150}  # per check, cut to what is left
+CHECKS = "abcdef"
+STEPS_C = 4  # check (c): the first step outside the debug mode, then 3 under it
+
+# What the checks rely on: checked first by --dry-run, so a rename here fails on the CPU.
+NEEDS = dict(
+    files=["configs/alexnet-2gpu.yaml", "tools/bench.py", "tests/test_cuda.py", "tools/gpu_check.sh"],
+    modules=["replica.train", "replica.data", "replica.jpeg", "replica.model", "replica.store", "replica.synth",
+             "torch.distributed.run"],
+    functions=["replica.train:_Run._step", "replica.train:_Run._next_batch", "replica.train:setup_ranks",
+               "replica.jpeg:on_decode_stream", "replica.data:JpegBatch.decode", "replica.runtime:set_tf32",
+               "torch.cuda:set_sync_debug_mode", "torchvision.io:decode_jpeg"],
+    config_keys=["devices", "devices_per_process", "decode", "bf16", "tf32", "deterministic", "steps_per_epoch",
+                 "workers", "init", "checkpoint_minutes", "val_batches"],
+    bench_args=["all", "--device", "cuda", "--batch", "256", "--steps", "8", "--images", "4096",
+                "--eval-images", "512", "--workers", "8"],
+)
+
+
+def say(line: str) -> None:
+    print(line, flush=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# What is installed
+
+
+def versions() -> list[str]:
+    import torch
+    import torchvision
+
+    out = [f"python {sys.version.split()[0]}", f"torch {torch.__version__}", f"torchvision {torchvision.__version__}"]
+    driver = "n/a"
+    if shutil.which("nvidia-smi"):
+        r = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"],
+                           capture_output=True, text=True)
+        driver = r.stdout.strip().replace("\n", "; ") or r.stderr.strip()[:100]
+    out.append(f"driver {driver}")
+    out.append(f"CUDA {torch.version.cuda}")
+    cudnn = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
+    out.append(f"cuDNN {cudnn}")
+    try:
+        nccl = ".".join(map(str, torch.cuda.nccl.version())) if torch.cuda.is_available() else "n/a"
+    except Exception as e:  # noqa: BLE001  (a build without NCCL: say so)
+        nccl = f"n/a ({type(e).__name__})"
+    out.append(f"NCCL {nccl}")
+    if torch.cuda.is_available():
+        out.append(f"GPUs {torch.cuda.device_count()} × {torch.cuda.get_device_name(0)}")
+    return out
+
+
+def verify_needs(needs=NEEDS) -> list[str]:
+    """Every file, module, function, config key and bench flag the checks name; the missing ones."""
+    missing = []
+    for f in needs["files"]:
+        if not (ROOT / f).exists():
+            missing.append(f"file {f}")
+    for m in needs["modules"]:
+        try:
+            importlib.import_module(m)
+        except ImportError as e:
+            missing.append(f"module {m} ({e})")
+    for spec in needs["functions"]:
+        mod, _, attr = spec.partition(":")
+        try:
+            obj = importlib.import_module(mod)
+            for part in attr.split("."):
+                obj = getattr(obj, part)
+        except (ImportError, AttributeError):
+            missing.append(f"function {spec}")
+    from replica.config import NAMES
+
+    missing += [f"config key {k}" for k in needs["config_keys"] if k not in NAMES]
+    import bench
+
+    try:
+        bench.parser().parse_args(needs["bench_args"])
+    except SystemExit:
+        missing.append(f"bench.py arguments {' '.join(needs['bench_args'])}")
+    return missing
+
+
+# ----------------------------------------------------------------------------------------------
+# Shared fixtures: a tiny synthetic set, prepared raw and as JPEG
+
+
+def stores(work: Path, fmt: str = "raw", dry: bool = False) -> Path:
+    from replica.store import prepare
+    from replica.synth import synth
+
+    src = work / "synth"
+    if not src.exists():
+        per_class = 6 if dry else 24
+        synth(src, classes=4, train_per_class=per_class, val_per_class=2, seed=1, workers=1, progress=False)
+    out = work / f"store-{fmt}"
+    if not (out / "meta.json").exists():
+        prepare(src, out, workers=1, progress=False, fmt=fmt)
+    return out
+
+
+def train_cfg(store: Path, dev: str, dry: bool, **kw):
+    from replica.config import load_config
+
+    base = dict(data=str(store), batch_size=4 if dry else 16, epochs=1, steps_per_epoch=STEPS_C, workers=2,
+                devices=dev, init="caffe", checkpoint_minutes=60, val_batches=1, save_best=False)
+    base.update(kw)
+    return load_config(None, base)
+
+
+# ----------------------------------------------------------------------------------------------
+# The checks: each returns one result line; an exception or an assertion is a FAIL
+
+
+def check_a(work: Path, dry: bool) -> str:
+    store = stores(work, dry=dry)
+    dev = "cpu" if dry else "cuda:0"
+    out = work / "smoke"
+    shutil.rmtree(out, ignore_errors=True)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "1", "-m", "replica",
+           "train", str(ROOT / "configs" / "alexnet-2gpu.yaml"), f"data={store}", f"batch_size={4 if dry else 8}", "epochs=1",
+           "steps_per_epoch=3", "workers=0", "init=caffe", f"devices={dev}", "checkpoint_minutes=0.0001",
+           "val_batches=1", "--out", str(out)]
+    env = dict(os.environ, PYTHONPATH=str(ROOT), NCCL_DEBUG="WARN", OMP_NUM_THREADS="2")
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=remaining("a"))
+    log = r.stdout + r.stderr
+    assert r.returncode == 0, log[-1500:]
+    backend = "gloo" if dry else "nccl"
+    assert f"job of 1 process(es): {backend}" in log, "no process group was made:\n" + log[-800:]
+    from replica.runs import load_checkpoint
+
+    ck = load_checkpoint(out)
+    assert ck["progress"]["step"] == 3, ck["progress"]
+    leaked = [ln for ln in log.splitlines() if "destroy_process_group" in ln or "NOT been destroyed" in ln]
+    assert not leaked, leaked
+    return f"3 steps under torchrun, {backend}{' + gloo group' if not dry else ''}, DDP; process group destroyed"
+
+
+def check_b(work: Path, dry: bool) -> str:
+    import torch
+
+    from replica.model import AlexNet
+    from replica.runtime import set_tf32
+
+    set_tf32(False)
+    pair, one = (("cpu", "cpu"), "cpu") if dry else (("cuda:0", "cpu"), "cuda:0")
+    torch.manual_seed(10)
+    ref = AlexNet(10, devices=one)
+    two = AlexNet(10, devices=pair)
+    two.load_state_dict(ref.state_dict())
+    x = (torch.randn(4, 3, 224, 224) * 50).to(pair[0])
+    y = torch.tensor([1, 2, 3, 4]).to(pair[0])
+    ref.eval(), two.eval()
+    out = []
+    for m in (ref, two):
+        m.zero_grad()
+        logits = m(x.to(m.devices[0]))
+        torch.nn.functional.cross_entropy(logits, y.to(m.devices[0])).backward()
+        out.append((logits.detach().cpu(), {n: p.grad.detach().cpu() for n, p in m.named_parameters()}))
+    (la, ga), (lb, gb) = out
+    dl = (la - lb).abs().max().item() / max(la.abs().max().item(), 1e-12)
+    dg = max((ga[n] - gb[n]).abs().max().item() / max(ga[n].abs().max().item(), 1e-12) for n in ga)
+    assert dl < 1e-3 and dg < 1e-2, (dl, dg)
+    return f"{pair[0]} + {pair[1]} vs {one}: logits max rel. diff {dl:.1e}, gradients {dg:.1e} (float32, TF32 off)"
+
+
+def check_c(work: Path, dry: bool) -> str:
+    import warnings
+
+    import torch
+
+    import replica.train as T
+
+    results = []
+    for fmt, mode in (("raw", "error"), ("jpeg", "warn")):
+        store = stores(work, fmt, dry)
+        steps = []
+        real_step, real_next = T._Run._step, T._Run._next_batch
+
+        def debug(fn):
+            def wrapped(self, *a):
+                on = not dry and self.step >= 1  # the first step: cuDNN's search, first allocations
+                if on:
+                    torch.cuda.set_sync_debug_mode(mode)
+                try:
+                    return fn(self, *a)
+                finally:
+                    if on:
+                        torch.cuda.set_sync_debug_mode(0)
+            return wrapped
+
+        def counted(self, *a):
+            steps.append(self.step)
+            return debug(real_step)(self, *a)
+
+        T._Run._step, T._Run._next_batch = counted, debug(real_next)
+        try:
+            with warnings.catch_warnings(record=True) as w:
+                warnings.simplefilter("always")
+                cfg = train_cfg(store, "cpu" if dry else "cuda:0", dry, bf16=not dry, workers=0 if dry else 2)
+                T.train(cfg, work / f"sync-{fmt}", progress=False)
+        finally:
+            T._Run._step, T._Run._next_batch = real_step, real_next
+        syncs = [str(x.message).splitlines()[0][:120] for x in w if "synchroniz" in str(x.message)]
+        assert len(steps) == STEPS_C, steps
+        results.append(f"{fmt} store: {len(steps) - 1} steps under '{mode}'" +
+                       (f", {len(syncs)} sync(s) flagged: {syncs[:2]}" if syncs else ", no sync"))
+    return "; ".join(results) + (" (dry run: debug mode off on the CPU)" if dry else "")
+
+
+def _race(decode, datas, device, iters: int) -> int:
+    """Iterations in which a queued reduction read memory the decoder overwrote (vision PR 9606)."""
+    import torch
+
+    corrupted = 0
+    shape = (3, 256, 256)
+    for i in range(iters):
+        ts = [torch.full(shape, 7, dtype=torch.uint8, device=device) for _ in datas]
+        if device.type == "cuda":
+            torch.cuda._sleep(50_000_000)  # ~25-50 ms of queued work ahead of the reductions
+        sums = [t.sum(dtype=torch.int64) for t in ts]  # queued, not yet run
+        del ts  # freed to the caching allocator while their reductions are still queued
+        decode(datas)
+        want = 7 * 3 * 256 * 256
+        corrupted += any(int(s) != want for s in sums)
+    return corrupted
+
+
+def check_d(work: Path, dry: bool) -> str:
+    import numpy as np
+    import torch
+
+    from replica.data import JpegBatch
+    from replica.jpeg import decode_jpeg
+    from replica.store import PreparedStore
+
+    st = PreparedStore(stores(work, "jpeg", dry), "train")
+    dev = torch.device("cpu" if dry else "cuda:0")
+    n = min(len(st), 64)
+    datas, _, _ = st.encoded(np.arange(n))
+    zeros = torch.zeros(n, dtype=torch.int64)
+    flips = torch.zeros(n, dtype=torch.bool)
+    crop = st.size
+    gpu, ok_g, bad_g = JpegBatch(datas, zeros, zeros, flips, crop, [str(i) for i in range(n)]).decode(dev)
+    cpu, ok_c, bad_c = JpegBatch(datas, zeros, zeros, flips, crop, [str(i) for i in range(n)]).decode("cpu")
+    assert not bad_g and not bad_c, (bad_g, bad_c)
+    diff = (gpu.cpu().int() - cpu.int()).abs()
+    mean, mx = diff.float().mean().item(), int(diff.max())
+    assert mean < 2.0, f"nvJPEG and libjpeg-turbo differ by {mean:.2f} levels on average"
+    iters = 3 if dry else 200
+    batch = datas[:8]
+    ours = _race(lambda d: JpegBatch(d, zeros[:8], zeros[:8], flips[:8], crop, ["x"] * 8).decode(dev), batch, dev,
+                 iters)
+    line = (f"{n} images: mean |nvJPEG − CPU| {mean:.3f}, max {mx} levels; race stress {iters} iterations: "
+            f"{ours} corrupted through replica's decode")
+    if not dry:  # torchvision's bare call beside it, for the record (not a failure of ours)
+        bare = _race(lambda d: decode_jpeg(d, device=dev), batch, dev, iters)
+        line += f", {bare} through a bare decode_jpeg(list, device='cuda')"
+    assert ours == 0, line
+    return line
+
+
+def check_e(work: Path, dry: bool) -> str:
+    if dry:
+        import bench
+
+        bench.parser().parse_args(NEEDS["bench_args"])
+        return "bench.py arguments parse: " + " ".join(NEEDS["bench_args"])
+    workers = str(min(8, max(1, (os.cpu_count() or 2) - 2)))
+    args = [a if a != "8" or NEEDS["bench_args"][i - 1] != "--workers" else workers
+            for i, a in enumerate(NEEDS["bench_args"])]
+    r = subprocess.run([sys.executable, str(ROOT / "tools" / "bench.py"), *args], capture_output=True, text=True,
+                       timeout=remaining("e"), env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    (work / "bench.txt").write_text(r.stdout + r.stderr)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-1500:]
+    lines = r.stdout.splitlines()
+    start = next((i for i, ln in enumerate(lines) if ln.startswith("summary")), 0)
+    return "\n" + "\n".join(lines[start:])
+
+
+def check_f(work: Path, dry: bool) -> str:
+    # the tests that run checks (a), (c), (d) again are left out: they ran above
+    cmd = [sys.executable, "-m", "pytest", "-q", "-m", "cuda", "-k", "not gpu_check", "-p", "no:cacheprovider",
+           str(ROOT / "tests")]
+    if dry:
+        cmd.insert(3, "--collect-only")
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=remaining("f"), cwd=ROOT,
+                       env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    tail = [ln for ln in r.stdout.splitlines() if ln.strip()][-1:] or [r.stderr[-300:]]
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-1000:]
+    return tail[0]
+
+
+# ----------------------------------------------------------------------------------------------
+
+# one deadline for the script and the processes it starts (wall clock: the same in all of them)
+_DEADLINE = float(os.environ.get("GPU_CHECK_DEADLINE") or time.time() + BUDGET_S)
+os.environ["GPU_CHECK_DEADLINE"] = str(_DEADLINE)
+_T0 = time.monotonic()
+
+
+def remaining(check: str) -> int:
+    return max(5, int(min(LIMITS[check], _DEADLINE - time.time())))
+
+
+def run_one(check: str, work: Path, dry: bool) -> int:
+    """In this process: one check; prints its result line; exit status 0 on PASS."""
+    fn = globals()[f"check_{check}"]
+    t0 = time.monotonic()
+    try:
+        line = fn(work, dry)
+    except Exception as e:  # noqa: BLE001  (every failure is a result line, not a crash of the script)
+        text = str(e).strip() or type(e).__name__
+        say(f"FAIL ({check}) {time.monotonic() - t0:5.1f} s: {type(e).__name__}: {text[-2500:]}")
+        return 1
+    say(f"PASS ({check}) {time.monotonic() - t0:5.1f} s: {line}")
+    return 0
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dry-run", action="store_true", help="the plumbing on the CPU: names, tiny runs, no GPU")
+    p.add_argument("--only", default=CHECKS, help="checks to run, e.g. a,d (default: all)")
+    p.add_argument("--one", help=argparse.SUPPRESS)  # run one check in this process (the script's own use)
+    p.add_argument("--work", help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+    if a.one:
+        return run_one(a.one, Path(a.work), a.dry_run)
+    import torch
+
+    say("gpu_check" + (" --dry-run (CPU)" if a.dry_run else "") + ": " + " | ".join(versions()))
+    if not a.dry_run and not torch.cuda.is_available():
+        say(f"gpu_check: no CUDA device visible to {sys.executable}; --dry-run checks the plumbing on the CPU")
+        return 1
+    missing = verify_needs()
+    if missing:
+        say("FAIL (names) missing: " + "; ".join(missing))
+        return 1
+    say(f"PASS (names) {sum(len(v) for v in NEEDS.values())} files, modules, functions, config keys, bench flags")
+    failed = []
+    wanted = [c for c in CHECKS if c in a.only.replace(",", "")]
+    with tempfile.TemporaryDirectory(prefix="gpu_check-") as tmp:
+        work = Path(tmp)
+        for c in wanted:
+            left = remaining(c)
+            if _DEADLINE - time.time() < 10:
+                say(f"SKIP ({c}): the {BUDGET_S} s budget is spent")
+                failed.append(c)
+                continue
+            cmd = [sys.executable, str(Path(__file__).resolve()), "--one", c, "--work", str(work)]
+            if a.dry_run:
+                cmd.append("--dry-run")
+            try:
+                r = subprocess.run(cmd, timeout=left + 15, env=dict(os.environ, PYTHONPATH=str(ROOT),
+                                                                      PYTHONUNBUFFERED="1"))
+                rc = r.returncode
+            except subprocess.TimeoutExpired:
+                say(f"FAIL ({c}): ran past its {left} s limit")
+                rc = 1
+            if rc:
+                failed.append(c)
+    total = time.monotonic() - _T0
+    say(f"gpu_check: {len(wanted) - len(failed)} of {len(wanted)} checks passed in {total:.0f} s"
+        + (f"; failed: {', '.join(failed)}" if failed else ""))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
