@@ -12,6 +12,8 @@ a kernel whose channels cancel at every pixel.
 """
 from __future__ import annotations
 
+import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -224,32 +226,266 @@ def _last_epoch(s: dict) -> str:
     return f"{_pct(r['val_top1_err'])} / {_pct(r.get('val_top5_err'))} (epoch {r['epoch']}{n})"
 
 
-def plot_curves(summaries, dest: Path) -> None:
+# -- runs grouped by config, across seeds ------------------------------------------------------
+
+# Keys that change how a run is carried out, not what it computes: runs differing only in these
+# (and in their seed) are repeats of one config.
+NOT_THE_EXPERIMENT = {"seed", "workers", "devices", "devices_per_process", "checkpoint_minutes", "save_best",
+                      "stall_steps", "compile", "fused_norms", "channels_last", "decode", "strict_data",
+                      "val_batches"}
+
+# SPEC.md §5: the original runs' logged ten-view errors (top-1, top-5 %), and which pair of
+# them measured each of the paper's claims (ablation minus baseline, on the same data)
+ORIGINAL = {"145": (40.66, 18.21), "145-2010": (37.47, 17.00), "145-half": (39.17, 18.23), "148": (42.03, 19.36),
+            "147": (41.06, 18.51)}
+ORIGINAL_PAIRS = {("variant", "one-gpu-half"): ("145-half", "145-2010"), ("norm", False): ("148", "145"),
+                  ("overlap", False): ("147", "145")}
+
+
+def original_difference(change) -> tuple | None:
+    """(top-1, top-5, 'run − run') of the original runs for a config change, or None."""
+    pair = ORIGINAL_PAIRS.get(change)
+    if pair is None:
+        return None
+    (a1, a5), (b1, b5) = ORIGINAL[pair[0]], ORIGINAL[pair[1]]
+    return round(a1 - b1, 2), round(a5 - b5, 2), f"{pair[0]} − {pair[1]}"
+
+
+def _seed(s: dict) -> int:
+    return int(s["config"].get("seed", 0) or 0)
+
+
+def group_runs(summaries) -> list[dict]:
+    """Runs grouped by their config less its seed (and less what does not change the result), in
+    the order each config first appears. Each group: name, diff, runs (by seed)."""
+    groups: dict = {}
+    for s in summaries:
+        key = tuple(sorted((k, repr(v)) for k, v in s["config"].items() if k not in NOT_THE_EXPERIMENT))
+        groups.setdefault(key, []).append(s)
+    out = []
+    for runs in groups.values():
+        runs = sorted(runs, key=_seed)
+        stems = {re.sub(r"-seed\d+$", "", s["name"]) for s in runs}
+        diff = {k: v for k, v in runs[0]["diff"].items() if k not in NOT_THE_EXPERIMENT}
+        name = stems.pop() if len(stems) == 1 else (", ".join(f"{k}={v}" for k, v in diff.items()) or "as-run")
+        out.append(dict(name=name, diff=diff, runs=runs))
+    return out
+
+
+def mean_sd(values) -> tuple:
+    """(mean, sample standard deviation or None with one value, n)."""
+    v = [x for x in values if x is not None]
+    if not v:
+        return None, None, 0
+    m = sum(v) / len(v)
+    sd = math.sqrt(sum((x - m) ** 2 for x in v) / (len(v) - 1)) if len(v) > 1 else None
+    return m, sd, len(v)
+
+
+def t_interval(diffs, level: float = 0.95) -> tuple:
+    """(mean, low, high, n): Student's t interval of the mean, n − 1 degrees of freedom; low and
+    high are None with one value."""
+    from scipy.stats import t
+
+    m, sd, n = mean_sd(diffs)
+    if n < 2:
+        return m, None, None, n
+    half = t.ppf(0.5 + level / 2, n - 1) * sd / math.sqrt(n)
+    return m, m - half, m + half, n
+
+
+def verdict(n: int, low, high, claim) -> str:
+    """The paper's claim (the baseline better by ``claim``, in the interval's units) against the
+    paired interval [low, high] of n seeds."""
+    if claim is None:
+        return "no number claimed"
+    if n < 2:
+        return "one seed: no interval"
+    if low <= 0 <= high:
+        return "not distinguishable from seed noise"
+    if low > 0:
+        return "reproduced" if high >= claim else "smaller than claimed"
+    return "reversed: the ablation is better"
+
+
+def _fmt_ms(m, sd, n) -> str:
+    if m is None:
+        return "—"
+    return f"{100 * m:.2f}" + (f" ± {100 * sd:.2f}" if sd is not None else "")
+
+
+def _views_of(group) -> int:
+    return 10 if all("10-view" in s["eval"] for s in group["runs"] if s["eval"]) else 1
+
+
+def _config_table(groups) -> list[str]:
+    lines = ["## Each config across seeds (error %, mean ± sample standard deviation over seeds)", "",
+             "| config | n | seeds | ten views top-1 | ten views top-5 | one view top-1 | one view top-5 |",
+             "|---|---|---|---|---|---|---|"]
+    for g in groups:
+        evals = [s["eval"] for s in g["runs"] if s["eval"]]
+        cells = []
+        for v in ("10-view", "1-view"):
+            for m in ("top1_err", "top5_err"):
+                cells.append(_fmt_ms(*mean_sd([e[v][m] for e in evals if v in e])))
+        seeds = ", ".join(str(_seed(s)) for s in g["runs"] if s["eval"]) or "—"
+        lines.append(f"| {g['name']} | {len(evals)} | {seeds} | " + " | ".join(cells) + " |")
+    missing = [s for g in groups for s in g["runs"] if not s["eval"]]
+    if missing:
+        lines += ["", "Left out, not evaluated: " + ", ".join(f"`replica eval {s['run']}`" for s in missing)]
+    return lines
+
+
+def paired(base: dict, group: dict, views: int) -> dict:
+    """Per seed, the ablation's error minus the baseline's of the same seed (both measured alike),
+    and the seeds left out with the reason."""
+    by_seed = {_seed(s): s for s in base["runs"]}
+    diffs, left_out = {}, []
+    for s in group["runs"]:
+        seed = _seed(s)
+        b = by_seed.get(seed)
+        if b is None:
+            left_out.append((seed, "no baseline run with this seed"))
+            continue
+        if not s["eval"] or not b["eval"]:
+            left_out.append((seed, "not evaluated" if not s["eval"] else "its baseline is not evaluated"))
+            continue
+        mine, theirs = _basis(s["eval"], views), _basis(b["eval"], views)
+        if mine is None or mine != theirs:
+            why = f"no {views}-view figure" if mine is None or theirs is None else ", ".join(
+                n for n, x, y in zip(("views", "network", "split", "images", "data"), mine, theirs) if x != y) + " differ"
+            left_out.append((seed, f"not comparable ({why})"))
+            continue
+        e, eb = s["eval"][f"{views}-view"], b["eval"][f"{views}-view"]
+        d5 = None if e["top5_err"] is None or eb["top5_err"] is None else e["top5_err"] - eb["top5_err"]
+        diffs[seed] = (e["top1_err"] - eb["top1_err"], d5)
+    return dict(diffs=diffs, left_out=left_out)
+
+
+def _claim_of(diff: dict):
+    """(the config change, the paper's claim about it) for an ablation's diff, or (None, None)."""
+    for (k, v), claim in CLAIMS.items():
+        if diff.get(k) == v:
+            return (k, v), claim
+    return None, None
+
+
+def _interval_text(m, lo, hi) -> str:
+    if m is None:
+        return "n/a"
+    return f"{100 * m:+.2f}" + (f" [{100 * lo:+.2f}, {100 * hi:+.2f}]" if lo is not None else "")
+
+
+def _ablation_table(groups) -> list[str]:
+    base = groups[0]
+    views = _views_of(base)
+    lines = ["", f"## Ablations against {base['name']}, paired by seed ({'ten views' if views == 10 else 'one view'})",
+             "", "Each difference is the ablation's error minus the baseline's of the same seed, in points: "
+             "positive means the baseline is better. Mean over seeds and its 95% confidence interval (Student's t, "
+             "n − 1 degrees of freedom).", "",
+             "| ablation | n | top-1 diff [95% CI] | top-5 diff [95% CI] | the paper's claim | original runs | "
+             "verdict top-1; top-5 |", "|---|---|---|---|---|---|---|"]
+    notes, per_seed = [], []
+    for g in groups[1:]:
+        change, claim = _claim_of(g["diff"])
+        p = paired(base, g, views)
+        d1 = t_interval([d[0] for d in p["diffs"].values()])
+        d5 = t_interval([d[1] for d in p["diffs"].values() if d[1] is not None])
+        if claim:
+            cname, c1, c5 = claim
+            claim_text = f"{cname}: {c1 if c1 is not None else '?'} / {c5 if c5 is not None else '?'}"
+        else:
+            cname, c1, c5, claim_text = None, None, None, "—"
+        orig = original_difference(change)
+        orig_text = f"{orig[0]:.2f} / {orig[1]:.2f} ({orig[2]})" if orig else "—"
+        if not p["diffs"]:
+            v_text = "no pair of comparable runs"
+        elif claim is None:
+            v_text = "not one of the paper's claims"
+        else:
+            pts = lambda c: None if c is None else c / 100  # noqa: E731  (claims are in points, errors fractions)
+            v1 = verdict(d1[3], d1[1], d1[2], pts(c1))
+            v5 = verdict(d5[3], d5[1], d5[2], pts(c5)) if d5[3] else "n/a"
+            v_text = f"{v1} (n={d1[3]}); {v5}"
+        lines.append(f"| {g['name']} | {d1[3]} | {_interval_text(*d1[:3])} | {_interval_text(*d5[:3])} | "
+                     f"{claim_text} | {orig_text} | {v_text} |")
+        if p["diffs"]:
+            per_seed.append(f"- {g['name']}: " + ", ".join(
+                f"seed {k} {100 * a:+.2f} / {'n/a' if b is None else f'{100 * b:+.2f}'}"
+                for k, (a, b) in sorted(p["diffs"].items())))
+        notes += [f"- {g['name']}, seed {seed}: left out, {why}" for seed, why in p["left_out"]]
+    lines += ["", "Per seed (top-1 / top-5 difference):", ""] + per_seed if per_seed else []
+    if notes:
+        lines += ["", "Not paired:", ""] + notes
+    lines += ["", "Verdicts: *reproduced*: the interval excludes 0 on the claimed side and contains the claimed "
+              "difference, or lies above it; *smaller than claimed*: it excludes 0 but lies below the claim; "
+              "*not distinguishable from seed noise*: it contains 0; *one seed: no interval*: n = 1."]
+    return lines
+
+
+def _fig3_table(groups) -> list[str]:
+    lines = ["", f"## Fig. 3 across seeds (the towers separate when their median conv1 colour specificities "
+                 f"differ by ≥ {SEPARATION}; last epoch)", "",
+             "| config | runs | separated | colour-specific tower, per seed |", "|---|---|---|---|"]
+    for g in groups:
+        if g["diff"].get("variant") == "one-gpu-half":
+            continue
+        cells, sep, n = [], 0, 0
+        for s in g["runs"]:
+            cs = next((r.get("colour_specificity") for r in reversed(s["metrics"]) if r.get("colour_specificity")),
+                      None)
+            if not cs or "a" not in cs or "b" not in cs:
+                continue
+            n += 1
+            d = cs["b"] - cs["a"]
+            if abs(d) >= SEPARATION:
+                sep += 1
+                cells.append(f"seed {_seed(s)}: {'b' if d > 0 else 'a'} ({cs['a']:.2f} / {cs['b']:.2f})")
+            else:
+                cells.append(f"seed {_seed(s)}: none ({cs['a']:.2f} / {cs['b']:.2f})")
+        if n:
+            lines.append(f"| {g['name']} | {n} | {sep} of {n} | {'; '.join(cells)} |")
+    return lines if len(lines) > 4 else []
+
+
+def plot_curves(summaries, dest: Path, groups=None) -> None:
+    """Each config's mean curve over its seeds, with the spread (min to max) as a band."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    groups = groups or group_runs(summaries)
     fig, ax = plt.subplots(1, 4, figsize=(20, 4))
-    for s in summaries:
-        m = s["metrics"]
-        if not m:
+
+    def band(a, epochs, per_run, label, style="-"):
+        rows = [r for r in per_run if any(v is not None for v in r.values())]
+        if not rows:
+            return
+        xs = sorted({e for r in rows for e in r})
+        vals = [[r.get(e) for r in rows if r.get(e) is not None] for e in xs]
+        keep = [(x, v) for x, v in zip(xs, vals) if v]
+        xs, vals = [x for x, _ in keep], [v for _, v in keep]
+        mean = [sum(v) / len(v) for v in vals]
+        (line,) = a.plot(xs, mean, style, label=f"{label} (n={len(rows)})")
+        if len(rows) > 1:
+            a.fill_between(xs, [min(v) for v in vals], [max(v) for v in vals], color=line.get_color(), alpha=0.2)
+
+    for g in groups:
+        runs = [s["metrics"] for s in g["runs"] if s["metrics"]]
+        if not runs:
             continue
-        ep = [r["epoch"] for r in m]
-        ax[0].plot(ep, [r["train_loss"] if r["train_loss"] is not None else float("nan") for r in m],
-                   label=s["name"])
-        if "val_top1_err" in m[0]:
-            ax[1].plot(ep, [100 * r["val_top1_err"] for r in m], label=f"{s['name']} top-1")
-            if any(r.get("val_top5_err") is not None for r in m):
-                ax[1].plot(ep, [100 * r["val_top5_err"] if r.get("val_top5_err") is not None else float("nan")
-                                for r in m], "--", label=f"{s['name']} top-5")
-        ax[2].semilogy(ep, [r["lr"]["weight"] for r in m], label=f"{s['name']} weights")
-        for t, style in (("a", "-"), ("b", "--")):
-            vals = [(r.get("colour_specificity") or {}).get(t) for r in m]
-            if any(v is not None for v in vals):
-                ax[3].plot(ep, [v if v is not None else float("nan") for v in vals], style,
-                           label=f"{s['name']} tower {t}")
-    titles = ("train loss", "validation error, one view (%)", "learning rate",
+        series = lambda f: [{r["epoch"]: f(r) for r in m} for m in runs]  # noqa: E731
+        band(ax[0], None, series(lambda r: r.get("train_loss")), g["name"])
+        band(ax[1], None, series(lambda r: 100 * r["val_top1_err"] if r.get("val_top1_err") is not None else None),
+             f"{g['name']} top-1")
+        band(ax[2], None, series(lambda r: (r.get("lr") or {}).get("weight")), g["name"])
+        spec = lambda r, f: f((r.get("colour_specificity") or {}).values()) if len(  # noqa: E731
+            (r.get("colour_specificity") or {})) == 2 else None
+        band(ax[3], None, series(lambda r: spec(r, max)), f"{g['name']} colour-specific tower")
+        band(ax[3], None, series(lambda r: spec(r, min)), f"{g['name']} other tower", "--")
+    ax[2].set_yscale("log")
+    titles = ("train loss", "validation error, one view (%)", "learning rate (weights)",
               "conv1 colour specificity, median per tower")
     for a, t in zip(ax, titles):
         a.set_title(t)
@@ -258,18 +494,22 @@ def plot_curves(summaries, dest: Path) -> None:
         if a.get_legend_handles_labels()[0]:
             a.legend(fontsize=7)
     ax[3].set_ylim(0, 1)
+    fig.suptitle("mean over seeds; band: lowest to highest seed", fontsize=9)
     fig.tight_layout()
     fig.savefig(dest, dpi=110)
     plt.close(fig)
 
 
 def report(runs, out=None) -> Path:
-    """Markdown + PNG: curves, final tables, config differences, the paper's numbers, ablations.
+    """Markdown + PNG: runs grouped by config across seeds, ablations paired by seed with
+    intervals and a verdict for each of the paper's claims, Fig. 3 across seeds, each run's
+    figures, and the paper's numbers.
 
     Final figures come from each run's eval.json (``replica eval``), with the network, views and
     images they were measured on; the last epoch's validation error (one view, possibly a
-    ``val_batches`` sample) is shown apart, never in their place. Ablations compare only figures
-    measured alike: the same views, checkpoint rule, split, images and data as the baseline's.
+    ``val_batches`` sample) is shown apart, never in their place. Ablations pair only figures
+    measured alike: the same views, checkpoint rule, split, images and data as the baseline's
+    of the same seed. The first run's config is the baseline.
     """
     summaries = [_run_summary(Path(r)) for r in runs]
     names = [s["name"] for s in summaries]
@@ -281,11 +521,17 @@ def report(runs, out=None) -> Path:
             raise ReplicaError(f"{s['run']}: no metrics.jsonl or eval.json: not a finished run folder")
     out = Path(out) if out else summaries[0]["run"]
     out.mkdir(parents=True, exist_ok=True)
-    plot_curves(summaries, out / "curves.png")
-    lines = ["# replica report", "", "![learning curves and conv1 colour specificity](curves.png)", "",
-             "## Final errors (top-1 / top-5, %, from `replica eval`)", "",
-             "| run | one view | ten views | network | images | last epoch's validation (one view) |",
-             "|---|---|---|---|---|---|"]
+    groups = group_runs(summaries)
+    plot_curves(summaries, out / "curves.png", groups)
+    lines = ["# replica report", "", "![learning curves and conv1 colour specificity, mean over seeds](curves.png)",
+             ""]
+    lines += _config_table(groups)
+    if len(groups) > 1:
+        lines += _ablation_table(groups)
+    lines += _fig3_table(groups)
+    lines += ["", "## Each run (top-1 / top-5 error, %, from `replica eval`)", "",
+              "| run | one view | ten views | network | images | last epoch's validation (one view) |",
+              "|---|---|---|---|---|---|"]
     for s in summaries:
         ev = s["eval"]
         one, ten = ev.get("1-view"), ev.get("10-view")
@@ -296,9 +542,6 @@ def report(runs, out=None) -> Path:
                          f"{_network(ev)} | {images} | {_last_epoch(s)} |")
         else:
             lines.append(f"| {s['name']} | not evaluated | not evaluated | — | — | {_last_epoch(s)} |")
-    missing = [s for s in summaries if not s["eval"]]
-    if missing:
-        lines += ["", "Not evaluated: " + ", ".join(f"`replica eval {s['run']}`" for s in missing)]
     if any((s["eval"].get(k) or {}).get("top5_err", 0) is None for s in summaries for k in ("1-view", "10-view")):
         lines += ["", "top-5 is n/a with 5 classes or fewer: every label is then in the top 5."]
     lines += ["", "How each figure was measured:", ""]
@@ -307,11 +550,9 @@ def report(runs, out=None) -> Path:
     for s in summaries:
         lines.append(f"- {s['name']}: {describe_eval(s['eval']) if s['eval'] else 'no eval.json'}")
     lines += ["", "## Differences from the as-run preset", ""]
-    for s in summaries:
-        d = ", ".join(f"`{k}={v}`" for k, v in s["diff"].items()) or "none"
-        lines.append(f"- {s['name']}: {d}")
-    if len(summaries) > 1:
-        lines += _ablations(summaries)
+    for g in groups:
+        d = ", ".join(f"`{k}={v}`" for k, v in g["diff"].items()) or "none"
+        lines.append(f"- {g['name']} ({len(g['runs'])} run{'s' if len(g['runs']) > 1 else ''}): {d}")
     lines += _paper_table(summaries)
     (out / "report.md").write_text("\n".join(lines) + "\n")
     return out / "report.md"
@@ -328,38 +569,6 @@ def _paper_table(summaries) -> list[str]:
     lines = ["", f"## The paper and the original run (SPEC.md §5, {' and '.join(DATASETS[d] for d in present)}, "
                  f"ten views)", "", "| config | original run log | paper |", "|---|---|---|"]
     lines += [f"| {a} | {b} | {c} |" for d, a, b, c in PAPER if d in present]
-    return lines
-
-
-def _ablations(summaries) -> list[str]:
-    base = summaries[0]
-    views = 10 if "10-view" in base["eval"] else 1
-    basis = _basis(base["eval"], views)
-    if basis is None:
-        return ["", f"## Ablations against {base['name']}", "",
-                f"The baseline has no evaluation: run `replica eval {base['run']}` (and the same for each run) "
-                f"to compare them."]
-    b = base["eval"][f"{views}-view"]
-    what = (f"{'ten views' if views == 10 else 'one view'}, {_network(base['eval']).split(',')[0]} network, "
-            f"{basis[3]:,} {base['eval'].get('images_of', 'images')} of {basis[4]}")
-    lines = ["", f"## Ablations against {base['name']} ({what})", "",
-             "| run | top-1 / top-5 | baseline better by | the paper's claim |", "|---|---|---|---|"]
-    for s in summaries[1:]:
-        claim = next((f"{n}: {c1 if c1 is not None else '?'} / {c5 if c5 is not None else '?'}"
-                      for (k, v), (n, c1, c5) in CLAIMS.items() if s["diff"].get(k) == v), "—")
-        mine = _basis(s["eval"], views)
-        if not s["eval"]:
-            lines.append(f"| {s['name']} | not evaluated (`replica eval {s['run']}`) | — | {claim} |")
-            continue
-        if mine != basis:
-            why = "no such view count" if mine is None else ", ".join(
-                n for n, x, y in zip(("views", "network", "split", "images", "data"), mine, basis) if x != y)
-            lines.append(f"| {s['name']} | not comparable ({why} differ) | — | {claim} |")
-            continue
-        e = s["eval"][f"{views}-view"]
-        d5 = "n/a" if e["top5_err"] is None or b["top5_err"] is None else f"{100 * (e['top5_err'] - b['top5_err']):+.2f}"
-        delta = f"{100 * (e['top1_err'] - b['top1_err']):+.2f} / {d5}"
-        lines.append(f"| {s['name']} | {_pair(e)} | {delta} | {claim} |")
     return lines
 
 

@@ -18,6 +18,10 @@ from .runs import atomic_write, load_checkpoint, run_checkpoint
 from .runtime import fast_bf16, set_cuda_numerics
 
 
+# what eval.json, the printed table and the report call images of a store that has no val split
+TRAIN_SPLIT_ONLY = "training images (the store has no val split)"
+
+
 def model_from_checkpoint(ckpt: dict, devices="auto") -> AlexNet:
     m = ckpt["meta"]
     model = AlexNet(m["num_classes"], devices=devices, preset=m["preset"], variant=m["variant"], norm=m["norm"],
@@ -83,6 +87,9 @@ def run_eval(target, data=None, views=(1, 10), devices="auto", batch: int = 32, 
         if data is None:
             raise ReplicaError("no --data given and the checkpoint names none")
     images = open_split(data, split, training_data=ckpt["config"].get("data"))
+    images_of = {"train": "training images", "val": "validation images", "test": "test images"}[split]
+    if split == "val" and getattr(images, "split", None) == "train" and (Path(data) / "meta.json").exists():
+        images_of = TRAIN_SPLIT_ONLY  # a store records its splits: this one holds training images only
     images, subset = match_classes(images, ckpt["meta"]["classes"], data)
     if len(images) == 0:
         raise ReplicaError(f"{data}: the {split} split holds no images")
@@ -93,8 +100,7 @@ def run_eval(target, data=None, views=(1, 10), devices="auto", batch: int = 32, 
     prog = ckpt["progress"]
     out = dict(checkpoint=str(ckpt_path), network=checkpoint if target.is_dir() else "file",
                epoch=prog.get("epoch"), step=prog.get("step"), finished=bool(prog.get("done")),
-               split=split, images_of={"train": "training images", "val": "validation images",
-                                       "test": "test images"}[split],
+               split=split, images_of=images_of,
                data=str(data), dataset=ckpt["meta"].get("dataset"), classes=len(ckpt["meta"]["classes"]),
                classes_evaluated=subset or "all",
                precision="bf16" if bf16 else "fp32", device=" + ".join(map(str, model.devices)),
@@ -129,6 +135,9 @@ def format_eval(r: dict) -> str:
         lines.append(f"top-5: n/a with {r.get('classes')} classes (every label is in the top 5)")
     if r.get("split") == "train":
         lines.append("measured on the TRAINING images (--split train), not held-out data")
+    if r.get("images_of") == TRAIN_SPLIT_ONLY:
+        lines.append(f"measured on TRAINING images: {r.get('data')} is a store with a train split only, not held-out "
+                     f"data (prepare held-out images with --val DIR, or give them as a class-folder tree)")
     lines.append(describe_eval(r))
     return "\n".join(lines)
 

@@ -58,7 +58,8 @@ def test_filter_image_contrast_normalizes_each_kernel():
     assert format_filters([]) .startswith("run")
 
 
-def _fake_run(root, name, diff, errs, epochs=3, images=1000, network="last", evaluated=True, dataset="ilsvrc2012"):
+def _fake_run(root, name, diff, errs, epochs=3, images=1000, network="last", evaluated=True, dataset="ilsvrc2012",
+              spec=None):
     import json
 
     import yaml
@@ -72,7 +73,7 @@ def _fake_run(root, name, diff, errs, epochs=3, images=1000, network="last", eva
         for e in range(1, epochs + 1):
             f.write(json.dumps(dict(epoch=e, train_loss=2.0 / e, val_top1_err=0.5, val_top5_err=0.2, val_images=64,
                                     lr={"weight": 0.01 / e},
-                                    colour_specificity={"a": 0.7 - 0.1 * e, "b": 0.7 + 0.05 * e})) + "\n")
+                                    colour_specificity=spec or {"a": 0.7 - 0.1 * e, "b": 0.7 + 0.05 * e})) + "\n")
     if evaluated:  # as run_eval writes it
         (d / "eval.json").write_text(json.dumps(dict(
             checkpoint=str(d / f"{network}.pt"), network=network, epoch=epochs, step=30 * epochs, finished=True,
@@ -95,13 +96,14 @@ def test_report_tables_curves_config_difference_and_ablation_deltas(tmp_path, ca
     md = (tmp_path / "rep" / "report.md").read_text()
     assert ("| baseline | 42.00 / 20.00 | 40.00 / 18.00 | final, epoch 3 | 1,000 validation images | "
             "50.00 / 20.00 (epoch 3, 64 images) |") in md
-    assert "- no-norm: `norm=False`" in md and "- baseline: none" in md
-    assert "## Ablations against baseline (ten views, final network, 1,000 validation images of /data/store)" in md
-    assert "| no-norm | 41.37 / 19.15 | +1.37 / +1.15 | LRN: 1.4 / 1.2 |" in md
+    assert "- no-norm (1 run): `norm=False`" in md and "- baseline (1 run): none" in md
+    assert "## Ablations against baseline, paired by seed (ten views)" in md
+    assert "| no-norm | 1 | +1.37 | +1.15 | LRN: 1.4 / 1.2 | 1.37 / 1.15 (148 − 145) | one seed: no interval (n=1); " \
+           "one seed: no interval |" in md
     # unlike figures are never set against the baseline's: other images, another checkpoint rule, none
-    assert "| no-overlap | not comparable (images differ) | — |" in md
-    assert "| no-pca | not comparable (network differ) | — |" in md
-    assert f"| no-dropout | not evaluated (`replica eval {bare}`) | — |" in md
+    assert "- no-overlap, seed 0: left out, not comparable (images differ)" in md
+    assert "- no-pca, seed 0: left out, not comparable (network differ)" in md
+    assert "- no-dropout, seed 0: left out, not evaluated" in md
     assert "| no-dropout | not evaluated | not evaluated | — | — | 50.00 / 20.00 (epoch 3, 64 images) |" in md
     assert "- baseline: final network (last.pt), epoch 3, step 90; 1,000 validation images of /data/store" in md
     assert "40.66 / 18.21" in md and "ILSVRC-2012 val" in md  # the original run's log beside, for its dataset
@@ -163,6 +165,14 @@ def test_reproduce_runs_baseline_and_every_ablation_in_tiny_mode(tmp_path):
         assert f"| {name}-seed0 |" in md
         assert (tmp_path / "out" / f"{name}-seed0" / "eval.json").exists()
     assert "LRN: 1.4 / 1.2" in md and "two GPUs: 1.7 / 1.2" in md and "overlapping pooling: 0.4 / 0.3" in md
+    # a second seed (seed 0's runs are reused): the report groups the seeds and pairs them
+    path = reproduce(tmp_path / "st", tmp_path / "out", seeds=(0, 1), ablations=["no-norm"], tiny=True,
+                     progress=False, overrides=["devices=cpu"])
+    md = path.read_text()
+    assert "| alexnet-2gpu | 2 | 0, 1 |" in md and "| no-norm | 2 | 0, 1 |" in md
+    row = next(ln for ln in md.split("## Ablations")[1].splitlines() if ln.startswith("| no-norm | 2 | "))
+    assert " [" in row and "(n=2)" in row and "LRN: 1.4 / 1.2" in row  # an interval, and a verdict with n
+    assert "- no-norm: seed 0 " in md and ", seed 1 " in md
 
 
 def test_the_picture_says_what_it_shows_and_that_a_short_run_cannot_show_the_split(tmp_path, capsys):
@@ -185,3 +195,69 @@ def test_the_picture_says_what_it_shows_and_that_a_short_run_cannot_show_the_spl
     assert (a[:30] < 128).any()  # dark text in the strip above the kernels
     assert main(["filters", str(tmp_path / "short.pt")]) == 0
     assert "note: a short run (1,000 steps)" in capsys.readouterr().out
+
+
+def test_report_across_seeds_means_paired_intervals_and_verdicts(tmp_path):
+    """Hand-made eval.json/config.yaml with known numbers: grouping by config, mean and sample
+    standard deviation, paired differences, Student's t intervals, every verdict, n = 1, a run
+    that is not comparable, and Fig. 3 across seeds."""
+    from replica.analysis import report
+
+    T2 = 4.302652729911275  # Student's t, 97.5%, 2 degrees of freedom (tables)
+    base_top1 = {0: 0.40, 1: 0.41, 2: 0.42}
+    specs = {0: {"a": 0.30, "b": 0.60}, 1: {"a": 0.70, "b": 0.20}, 2: {"a": 0.40, "b": 0.45}}
+    deltas = {"no-norm": ({"norm": False}, (0.014, 0.012, 0.016)),  # 1.4 ± 0.50: contains the claim 1.4
+              "no-overlap": ({"overlap": False}, (0.001, 0.002, 0.0015)),  # [0.03, 0.27]: below the claim 0.4
+              "one-gpu-half": ({"variant": "one-gpu-half"}, (-0.01, 0.02, 0.005)),  # contains 0
+              "no-pca": ({"pca_noise": False}, (0.02,)),  # one seed
+              "no-dropout": ({"dropout": False}, (0.05, 0.05))}  # seed 1 measured on other images
+    runs = []
+    for seed, e in base_top1.items():
+        runs.append(_fake_run(tmp_path, f"alexnet-2gpu-seed{seed}", {"seed": seed, "workers": seed},
+                              (e + 0.02, 0.20, e, 0.18 + seed / 100), spec=specs[seed]))
+    for name, (diff, ds) in deltas.items():
+        for seed, d in enumerate(ds):
+            runs.append(_fake_run(tmp_path, f"{name}-seed{seed}", dict(diff, seed=seed),
+                                  (0.5, 0.2, base_top1[seed] + d, 0.18 + seed / 100 + d / 2),
+                                  images=500 if (name == "no-dropout" and seed == 1) else 1000))
+    md = report(runs, tmp_path / "rep").read_text()
+    # grouped: seeds (and the loader's workers) are not part of a config
+    assert "| alexnet-2gpu | 3 | 0, 1, 2 | 41.00 ± 1.00 | 19.00 ± 1.00 | 43.00 ± 1.00 | 20.00 ± 0.00 |" in md
+    assert "| no-pca | 1 | 0 | 42.00 | 19.00 | 50.00 | 20.00 |" in md
+    # paired differences: mean, t interval with n − 1 degrees of freedom
+    half = T2 * 0.2 / 3 ** 0.5
+    assert (f"| no-norm | 3 | +1.40 [{1.4 - half:+.2f}, {1.4 + half:+.2f}] | +0.70 [{0.7 - half / 2:+.2f}, "
+            f"{0.7 + half / 2:+.2f}] | LRN: 1.4 / 1.2 | 1.37 / 1.15 (148 − 145) | reproduced (n=3); "
+            f"smaller than claimed |") in md
+    half = T2 * 0.05 / 3 ** 0.5
+    assert (f"| no-overlap | 3 | +0.15 [{0.15 - half:+.2f}, {0.15 + half:+.2f}] |" in md
+            and "| 0.40 / 0.30 (147 − 145) | smaller than claimed (n=3);" in md)
+    assert "| one-gpu-half | 3 | +0.50 [" in md and "1.70 / 1.23 (145-half − 145-2010) | not distinguishable from " \
+                                                    "seed noise (n=3);" in md
+    assert "| no-pca | 1 | +2.00 | +1.00 | PCA noise: 1.0 / ? | — | one seed: no interval (n=1); no number claimed |" in md
+    assert "| no-dropout | 1 | +5.00 | +2.50 | dropout: ? / ? | — | no number claimed (n=1); no number claimed |" in md
+    assert "- no-dropout, seed 1: left out, not comparable (images differ)" in md
+    assert "- no-norm: seed 0 +1.40 / +0.70, seed 1 +1.20 / +0.60, seed 2 +1.60 / +0.80" in md
+    # Fig. 3 across seeds: which tower came out colour-specific in each run
+    assert ("| alexnet-2gpu | 3 | 2 of 3 | seed 0: b (0.30 / 0.60); seed 1: a (0.70 / 0.20); "
+            "seed 2: none (0.40 / 0.45) |") in md
+    assert "one-gpu-half |" not in md.split("## Fig. 3")[1].split("##")[0]  # one tower: no split to show
+    assert (tmp_path / "rep" / "curves.png").stat().st_size > 10_000
+
+
+def test_verdicts_and_intervals():
+    from replica.analysis import original_difference, t_interval, verdict
+
+    assert verdict(1, None, None, 1.4) == "one seed: no interval"
+    assert verdict(3, 0.9, 1.9, 1.4) == "reproduced"
+    assert verdict(3, 1.5, 1.9, 1.4) == "reproduced"  # above the claim
+    assert verdict(3, 0.1, 0.3, 0.4) == "smaller than claimed"
+    assert verdict(3, -0.1, 0.3, 0.4) == "not distinguishable from seed noise"
+    assert verdict(3, -0.5, -0.1, 0.4) == "reversed: the ablation is better"
+    assert verdict(3, 0.1, 0.3, None) == "no number claimed"
+    m, lo, hi, n = t_interval([1.0, 2.0])
+    assert (m, n) == (1.5, 2) and abs(hi - 1.5 - 12.706204736 * 0.5 ** 0.5 / 2 ** 0.5) < 1e-6
+    # SPEC.md §5: 148 − 145, 147 − 145, 145-half − 145-2010
+    assert original_difference(("norm", False)) == (1.37, 1.15, "148 − 145")
+    assert original_difference(("overlap", False)) == (0.40, 0.30, "147 − 145")
+    assert original_difference(("variant", "one-gpu-half")) == (1.70, 1.23, "145-half − 145-2010")

@@ -179,3 +179,23 @@ def test_capped_validation_takes_images_from_every_class_not_the_first_batches()
     assert list(labels) == sorted(labels)  # the same images every time, in order
     whole = EvalBatches(Sorted(), batch=8)
     assert sum(len(whole[i][1]) for i in range(len(whole))) == 200
+
+
+def test_eval_on_a_store_without_a_val_split_says_training_images(store, tmp_path, capsys):
+    """A store prepared from a training folder alone: its images are training images, and
+    eval.json, the printed table and the report say so."""
+    from replica.synth import synth
+
+    synth(tmp_path / "s", classes=4, train_per_class=3, val_per_class=0, seed=5, workers=1, progress=False)
+    prepare(tmp_path / "s" / "train", tmp_path / "trainonly", workers=1, progress=False)
+    run = tmp_path / "run"
+    train(tiny(store, epochs=1, steps_per_epoch=1), run, progress=False)
+    capsys.readouterr()
+    assert main(["eval", str(run), "--devices", "cpu", "--data", str(tmp_path / "trainonly"), "--workers", "0"]) == 0
+    out = capsys.readouterr().out
+    assert "validation images" not in out and "training images (the store has no val split)" in out
+    assert "measured on TRAINING images" in out
+    ev = json.loads((run / "eval.json").read_text())
+    assert ev["images_of"] == "training images (the store has no val split)" and ev["1-view"]["images"] == 12
+    assert main(["report", str(run)]) == 0
+    assert "12 training images (the store has no val split)" in (run / "report.md").read_text()
