@@ -367,7 +367,18 @@ def kaggle(root: Path):
     notes = [f"train: {train_dir.relative_to(root)}/ ({len(classes):,} WNID folders)"]
     sol = root / "LOC_val_solution.csv"
     val_dir = data / "val"
-    if val_dir.is_dir():
+    sorted_val = [d for d in val_dir.iterdir() if d.is_dir() and d.name in index] if val_dir.is_dir() else []
+    if sorted_val:  # val already moved into WNID folders (the common valprep.sh): the folders are the labels
+        vi, vl = [], []
+        for d in sorted(sorted_val):
+            for p in sorted(d.iterdir()):
+                if p.is_file() and is_image_name(p.name):
+                    vi.append(str(p))
+                    vl.append(index[d.name])
+        splits["val"] = (vi, vl)
+        notes.append(f"val: {val_dir.relative_to(root)}/ sorted into {len(sorted_val):,} WNID folders (as valprep.sh "
+                     f"leaves it): labels from the folders")
+    elif val_dir.is_dir():
         if not sol.exists():
             raise ReplicaError(f"{val_dir}: validation images with no labels: LOC_val_solution.csv is missing "
                                f"from {root}")

@@ -28,6 +28,7 @@ interrupted ``prepare`` resumes where it stopped.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -49,6 +50,17 @@ log = logging.getLogger("replica")
 
 FORMAT_VERSION = 1
 STATE = ".prepare-state.npz"
+LOCK = ".prepare.lock"
+# The resume state (every chunk's flags, the JPEG index, the pixel sums) is rewritten whole, with
+# an fsync of the data files before it: at ImageNet's size ~23 MB a time. Once a second that was
+# 14-60 GB of writes over a prepare; now at most every STATE_EVERY_S seconds, and at least every
+# STATE_EVERY_FRACTION of the chunks (small sets: each chunk), and at the end. A crash loses at
+# most the chunks finished since the last state, which a resume redoes.
+STATE_EVERY_S = 30.0
+STATE_EVERY_FRACTION = 0.02
+# what a prepare worker is limited to: it decodes one image at a time, and 16 workers × 16
+# BLAS/OpenMP threads each would oversubscribe the machine 16-fold
+WORKER_THREADS = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 JPEG_QUALITY = 90  # 28 KB an image, 3,600 decodes/s per core, mean image within 0.28 of raw (docs/performance.md)
 JPEG_FROM_IMAGES = 50_000  # format=auto: JPEG for sets this large (ImageNet: 36 GB, not 262), raw below
 
@@ -74,7 +86,7 @@ class PixelStats:
         self.images += 1
 
     def merge(self, other: "PixelStats") -> None:
-        self.image_sum += other.image_sum
+        self.image_sum += other.image_sum  # float64 += a chunk's whole-number sums (any dtype)
         self.s1 += other.s1
         self.s2 += other.s2
         self.images += other.images
@@ -85,7 +97,8 @@ class PixelStats:
     @classmethod
     def from_arrays(cls, a) -> "PixelStats":
         st = cls(a["image_sum"].shape[-1])
-        st.image_sum, st.s1, st.s2, st.images = a["image_sum"].copy(), a["s1"].copy(), a["s2"].copy(), int(a["images"])
+        st.image_sum = a["image_sum"].astype(np.float64)  # a copy, whatever dtype it travelled in
+        st.s1, st.s2, st.images = a["s1"].copy(), a["s2"].copy(), int(a["images"])
         return st
 
     def result(self) -> tuple[np.ndarray, dict]:
@@ -145,8 +158,10 @@ def usable_cpus() -> int:
 _W: dict = {}
 
 
-def _worker_init(out: str, splits: list, size: int, max_pixels: int, fmt: str, quality: int):
+def _worker_init(out: str, splits: list, size: int, max_pixels: int, fmt: str, quality: int, pool: bool = False):
     _W.update(out=out, size=size, max_pixels=max_pixels, fmt=fmt, quality=quality)
+    if pool:  # a worker process: one thread (its BLAS/OpenMP pools read WORKER_THREADS at start)
+        torch.set_num_threads(1)
     if fmt == "raw":
         _W["fds"] = {k: os.open(Path(out) / k / "images.u8", os.O_WRONLY) for k in splits}
 
@@ -157,6 +172,20 @@ def _encode(img: np.ndarray, quality: int) -> tuple[bytes, np.ndarray]:
 
     data = encode_jpeg(torch.from_numpy(np.ascontiguousarray(img)), quality=quality)
     return data.numpy().tobytes(), decode_jpeg(data).numpy()
+
+
+def pwrite_all(fd: int, data: bytes, offset: int) -> None:
+    """All of ``data`` at ``offset``: ``os.pwrite`` may write less than asked (a signal, a quota,
+    the last blocks of a disk); the rest is written again, and a write of nothing is a full disk
+    (an unchecked short write left a row partly zero and marked ok)."""
+    import errno
+
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view, offset)
+        if n <= 0:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        view, offset = view[n:], offset + n
 
 
 def _worker_chunk(task):
@@ -189,14 +218,23 @@ def _worker_chunk(task):
                 encoded.append(b"")
             continue
         if fmt == "raw":
-            os.pwrite(_W["fds"][split], np.ascontiguousarray(img).tobytes(), (start + i) * row)
+            pwrite_all(_W["fds"][split], np.ascontiguousarray(img).tobytes(), (start + i) * row)
         else:
             data, img = _encode(img, _W["quality"])  # statistics of the pixels the net will see
             encoded.append(data)
         ok[i] = True
         if stats is not None:
             stats.add_image(img)
-    return split, chunk, ok, skips, (stats.arrays() if stats is not None else None), encoded
+    return split, chunk, ok, skips, (_compact(stats) if stats is not None else None), encoded
+
+
+def _compact(stats: PixelStats) -> dict:
+    """A chunk's sums for the pipe: its mean-image sum is whole numbers (≤ 255 × the chunk's
+    images), so uint16 holds it exactly up to 257 images: 393 KB a chunk of 256², not the
+    1.57 MB (~24 KB an image, the size of the JPEG itself) of float64."""
+    a = stats.arrays()
+    a["image_sum"] = a["image_sum"].astype(np.uint16 if stats.images * 255 <= 65535 else np.uint32)
+    return a
 
 
 def _estimate_bytes(source: Source, size: int, fmt: str, quality: int, max_pixels: int) -> int:
@@ -269,6 +307,42 @@ def prepare(src, out, val=None, size: int = 256, workers: int | None = None, chu
         raise ReplicaError(f"quality: expected 1 to 100, got {quality}")
     fp = _fingerprint(source, size, fmt, quality)
     out.mkdir(parents=True, exist_ok=True)
+    with _locked(out):
+        try:
+            return _prepare_into(out, source, old, fp, fmt, quality, size, chunk, total, max_pixels, workers,
+                                 progress, on_chunk)
+        except OSError as e:  # ENOSPC, EIO, a quota, in any write of this process: one line, resumable
+            why = os.strerror(e.errno) if e.errno else str(e)
+            raise ReplicaError(f"writing the store in {out} failed: {why}; every finished chunk is kept: free "
+                               f"space (or fix the disk), then run the same 'replica prepare' again to resume") from None
+
+
+@contextlib.contextmanager
+def _locked(out: Path):
+    """One prepare at a time into ``out``: a second one would interleave its writes with the
+    first's (tried: the first then died on its vanished state file). An advisory lock on
+    ``out/.prepare.lock``, released by the kernel when the process ends, however it ends."""
+    import fcntl
+
+    fd = os.open(out / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "another process"
+            raise ReplicaError(f"{out}: another 'replica prepare' is writing this store ({holder}); wait for it "
+                               f"to finish (or stop it), then run this one again to resume") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()}".encode(), 0)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _prepare_into(out: Path, source: Source, old, fp: str, fmt: str, quality: int, size: int, chunk: int,
+                  total: int, max_pixels: int, workers, progress: bool, on_chunk) -> dict:
+    """The writing part of :func:`prepare`, under its lock."""
+    meta_path = out / "meta.json"
     if old is not None:
         if old.get("fingerprint") == fp and old.get("complete"):
             return old  # nothing to do: the same source is already prepared here
@@ -365,15 +439,17 @@ def prepare(src, out, val=None, size: int = 256, workers: int | None = None, chu
         if todo:
             bar = _bar(total, resumed_images=sum(min(chunk, len(source.splits[c[0]].items) - c[2]) for c in chunks
                                                   if done[c[0]][c[1]]), enabled=progress)
-            last_save, finished = 0.0, resumed
+            last_save, finished = time.time(), resumed
+            last_saved_chunks = resumed
 
             def handle(result):
-                nonlocal last_save, finished
+                nonlocal last_save, finished, last_saved_chunks
                 bar.update(record(result))
                 finished += 1
-                if time.time() - last_save > 1.0:  # at most one state write a second
+                since = finished - last_saved_chunks
+                if time.time() - last_save >= STATE_EVERY_S or since >= max(1, STATE_EVERY_FRACTION * len(chunks)):
                     save_state()
-                    last_save = time.time()
+                    last_save, last_saved_chunks = time.time(), finished
                 bar.set_postfix(skipped=len(skips), refresh=False)
                 if on_chunk is not None:
                     on_chunk(finished, len(chunks))
@@ -386,15 +462,32 @@ def prepare(src, out, val=None, size: int = 256, workers: int | None = None, chu
                 bar.close()
     finally:
         for f in appends.values():
-            f.close()
+            with contextlib.suppress(OSError):  # a failed flush here was raised (and said) already
+                f.close()
         for fd in readers.values():
             os.close(fd)
     return _finish(out, source, meta, ok_flags, skips, stats, resumed, time.time() - t0, index if fmt == "jpeg" else None)
 
 
+@contextlib.contextmanager
+def single_threaded_children():
+    """Processes started inside inherit :data:`WORKER_THREADS` (a spawned child reads its thread
+    limits from the environment when numpy and torch load); this process's own are restored."""
+    before = {k: os.environ.get(k) for k in WORKER_THREADS}
+    os.environ.update(WORKER_THREADS)
+    try:
+        yield
+    finally:
+        for k, v in before.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def _pool_worker(conn, args) -> None:
     """A prepare worker: chunks in over its own pipe, results out; None ends it."""
-    _worker_init(*args)
+    _worker_init(*args, pool=True)
     while True:
         task = conn.recv()
         if task is None:
@@ -432,13 +525,14 @@ def _run_chunks(tasks, handle, workers: int, args, out):
         ctx = mp.get_context("spawn")
         procs, conns, clean = [], [], False
         try:
-            for _ in range(workers):
-                mine, theirs = ctx.Pipe()
-                p = ctx.Process(target=_pool_worker, args=(theirs, args), daemon=True)
-                p.start()
-                theirs.close()  # only the worker holds its end: its death closes the pipe
-                procs.append(p)
-                conns.append(mine)
+            with single_threaded_children():
+                for _ in range(workers):
+                    mine, theirs = ctx.Pipe()
+                    p = ctx.Process(target=_pool_worker, args=(theirs, args), daemon=True)
+                    p.start()
+                    theirs.close()  # only the worker holds its end: its death closes the pipe
+                    procs.append(p)
+                    conns.append(mine)
             queue, busy = iter(tasks), {}  # busy: chunks sent to a worker and not yet back
             for _ in range(2):  # two in flight each: a worker starts its next chunk while this process records
                 for conn in conns:

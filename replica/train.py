@@ -2,7 +2,9 @@
 
 Everything random is either derived from (seed, epoch, batch) — data order, crops, flips,
 colour noise — or kept in the checkpoint — the dropout RNG — so a run stopped anywhere and
-resumed ends with the same parameters as one that never stopped.
+resumed ends with the same parameters as one that never stopped: bit for bit on the CPU (tested);
+on a GPU only with ``deterministic=true`` (cuDNN may otherwise pick nondeterministic algorithms),
+which has not run on a GPU yet.
 
 Under torchrun every process takes each decision that leads into a collective (save, stop,
 give up on an error) at the same step: :class:`Ranks` all-reduces one small flag tensor per

@@ -255,3 +255,21 @@ def test_bad_images_inside_archives_are_skipped_or_converted(tmp_path):
     skipped = (tmp_path / "st" / "skipped.tsv").read_text()
     assert "ILSVRC2012_img_train.tar:n01440764.tar/trunc.JPEG" in skipped and "empty.JPEG" in skipped
     check_labels(tmp_path / "st", "train", 9)
+
+
+def test_kaggle_val_sorted_into_class_folders(tmp_path):
+    """valprep.sh moves Kaggle's val images into val/<WNID>/: the folders are then the labels."""
+    root = tmp_path / "kaggle"
+    data = root / "ILSVRC" / "Data" / "CLS-LOC"
+    for i, w in enumerate(WNIDS):
+        (data / "train" / w).mkdir(parents=True)
+        (data / "train" / w / f"{w}_0.JPEG").write_bytes(jpeg(i))
+    for k, c in enumerate(VAL_TRUE, 1):
+        d = data / "val" / WNIDS[c]
+        d.mkdir(parents=True, exist_ok=True)
+        (d / f"ILSVRC2012_val_{k:08d}.JPEG").write_bytes(jpeg(c))
+    (root / "LOC_synset_mapping.txt").write_text("".join(f"{w} {WORDS[w]}\n" for w in WNIDS))
+    src = find_source(root)
+    assert "sorted into" in " ".join(src.notes)
+    prepare(root, tmp_path / "st", workers=1, progress=False)
+    assert sorted(check_labels(tmp_path / "st", "val", 6)) == sorted(VAL_TRUE)

@@ -202,3 +202,150 @@ def test_workers_default_to_the_cpus_this_process_may_use(synth_src, tmp_path, m
                         real(tasks, handle, workers, *a))
     prepare(synth_src, tmp_path / "st", chunk=4, progress=False)  # 8 chunks: room for 8 workers
     assert seen == [1]
+
+
+def test_short_pwrites_are_completed_and_a_zero_write_is_a_full_disk(tmp_path, monkeypatch):
+    """os.pwrite may write less than asked: the rest is written (a row is never left partly zero
+    and marked ok), and a write of nothing is ENOSPC."""
+    real = os.pwrite
+    monkeypatch.setattr(os, "pwrite", lambda fd, data, off: real(fd, bytes(data[:7]), off))  # 7 bytes a call
+    path = tmp_path / "rows"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT)
+    try:
+        data = bytes(range(256)) * 3
+        store_mod.pwrite_all(fd, data, 100)
+        assert path.read_bytes()[100:] == data
+        monkeypatch.setattr(os, "pwrite", lambda fd, data, off: 0)
+        with pytest.raises(OSError) as e:
+            store_mod.pwrite_all(fd, b"abc", 0)
+        assert e.value.errno == errno.ENOSPC
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.parametrize("where", ["append", "flush", "finish"])
+def test_enospc_in_the_main_process_writes_is_one_line_and_resumes(synth_src, tmp_path, monkeypatch, capsys, where):
+    """A JPEG prepare appends the encoded bytes in the main process: a full disk there (in the
+    write, the flush that precedes each state, or the final files) is one line, and the same
+    command resumes to the store a clean run makes."""
+    import builtins
+
+    real_open, real_save = builtins.open, np.save
+    writes = []
+
+    class Full:
+        def __init__(self, f):
+            self.f = f
+
+        def write(self, b):
+            writes.append(len(b))
+            if where == "append" and len(writes) > 5:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            return self.f.write(b)
+
+        def flush(self):
+            if where == "flush" and len(writes) > 5:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            return self.f.flush()
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+    def opener(path, mode="r", *a, **k):
+        f = real_open(path, mode, *a, **k)
+        return Full(f) if mode == "ab" and str(path).endswith("images.jpeg") else f
+
+    def save(path, *a, **k):
+        if where == "finish" and str(path).endswith("labels.npy"):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_save(path, *a, **k)
+
+    monkeypatch.setattr(builtins, "open", opener)
+    monkeypatch.setattr(np, "save", save)
+    argv = ["prepare", str(synth_src), str(tmp_path / "st"), "--workers", "1", "--chunk", "4", "--format", "jpeg"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "No space left on device" in err and "run the same 'replica prepare' again to resume" in err, err
+    assert "Traceback" not in err
+    monkeypatch.undo()
+    prepare(synth_src, tmp_path / "st", workers=1, chunk=4, progress=False, fmt="jpeg")
+    prepare(synth_src, tmp_path / "fresh", workers=1, chunk=4, progress=False, fmt="jpeg")
+    _same_store(tmp_path / "st", tmp_path / "fresh")
+
+
+def test_a_second_prepare_into_the_same_out_is_refused(synth_src, tmp_path, capsys):
+    """While one prepare holds OUT, another is refused with one line (not interleaved writes)."""
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "st"
+    out.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys; from pathlib import Path; import replica.store as s\n"
+        "with s._locked(Path(sys.argv[1])):\n"
+        "    print('held', flush=True); sys.stdin.read()\n"), str(out)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert main(["prepare", str(synth_src), str(out), "--workers", "1"]) == 2
+        err = capsys.readouterr().err
+        assert f"another 'replica prepare' is writing this store (pid {holder.pid})" in err and "Traceback" not in err
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=30)
+    time.sleep(0.1)
+    m = prepare(synth_src, out, workers=1, progress=False)  # the lock went with its process
+    assert m["complete"]
+
+
+def test_the_resume_state_is_written_rarely_and_at_the_end(synth_src, tmp_path, monkeypatch):
+    """Not once a second: every STATE_EVERY_S seconds or STATE_EVERY_FRACTION of the chunks, and
+    at the end; what a stop loses is the chunks since the last one, which the resume redoes."""
+    saves = []
+    real = store_mod.atomic_write
+    monkeypatch.setattr(store_mod, "atomic_write",
+                        lambda p, w: (saves.append(p.name) if p.name == store_mod.STATE else None) or real(p, w))
+    monkeypatch.setattr(store_mod, "STATE_EVERY_FRACTION", 0.5)  # 16 chunks of 2: every 8th
+    prepare(synth_src, tmp_path / "st", workers=1, chunk=2, progress=False, fmt="raw")
+    assert saves.count(store_mod.STATE) == 3  # after chunk 8, after chunk 16, and the final one
+    saves.clear()
+    monkeypatch.setattr(store_mod, "STATE_EVERY_FRACTION", 1.0)
+
+    def stop_at(done, total):
+        if done == 5:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        prepare(synth_src, tmp_path / "cut", workers=1, chunk=2, progress=False, fmt="raw", on_chunk=stop_at)
+    assert saves == [store_mod.STATE]  # only the one on the way out: it keeps the 5 finished chunks
+    assert prepare(synth_src, tmp_path / "cut", workers=1, chunk=2, progress=False, fmt="raw")["resumed_chunks"] == 5
+    _same_store(tmp_path / "cut", tmp_path / "st")
+
+
+def test_prepare_workers_start_single_threaded():
+    before = os.environ.get("OMP_NUM_THREADS")
+    with store_mod.single_threaded_children():
+        assert all(os.environ[k] == "1" for k in store_mod.WORKER_THREADS)
+    assert os.environ.get("OMP_NUM_THREADS") == before
+
+
+def test_a_chunks_pixel_sums_travel_exactly_in_a_quarter_of_the_bytes():
+    rng = np.random.default_rng(4)
+    st = PixelStats(16)
+    for _ in range(64):
+        st.add_image(rng.integers(0, 256, (3, 16, 16), dtype=np.uint8))
+    c = store_mod._compact(st)
+    assert c["image_sum"].dtype == np.uint16 and c["image_sum"].nbytes == st.image_sum.nbytes // 4
+    back = PixelStats.from_arrays(c)
+    assert np.array_equal(back.image_sum, st.image_sum) and back.image_sum.dtype == np.float64
+    full = PixelStats(16)
+    full.image_sum[:] = 255 * 300  # more than 257 images' worth: uint32
+    full.images = 300
+    assert store_mod._compact(full)["image_sum"].dtype == np.uint32
