@@ -12,6 +12,8 @@ sys.path.insert(0, str(ROOT / "tools"))
 # The suite's many tiny runs would each compile the fused norms (the CPU default): 3 more
 # minutes on 2 cores. Off here (subprocesses inherit it); the fused tests switch them on.
 os.environ["REPLICA_FUSED_NORMS"] = "0"
+# archive member indexes (replica.imagenet) go to a folder of this run's, not the user's cache
+os.environ.setdefault("REPLICA_CACHE", __import__("tempfile").mkdtemp(prefix="replica-cache-"))
 
 
 @pytest.fixture

@@ -6,8 +6,10 @@ order), so after ``prepare`` each stored row's pixels say which label it must ca
 checked image by image. The fake devkit numbers classes in an order that is not the sorted one.
 """
 import io
+import os
 import json
 import tarfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -273,3 +275,55 @@ def test_kaggle_val_sorted_into_class_folders(tmp_path):
     assert "sorted into" in " ".join(src.notes)
     prepare(root, tmp_path / "st", workers=1, progress=False)
     assert sorted(check_labels(tmp_path / "st", "val", 6)) == sorted(VAL_TRUE)
+
+
+def test_archive_headers_are_scanned_once_then_read_from_the_index(tmp_path, monkeypatch):
+    """The second open of the same archives reads their member index from the cache (counted,
+    not timed); a changed archive (its size or mtime) is scanned again; an unlabelled test tar is
+    dropped without a scan."""
+    import replica.imagenet as im
+
+    monkeypatch.setenv("REPLICA_CACHE", str(tmp_path / "cache"))
+    root = make_2012(tmp_path / "in")
+    with tarfile.open(root / "ILSVRC2012_img_test.tar", "w") as t:  # released without labels
+        add(t, "ILSVRC2012_test_00000001.JPEG", jpeg(0))
+    scanned = []
+    real = im._tar_members
+    monkeypatch.setattr(im, "_tar_members", lambda path, *a, **k: scanned.append(Path(str(path)).name) or
+                        real(path, *a, **k))
+    first = find_source(root)
+    assert "ILSVRC2012_img_test.tar" not in scanned and "test: ILSVRC2012_img_test.tar left out" in " ".join(
+        first.notes)
+    assert {"ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar"} <= set(scanned)
+    scanned.clear()
+    second = find_source(root)
+    assert scanned == []  # every header from the index
+    assert {k: (v.items, v.labels) for k, v in second.splits.items()} == \
+        {k: (v.items, v.labels) for k, v in first.splits.items()}
+    os.utime(root / "ILSVRC2012_img_val.tar", ns=(1, 1))  # the archive changed: its index no longer applies
+    find_source(root)
+    assert scanned == ["ILSVRC2012_img_val.tar"]
+    prepare(root, tmp_path / "st", workers=1, progress=False)
+    assert check_labels(tmp_path / "st", "val", 6) == VAL_TRUE
+
+
+def test_a_ground_truth_file_in_the_unpacked_devkit_counts_beside_its_archive(tmp_path):
+    """ILSVRC-2010's test labels, added later into the unpacked devkit folder while the .tar.gz
+    is still there, are read."""
+    root = tmp_path / "in"
+    root.mkdir()
+    with tarfile.open(root / "ILSVRC2010_images_train.tar", "w") as t:
+        for i, w in enumerate(WNIDS):
+            b = io.BytesIO()
+            with tarfile.open(fileobj=b, mode="w") as it:
+                add(it, f"{w}_0.JPEG", jpeg(i))
+            add(t, f"{w}.tar", b.getvalue())
+    with tarfile.open(root / "ILSVRC2010_images_test.tar", "w") as t:
+        for k, c in enumerate([2, 0, 1], 1):
+            add(t, f"test/ILSVRC2010_test_{k:08d}.JPEG", jpeg(c))
+    with tarfile.open(root / "ILSVRC2010_devkit-1.0.tar.gz", "w:gz") as t:
+        add(t, "devkit-1.0/data/meta.mat", meta_mat("2010"))
+    (root / "devkit-1.0" / "data").mkdir(parents=True)
+    (root / "devkit-1.0" / "data" / "ILSVRC2010_test_ground_truth.txt").write_bytes(gt_lines([2, 0, 1]))
+    src = find_source(root)
+    assert "test" in src.splits and src.splits["test"].labels == [2, 0, 1]
