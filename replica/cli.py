@@ -38,7 +38,7 @@ def _cmd_synth(args) -> int:
 
 
 def _cmd_prepare(args) -> int:
-    from .store import prepare
+    from .writer import prepare
 
     m = prepare(args.src, args.out, val=args.val, size=args.size, workers=args.workers, chunk=args.chunk,
                 fmt=args.format, quality=args.quality)

@@ -17,7 +17,7 @@ from .config import load_config
 from .errors import ReplicaError
 from .inference import format_eval, run_eval
 from .runtime import cpu_description, fast_bf16
-from .store import prepare
+from .writer import prepare
 from .synth import synth
 from .train import train
 

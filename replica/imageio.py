@@ -6,10 +6,19 @@ paletted and 16-bit images, and decompression bombs.
 """
 from __future__ import annotations
 
+import os
 import warnings
 
 import numpy as np
 from PIL import Image, ImageFile, UnidentifiedImageError
+
+IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif"}
+
+
+def is_image_name(name: str) -> bool:
+    """Whether a file name has an image extension (what a class folder's images are)."""
+    return os.path.splitext(name)[1].lower() in IMAGE_EXTS
+
 
 # PIL's own default (89.5M pixels): larger images are refused as possible decompression bombs.
 DEFAULT_MAX_PIXELS = 89_478_485

@@ -24,6 +24,7 @@ from typing import NamedTuple
 import numpy as np
 
 from .errors import ReplicaError
+from .imageio import is_image_name
 
 log = logging.getLogger("replica")
 
@@ -186,8 +187,6 @@ def by_class(per_class: dict) -> tuple[list, list, list]:
 
 def class_folders(folder: Path) -> dict[str, list[str]]:
     """Class name → its image files, for a folder of one sub-folder per class (WNID)."""
-    from .sources import is_image_name
-
     return {d.name: sorted(str(p) for p in d.rglob("*") if p.is_file() and is_image_name(p.name))
             for d in sorted(folder.iterdir()) if d.is_dir()}
 
@@ -411,8 +410,6 @@ def archives(root: Path, year: str):
 
 def kaggle(root: Path):
     """(classes, names, {split: (items, labels)}, notes) of the Kaggle ImageNet Object Localization layout."""
-    from .sources import is_image_name
-
     mapping = root / "LOC_synset_mapping.txt"
     if not mapping.exists():
         raise ReplicaError(f"{root}: Kaggle layout without LOC_synset_mapping.txt (WNID and names, one line each)")

@@ -13,8 +13,10 @@ from pathlib import Path
 import numpy as np
 
 from .errors import ReplicaError
+from . import imagenet
+from .imageio import IMAGE_EXTS, is_image_name  # noqa: F401  (re-exported)
+from .imagenet import by_class, dataset_of, folder_of_tars, warn_if_not_ilsvrc
 
-IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif"}
 TRAIN_DIRS = ("train", "train_data", "training")
 VAL_DIRS = ("val", "valid", "validation", "test", "test_data")
 CIFAR_DIR = "cifar-10-batches-py"
@@ -42,10 +44,6 @@ class Source:
     def describe(self) -> str:
         parts = ", ".join(f"{name} {len(s.items):,}" for name, s in self.splits.items())
         return f"{self.kind} source {self.root}: {len(self.classes)} classes; {parts}"
-
-
-def is_image_name(name: str) -> bool:
-    return os.path.splitext(name)[1].lower() in IMAGE_EXTS
 
 
 def find_classes(root: Path) -> list[str]:
@@ -151,7 +149,6 @@ def find_source(src, val=None) -> Source:
     ``test/``, ``test_data/``) class-folder trees; one class-folder tree (all training); a txt
     index (``val`` may name a second one); or CIFAR-10's python batches.
     """
-    from . import imagenet
 
     src = Path(src)
     if not src.exists():
@@ -212,7 +209,6 @@ def _val_split(val: Path, classes: list[str]) -> Split:
 
 def _class_tars(src: Path, train_dir: Path, val) -> Source:
     """A train/ of per-class tars (``<class>.tar``), read in place."""
-    from .imagenet import by_class, folder_of_tars
 
     classes, items, labels = by_class(folder_of_tars(train_dir))
     out = Source("folder", str(src), classes, {"train": Split(items, labels)},
@@ -224,7 +220,6 @@ def _class_tars(src: Path, train_dir: Path, val) -> Source:
 
 
 def _imagenet(src: Path, kind: str, classes, names, splits, notes, year: str) -> Source:
-    from .imagenet import dataset_of
 
     out = Source(kind, str(src), classes, {k: Split(list(i), list(l)) for k, (i, l) in splits.items()},
                  names=list(names), dataset=dataset_of(kind, year, classes), notes=notes)
@@ -247,7 +242,6 @@ def _labelled(split: Split, folder: Path) -> Split:
 
 
 def _nonempty(src: Source) -> Source:
-    from .imagenet import warn_if_not_ilsvrc
 
     if not src.splits["train"].items:
         raise ReplicaError(f"{src.root}: the training split holds no image files "

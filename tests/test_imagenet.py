@@ -327,3 +327,13 @@ def test_a_ground_truth_file_in_the_unpacked_devkit_counts_beside_its_archive(tm
     (root / "devkit-1.0" / "data" / "ILSVRC2010_test_ground_truth.txt").write_bytes(gt_lines([2, 0, 1]))
     src = find_source(root)
     assert "test" in src.splits and src.splits["test"].labels == [2, 0, 1]
+
+
+def test_layouts_and_sources_import_one_way():
+    """replica.sources reads the ImageNet layouts; replica.imagenet never imports replica.sources."""
+    import ast
+    import replica.imagenet as im
+
+    tree = ast.parse(Path(im.__file__).read_text())
+    imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    assert "sources" not in imported and "replica.sources" not in imported

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-import replica.store as store_mod
+import replica.writer as store_mod
 from replica.cli import main
 from replica.config import load_config
 from replica.data import TrainBatches
@@ -288,7 +288,7 @@ def test_a_second_prepare_into_the_same_out_is_refused(synth_src, tmp_path, caps
     out = tmp_path / "st"
     out.mkdir()
     holder = subprocess.Popen([sys.executable, "-c", (
-        "import sys; from pathlib import Path; import replica.store as s\n"
+        "import sys; from pathlib import Path; import replica.writer as s\n"
         "with s._locked(Path(sys.argv[1])):\n"
         "    print('held', flush=True); sys.stdin.read()\n"), str(out)],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
@@ -349,3 +349,18 @@ def test_a_chunks_pixel_sums_travel_exactly_in_a_quarter_of_the_bytes():
     full.image_sum[:] = 255 * 300  # more than 257 images' worth: uint32
     full.images = 300
     assert store_mod._compact(full)["image_sum"].dtype == np.uint32
+
+
+def test_reading_a_store_never_loads_the_writer():
+    """The writer (pool, resume state, lock) is its own module: a reader, the training loop, never loads it."""
+    import subprocess
+    import sys
+
+    code = ("import sys, replica.store, replica.data, replica.train, replica.inference\n"
+            "print('replica.writer' in sys.modules)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.stdout.strip() == "False", r.stdout + r.stderr
+    from replica.store import prepare as via_store
+    from replica.writer import prepare as direct
+
+    assert via_store is direct  # the old name still works

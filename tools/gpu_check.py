@@ -128,7 +128,7 @@ def verify_needs(needs=NEEDS) -> list[str]:
 
 
 def stores(work: Path, fmt: str = "raw", dry: bool = False) -> Path:
-    from replica.store import prepare
+    from replica.writer import prepare
     from replica.synth import synth
 
     src = work / "synth"
