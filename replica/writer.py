@@ -10,6 +10,7 @@ format is :mod:`replica.store`'s.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
@@ -59,6 +60,35 @@ def _fingerprint(src: Source, size: int, fmt: str = "raw", quality: int = JPEG_Q
         for it, lab in zip(s.items, s.labels):
             h.update(f"{_relative(it, root)}\t{lab}\n".encode())
     return h.hexdigest()
+
+
+def _split_fingerprints(src: Source, size: int, fmt: str, quality: int) -> tuple[str, dict]:
+    """(what every split shares: format, size, kind, classes; and each split's own items and
+    labels), so that a split added or changed later (ILSVRC-2010's test labels, released after
+    the images) is prepared alone, and the others are kept."""
+    form = "" if fmt == "raw" else f"|jpeg{quality}"
+    base = hashlib.sha256(f"{FORMAT_VERSION}|{size}{form}|{src.kind}|{src.classes}".encode()).hexdigest()
+    root, per = str(src.root), {}
+    for name, s in src.splits.items():
+        h = hashlib.sha256(f"{base}|{name}|{len(s.items)}".encode())
+        for it, lab in zip(s.items, s.labels):
+            h.update(f"{_relative(it, root)}\t{lab}\n".encode())
+        per[name] = h.hexdigest()
+    return base, per
+
+
+def _kept_splits(old: dict | None, fp: str, base: str, per: dict) -> dict:
+    """Splits of an existing store in ``out`` that match the source and need no work: those of a
+    complete store with the same base whose training split is unchanged (its mean image and PCA
+    then stand), or those an interrupted prepare of this same source had kept."""
+    if not old:
+        return {}
+    if old.get("fingerprint") == fp:  # resuming this prepare: what it kept, it keeps
+        return {k: v for k, v in (old.get("kept_splits") or {}).items() if per.get(k) == v.get("fingerprint")}
+    olds = old.get("split_fingerprints") or {}
+    if not (old.get("complete") and old.get("base_fingerprint") == base and olds.get("train") == per.get("train")):
+        return {}
+    return {k: dict(old["splits"][k], fingerprint=per[k]) for k in per if olds.get(k) == per[k] and k in old["splits"]}
 
 
 def _relative(item, root: str) -> str:
@@ -164,7 +194,7 @@ def _estimate_bytes(source: Source, size: int, fmt: str, quality: int, max_pixel
     n = sum(len(s.items) for s in source.splits.values())
     if fmt == "raw":
         return n * 3 * size * size
-    s = source.splits["train"]
+    s = source.splits.get("train") or next(iter(source.splits.values()))  # a later split alone: its own images
     sizes = []
     for k in np.linspace(0, len(s.items) - 1, min(16, len(s.items))).astype(int).tolist():
         try:
@@ -265,13 +295,20 @@ def _prepare_into(out: Path, source: Source, old, fp: str, fmt: str, quality: in
                   total: int, max_pixels: int, workers, progress: bool, on_chunk) -> dict:
     """The writing part of :func:`prepare`, under its lock."""
     meta_path = out / "meta.json"
+    base_fp, split_fps = _split_fingerprints(source, size, fmt, quality)
+    kept = _kept_splits(old, fp, base_fp, split_fps)
     if old is not None:
         if old.get("fingerprint") == fp and old.get("complete"):
             return old  # nothing to do: the same source is already prepared here
-        if old.get("fingerprint") != fp:
+        if old.get("fingerprint") != fp and not kept:
             raise ReplicaError(f"{out} holds a store prepared from other inputs or in another format "
                                f"({old.get('source')}, {old.get('format', 'raw')}); choose a new OUT folder or "
                                f"delete this one")
+    full = source
+    if kept:  # only the splits that are new or changed are written; the others stay as they are
+        source = dataclasses.replace(source, splits={k: v for k, v in source.splits.items() if k not in kept})
+        log.info("%s: keeping %s as prepared; preparing %s", out, ", ".join(kept), ", ".join(source.splits) or "none")
+        total = sum(len(s.items) for s in source.splits.values())
 
     chunks = []
     for name, s in source.splits.items():
@@ -310,9 +347,10 @@ def _prepare_into(out: Path, source: Source, old, fp: str, fmt: str, quality: in
         else:  # bytes past what the state accounts for belong to chunks that will be redone
             with open(f, "ab") as fh:
                 fh.truncate(committed[k])
-    meta = dict(version=FORMAT_VERSION, fingerprint=fp, complete=False, source=source.root, kind=source.kind,
-                size=size, format=fmt, quality=quality if fmt == "jpeg" else None, classes=source.classes,
-                names=source.names, dataset=source.dataset, notes=source.notes)
+    meta = dict(version=FORMAT_VERSION, fingerprint=fp, complete=False, source=full.root, kind=full.kind,
+                size=size, format=fmt, quality=quality if fmt == "jpeg" else None, classes=full.classes,
+                names=full.names, dataset=full.dataset, notes=full.notes, base_fingerprint=base_fp,
+                split_fingerprints=split_fps, kept_splits=kept)
     atomic_write(meta_path, lambda f: f.write(json.dumps(meta, indent=1).encode()))
 
     todo = [c for c in chunks if not done[c[0]][c[1]]]
@@ -324,7 +362,7 @@ def _prepare_into(out: Path, source: Source, old, fp: str, fmt: str, quality: in
         name, ci, a, b = c
         s = source.splits[name]
         arrays = s.arrays[s.items[a]:s.items[b - 1] + 1] if s.arrays is not None else None
-        return name, ci, a, s.items[a:b], arrays, name == "train"
+        return name, ci, a, s.items[a:b], arrays, name == "train"  # a kept train split is not in source
 
     def save_state():
         for k in data_file:  # the data first, then the state that says it is there
@@ -388,7 +426,8 @@ def _prepare_into(out: Path, source: Source, old, fp: str, fmt: str, quality: in
                 f.close()
         for fd in readers.values():
             os.close(fd)
-    return _finish(out, source, meta, ok_flags, skips, stats, resumed, time.time() - t0, index if fmt == "jpeg" else None)
+    return _finish(out, source, meta, ok_flags, skips, stats, resumed, time.time() - t0, index if fmt == "jpeg" else None,
+                   kept=kept, order=list(full.splits))
 
 
 @contextlib.contextmanager
@@ -504,22 +543,35 @@ def _bar(total, resumed_images, enabled):
 
 
 def _finish(out: Path, source: Source, meta: dict, ok_flags, skips, stats: PixelStats, resumed, seconds,
-            index=None) -> dict:
+            index=None, kept=None, order=None) -> dict:
+    """Labels (and the JPEG index) of the splits written, the mean image and PCA if the training
+    split was among them, skipped.tsv, and meta.json marked complete, last. ``kept``: splits left
+    as they were (their files, skipped lines and, for train, statistics stand)."""
+    kept = kept or {}
     for name, s in source.splits.items():
         labels = np.where(ok_flags[name], np.asarray(s.labels, np.int64), -1)
         np.save(out / name / "labels.npy", labels)
         if index is not None:
             np.save(out / name / "index.npy", index[name])
-    mean, pca = stats.result()
-    np.save(out / "mean.npy", mean)
-    (out / "pca.json").write_text(json.dumps(pca, indent=1))
-    _save_mean_png(out / "mean.png", mean)
+    if "train" not in kept:
+        mean, pca = stats.result()
+        np.save(out / "mean.npy", mean)
+        (out / "pca.json").write_text(json.dumps(pca, indent=1))
+        _save_mean_png(out / "mean.png", mean)
+    lines = [(split, path, reason) for split, path, reason in skips]
+    if kept and (out / "skipped.tsv").exists():  # the kept splits' own lines
+        old = [ln.split("\t", 2) for ln in (out / "skipped.tsv").read_text().splitlines()[1:]]
+        lines += [tuple(p) for p in old if len(p) == 3 and p[0] in kept]
     with open(out / "skipped.tsv", "w") as f:
         f.write("split\tpath\treason\n")
-        for split, path, reason in sorted(skips):
+        for split, path, reason in sorted(lines):
             f.write(f"{split}\t{path}\t{reason}\n")
     splits = {name: dict(total=len(s.items), used=int(ok_flags[name].sum())) for name, s in source.splits.items()}
-    meta.update(complete=True, splits=splits, skipped=len(skips))
+    splits.update({name: dict(total=v["total"], used=v["used"]) for name, v in kept.items()})
+    if order:
+        splits = {k: splits[k] for k in order if k in splits}
+    meta.pop("kept_splits", None)
+    meta.update(complete=True, splits=splits, skipped=len(lines))
     atomic_write(out / "meta.json", lambda f: f.write(json.dumps(meta, indent=1).encode()))
     (out / STATE).unlink(missing_ok=True)
     meta["seconds"] = seconds

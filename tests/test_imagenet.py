@@ -175,19 +175,24 @@ def test_kaggle_layout(tmp_path, capsys):
         find_source(root)
 
 
-def test_ilsvrc2010_archives_with_test_ground_truth(tmp_path):
-    root = tmp_path / "in"
-    root.mkdir()
+def make_2010_images(root, test_true):
+    """ILSVRC2010_images_train.tar (one inner tar per class) and ILSVRC2010_images_test.tar."""
+    root.mkdir(parents=True)
     with tarfile.open(root / "ILSVRC2010_images_train.tar", "w") as t:
         for i, w in enumerate(WNIDS):
             b = io.BytesIO()
             with tarfile.open(fileobj=b, mode="w") as it:
                 add(it, f"{w}_0.JPEG", jpeg(i))
             add(t, f"{w}.tar", b.getvalue())
-    test_true = [1, 2, 0]
     with tarfile.open(root / "ILSVRC2010_images_test.tar", "w") as t:
         for k, c in enumerate(test_true, 1):
             add(t, f"test/ILSVRC2010_test_{k:08d}.JPEG", jpeg(c))
+    return root
+
+
+def test_ilsvrc2010_archives_with_test_ground_truth(tmp_path):
+    test_true = [1, 2, 0]
+    root = make_2010_images(tmp_path / "in", test_true)
     with tarfile.open(root / "ILSVRC2010_images_val.tar", "w") as t:
         for k, c in enumerate(VAL_TRUE, 1):
             add(t, f"val/ILSVRC2010_val_{k:08d}.JPEG", jpeg(c))
@@ -310,17 +315,7 @@ def test_archive_headers_are_scanned_once_then_read_from_the_index(tmp_path, mon
 def test_a_ground_truth_file_in_the_unpacked_devkit_counts_beside_its_archive(tmp_path):
     """ILSVRC-2010's test labels, added later into the unpacked devkit folder while the .tar.gz
     is still there, are read."""
-    root = tmp_path / "in"
-    root.mkdir()
-    with tarfile.open(root / "ILSVRC2010_images_train.tar", "w") as t:
-        for i, w in enumerate(WNIDS):
-            b = io.BytesIO()
-            with tarfile.open(fileobj=b, mode="w") as it:
-                add(it, f"{w}_0.JPEG", jpeg(i))
-            add(t, f"{w}.tar", b.getvalue())
-    with tarfile.open(root / "ILSVRC2010_images_test.tar", "w") as t:
-        for k, c in enumerate([2, 0, 1], 1):
-            add(t, f"test/ILSVRC2010_test_{k:08d}.JPEG", jpeg(c))
+    root = make_2010_images(tmp_path / "in", [2, 0, 1])
     with tarfile.open(root / "ILSVRC2010_devkit-1.0.tar.gz", "w:gz") as t:
         add(t, "devkit-1.0/data/meta.mat", meta_mat("2010"))
     (root / "devkit-1.0" / "data").mkdir(parents=True)
@@ -337,3 +332,44 @@ def test_layouts_and_sources_import_one_way():
     tree = ast.parse(Path(im.__file__).read_text())
     imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
     assert "sources" not in imported and "replica.sources" not in imported
+
+
+def test_adding_the_2010_test_labels_later_prepares_the_test_split_alone(tmp_path, monkeypatch):
+    """ILSVRC-2010's test ground truth came after the images: added to a prepared store's source,
+    it prepares the test split alone; the training split's files and statistics stay as they were,
+    and the store equals one prepared with the labels from the start."""
+    import replica.writer as writer
+
+    test_true = [2, 0, 1]
+    root = make_2010_images(tmp_path / "in", test_true)
+    with tarfile.open(root / "ILSVRC2010_devkit-1.0.tar.gz", "w:gz") as t:
+        add(t, "devkit-1.0/data/meta.mat", meta_mat("2010"))
+    st = tmp_path / "st"
+    m = prepare(root, st, workers=1, progress=False)
+    assert sorted(m["splits"]) == ["train"]  # no test labels yet: the test tar is left out
+    before = {p: (st / p).stat().st_mtime_ns for p in ("train/images.u8", "train/labels.npy", "mean.npy", "pca.json")}
+    (root / "ILSVRC2010_test_ground_truth.txt").write_bytes(gt_lines(test_true))  # downloaded later
+    prepared = []
+    real = writer._worker_chunk
+    monkeypatch.setattr(writer, "_worker_chunk", lambda task: prepared.append(task[0]) or real(task))
+    m = prepare(root, st, workers=1, progress=False)
+    assert sorted(m["splits"]) == ["test", "train"] and set(prepared) == {"test"}
+    assert {p: (st / p).stat().st_mtime_ns for p in before} == before  # train untouched
+    assert check_labels(st, "test", 3) == test_true
+    monkeypatch.undo()
+    fresh = prepare(root, tmp_path / "fresh", workers=1, progress=False)
+    assert fresh["splits"] == m["splits"]
+    for split in ("train", "test"):
+        a, b = PreparedStore(st, split), PreparedStore(tmp_path / "fresh", split)
+        assert np.array_equal(a.images, b.images) and np.array_equal(a.labels, b.labels)
+    assert np.array_equal(np.load(st / "mean.npy"), np.load(tmp_path / "fresh" / "mean.npy"))
+    # a changed training split (one more image) is another store, as before
+    with tarfile.open(root / "ILSVRC2010_images_train.tar", "w") as t:
+        for i, w in enumerate(WNIDS):
+            b = io.BytesIO()
+            with tarfile.open(fileobj=b, mode="w") as it:
+                for k in range(2 if i == 0 else 1):
+                    add(it, f"{w}_{k}.JPEG", jpeg(i))
+            add(t, f"{w}.tar", b.getvalue())
+    with pytest.raises(ReplicaError, match="holds a store prepared from other inputs"):
+        prepare(root, st, workers=1, progress=False)

@@ -51,6 +51,7 @@ import argparse
 import contextlib
 import io
 import os
+import shutil
 import statistics
 import sys
 import tarfile
@@ -702,8 +703,83 @@ def imagenet_like(root: Path, images: int, classes: int, seed: int = 0):
     return per * classes, float(np.mean(sizes))
 
 
+def small_archive(root: Path, images: int, classes: int = 100, seed: int = 0) -> Path:
+    """ILSVRC2012_img_train.tar of ``images`` small JPEGs (48×40, ~1 KB): many members, few bytes,
+    so the time and the writes that grow with the count (headers, state, index) show."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    per = -(-images // classes)
+    done = 0
+    with tarfile.open(root / "ILSVRC2012_img_train.tar", "w") as outer:
+        for c in range(classes):
+            buf = io.BytesIO()
+            with tarfile.open(fileobj=buf, mode="w") as inner:
+                for k in range(min(per, images - done)):
+                    arr = np.clip(rng.normal(40 + 2 * c, 30, (40, 48, 3)), 0, 255).astype(np.uint8)
+                    out = io.BytesIO()
+                    Image.fromarray(arr).save(out, "JPEG", quality=85)
+                    _add(inner, f"n{10000000 + c:08d}_{k}.JPEG", out.getvalue())
+                    done += 1
+            _add(outer, f"n{10000000 + c:08d}.tar", buf.getvalue())
+    return root
+
+
+_MEASURE = r"""
+import json, os, resource, sys, time
+from replica.writer import prepare
+src, out, workers = sys.argv[1], sys.argv[2], int(sys.argv[3])
+io0 = dict(l.split(": ") for l in open("/proc/self/io").read().splitlines())
+t = time.perf_counter()
+m = prepare(src, out, workers=workers, progress=False, fmt="jpeg")
+sec = time.perf_counter() - t
+io1 = dict(l.split(": ") for l in open("/proc/self/io").read().splitlines())
+store = sum(f.stat().st_size for f in __import__("pathlib").Path(out).rglob("*") if f.is_file())
+print(json.dumps(dict(seconds=sec, images=sum(v["used"] for v in m["splits"].values()), store=store,
+    wchar=int(io1["wchar"]) - int(io0["wchar"]), write_bytes=int(io1["write_bytes"]) - int(io0["write_bytes"]),
+    rss_main=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+    rss_worker=resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024)))
+"""
+
+
+def cmd_prepare_scale(b: Bench):
+    """Per-image time, bytes written per store byte and peak RSS of a JPEG prepare at each
+    --scale size, each in a fresh process (its /proc/self/io holds every write of a JPEG prepare:
+    the workers encode, this process appends, keeps the state and writes the final files)."""
+    import json
+    import subprocess
+
+    a = b.args
+    workers = a.workers[-1]
+    print(f"bench prepare --scale: small archive images (48×40 JPEG), JPEG store, {workers} workers; "
+          f"{cpu_description()}")
+    print(f"{'images':>9} {'seconds':>8} {'ms/image':>9} {'img/s':>7} {'store MB':>9} {'written/store':>14} "
+          f"{'wchar/store':>12} {'peak RSS main':>14} {'worker':>8}")
+    rows = []
+    for n in a.scale:
+        d = Path(b.tmp.name) / f"scale-{n}"
+        small_archive(d / "src", n)
+        os.sync()
+        r = subprocess.run([sys.executable, "-c", _MEASURE, str(d / "src"), str(d / "st"), str(workers)],
+                           capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(Path(__file__).parents[1])))
+        if r.returncode:
+            sys.exit(r.stderr[-2000:])
+        m = json.loads(r.stdout.strip().splitlines()[-1])
+        rows.append(m)
+        print(f"{m['images']:>9,} {m['seconds']:>8.1f} {1000 * m['seconds'] / m['images']:>9.3f} "
+              f"{m['images'] / m['seconds']:>7.0f} {m['store'] / 1e6:>9.1f} {m['write_bytes'] / m['store']:>14.3f} "
+              f"{m['wchar'] / m['store']:>12.3f} {m['rss_main'] / 2**20:>11.0f} MB {m['rss_worker'] / 2**20:>5.0f} MB")
+        shutil.rmtree(d, ignore_errors=True)
+    if len(rows) > 1:
+        per = [r["seconds"] / r["images"] for r in rows]
+        print(f"per-image time, largest / smallest size: {per[-1] / per[0]:.2f} (flat: 1.00)")
+
+
 def cmd_prepare(b: Bench):
     a = b.args
+    if a.scale:
+        return cmd_prepare_scale(b)
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     d = Path(b.tmp.name)
     n, mean_bytes = imagenet_like(d, a.images, a.classes)
@@ -772,6 +848,9 @@ def parser() -> argparse.ArgumentParser:
     pr.add_argument("--images", type=int, default=600)
     pr.add_argument("--classes", type=int, default=6)
     pr.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    pr.add_argument("--scale", type=int, nargs="+", default=None,
+                    help="instead: per-image time, bytes written per store byte and peak RSS at these many small "
+                         "archive images (e.g. 10000 100000)")
     pr.set_defaults(batch=0)
     return p
 
