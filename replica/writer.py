@@ -3,7 +3,7 @@ centre-cropped and stored, with the training set's mean image and RGB PCA from t
 
 Preparation runs in worker processes, chunk by chunk, each with a pipe of its own. Each finished
 chunk is recorded, with the running sums for the mean and covariance, in one state file
-replaced atomically (every 30 s or 2% of the chunks, and at the end), so an interrupted
+replaced atomically (every 30 s, and on the way out), so an interrupted
 ``prepare`` resumes where it stopped; one prepare at a time holds the folder's lock. The
 format is :mod:`replica.store`'s.
 """
@@ -34,11 +34,10 @@ log = logging.getLogger("replica")
 LOCK = ".prepare.lock"
 # The resume state (every chunk's flags, the JPEG index, the pixel sums) is rewritten whole, with
 # an fsync of the data files before it: at ImageNet's size ~23 MB a time. Once a second that was
-# 14-60 GB of writes over a prepare; now at most every STATE_EVERY_S seconds, and at least every
-# STATE_EVERY_FRACTION of the chunks (small sets: each chunk), and at the end. A crash loses at
-# most the chunks finished since the last state, which a resume redoes.
+# 14-60 GB of writes over a prepare; now every STATE_EVERY_S seconds, and on the way out (an
+# error, Ctrl-C, a dead worker: every finished chunk is kept). A crash of this process itself
+# (SIGKILL, power) loses at most the last STATE_EVERY_S seconds of chunks, which a resume redoes.
 STATE_EVERY_S = 30.0
-STATE_EVERY_FRACTION = 0.02
 # what a prepare worker is limited to: it decodes one image at a time, and 16 workers × 16
 # BLAS/OpenMP threads each would oversubscribe the machine 16-fold
 WORKER_THREADS = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
@@ -400,16 +399,14 @@ def _prepare_into(out: Path, source: Source, old, fp: str, fmt: str, quality: in
             bar = _bar(total, resumed_images=sum(min(chunk, len(source.splits[c[0]].items) - c[2]) for c in chunks
                                                   if done[c[0]][c[1]]), enabled=progress)
             last_save, finished = time.time(), resumed
-            last_saved_chunks = resumed
 
             def handle(result):
-                nonlocal last_save, finished, last_saved_chunks
+                nonlocal last_save, finished
                 bar.update(record(result))
                 finished += 1
-                since = finished - last_saved_chunks
-                if time.time() - last_save >= STATE_EVERY_S or since >= max(1, STATE_EVERY_FRACTION * len(chunks)):
+                if time.time() - last_save >= STATE_EVERY_S:
                     save_state()
-                    last_save, last_saved_chunks = time.time(), finished
+                    last_save = time.time()
                 bar.set_postfix(skipped=len(skips), refresh=False)
                 if on_chunk is not None:
                     on_chunk(finished, len(chunks))

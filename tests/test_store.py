@@ -306,17 +306,15 @@ def test_a_second_prepare_into_the_same_out_is_refused(synth_src, tmp_path, caps
 
 
 def test_the_resume_state_is_written_rarely_and_at_the_end(synth_src, tmp_path, monkeypatch):
-    """Not once a second: every STATE_EVERY_S seconds or STATE_EVERY_FRACTION of the chunks, and
-    at the end; what a stop loses is the chunks since the last one, which the resume redoes."""
+    """Not once a second: every STATE_EVERY_S seconds and on the way out. A fast prepare writes it
+    once; an interrupted one keeps every finished chunk (the state written on the way out)."""
     saves = []
     real = store_mod.atomic_write
     monkeypatch.setattr(store_mod, "atomic_write",
                         lambda p, w: (saves.append(p.name) if p.name == store_mod.STATE else None) or real(p, w))
-    monkeypatch.setattr(store_mod, "STATE_EVERY_FRACTION", 0.5)  # 16 chunks of 2: every 8th
     prepare(synth_src, tmp_path / "st", workers=1, chunk=2, progress=False, fmt="raw")
-    assert saves.count(store_mod.STATE) == 3  # after chunk 8, after chunk 16, and the final one
+    assert saves.count(store_mod.STATE) == 1  # 16 chunks in under 30 s: the final state only
     saves.clear()
-    monkeypatch.setattr(store_mod, "STATE_EVERY_FRACTION", 1.0)
 
     def stop_at(done, total):
         if done == 5:
@@ -327,6 +325,29 @@ def test_the_resume_state_is_written_rarely_and_at_the_end(synth_src, tmp_path, 
     assert saves == [store_mod.STATE]  # only the one on the way out: it keeps the 5 finished chunks
     assert prepare(synth_src, tmp_path / "cut", workers=1, chunk=2, progress=False, fmt="raw")["resumed_chunks"] == 5
     _same_store(tmp_path / "cut", tmp_path / "st")
+
+
+def test_a_killed_prepare_loses_at_most_the_chunks_since_the_last_state(synth_src, tmp_path):
+    """SIGKILL of prepare itself (no way out to save on) after its 6th chunk: with a state after
+    every chunk (STATE_EVERY_S = 0) the resume redoes none; with none since the start (an interval
+    longer than the run) it redoes all 6. Either way the store ends equal to a fresh one."""
+    import subprocess
+    import sys
+
+    code = ("import os, signal, sys\n"
+            "import replica.writer as w\n"
+            "w.STATE_EVERY_S = float(sys.argv[3])\n"
+            "def kill(done, total):\n"
+            "    if done == 6: os.kill(os.getpid(), signal.SIGKILL)\n"
+            "w.prepare(sys.argv[1], sys.argv[2], workers=1, chunk=2, progress=False, fmt='raw', on_chunk=kill)\n")
+    prepare(synth_src, tmp_path / "fresh", workers=1, chunk=2, progress=False, fmt="raw")
+    for every, kept in ((0.0, 6), (1e9, 0)):
+        out = tmp_path / f"cut-{kept}"
+        r = subprocess.run([sys.executable, "-c", code, str(synth_src), str(out), str(every)], timeout=120)
+        assert r.returncode == -signal.SIGKILL
+        m = prepare(synth_src, out, workers=1, chunk=2, progress=False, fmt="raw")
+        assert m["resumed_chunks"] == kept
+        _same_store(out, tmp_path / "fresh")
 
 
 def test_prepare_workers_start_single_threaded():
