@@ -142,7 +142,8 @@ def set_cuda_numerics(tf32: bool, deterministic: bool = False, benchmark: bool =
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.backends.cudnn.deterministic = deterministic
     torch.backends.cudnn.benchmark = benchmark and not deterministic
-    torch.use_deterministic_algorithms(deterministic)
+    if torch.are_deterministic_algorithms_enabled() != deterministic:  # the call imports inductor: 2 s
+        torch.use_deterministic_algorithms(deterministic)
     return dict(tf32=tf32, cudnn_benchmark=torch.backends.cudnn.benchmark, deterministic=deterministic)
 
 

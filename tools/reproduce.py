@@ -27,7 +27,7 @@ from replica.runtime import tune_cpu_allocator  # noqa: E402
 from replica.train import train  # noqa: E402
 
 ABLATIONS = ["one-gpu-half", "no-norm", "no-overlap", "no-pca", "no-dropout"]
-TINY = dict(batch_size=4, epochs=1, steps_per_epoch=1, workers=0, val_batches=1)
+TINY = dict(batch_size=4, epochs=1, steps_per_epoch=1, workers=0, val_batches=1, save_best=False)  # eval reads last.pt
 
 
 def reproduce(data, out, epochs=None, seeds=(0,), ablations=ABLATIONS, overrides=(), tiny=False, progress=True):
