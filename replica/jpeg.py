@@ -47,7 +47,8 @@ def is_decode_failure(err: BaseException) -> bool:
     is not, and must not mark every image of the batch "corrupt"."""
     import torch
 
-    if not isinstance(err, RuntimeError) or isinstance(err, (torch.OutOfMemoryError, DeviceFailure)):
+    oom = getattr(torch, "OutOfMemoryError", None) or torch.cuda.OutOfMemoryError  # torch < 2.5: the cuda name only
+    if not isinstance(err, RuntimeError) or isinstance(err, (oom, DeviceFailure)):
         return False
     accelerator_error = getattr(torch, "AcceleratorError", None)  # torch ≥ 2.8: CUDA errors have their own type
     if accelerator_error is not None and isinstance(err, accelerator_error):

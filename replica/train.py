@@ -93,9 +93,7 @@ def process_devices(cfg: Config, local_rank: int, world: int, visible: int | Non
     ``k`` and takes ``cuda:0 … cuda:k−1``; :func:`check_distinct_gpus` then makes sure no two
     processes landed on the same GPU.
     """
-    if not under_launcher() and world == 1:
-        return cfg.devices if "," not in cfg.devices else tuple(cfg.devices.split(","))
-    if world == 1 and cfg.devices != "auto":  # one process under torchrun: the devices it was given
+    if world == 1:  # one process (under torchrun too): the devices the config gives, "auto" as anywhere
         return cfg.devices if "," not in cfg.devices else tuple(cfg.devices.split(","))
     if cfg.devices == "cpu" or not torch.cuda.is_available():
         return "cpu"

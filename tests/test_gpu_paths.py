@@ -420,3 +420,11 @@ def test_gpu_check_dry_run_passes_on_the_cpu():
         assert f"PASS ({c})" in out, out
     assert "torch " in out.splitlines()[0] and "NCCL" in out.splitlines()[0]
     assert "6 of 6 checks passed" in out
+
+
+def test_one_process_under_torchrun_keeps_auto_devices(monkeypatch):
+    """torchrun --nproc-per-node 1 with devices=auto on a one-GPU machine: the one GPU, as
+    without torchrun (not 'needs 2 GPUs')."""
+    job(monkeypatch, 0, 1)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert T.process_devices(load_config(None, {}), 0, 1, visible=1, local_world=1) == "auto"
