@@ -303,6 +303,31 @@ def check_d(work: Path, dry: bool) -> str:
     return line
 
 
+def stream(cmd, limit: int, prefix: str, **kw) -> tuple[int, list[str]]:
+    """Run ``cmd``, printing each line of its output as it comes (so a timeout loses nothing),
+    killed past ``limit`` seconds (exit status 124 then); (status, lines)."""
+    import selectors
+
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1, **kw)
+    sel = selectors.DefaultSelector()
+    sel.register(p.stdout, selectors.EVENT_READ)
+    lines, end = [], time.monotonic() + limit
+    while True:
+        left = end - time.monotonic()
+        if left <= 0:
+            p.kill()
+            p.wait()
+            say(f"{prefix}ran past its {limit} s limit: stopped")
+            return 124, lines
+        if sel.select(timeout=min(left, 1.0)):
+            line = p.stdout.readline()
+            if not line:
+                break
+            lines.append(line.rstrip("\n"))
+            say(prefix + lines[-1])
+    return p.wait(), lines
+
+
 def check_e(work: Path, dry: bool) -> str:
     if dry:
         import bench
@@ -312,13 +337,10 @@ def check_e(work: Path, dry: bool) -> str:
     workers = str(min(8, max(1, (os.cpu_count() or 2) - 2)))
     args = [a if a != "8" or NEEDS["bench_args"][i - 1] != "--workers" else workers
             for i, a in enumerate(NEEDS["bench_args"])]
-    r = subprocess.run([sys.executable, str(ROOT / "tools" / "bench.py"), *args], capture_output=True, text=True,
-                       timeout=remaining("e"), env=dict(os.environ, PYTHONPATH=str(ROOT)))
-    (work / "bench.txt").write_text(r.stdout + r.stderr)
-    assert r.returncode == 0, (r.stdout + r.stderr)[-1500:]
-    lines = r.stdout.splitlines()
-    start = next((i for i, ln in enumerate(lines) if ln.startswith("summary")), 0)
-    return "\n" + "\n".join(lines[start:])
+    rc, lines = stream([sys.executable, str(ROOT / "tools" / "bench.py"), *args], remaining("e"), "  (e) ",
+                       env=dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1"))
+    assert rc == 0, f"bench.py exit {rc}" + (" (its time limit)" if rc == 124 else "")
+    return "bench.py all --device cuda: the rows above"
 
 
 def check_f(work: Path, dry: bool) -> str:
@@ -327,10 +349,9 @@ def check_f(work: Path, dry: bool) -> str:
            str(ROOT / "tests")]
     if dry:
         cmd.insert(3, "--collect-only")
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=remaining("f"), cwd=ROOT,
-                       env=dict(os.environ, PYTHONPATH=str(ROOT)))
-    tail = [ln for ln in r.stdout.splitlines() if ln.strip()][-1:] or [r.stderr[-300:]]
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-1000:]
+    rc, lines = stream(cmd, remaining("f"), "  (f) ", cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    tail = [ln for ln in lines if ln.strip()][-1:] or ["no output"]
+    assert rc == 0, f"pytest exit {rc}: {tail[0]}"
     return tail[0]
 
 
