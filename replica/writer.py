@@ -38,6 +38,13 @@ LOCK = ".prepare.lock"
 # error, Ctrl-C, a dead worker: every finished chunk is kept). A crash of this process itself
 # (SIGKILL, power) loses at most the last STATE_EVERY_S seconds of chunks, which a resume redoes.
 STATE_EVERY_S = 30.0
+# A worker keeps the pixel sums of the training chunks it decodes and sends them along with its
+# first result, then with every STATS_EVERY_CHUNKS-th (or after STATS_EVERY_S), and when it
+# stops: sent with every 64-image chunk they were 1.57 MB (float64), the size of the JPEGs. A
+# chunk counts as done (in the resume state) once its sums have arrived.
+STATS_EVERY_CHUNKS = 16
+STATS_EVERY_S = 5.0
+DEFERRED = "deferred"  # a result whose pixel sums travel later, with the worker's accumulated ones
 # what a prepare worker is limited to: it decodes one image at a time, and 16 workers × 16
 # BLAS/OpenMP threads each would oversubscribe the machine 16-fold
 WORKER_THREADS = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
@@ -377,21 +384,38 @@ def _prepare_into(out: Path, source: Source, old, fp: str, fmt: str, quality: in
         atomic_write(state_path, lambda f: np.savez(f, fingerprint=np.array(fp), skips=np.array(json.dumps(skips)),
                                                     **stats.arrays(), **extra))
 
+    pending: dict = {}  # (split, chunk) recorded, its pixel sums still with its worker: its skips
+
     def record(result):
         name, ci, ok, sk, part, encoded = result
         a = ci * chunk
         ok_flags[name][a:a + len(ok)] = ok
-        skips.extend(sk)
         if encoded is not None:
             f = appends[name]
             for i, data in enumerate(encoded):
                 if data:
                     index[name][a + i] = (f.tell(), len(data))
                     f.write(data)
+        if part == DEFERRED:  # done when its sums arrive (record_stats)
+            pending[(name, ci)] = sk
+            return len(ok)
         if part is not None:
             stats.merge(PixelStats.from_arrays(part))
+        skips.extend(sk)
         done[name][ci] = True
         return len(ok)
+
+    def record_stats(sums):
+        """A worker's accumulated sums: merged, and the chunks they cover marked done, only if
+        every one of them was recorded here (else all of them are redone on resume, sums and all)."""
+        arrays, covered = sums
+        if any(tuple(c) not in pending for c in covered):
+            return
+        if arrays is not None:
+            stats.merge(PixelStats.from_arrays(arrays))
+        for name, ci in covered:
+            done[name][ci] = True
+            skips.extend(pending.pop((name, ci)))
 
     t0 = time.time()
     try:
@@ -413,7 +437,8 @@ def _prepare_into(out: Path, source: Source, old, fp: str, fmt: str, quality: in
 
             args = (str(out), list(source.splits), size, max_pixels, fmt, quality)
             try:
-                _run_chunks(map(task, todo), handle, min(workers or usable_cpus(), len(todo)), args, out)
+                _run_chunks(map(task, todo), handle, min(workers or usable_cpus(), len(todo)), args, out,
+                            handle_stats=record_stats)
             finally:  # an interrupted run keeps every chunk it finished
                 save_state()
                 bar.close()
@@ -444,21 +469,46 @@ def single_threaded_children():
 
 
 def _pool_worker(conn, args) -> None:
-    """A prepare worker: chunks in over its own pipe, results out; None ends it."""
+    """A prepare worker: chunks in over its own pipe, results out; None ends it, after its last
+    pixel sums. Messages out: ("ok", result, sums or None), ("stats", sums), ("oserror", ...);
+    sums are (arrays, [(split, chunk), …]: the chunks they cover)."""
     _worker_init(*args, pool=True)
+    acc, covered, sent, last = None, [], 0, time.monotonic()
+
+    def take():
+        nonlocal acc, covered, last
+        out = (_compact(acc) if acc is not None else None, covered)
+        acc, covered, last = None, [], time.monotonic()
+        return out
+
     while True:
         task = conn.recv()
         if task is None:
+            conn.send(("stats", take()))
             return
         try:
-            conn.send(("ok", _worker_chunk(task)))
+            split, chunk, ok, skips, part, encoded = _worker_chunk(task)
         except OSError as e:  # ENOSPC and the like: the main process says it, once
             conn.send(("oserror", (e.errno, str(e))))
+            continue
+        sums = None
+        if part is not None:  # a training chunk: its sums join this worker's own
+            st = PixelStats.from_arrays(part)
+            if acc is None:
+                acc = st
+            else:
+                acc.merge(st)
+            covered.append((split, chunk))
+            part = DEFERRED
+            if sent == 0 or len(covered) >= STATS_EVERY_CHUNKS or time.monotonic() - last >= STATS_EVERY_S:
+                sums, sent = take(), sent + 1
+        conn.send(("ok", (split, chunk, ok, skips, part, encoded), sums))
 
 
-def _run_chunks(tasks, handle, workers: int, args, out):
+def _run_chunks(tasks, handle, workers: int, args, out, handle_stats=None):
     """Every task (an iterable, made as it is needed) through ``_worker_chunk`` and its result
-    through ``handle``, in this process (``workers=1``) or in worker processes.
+    through ``handle``, in this process (``workers=1``) or in worker processes; the workers'
+    accumulated pixel sums through ``handle_stats`` (after the results they cover).
 
     Each worker has its own pipe. A worker that dies (the OOM killer, a signal), even half-way
     through sending a result, closes its end: the read fails at once instead of waiting for the
@@ -501,12 +551,14 @@ def _run_chunks(tasks, handle, workers: int, args, out):
             while busy:
                 for ready in wait(list(busy)):
                     try:
-                        kind, payload = ready.recv()
+                        kind, payload, *sums = ready.recv()
                     except (EOFError, OSError):
                         raise died from None
                     if kind == "oserror":
                         raise OSError(*payload)
                     handle(payload)
+                    if sums and sums[0] is not None and handle_stats is not None:
+                        handle_stats(sums[0])
                     t = next(queue, None)
                     if t is not None:
                         ready.send(t)
@@ -514,13 +566,28 @@ def _run_chunks(tasks, handle, workers: int, args, out):
                         del busy[ready]
                     else:
                         busy[ready] -= 1
-            clean = True
-        finally:
+            for conn in conns:  # every result is in: each worker's last sums, then it ends
+                conn.send(None)
             for conn in conns:
                 try:
-                    conn.send(None)
-                except OSError:
-                    pass
+                    kind, payload = conn.recv()
+                except (EOFError, OSError):
+                    raise died from None
+                if handle_stats is not None:
+                    handle_stats(payload)
+            clean = True
+        finally:
+            if not clean:  # an error or an interrupt: the live workers' last sums, briefly, and they end
+                for conn in conns:
+                    with contextlib.suppress(OSError):
+                        conn.send(None)
+                for conn in conns:
+                    with contextlib.suppress(EOFError, OSError, ValueError):
+                        while handle_stats is not None and conn.poll(2):
+                            kind, payload, *_ = conn.recv()
+                            if kind == "stats":  # taken only if this process recorded every chunk it covers
+                                handle_stats(payload)
+                                break
             for p in procs:  # after an error or an interrupt, workers still sending are not waited for
                 p.join(timeout=5 if clean else 0)
                 if p.is_alive():

@@ -198,8 +198,8 @@ def test_workers_default_to_the_cpus_this_process_may_use(synth_src, tmp_path, m
     real = store_mod._run_chunks
     monkeypatch.setattr(os, "cpu_count", lambda: 64)
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0})  # one CPU of the 64
-    monkeypatch.setattr(store_mod, "_run_chunks", lambda tasks, handle, workers, *a: seen.append(workers) or
-                        real(tasks, handle, workers, *a))
+    monkeypatch.setattr(store_mod, "_run_chunks", lambda tasks, handle, workers, *a, **k: seen.append(workers) or
+                        real(tasks, handle, workers, *a, **k))
     prepare(synth_src, tmp_path / "st", chunk=4, progress=False)  # 8 chunks: room for 8 workers
     assert seen == [1]
 
@@ -385,3 +385,25 @@ def test_reading_a_store_never_loads_the_writer():
     from replica.writer import prepare as direct
 
     assert via_store is direct  # the old name still works
+
+
+def test_pixel_sums_cross_from_the_workers_rarely_and_the_store_is_the_same(synth_src, tmp_path, monkeypatch):
+    """Each worker keeps its chunks' pixel sums and sends them with its first result, then every
+    STATS_EVERY_CHUNKS chunks, and when it stops: far fewer messages than chunks, and the mean
+    image and PCA equal those of a prepare in one process."""
+    sent = []
+    real = store_mod._run_chunks
+
+    def spy(tasks, handle, workers, *a, handle_stats=None, **k):
+        def counted(sums):
+            sent.append(len(sums[1]))
+            return handle_stats(sums)
+        return real(tasks, handle, workers, *a, handle_stats=counted, **k)
+
+    monkeypatch.setattr(store_mod, "_run_chunks", spy)
+    prepare(synth_src, tmp_path / "pool", workers=2, chunk=1, progress=False, fmt="raw")  # 24 training chunks
+    assert sum(sent) == 24 and len(sent) <= 2 * 3  # per worker: its first, one more of 16 at most, its last
+    monkeypatch.undo()
+    prepare(synth_src, tmp_path / "one", workers=1, chunk=1, progress=False, fmt="raw")
+    _same_store(tmp_path / "pool", tmp_path / "one")
+    assert json.loads((tmp_path / "pool" / "pca.json").read_text()) == json.loads((tmp_path / "one" / "pca.json").read_text())
