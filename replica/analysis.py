@@ -419,7 +419,8 @@ def _ablation_table(groups) -> list[str]:
         lines += ["", "Not paired:", ""] + notes
     lines += ["", "Verdicts: *reproduced*: the interval excludes 0 on the claimed side and contains the claimed "
               "difference, or lies above it; *smaller than claimed*: it excludes 0 but lies below the claim; "
-              "*not distinguishable from seed noise*: it contains 0; *one seed: no interval*: n = 1."]
+              "*not distinguishable from seed noise*: it contains 0; *reversed*: it excludes 0 on the other side; "
+              "*one seed: no interval*: n = 1; *no number claimed*: the paper gives none."]
     return lines
 
 
@@ -458,7 +459,7 @@ def plot_curves(summaries, dest: Path, groups=None) -> None:
     groups = groups or group_runs(summaries)
     fig, ax = plt.subplots(1, 4, figsize=(20, 4))
 
-    def band(a, epochs, per_run, label, style="-"):
+    def band(a, per_run, label, style="-"):
         rows = [r for r in per_run if any(v is not None for v in r.values())]
         if not rows:
             return
@@ -476,14 +477,14 @@ def plot_curves(summaries, dest: Path, groups=None) -> None:
         if not runs:
             continue
         series = lambda f: [{r["epoch"]: f(r) for r in m} for m in runs]  # noqa: E731
-        band(ax[0], None, series(lambda r: r.get("train_loss")), g["name"])
-        band(ax[1], None, series(lambda r: 100 * r["val_top1_err"] if r.get("val_top1_err") is not None else None),
+        band(ax[0], series(lambda r: r.get("train_loss")), g["name"])
+        band(ax[1], series(lambda r: 100 * r["val_top1_err"] if r.get("val_top1_err") is not None else None),
              f"{g['name']} top-1")
-        band(ax[2], None, series(lambda r: (r.get("lr") or {}).get("weight")), g["name"])
+        band(ax[2], series(lambda r: (r.get("lr") or {}).get("weight")), g["name"])
         spec = lambda r, f: f((r.get("colour_specificity") or {}).values()) if len(  # noqa: E731
             (r.get("colour_specificity") or {})) == 2 else None
-        band(ax[3], None, series(lambda r: spec(r, max)), f"{g['name']} colour-specific tower")
-        band(ax[3], None, series(lambda r: spec(r, min)), f"{g['name']} other tower", "--")
+        band(ax[3], series(lambda r: spec(r, max)), f"{g['name']} colour-specific tower")
+        band(ax[3], series(lambda r: spec(r, min)), f"{g['name']} other tower", "--")
     ax[2].set_yscale("log")
     titles = ("train loss", "validation error, one view (%)", "learning rate (weights)",
               "conv1 colour specificity, median per tower")

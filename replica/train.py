@@ -129,8 +129,7 @@ def process_group_args(devices) -> tuple[str, dict]:
 
 def gpu_uuid(device) -> str:
     """The GPU's UUID, the same in every process whatever its ``CUDA_VISIBLE_DEVICES``."""
-    props = torch.cuda.get_device_properties(torch.device(device))
-    return str(getattr(props, "uuid", f"{props.name} {props.pci_bus_id if hasattr(props, 'pci_bus_id') else device}"))
+    return str(torch.cuda.get_device_properties(torch.device(device)).uuid)
 
 
 def check_distinct_gpus(ranks: "Ranks", devices, uuid=gpu_uuid) -> None:
@@ -740,23 +739,24 @@ class _Run:
 def train(cfg: Config, out, resume: bool = False, progress: bool = True) -> dict:
     """Train per ``cfg`` into the run folder ``out``; with ``resume``, continue what is there."""
     r = _Run(cfg, out, progress)
+    together = False  # whether every process of the job gets to the end of this call at once
     try:
         if resume and not (r.run / "last.pt").exists():  # stopped before its first checkpoint: nothing to keep
             if r.main:
                 print(f"{r.run} has no checkpoint yet: starting from the beginning")
             resume = False
-        if resume:
-            if not r.resume():
-                result = dict(stopped=None, step=r.step, epochs=r.epoch, best_val_top1_err=r.best)
-                r.ranks.close()
-                return result
-        else:
+        if resume and not r.resume():
+            together = True
+            return dict(stopped=None, step=r.step, epochs=r.epoch, best_val_top1_err=r.best)
+        if not resume:
             r.start()
         r.prepare_step_function()
         result = r.loop()
+        together = True
+        return result
     except ReplicaError as e:
-        if e.agreed:  # a stop every process decided together (a NaN, a bad batch, a dead worker): all are here
+        together = e.agreed  # a stop decided together (a NaN, a bad batch, a dead worker); else this
+        raise  # process alone, where destroying the group could wait for the others for ever
+    finally:
+        if together:
             r.ranks.close()
-        raise  # else this process alone: destroying the group could wait for the others for ever
-    r.ranks.close()
-    return result

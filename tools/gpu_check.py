@@ -72,7 +72,10 @@ def versions() -> list[str]:
     import torch
     import torchvision
 
-    out = [f"python {sys.version.split()[0]}", f"torch {torch.__version__}", f"torchvision {torchvision.__version__}"]
+    from replica.runtime import cpu_description
+
+    out = [f"python {sys.version.split()[0]}", f"torch {torch.__version__}", f"torchvision {torchvision.__version__}",
+           f"CPU {cpu_description()}"]
     driver = "n/a"
     if shutil.which("nvidia-smi"):
         r = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"],
@@ -146,6 +149,8 @@ def train_cfg(store: Path, dev: str, dry: bool, **kw):
 
     base = dict(data=str(store), batch_size=4 if dry else 16, epochs=1, steps_per_epoch=STEPS_C, workers=2,
                 devices=dev, init="caffe", checkpoint_minutes=60, val_batches=1, save_best=False)
+    if dry:  # plumbing only: no half-minute compile of the CPU's fused norms
+        base["fused_norms"] = False
     base.update(kw)
     return load_config(None, base)
 
