@@ -1,6 +1,7 @@
 import os
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +14,39 @@ sys.path.insert(0, str(ROOT / "tools"))
 # minutes on 2 cores. Off here (subprocesses inherit it); the fused tests switch them on.
 os.environ["REPLICA_FUSED_NORMS"] = "0"
 # archive member indexes (replica.imagenet) go to a folder of this run's, not the user's cache
-os.environ.setdefault("REPLICA_CACHE", __import__("tempfile").mkdtemp(prefix="replica-cache-"))
+os.environ.setdefault("REPLICA_CACHE", tempfile.mkdtemp(prefix="replica-cache-"))
+
+# Runs write full-size checkpoints (456 MB, fsync'ed): on this project's 2-core ext4 machine a
+# write took 0.4-2.1 s on disk and 0.3-0.5 s in memory, and the suite writes hundreds. So the
+# test folders go to /dev/shm where it has room (no test depends on the disk: kills are process
+# kills, which the page cache survives). --basetemp, or REPLICA_TEST_TMP=disk, keeps them on disk.
+IN_MEMORY_MIN_FREE = 8 << 30
+
+
+def pytest_configure(config):
+    shm = Path("/dev/shm")
+    if config.option.basetemp or os.environ.get("REPLICA_TEST_TMP") == "disk" or not shm.is_dir():
+        return
+    try:
+        roomy = os.access(shm, os.W_OK) and shutil.disk_usage(shm).free >= IN_MEMORY_MIN_FREE
+    except OSError:
+        roomy = False
+    if roomy:
+        config.option.basetemp = config._replica_in_memory = tempfile.mkdtemp(prefix="replica-tests-", dir=shm)
+
+
+def pytest_unconfigure(config):
+    where = getattr(config, "_replica_in_memory", None)
+    if not where or not Path(where).exists():
+        return
+    if getattr(config, "_replica_failed", False):
+        print(f"\nthe failed tests' folders are kept in memory, in {where}: remove it when done")
+    else:
+        shutil.rmtree(where, ignore_errors=True)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    session.config._replica_failed = exitstatus != 0
 
 
 @pytest.fixture
@@ -44,9 +77,10 @@ def tiny_tree(tmp_path):
     return tmp_path / "src"
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def store(tmp_path_factory):
-    """A prepared store of the synthetic set: 4 classes, 6 training and 2 val images each."""
+    """A prepared store of the synthetic set: 4 classes, 6 training and 2 val images each (one for
+    the whole session: tests that damage a store copy it first)."""
     from replica.store import prepare
     from replica.synth import synth
 
