@@ -33,6 +33,7 @@ class Config:
     # -- model ---------------------------------------------------------------------------------
     preset: str = "as-run"  # or "paper-text" (SPEC.md §1-3)
     variant: str = "two-tower"  # or "one-gpu-half" (run 145-half)
+    width: float = 1.0  # every layer's filters and units × width (at least 1 each); 1: the paper's net; less: quick trials (the test suite's mechanics tests run 1/16)
     norm: bool = True  # False: run 148, no LRN and no spatial norm
     overlap: bool = True  # False: run 147, pool 2/2
     dropout: bool = True
@@ -90,7 +91,7 @@ CHOICES = {
     "schedule": ("as-run", "plateau"),
     "decode": ("auto", "workers", "device"),
 }
-POSITIVE = ("batch_size", "epochs", "lr", "crop", "schedule_epochs", "checkpoint_minutes")
+POSITIVE = ("batch_size", "epochs", "lr", "crop", "schedule_epochs", "checkpoint_minutes", "width")
 NON_NEGATIVE = ("momentum", "weight_decay", "workers", "stall_steps", "plateau_patience", "plateau_max_drops",
                 "bias_lr", "warmup_epochs")
 

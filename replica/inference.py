@@ -25,7 +25,7 @@ TRAIN_SPLIT_ONLY = "training images (the store has no val split)"
 def model_from_checkpoint(ckpt: dict, devices="auto") -> AlexNet:
     m = ckpt["meta"]
     model = AlexNet(m["num_classes"], devices=devices, preset=m["preset"], variant=m["variant"], norm=m["norm"],
-                    overlap=m["overlap"], dropout=m["dropout"], init=m.get("init"))
+                    overlap=m["overlap"], dropout=m["dropout"], init=m.get("init"), width=m.get("width", 1.0))
     try:
         model.load_state_dict(ckpt["model"])
     except RuntimeError as e:

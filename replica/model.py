@@ -202,7 +202,7 @@ class AlexNet(nn.Module):
     """
 
     def __init__(self, num_classes: int = 1000, devices="auto", preset: str = "as-run", *,
-                 channels_last: bool = True, fused_norms: bool = False, **options):
+                 channels_last: bool = True, fused_norms: bool = False, width: float = 1.0, **options):
         super().__init__()
         # Layout only, not math. On CPU, torch's NCHW max-pooling is slow and its channels_last
         # kernel is not; tools/bench.py model times the train step in both layouts.
@@ -217,16 +217,27 @@ class AlexNet(nn.Module):
                                "expected norm, overlap, variant, dropout, init")
         self.opts = NetOptions(preset=preset, **options)
         self.num_classes = num_classes
+        if not isinstance(width, (int, float)) or not width > 0:
+            raise ReplicaError(f"width: expected a positive number, got {width!r}")
+        self.width = float(width)
         conv2_pad, conv5_pad = (2, 1) if self.opts.overlap else (1, 0)
+        pool5 = output_sizes(self.opts.overlap)["pool5"] ** 2  # 6×6 positions
+
+        def w(n):  # a layer's filters or units at this width (1: the paper's)
+            return max(1, round(n * self.width))
+
         if self.opts.variant == "two-tower":
-            widths, fc = (48, 128, 192, 192, 128), 2048
-            self.tower_a = Tower(widths, fc, 256, 9216, 4096, conv2_pad, conv5_pad)
-            self.tower_b = Tower(widths, fc, 256, 9216, 4096, conv2_pad, conv5_pad)
+            widths, fc = tuple(w(n) for n in (48, 128, 192, 192, 128)), w(2048)  # conv1…conv5, fc6/fc7 per tower
+            ins = (2 * widths[1], 2 * widths[4] * pool5, 2 * fc)  # conv3, fc6, fc7 read both towers: 256, 9216, 4096
+            self.tower_a = Tower(widths, fc, *ins, conv2_pad, conv5_pad)
+            self.tower_b = Tower(widths, fc, *ins, conv2_pad, conv5_pad)
+            fc8_in = 2 * fc
         else:  # layers-145-half.cfg: one column, conv5 256 wide, fc 4096
-            widths, fc = (48, 128, 192, 192, 256), 4096
-            self.tower_a = Tower(widths, fc, 128, 9216, 4096, conv2_pad, conv5_pad)
+            widths, fc = tuple(w(n) for n in (48, 128, 192, 192, 256)), w(4096)
+            self.tower_a = Tower(widths, fc, widths[1], widths[4] * pool5, fc, conv2_pad, conv5_pad)  # 128, 9216, 4096
             self.tower_b = None
-        self.fc8 = nn.Linear(2 * 2048 if self.tower_b is not None else 4096, num_classes)
+            fc8_in = fc
+        self.fc8 = nn.Linear(fc8_in, num_classes)
         self.reset_parameters()
         self.place(devices)
 

@@ -305,12 +305,14 @@ def fused_norms_for(cfg: Config, device: torch.device) -> bool:
 
 def build_model(cfg: Config, num_classes: int, devices) -> AlexNet:
     return AlexNet(num_classes, devices=devices, preset=cfg.preset, variant=cfg.variant, norm=cfg.norm,
-                   overlap=cfg.overlap, dropout=cfg.dropout, init=cfg.init, channels_last=cfg.channels_last)
+                   overlap=cfg.overlap, dropout=cfg.dropout, init=cfg.init, channels_last=cfg.channels_last,
+                   width=cfg.width)
 
 
 def model_meta(cfg: Config, num_classes: int, classes, names=None, dataset=None) -> dict:
     return dict(num_classes=num_classes, variant=cfg.variant, preset=cfg.preset, norm=cfg.norm,
-                overlap=cfg.overlap, dropout=cfg.dropout, init=cfg.init, crop=cfg.crop, classes=list(classes),
+                overlap=cfg.overlap, dropout=cfg.dropout, init=cfg.init, width=cfg.width, crop=cfg.crop,
+                classes=list(classes),
                 names=list(names) if names else None, dataset=dataset)
 
 
@@ -465,8 +467,9 @@ class _Run:
         atomic_write(run / "config.yaml", lambda f: f.write(dump_config(cfg).encode()))
         atomic_write(run / "version.json", lambda f: f.write(json.dumps(code_version(), indent=1).encode()))
         (run / "metrics.jsonl").unlink(missing_ok=True)
-        log.info("run %s: %s, %d classes, %d training images, batch %d, %d steps (%d per epoch), devices %s, %s%s",
-                 run, cfg.preset, self.num_classes, len(self.train_images), cfg.batch_size, self.sched.total_steps,
+        log.info("run %s: %s%s, %d classes, %d training images, batch %d, %d steps (%d per epoch), devices %s, %s%s",
+                 run, cfg.preset, "" if cfg.width == 1 else f", width {cfg.width:g} (not the paper's net)",
+                 self.num_classes, len(self.train_images), cfg.batch_size, self.sched.total_steps,
                  self.steps_per_epoch, " + ".join(map(str, self.devices)), "bf16 autocast" if cfg.bf16 else "float32",
                  f" ({describe_numerics(self.numerics)})" if any(d.type == "cuda" for d in self.devices) else "")
 

@@ -88,3 +88,15 @@ def store(tmp_path_factory):
     synth(d / "synth", classes=4, train_per_class=6, val_per_class=2, seed=1, workers=1, progress=False)
     prepare(d / "synth", d / "store", workers=1, progress=False)
     return d / "store"
+
+
+@pytest.fixture(scope="session")
+def whole_run(store, tmp_path_factory):
+    """One uninterrupted run of ``runs_helpers.tiny(store)`` (2 epochs × 3 steps, best.pt too), for
+    the tests that compare a stopped, failed or resumed run against it. Read it; never write in it.
+    Returns (run folder, what ``train`` returned)."""
+    from replica.train import train
+    from runs_helpers import tiny
+
+    run = tmp_path_factory.mktemp("whole-run") / "whole"
+    return run, train(tiny(store), run, progress=False)

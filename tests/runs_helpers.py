@@ -1,11 +1,21 @@
 """What the run tests share: a tiny config and a stand-in for the Ctrl-C handler."""
 from replica.config import load_config
 
+# The mechanics tests (stop, resume, kill, faults, bad data, eval plumbing) run the net at 1/16 of
+# its width: the same code, layers and connectivity, 227 thousand parameters instead of 57 million,
+# so a checkpoint is 2 MB, not 456 MB. Faithfulness tests (test_model.py), one exact-resume test,
+# the DDP one-process-vs-two test and the demo run the paper's width.
+NARROW = 0.0625
+
+# tiny()'s run on the command line (``replica train CONFIG *TINY_ARGS``)
+TINY_ARGS = ["batch_size=4", "epochs=2", "steps_per_epoch=3", "workers=0", "devices=cpu", "init=caffe",
+             f"width={NARROW}"]
+
 
 def tiny(store, **kw):
-    """2 epochs × 3 steps of batch 4 on ``store``, on the CPU, no loader workers."""
+    """2 epochs × 3 steps of batch 4 on ``store``, on the CPU, no loader workers, the narrow net."""
     base = dict(data=str(store), batch_size=4, epochs=2, steps_per_epoch=3, workers=0, devices="cpu",
-                init="caffe", checkpoint_minutes=60)
+                init="caffe", checkpoint_minutes=60, width=NARROW)
     base.update(kw)
     return load_config(None, base)
 

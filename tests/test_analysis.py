@@ -6,6 +6,7 @@ import torch
 from replica.analysis import colour_specificity, filter_image, format_filters, tower_split
 from replica.cli import main
 from replica.runs import CKPT_FORMAT, CKPT_VERSION
+from runs_helpers import NARROW
 
 
 def test_grey_kernel_is_0_and_a_kernel_without_luminance_is_1():
@@ -159,7 +160,8 @@ def test_reproduce_runs_baseline_and_every_ablation_in_tiny_mode(tmp_path):
 
     synth(tmp_path / "s", classes=10, train_per_class=1, val_per_class=1, workers=1, progress=False)
     prepare(tmp_path / "s", tmp_path / "st", workers=1, progress=False)
-    path = reproduce(tmp_path / "st", tmp_path / "out", tiny=True, progress=False, overrides=["devices=cpu"])
+    narrow = ["devices=cpu", f"width={NARROW}"]  # the plumbing at 1/16 of the net's width
+    path = reproduce(tmp_path / "st", tmp_path / "out", tiny=True, progress=False, overrides=narrow)
     md = path.read_text()
     for name in ["alexnet-2gpu", *ABLATIONS]:
         assert f"| {name}-seed0 |" in md
@@ -167,7 +169,7 @@ def test_reproduce_runs_baseline_and_every_ablation_in_tiny_mode(tmp_path):
     assert "LRN: 1.4 / 1.2" in md and "two GPUs: 1.7 / 1.2" in md and "overlapping pooling: 0.4 / 0.3" in md
     # a second seed (seed 0's runs are reused): the report groups the seeds and pairs them
     path = reproduce(tmp_path / "st", tmp_path / "out", seeds=(0, 1), ablations=["no-norm"], tiny=True,
-                     progress=False, overrides=["devices=cpu"])
+                     progress=False, overrides=narrow)
     md = path.read_text()
     assert "| alexnet-2gpu | 2 | 0, 1 |" in md and "| no-norm | 2 | 0, 1 |" in md
     row = next(ln for ln in md.split("## Ablations")[1].splitlines() if ln.startswith("| no-norm | 2 | "))

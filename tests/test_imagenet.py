@@ -134,7 +134,8 @@ def test_predict_names_the_class(tmp_path, capsys):
     root = make_2012(tmp_path / "in")
     prepare(root, tmp_path / "st", workers=1, progress=False)
     assert main(["train", "configs/alexnet-2gpu.yaml", f"data={tmp_path / 'st'}", "batch_size=3", "epochs=1",
-                 "steps_per_epoch=1", "workers=0", "devices=cpu", "init=caffe", "--out", str(tmp_path / "run")]) == 0
+                 "steps_per_epoch=1", "workers=0", "devices=cpu", "init=caffe", "width=0.0625",
+                 "--out", str(tmp_path / "run")]) == 0
     img = tmp_path / "q.jpg"
     img.write_bytes(jpeg(0))
     capsys.readouterr()

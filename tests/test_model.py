@@ -119,6 +119,28 @@ def test_parameter_counts():
     assert count_parameters(AlexNet(10, devices="cpu")) == 60_965_224 - 990 * 4097
 
 
+@pytest.mark.parametrize("variant", ["two-tower", "one-gpu-half"])
+def test_a_narrow_net_is_the_same_net_with_fewer_filters(variant):
+    """width scales every layer's filters and units (at least 1): the same layers, connectivity
+    and sizes, counted here from the layer sizes written out (not from the model's code)."""
+    half = variant == "one-gpu-half"
+    full = AlexNet(devices="cpu", variant=variant)
+    assert count_parameters(AlexNet(devices="cpu", variant=variant, width=1)) == count_parameters(full)
+    m = AlexNet(10, devices="cpu", variant=variant, width=1 / 16, init="caffe")
+    c1, c2, c3, c4, c5, fc = (3, 8, 12, 12, 16, 256) if half else (3, 8, 12, 12, 8, 128)  # 48/16, 128/16, ...
+    towers = 1 if half else 2
+    conv3_in = c2 * towers  # two towers: conv3 reads both (the cross-GPU link)
+    per_tower = ((3 * 121 + 1) * c1 + (c1 * 25 + 1) * c2 + (conv3_in * 9 + 1) * c3 + (c3 * 9 + 1) * c4
+                 + (c4 * 9 + 1) * c5 + (towers * c5 * 36 + 1) * fc + (towers * fc + 1) * fc)
+    assert count_parameters(m) == towers * per_tower + (towers * fc + 1) * 10
+    assert (m.tower_b is None) == half
+    for overlap in (True, False):
+        m = AlexNet(10, devices="cpu", variant=variant, width=1 / 16, overlap=overlap)
+        assert m(torch.randn(2, 3, 224, 224)).shape == (2, 10)
+    with pytest.raises(ReplicaError, match="width: expected a positive number"):
+        AlexNet(devices="cpu", width=0)
+
+
 def _shapes(m, x):
     seen = {}
     hooks = []

@@ -29,7 +29,7 @@ from replica.runs import load_checkpoint, read_metrics
 from replica.store import prepare
 from replica.synth import synth
 from replica.train import train
-from runs_helpers import StopAfter, tiny
+from runs_helpers import NARROW, TINY_ARGS, StopAfter, tiny
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = str(ROOT / "configs" / "alexnet-2gpu.yaml")
@@ -77,8 +77,8 @@ sys.exit(main(sys.argv[1:]))
 
 def test_sigkill_at_random_moments_then_resume_equals_an_uninterrupted_run(store, tmp_path):
     args = [f"data={store}", "batch_size=4", "epochs=3", "steps_per_epoch=2", "workers=0", "devices=cpu",
-            "init=caffe", "checkpoint_minutes=0.0001"]  # last.pt after every step: many writes to land in
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="2", SLOW="0.8")
+            "init=caffe", f"width={NARROW}", "checkpoint_minutes=0.0001"]  # last.pt after every step: many writes
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="2", SLOW="0.5")
     ref, run = tmp_path / "ref", tmp_path / "run"
     r = subprocess.run([sys.executable, "-m", "replica", "train", CONFIG, *args, "--out", str(ref)], env=env,
                        capture_output=True, text=True, timeout=600)
@@ -92,7 +92,8 @@ def test_sigkill_at_random_moments_then_resume_equals_an_uninterrupted_run(store
         p = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         writing = threading.Event()
         # even attempts: kill while a checkpoint is half-way (bytes written, not yet renamed);
-        # odd attempts: kill at a random moment 1-6 s after the first write began
+        # odd attempts: kill at a random moment 0.3-3 s after the first write began (the narrow
+        # net's steps take milliseconds: the ~8 held writes left span about 4 s)
         want = 1 + attempt // 2 if attempt % 2 == 0 else 1
 
         lines = []
@@ -112,9 +113,9 @@ def test_sigkill_at_random_moments_then_resume_equals_an_uninterrupted_run(store
             assert p.returncode == 0, "".join(lines)[-3000:]
             break  # the run ended before reaching the kill point
         if attempt % 2:
-            time.sleep(rng.uniform(1.0, 6.0))
+            time.sleep(rng.uniform(0.3, 3.0))
         else:
-            time.sleep(0.3)  # inside the held write
+            time.sleep(0.2)  # inside the held write (0.5 s)
         if p.poll() is not None:
             break
         p.send_signal(signal.SIGKILL)
@@ -147,11 +148,11 @@ def test_resume_before_the_first_checkpoint_starts_over(store, tmp_path, capsys)
     assert r["step"] == 3 and "no checkpoint yet: starting from the beginning" in capsys.readouterr().out
 
 
-def test_a_torn_metrics_line_is_repaired_from_the_checkpoint(store, tmp_path, monkeypatch):
+def test_a_torn_metrics_line_is_repaired_from_the_checkpoint(store, whole_run, tmp_path, monkeypatch):
     import replica.train as train_mod
 
     cfg = tiny(store)
-    train(cfg, tmp_path / "whole", progress=False)
+    whole = whole_run[0]
     stopped = tmp_path / "cut"
     monkeypatch.setattr(train_mod, "_Stop", lambda: StopAfter(6))  # one step into epoch 2
     train(cfg, stopped, progress=False)
@@ -160,11 +161,11 @@ def test_a_torn_metrics_line_is_repaired_from_the_checkpoint(store, tmp_path, mo
         f.write('{"epoch": 2, "train_lo')  # a kill tore the next line
     assert [m["epoch"] for m in read_metrics(stopped)] == [1]  # readers skip the torn line
     train(cfg, stopped, resume=True, progress=False)
-    got, want = read_metrics(stopped), read_metrics(tmp_path / "whole")
+    got, want = read_metrics(stopped), read_metrics(whole)
     assert [m["epoch"] for m in got] == [1, 2]
     for a, b in zip(got, want):
         assert (a["train_loss"], a["val_top1_err"], a["step"]) == (b["train_loss"], b["val_top1_err"], b["step"])
-    assert_same_weights(tmp_path / "whole" / "last.pt", stopped / "last.pt")
+    assert_same_weights(whole / "last.pt", stopped / "last.pt")
 
 
 # -- disk full, read-only output -----------------------------------------------------------------
@@ -186,15 +187,13 @@ def failing_save(monkeypatch, fail_at: int, err: int):
 
 @pytest.mark.parametrize("err,words", [(errno.ENOSPC, "No space left on device"), (errno.EACCES, "Permission denied")])
 def test_checkpoint_write_fails_previous_intact_message_names_path_and_cause_then_resume(
-        store, tmp_path, monkeypatch, capsys, err, words):
-    ref = tmp_path / "ref"
-    train(tiny(store), ref, progress=False)
+        store, whole_run, tmp_path, monkeypatch, capsys, err, words):
+    ref = whole_run[0]
     run = tmp_path / "run"
     # saves: epoch 1 best, epoch 1 last, epoch 2 best (if better), epoch 2 last; fail the last one
     saves = 4 if load_checkpoint(ref / "best.pt")["progress"]["epoch"] == 2 else 3
     failing_save(monkeypatch, saves, err)
-    code = main(["train", CONFIG, f"data={store}", "batch_size=4", "epochs=2", "steps_per_epoch=3", "workers=0",
-                 "devices=cpu", "init=caffe", "--out", str(run)])
+    code = main(["train", CONFIG, f"data={store}", *TINY_ARGS, "--out", str(run)])
     assert code == 2
     msg = one_line_error(capsys)
     assert f"cannot write {run / 'last.pt'}: {words}" in msg
@@ -208,9 +207,8 @@ def test_checkpoint_write_fails_previous_intact_message_names_path_and_cause_the
     assert [m["epoch"] for m in read_metrics(run)] == [1, 2]
 
 
-def test_metrics_write_fails_then_resume_restores_every_epoch(store, tmp_path, monkeypatch, capsys):
-    ref, run = tmp_path / "ref", tmp_path / "run"
-    train(tiny(store), ref, progress=False)
+def test_metrics_write_fails_then_resume_restores_every_epoch(store, whole_run, tmp_path, monkeypatch, capsys):
+    ref, run = whole_run[0], tmp_path / "run"
 
     def no_metrics(path, *a, **k):
         if Path(path).name == "metrics.jsonl" and "a" in (a[0] if a else k.get("mode", "r")):
@@ -218,8 +216,7 @@ def test_metrics_write_fails_then_resume_restores_every_epoch(store, tmp_path, m
         return open(path, *a, **k)
 
     monkeypatch.setattr(runs, "open", no_metrics, raising=False)
-    assert main(["train", CONFIG, f"data={store}", "batch_size=4", "epochs=2", "steps_per_epoch=3", "workers=0",
-                 "devices=cpu", "init=caffe", "--out", str(run)]) == 2
+    assert main(["train", CONFIG, f"data={store}", *TINY_ARGS, "--out", str(run)]) == 2
     assert f"cannot write {run / 'metrics.jsonl'}: Permission denied" in one_line_error(capsys)
     monkeypatch.undo()
     assert main(["train", "--resume", str(run)]) == 0
@@ -435,8 +432,7 @@ def test_a_killed_loader_worker_gives_a_clear_message_and_resume_completes(store
         return real(self, i)
 
     monkeypatch.setattr(TrainBatches, "__getitem__", dies_at_epoch2_batch1)
-    argv = ["train", CONFIG, f"data={store}", "batch_size=4", "epochs=2", "steps_per_epoch=3", "workers=1",
-            "devices=cpu", "init=caffe", "--out", str(run)]
+    argv = ["train", CONFIG, f"data={store}", *TINY_ARGS, "workers=1", "--out", str(run)]
     assert main(argv) == 2
     msg = one_line_error(capsys)
     # the loader notices the death at once (SIGCHLD), so before or after batch 1 is handed over

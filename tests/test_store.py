@@ -21,6 +21,7 @@ from replica.runs import load_checkpoint
 from replica.store import PixelStats, PreparedStore, prepare
 from replica.synth import synth
 from replica.train import train
+from runs_helpers import NARROW
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +58,8 @@ def test_auto_picks_jpeg_for_large_sets(synth_src, tmp_path, monkeypatch):
 
 
 def _cfg(data, **kw):
-    base = dict(data=str(data), batch_size=4, epochs=2, steps_per_epoch=3, workers=1, devices="cpu", init="caffe")
+    base = dict(data=str(data), batch_size=4, epochs=2, steps_per_epoch=3, workers=1, devices="cpu", init="caffe",
+                width=NARROW)
     base.update(kw)
     return load_config(None, base)
 

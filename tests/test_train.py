@@ -21,7 +21,7 @@ from replica.evaluate import evaluate, predict_probs, topk_errors
 from replica.inference import run_eval
 from replica.runs import check_compatible, load_checkpoint, read_metrics
 from replica.train import TrainingStopped, train
-from runs_helpers import StopAfter, tiny
+from runs_helpers import NARROW, StopAfter, tiny
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -83,14 +83,18 @@ def test_train_time_errors(store, tmp_path):
 # -- resume --------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("look,step,epoch,in_epoch", [
-    (4, 3, 0, 3),  # after the first epoch's last step, before its evaluation
-    (6, 4, 1, 1),  # inside the second epoch (look 5 comes before its first step)
+@pytest.mark.parametrize("look,step,epoch,in_epoch,width", [
+    (4, 3, 0, 3, NARROW),  # after the first epoch's last step, before its evaluation
+    (6, 4, 1, 1, 1.0),  # inside the second epoch (look 5 comes before its first step); the paper's net
 ])
-def test_interrupted_and_resumed_equals_uninterrupted(store, tmp_path, monkeypatch, capsys, look, step, epoch,
-                                                      in_epoch):
-    cfg = tiny(store)  # dropout and PCA noise on: their RNG must survive the stop
-    whole = train(cfg, tmp_path / "whole", progress=False)
+def test_interrupted_and_resumed_equals_uninterrupted(store, whole_run, tmp_path, monkeypatch, capsys, look, step,
+                                                      epoch, in_epoch, width):
+    cfg = tiny(store, width=width)  # dropout and PCA noise on: their RNG must survive the stop
+    if width == NARROW:
+        whole_dir, whole = whole_run
+    else:
+        whole_dir = tmp_path / "whole"
+        whole = train(cfg, whole_dir, progress=False)
     assert whole["step"] == 6
     monkeypatch.setattr(train_mod, "_Stop", lambda: StopAfter(look))
     stopped = train(cfg, tmp_path / "cut", progress=False)
@@ -100,7 +104,7 @@ def test_interrupted_and_resumed_equals_uninterrupted(store, tmp_path, monkeypat
     ck = load_checkpoint(tmp_path / "cut")
     assert (ck["progress"]["epoch"], ck["progress"]["in_epoch"]) == (epoch, in_epoch)
     train(cfg, tmp_path / "cut", resume=True, progress=False)
-    a = load_checkpoint(tmp_path / "whole" / "last.pt")
+    a = load_checkpoint(whole_dir / "last.pt")
     b = load_checkpoint(tmp_path / "cut" / "last.pt")
     # exact by construction: the same machine, kernels, thread count and order of every operation
     for k in a["model"]:
@@ -108,11 +112,11 @@ def test_interrupted_and_resumed_equals_uninterrupted(store, tmp_path, monkeypat
     assert a["momentum"].keys() == b["momentum"].keys()
     for k in a["momentum"]:
         assert torch.equal(a["momentum"][k][0], b["momentum"][k][0]) and a["momentum"][k][1] == b["momentum"][k][1], k
-    ma, mb = read_metrics(tmp_path / "whole"), read_metrics(tmp_path / "cut")
+    ma, mb = read_metrics(whole_dir), read_metrics(tmp_path / "cut")
     assert [m["epoch"] for m in ma] == [m["epoch"] for m in mb] == [1, 2]
     assert ma[0]["val_top1_err"] == mb[0]["val_top1_err"]
-    assert (tmp_path / "whole" / "best.pt").exists()
-    version = json.loads((tmp_path / "whole" / "version.json").read_text())
+    assert (whole_dir / "best.pt").exists()
+    version = json.loads((whole_dir / "version.json").read_text())
     assert version["torch"] == torch.__version__
 
 
@@ -137,16 +141,17 @@ def test_nan_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint(store,
     assert all(torch.isfinite(v).all() for v in ck["model"].values())
 
 
-def test_losses_read_every_few_steps_same_account_and_nan_still_named(store, tmp_path, monkeypatch):
+def test_losses_read_every_few_steps_same_account_and_nan_still_named(store, whole_run, tmp_path, monkeypatch):
     """Losses stay on the device and are read every few steps (as on a GPU): the epoch's loss is
     the same as reading every step, and a NaN seen at a later read names its own step and keeps
     the checkpoint from before it."""
     cfg = tiny(store)
-    every = train(cfg, tmp_path / "every", progress=False)
+    every_dir, every = whole_run  # read at every step (the CPU's default)
+    assert train_mod.LOSS_READ_STEPS["cpu"] == 1
     monkeypatch.setitem(train_mod.LOSS_READ_STEPS, "cpu", 4)
     later = train(cfg, tmp_path / "later", progress=False)
     assert every["step"] == later["step"] == 6
-    assert [m["train_loss"] for m in read_metrics(tmp_path / "every")] == \
+    assert [m["train_loss"] for m in read_metrics(every_dir)] == \
         [m["train_loss"] for m in read_metrics(tmp_path / "later")]
     nan_at_call(monkeypatch, 4)
     with pytest.raises(TrainingStopped, match="loss is nan at epoch 2, step 1: stopped. The last good checkpoint"):
@@ -333,11 +338,11 @@ def test_real_sigint_saves_and_the_run_resumes_to_the_end(store, tmp_path):
     run = tmp_path / "run"
     env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
     args = [sys.executable, "-m", "replica", "train", str(ROOT / "configs" / "alexnet-2gpu.yaml"),
-            f"data={store}", "batch_size=4", "epochs=3", "steps_per_epoch=6", "workers=0", "devices=cpu",
-            "init=caffe", "--out", str(run)]
+            f"data={store}", "batch_size=4", "epochs=2", "steps_per_epoch=6", "workers=0", "devices=cpu",
+            "init=caffe", "--out", str(run)]  # the paper's width: steps slow enough for the signal to land
     p = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 120
-    # at once after epoch 1's metrics line: inside epoch 2, with 12 steps to go (a fixed delay after
+    # at once after epoch 1's metrics line: inside epoch 2, with 6 steps to go (a fixed delay after
     # config.yaml could land after the last step on a quick machine, or before the handler on a slow one)
     while time.time() < deadline and not (run / "metrics.jsonl").exists():
         time.sleep(0.05)
@@ -352,8 +357,8 @@ def test_real_sigint_saves_and_the_run_resumes_to_the_end(store, tmp_path):
                            capture_output=True, text=True, timeout=300)
         assert r.returncode == 0, r.stderr[-2000:]
     ck = load_checkpoint(run)
-    assert ck["progress"]["done"] and ck["progress"]["step"] == 18
-    assert [m["epoch"] for m in read_metrics(run)] == [1, 2, 3]
+    assert ck["progress"]["done"] and ck["progress"]["step"] == 12
+    assert [m["epoch"] for m in read_metrics(run)] == [1, 2]
 
 
 def test_cifar10_batches_train_on_the_fly(tmp_path):
@@ -434,7 +439,8 @@ def test_fused_norms_train_like_the_eager_norms(store, tmp_path, monkeypatch, cx
     real = layers._fused_fns
     monkeypatch.setattr(layers, "_fused_fns", lambda *a, **k: ran.append(a[0]) or real(*a, **k))
     monkeypatch.setitem(layers._BROKEN, "why", None)
-    train(tiny(store, epochs=1, steps_per_epoch=2, fused_norms=False), tmp_path / "eager", progress=False)
+    # the paper's width: the shapes the other fused-norm tests compile (a warm cache)
+    train(tiny(store, epochs=1, steps_per_epoch=2, fused_norms=False, width=1.0), tmp_path / "eager", progress=False)
     assert ran == []
     assert main(["train", "alexnet-2gpu", f"data={store}", "batch_size=4", "epochs=1", "steps_per_epoch=2",
                  "workers=0", "devices=cpu", "init=caffe", "checkpoint_minutes=60", "fused_norms=true",
