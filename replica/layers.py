@@ -20,6 +20,10 @@ two window sums and a handful of in-place elementwise passes, forward and backwa
 """
 from __future__ import annotations
 
+import getpass
+import os
+import re
+import tempfile
 import types
 
 import torch
@@ -188,6 +192,29 @@ def _own_code(f, tag: str):
 _BACKEND = "inductor"  # torch.compile's backend (the tests count recompiles with "eager": no C++ compile)
 
 
+def _cache_per_kernel_set() -> None:
+    """A cache of compiled loops of its own while torch is held to a kernel set (ATEN_CPU_CAPABILITY).
+
+    Inductor builds its C++ loops for that vector width, but its on-disk cache does not keep the
+    two apart: on the AVX-512 development VM, loops compiled natively and loaded under
+    ``ATEN_CPU_CAPABILITY=avx2`` gave 1e35s and NaNs (the fused-norm tests failed at once; with a
+    fresh cache they pass). So a held setting gets ``<torch's default cache>-<capability>``,
+    unless TORCHINDUCTOR_CACHE_DIR names one. Paths as torch's own ``default_cache_dir``.
+    """
+    cap = os.environ.get("ATEN_CPU_CAPABILITY")
+    if not cap or os.environ.get("TORCHINDUCTOR_CACHE_DIR"):
+        return
+    try:
+        user = getpass.getuser()
+    except (KeyError, ModuleNotFoundError, OSError):
+        user = f"uid_{os.getuid()}" if hasattr(os, "getuid") else "unknown_user"
+    user = re.sub(r'[\\/:*?"<>|]', "_", user)
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(tempfile.gettempdir(), f"torchinductor_{user}-{cap}")
+
+
+_cache_per_kernel_set()  # at import too: before anything (compile=true's torch.compile) fixes torch's cache path
+
+
 def _fused_fns(kind: str, size: int, groups: int, k: float, c: float, beta: float, shape=(), dtype=None,
                device=None):
     # One compiled set per key, each with its own code objects (_own_code): a layer shape
@@ -219,6 +246,7 @@ def _fused_fns(kind: str, size: int, groups: int, k: float, c: float, beta: floa
         # t (a division and two roots) at each tap; both cost more than the extra write
         # (docs/performance.md, "Fused norms, second try").
         tag = f"k{len(_COMPILED)}"
+        _cache_per_kernel_set()
         _COMPILED[key] = tuple(torch.compile(_own_code(f, tag), backend=_BACKEND)
                                for f in (squares, forward, inner, backward))
     return _COMPILED[key]

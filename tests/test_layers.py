@@ -1,4 +1,6 @@
 """The normalizations and dropout against formulas written out independently here."""
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -209,6 +211,24 @@ def test_fused_norms_match_formula(case, fused, monkeypatch, cxx):
     torch.testing.assert_close(a.grad.double(), ref.grad, rtol=1e-4, atol=1e-5 * ref.grad.abs().max().item())
     # the window term is large here: a norm without it would miss by far more than the tolerance
     assert (want - x.double()).abs().max() > 0.1 * want.abs().max()
+
+
+def test_a_held_kernel_set_compiles_into_a_cache_of_its_own(fused, monkeypatch):
+    """ATEN_CPU_CAPABILITY=avx2 on an AVX-512 CPU: loops cached natively gave 1e35s and NaNs when
+    loaded so (seen here); held, the compiled loops go to a cache of their own."""
+    import tempfile
+
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    monkeypatch.delenv("ATEN_CPU_CAPABILITY", raising=False)
+    fused._cache_per_kernel_set()
+    assert "TORCHINDUCTOR_CACHE_DIR" not in os.environ  # not held: torch's own default
+    monkeypatch.setenv("ATEN_CPU_CAPABILITY", "avx2")
+    fused._cache_per_kernel_set()
+    got = os.environ["TORCHINDUCTOR_CACHE_DIR"]
+    assert got.startswith(os.path.join(tempfile.gettempdir(), "torchinductor_")) and got.endswith("-avx2")
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "/somewhere/chosen")
+    fused._cache_per_kernel_set()
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == "/somewhere/chosen"  # the user's choice stands
 
 
 def test_fused_norms_skip_nchw_and_cpu_bf16(fused, monkeypatch):

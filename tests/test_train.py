@@ -175,6 +175,26 @@ def test_autocast_covers_every_device_type_of_a_split():
     assert not torch.is_autocast_enabled("cpu")
 
 
+def test_bf16_is_not_native_where_onednn_is_held_below_it(monkeypatch):
+    """ONEDNN_MAX_CPU_ISA=AVX2 on a CPU with AVX512_BF16 (the AVX2 emulation): bf16 is emulated,
+    so the demo's default is float32 there, as on an AVX2-only machine; the printout says why."""
+    import replica.runtime as rt
+
+    monkeypatch.setattr(rt, "_cpuinfo", lambda key: "fpu avx2 avx512f avx512_bf16" if key == "flags" else "Some CPU")
+    for isa, native in [(None, True), ("ALL", True), ("AVX512_CORE_BF16", True), ("AVX10_1_512_AMX", True),
+                        ("AVX2", False), ("avx512_core", False), ("AVX512_CORE_VNNI", False)]:
+        if isa is None:
+            monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+        else:
+            monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", isa)
+        assert rt.fast_bf16("cpu") is native, isa
+        assert rt.cpu_has_bf16()
+        assert ("not used: oneDNN held below it" in rt.cpu_description()) is (not native), isa
+    monkeypatch.setattr(rt, "_cpuinfo", lambda key: "fpu avx2" if key == "flags" else "Some CPU")
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    assert not rt.fast_bf16("cpu") and "native bf16 no" in rt.cpu_description()
+
+
 def test_stalled_start_is_reported(store, tmp_path, capsys):
     train(tiny(store, init="as-run", lr=1e-9, bias_lr=1e-9, stall_steps=2, epochs=1), tmp_path / "r", progress=False)
     out = capsys.readouterr().out
