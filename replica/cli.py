@@ -250,6 +250,21 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def entry(argv=None) -> None:
+    """The ``replica`` command (and ``python -m replica``): :func:`main`, then exit.
+
+    Before exiting, ``gc.freeze()``: with torch imported, the interpreter's shutdown spent about
+    0.8 s of every command collecting the objects of its modules (``python -c "import torch"``
+    2.49 s, with ``gc.freeze()`` last 1.74 s, on 2 cores). Everything is still finalized as
+    before (files closed, atexit handlers run); the cycle collector skips what is alive now.
+    """
+    import gc
+
+    code = main(argv)
+    gc.freeze()
+    raise SystemExit(code)
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)

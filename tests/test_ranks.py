@@ -73,8 +73,8 @@ if fault in ("bad", "worker") and mine:
         return real_get(self, i)
     TrainBatches.__getitem__ = get
 
-from replica.cli import main
-sys.exit(main(sys.argv[1:]))
+from replica.cli import entry
+entry(sys.argv[1:])
 """
 
 

@@ -70,8 +70,8 @@ def slow(path, write):
         time.sleep(float(os.environ["SLOW"]))
     real(path, w)
 runs.atomic_write = slow
-from replica.cli import main
-sys.exit(main(sys.argv[1:]))
+from replica.cli import entry
+entry(sys.argv[1:])
 """
 
 

@@ -358,12 +358,12 @@ def test_real_sigint_saves_and_the_run_resumes_to_the_end(store, tmp_path):
     run = tmp_path / "run"
     env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
     args = [sys.executable, "-m", "replica", "train", str(ROOT / "configs" / "alexnet-2gpu.yaml"),
-            f"data={store}", "batch_size=4", "epochs=2", "steps_per_epoch=6", "workers=0", "devices=cpu",
-            "init=caffe", "--out", str(run)]  # the paper's width: steps slow enough for the signal to land
+            f"data={store}", "batch_size=4", "epochs=20", "steps_per_epoch=6", "workers=0", "devices=cpu",
+            "init=caffe", f"width={NARROW}", "--out", str(run)]  # ~0.1 s an epoch: the signal lands early on
     p = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 120
-    # at once after epoch 1's metrics line: inside epoch 2, with 6 steps to go (a fixed delay after
-    # config.yaml could land after the last step on a quick machine, or before the handler on a slow one)
+    # at once after epoch 1's metrics line, with ~18 epochs to go (a fixed delay after config.yaml
+    # could land after the last step on a quick machine, or before the handler on a slow one)
     while time.time() < deadline and not (run / "metrics.jsonl").exists():
         time.sleep(0.05)
     p.send_signal(signal.SIGINT)
@@ -377,8 +377,8 @@ def test_real_sigint_saves_and_the_run_resumes_to_the_end(store, tmp_path):
                            capture_output=True, text=True, timeout=300)
         assert r.returncode == 0, r.stderr[-2000:]
     ck = load_checkpoint(run)
-    assert ck["progress"]["done"] and ck["progress"]["step"] == 12
-    assert [m["epoch"] for m in read_metrics(run)] == [1, 2]
+    assert ck["progress"]["done"] and ck["progress"]["step"] == 120
+    assert [m["epoch"] for m in read_metrics(run)] == list(range(1, 21))
 
 
 def test_cifar10_batches_train_on_the_fly(tmp_path):
