@@ -146,6 +146,24 @@ def test_prepare_with_worker_processes_equals_in_process(tiny_tree, tmp_path):
     np.testing.assert_allclose(np.load(tmp_path / "one" / "mean.npy"), np.load(tmp_path / "two" / "mean.npy"))
 
 
+def test_a_small_set_is_prepared_in_this_process_unless_workers_are_asked_for(tiny_tree, tmp_path, monkeypatch):
+    """workers=None: fewer than IN_PROCESS_BELOW images in this process (a worker's start, importing
+    torch, costs more than the work); from there on, one worker per CPU (at most one per chunk)."""
+    import replica.writer as writer
+
+    used = []
+    real = writer._run_chunks
+    monkeypatch.setattr(writer, "_run_chunks", lambda tasks, handle, workers, *a, **k:
+                        used.append(workers) or real(tasks, handle, workers, *a, **k))
+    monkeypatch.setattr(writer, "usable_cpus", lambda: 2)
+    prepare(tiny_tree, tmp_path / "auto", size=32, chunk=4, progress=False)  # 21 images
+    prepare(tiny_tree, tmp_path / "asked", size=32, chunk=4, workers=2, progress=False)
+    monkeypatch.setattr(writer, "IN_PROCESS_BELOW", 10)
+    prepare(tiny_tree, tmp_path / "large", size=32, chunk=4, progress=False)
+    assert used == [1, 2, 2]
+    np.testing.assert_array_equal(PreparedStore(tmp_path / "auto").images, PreparedStore(tmp_path / "large").images)
+
+
 def test_clear_errors_for_missing_empty_and_malformed_sources(tmp_path):
     with pytest.raises(ReplicaError, match="no such file"):
         find_source(tmp_path / "nope")
