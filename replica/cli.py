@@ -22,7 +22,7 @@ def _cmd_model(args) -> int:
 
     model = AlexNet(args.classes, devices=_devices(args.devices), preset=args.preset, variant=args.variant,
                     norm=not args.no_norm, overlap=not args.no_overlap, dropout=not args.no_dropout,
-                    init=args.init)
+                    init=args.init, width=args.width)
     print(summary(model, batch=args.batch))
     return 0
 
@@ -165,6 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--no-overlap", action="store_true", help="ablation 147: non-overlapping pooling")
     m.add_argument("--no-dropout", action="store_true", help="ablation: dropout off")
     m.add_argument("--classes", type=int, default=1000)
+    m.add_argument("--width", type=float, default=1.0, help="every layer's filters and units × this (1: the paper's net)")
     m.add_argument("--devices", default="auto", help="auto, cpu, cuda:0, or a pair such as cuda:0,cuda:1")
     m.add_argument("--batch", type=int, default=8, help="batch for the timed train step (0 to skip)")
     m.set_defaults(func=_cmd_model)

@@ -82,7 +82,8 @@ def summary(model: AlexNet, batch: int = 2) -> str:
     o = model.opts
     lines = [
         f"AlexNet preset={o.preset} variant={o.variant} norm={o.norm} overlap={o.overlap} "
-        f"dropout={o.dropout} init={o.init_scheme} classes={model.num_classes}",
+        f"dropout={o.dropout} init={o.init_scheme} classes={model.num_classes}"
+        + ("" if model.width == 1 else f" width={model.width:g} (not the paper's net)"),
         f"devices: {' + '.join(str(d) for d in model.devices)}",
         "",
         format_table(rows),

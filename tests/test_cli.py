@@ -32,6 +32,13 @@ def test_model_command_prints_the_table(capsys):
     assert re.search(r"train step \(forward \+ backward, batch 2\): [0-9.]+ s", out)
 
 
+def test_model_command_shows_a_narrow_net_as_such(capsys):
+    assert main(["model", "--devices", "cpu", "--classes", "10", "--batch", "0", "--width", "0.0625"]) == 0
+    out = capsys.readouterr().out
+    assert "width=0.0625 (not the paper's net)" in out.splitlines()[0]
+    assert "parameters: 227,314" in out and "16×13×13" in out  # conv3 still reads both towers (8 + 8)
+
+
 def test_model_command_half_variant_count(capsys):
     assert main(["model", "--devices", "cpu", "--variant", "one-gpu-half", "--batch", "0"]) == 0
     assert "parameters: 59,798,312" in capsys.readouterr().out
