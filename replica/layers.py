@@ -196,8 +196,8 @@ def _cache_per_kernel_set() -> None:
     """A cache of compiled loops of its own while torch is held to a kernel set (ATEN_CPU_CAPABILITY).
 
     Inductor builds its C++ loops for that vector width, but its on-disk cache does not keep the
-    two apart: on the AVX-512 development VM, loops compiled natively and loaded under
-    ``ATEN_CPU_CAPABILITY=avx2`` gave 1e35s and NaNs (the fused-norm tests failed at once; with a
+    two apart: on the AVX-512 development VM, loops from the cache that native runs had filled
+    gave 1e35s and NaNs under ``ATEN_CPU_CAPABILITY=avx2`` (6 fused-norm tests failed; with a
     fresh cache they pass). So a held setting gets ``<torch's default cache>-<capability>``,
     unless TORCHINDUCTOR_CACHE_DIR names one. Paths as torch's own ``default_cache_dir``.
     """

@@ -87,7 +87,7 @@ def fast_bf16(device) -> bool:
 def bf16_held_off() -> bool:
     """oneDNN (the convolutions and matmuls) held below the CPU's bf16 instructions, e.g.
     ``ONEDNN_MAX_CPU_ISA=AVX2`` as on an AVX2-only machine: its bf16 is emulated then. On the
-    development VM the tiny demo's test took 61 s in bf16 under that hold, 16 s in float32."""
+    development VM a tiny-demo test took 61 s in bf16 under that hold, 10 s in float32."""
     isa = os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper()
     return bool(isa) and isa != "ALL" and not any(t in isa for t in ("BF16", "AMX", "AVX10", "FP16"))
 

@@ -16,9 +16,9 @@ os.environ["REPLICA_FUSED_NORMS"] = "0"
 # archive member indexes (replica.imagenet) go to a folder of this run's, not the user's cache
 os.environ.setdefault("REPLICA_CACHE", tempfile.mkdtemp(prefix="replica-cache-"))
 
-# Runs write full-size checkpoints (456 MB, fsync'ed): on this project's 2-core ext4 machine a
-# write took 0.4-2.1 s on disk and 0.3-0.5 s in memory, and the suite writes hundreds. So the
-# test folders go to /dev/shm where it has room (no test depends on the disk: kills are process
+# Runs of the paper's width (the demo, DDP, one exact resume) write 456 MB checkpoints, fsync'ed:
+# on this project's 2-core ext4 machine a write took 0.4-2.1 s on disk and 0.3-0.5 s in memory.
+# So the test folders go to /dev/shm where it has room (no test depends on the disk: kills are process
 # kills, which the page cache survives). --basetemp, or REPLICA_TEST_TMP=disk, keeps them on disk.
 IN_MEMORY_MIN_FREE = 8 << 30
 
