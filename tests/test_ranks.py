@@ -131,7 +131,7 @@ def test_timed_saves_while_rank0_writes_slowly(store, driver, tmp_path):
 
 @pytest.fixture(scope="module")
 def reference(store, driver, tmp_path_factory):
-    """The job of RUN_ARGS (2 processes, 2 epochs × 6 steps) uninterrupted: what a stopped and
+    """The job of ``run_args`` (2 processes, 2 epochs × 6 steps) uninterrupted: what a stopped and
     resumed job must equal, bit for bit. Read it; never write in it."""
     ref = tmp_path_factory.mktemp("ranks") / "ref"
     rc, log = run(torchrun(driver, *run_args(store), "--out", str(ref)))
