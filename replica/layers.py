@@ -212,7 +212,7 @@ def _cache_per_kernel_set() -> None:
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(tempfile.gettempdir(), f"torchinductor_{user}-{cap}")
 
 
-_cache_per_kernel_set()  # at import too: before anything (compile=true's torch.compile) fixes torch's cache path
+_cache_per_kernel_set()  # at import: before any compile here (or compile=true's) fixes torch's cache path
 
 
 def _fused_fns(kind: str, size: int, groups: int, k: float, c: float, beta: float, shape=(), dtype=None,
@@ -246,7 +246,6 @@ def _fused_fns(kind: str, size: int, groups: int, k: float, c: float, beta: floa
         # t (a division and two roots) at each tap; both cost more than the extra write
         # (docs/performance.md, "Fused norms, second try").
         tag = f"k{len(_COMPILED)}"
-        _cache_per_kernel_set()
         _COMPILED[key] = tuple(torch.compile(_own_code(f, tag), backend=_BACKEND)
                                for f in (squares, forward, inner, backward))
     return _COMPILED[key]

@@ -40,7 +40,7 @@ LOCK = ".prepare.lock"
 STATE_EVERY_S = 30.0
 # Below this many images, workers=None prepares in this process: a worker starts by importing
 # torch (~2.5 s on 2 cores), more than the work. Measured: the tiny demo's 36 images took 2.88 s
-# with 2 workers and 0.14 s in process; at ~4 ms an image, 2 workers pay off from ~1,500.
+# with 2 workers and 0.14 s in process; by arithmetic (~4 ms an image), 2 workers pay off from ~1,500.
 IN_PROCESS_BELOW = 1000
 # A worker keeps the pixel sums of the training chunks it decodes and sends them along with its
 # first result, then with every STATS_EVERY_CHUNKS-th (or after STATS_EVERY_S), and when it

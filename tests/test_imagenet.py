@@ -19,6 +19,7 @@ from replica.cli import main
 from replica.errors import ReplicaError
 from replica.sources import find_source
 from replica.store import PreparedStore, prepare
+from runs_helpers import NARROW
 
 WNIDS = ["n01440764", "n01443537", "n02102040"]  # sorted: indices 0, 1, 2
 IDS = {"n02102040": 1, "n01440764": 2, "n01443537": 3}  # the devkit's own numbering: not sorted
@@ -134,7 +135,7 @@ def test_predict_names_the_class(tmp_path, capsys):
     root = make_2012(tmp_path / "in")
     prepare(root, tmp_path / "st", workers=1, progress=False)
     assert main(["train", "configs/alexnet-2gpu.yaml", f"data={tmp_path / 'st'}", "batch_size=3", "epochs=1",
-                 "steps_per_epoch=1", "workers=0", "devices=cpu", "init=caffe", "width=0.0625",
+                 "steps_per_epoch=1", "workers=0", "devices=cpu", "init=caffe", f"width={NARROW}",
                  "--out", str(tmp_path / "run")]) == 0
     img = tmp_path / "q.jpg"
     img.write_bytes(jpeg(0))

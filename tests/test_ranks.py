@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from replica.runs import load_checkpoint, read_metrics
+from runs_helpers import NARROW
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = str(ROOT / "configs" / "alexnet-2gpu.yaml")
@@ -110,8 +111,8 @@ def driver(tmp_path_factory):
     return p
 
 
-# the narrow net (runs_helpers.NARROW): the collectives, faults and resume are the same code at any width
-ARGS = ["batch_size=4", "workers=0", "devices=cpu", "init=caffe", "checkpoint_minutes=60", "width=0.0625"]
+# the narrow net: the collectives, faults and resume are the same code at any width
+ARGS = ["batch_size=4", "workers=0", "devices=cpu", "init=caffe", "checkpoint_minutes=60", f"width={NARROW}"]
 
 
 def test_timed_saves_while_rank0_writes_slowly(store, driver, tmp_path):
