@@ -409,6 +409,22 @@ def test_gpu_check_names_what_it_needs_and_fails_on_a_missing_one():
                        "config key no_such_key", "bench.py arguments all --no-such-flag"]
 
 
+def test_gpu_check_runs_checks_in_one_process_and_reports_each(monkeypatch, tmp_path, capsys):
+    """What the dry run's one check process returns: each result line as it ends, and the failed
+    checks as bits of its exit status (the script reads them back into 'failed: ...')."""
+    import gpu_check
+
+    def broken(work, dry):
+        raise AssertionError("the split differs")
+
+    monkeypatch.setattr(gpu_check, "check_b", broken)
+    assert gpu_check.run_one("eb", tmp_path, True) == 0b10
+    assert gpu_check.run_one("be", tmp_path, True) == 0b01
+    lines = capsys.readouterr().out.splitlines()
+    assert [ln.split(")")[0] for ln in lines] == ["PASS (e", "FAIL (b", "FAIL (b", "PASS (e"]
+    assert "AssertionError: the split differs" in lines[1]
+
+
 def test_gpu_check_dry_run_passes_on_the_cpu():
     """The whole script's plumbing on the CPU: every check (a)-(f) at tiny sizes, printed as it ends."""
     env = dict(os.environ, PYTHON=sys.executable, OMP_NUM_THREADS="2")
