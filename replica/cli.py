@@ -81,7 +81,8 @@ def _cmd_train(args) -> int:
         result = train(cfg, out)
         run = out
     if not result.get("stopped") and os.environ.get("RANK", "0") == "0":
-        print(f"finished: {run} (metrics.jsonl, last.pt, best.pt)")
+        kept = [n for n in ("metrics.jsonl", "last.pt", "best.pt") if (run / n).exists()]  # save_best=false: no best.pt
+        print(f"finished: {run} ({', '.join(kept)})")
     return 0
 
 

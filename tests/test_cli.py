@@ -60,3 +60,16 @@ def test_ci_runs_the_readme_test_command():
     test_cmd = next(c for c in commands if "pytest" in c)
     ci = (ROOT / ".ci" / "run").read_text()
     assert test_cmd in ci.splitlines()
+
+
+def test_train_names_only_the_files_it_left(store, tmp_path, capsys):
+    from runs_helpers import TINY_ARGS
+
+    for best in ("true", "false"):
+        out = tmp_path / best
+        assert main(["train", str(ROOT / "configs" / "alexnet-2gpu.yaml"), f"data={store}", *TINY_ARGS,
+                     f"save_best={best}", "--out", str(out)]) == 0
+        line = capsys.readouterr().out.splitlines()[-1]
+        named = line.split("(")[1].rstrip(")").split(", ")
+        assert line.startswith(f"finished: {out} (") and all((out / n).exists() for n in named), line
+        assert ("best.pt" in named) == (best == "true")

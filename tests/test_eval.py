@@ -21,7 +21,7 @@ from replica.inference import model_from_checkpoint
 from replica.runs import load_checkpoint, read_metrics
 from replica.store import prepare
 from replica.train import open_data, train
-from runs_helpers import tiny
+from runs_helpers import NARROW, tiny
 
 
 def _jpegs(folder, n, seed=0):
@@ -56,7 +56,7 @@ def test_eval_refuses_to_stand_the_training_images_in_for_a_val_split(tmp_path, 
     prepare(tmp_path / "s", tmp_path / "st", workers=1, progress=False)
     run = tmp_path / "run"
     train(load_config(None, dict(data=str(tmp_path / "st"), batch_size=4, epochs=1, steps_per_epoch=1, workers=0,
-                                 devices="cpu", init="caffe")), run, progress=False)
+                                 devices="cpu", init="caffe", width=NARROW)), run, progress=False)
     capsys.readouterr()
     assert main(["eval", str(run), "--devices", "cpu"]) == 2
     err = capsys.readouterr().err

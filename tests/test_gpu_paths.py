@@ -17,6 +17,7 @@ import torch
 import replica.train as T
 from replica.config import load_config
 from replica.errors import ReplicaError
+from runs_helpers import NARROW
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -153,7 +154,7 @@ def test_train_leaves_the_job_at_the_end_and_on_an_agreed_stop(monkeypatch, stor
     closed = []
     monkeypatch.setattr(T.Ranks, "close", lambda self: closed.append(True))
     cfg = load_config(None, dict(data=str(store), batch_size=4, epochs=1, steps_per_epoch=1, workers=0,
-                                 devices="cpu", init="caffe", val_batches=1))
+                                 devices="cpu", init="caffe", val_batches=1, width=NARROW))
     T.train(cfg, tmp_path / "run", progress=False)
     assert closed == [True]
 
@@ -215,7 +216,7 @@ def test_training_step_moves_every_input_through_to_device(monkeypatch, store, t
     real = T.to_device
     monkeypatch.setattr(T, "to_device", lambda t, d: moved.append(None if t is None else tuple(t.shape)) or real(t, d))
     cfg = load_config(None, dict(data=str(store), batch_size=4, epochs=1, steps_per_epoch=1, workers=0,
-                                 devices="cpu", init="caffe", val_batches=1))
+                                 devices="cpu", init="caffe", val_batches=1, width=NARROW))
     T.train(cfg, tmp_path / "run", progress=False)
     assert moved == [(4, 3, 224, 224), (4, 3), (4,)]  # crops, colour shifts, labels
 
@@ -357,7 +358,7 @@ def test_train_sets_cuda_numerics_explicitly(monkeypatch, store, tmp_path):
     real = runtime.set_cuda_numerics
     monkeypatch.setattr(T, "set_cuda_numerics", lambda *a, **k: seen.append((a, k)) or real(*a, **k))
     cfg = load_config(None, dict(data=str(store), batch_size=4, epochs=1, steps_per_epoch=1, workers=0,
-                                 devices="cpu", init="caffe", val_batches=1, tf32=True))
+                                 devices="cpu", init="caffe", val_batches=1, tf32=True, width=NARROW))
     T.train(cfg, tmp_path / "run", progress=False)
     assert seen == [((True, False), dict(benchmark=True))]
     assert runtime.tf32_enabled() and torch.backends.cudnn.benchmark
@@ -385,7 +386,7 @@ def test_eval_json_records_the_numerics(store, tmp_path):
     from replica.inference import describe_eval, run_eval
 
     cfg = load_config(None, dict(data=str(store), batch_size=4, epochs=1, steps_per_epoch=1, workers=0,
-                                 devices="cpu", init="caffe", val_batches=1))
+                                 devices="cpu", init="caffe", val_batches=1, width=NARROW))
     T.train(cfg, tmp_path / "run", progress=False)
     r = run_eval(tmp_path / "run", views=(1,), devices="cpu", progress=False, workers=0)
     saved = json.loads((tmp_path / "run" / "eval.json").read_text())

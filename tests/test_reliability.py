@@ -265,7 +265,7 @@ def test_bad_files_in_an_image_folder_are_skipped_logged_and_counted(tiny_tree, 
 
     monkeypatch.setattr(train_mod, "open_data", open_then_delete)
     cfg = load_config(None, dict(data=str(tiny_tree), batch_size=3, epochs=1, workers=0, devices="cpu",
-                                 init="caffe"))
+                                 init="caffe", width=NARROW))
     train(cfg, tmp_path / "run", progress=False)
     m = read_metrics(tmp_path / "run")[0]
     assert m["skipped_files"] == 3 and m["step"] == 5  # 15 images, batches of 3: all steps ran
