@@ -34,7 +34,6 @@ import os
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from .errors import ReplicaError
 
@@ -201,6 +200,8 @@ class PreparedStore:
     def encoded(self, positions):
         """JPEG store: each image's encoded bytes (uint8 tensors, for a batched decode where the
         batch is used, e.g. nvJPEG on the GPU), their labels, and the bad rows."""
+        import torch
+
         positions, rows, bad = self._split_bad(positions)
         off = self.index[rows]
         data = self.data
@@ -215,6 +216,8 @@ class PreparedStore:
             out = np.empty((len(rows), 3, self.size, self.size), np.uint8)
             out[order] = self.data[rows[order]]  # read in file order
             return out, positions, bad
+        import torch
+
         from .jpeg import decode_jpeg, device_failure, is_decode_failure
 
         all_pos = np.asarray(positions)

@@ -20,7 +20,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from .errors import ReplicaError
 from .fileio import atomic_write
@@ -122,16 +121,20 @@ _W: dict = {}
 
 def _worker_init(out: str, splits: list, size: int, max_pixels: int, fmt: str, quality: int, pool: bool = False):
     _W.update(out=out, size=size, max_pixels=max_pixels, fmt=fmt, quality=quality)
-    if pool:  # a worker process: one thread (its BLAS/OpenMP pools read WORKER_THREADS at start)
-        torch.set_num_threads(1)
+    _W["pool"] = pool  # a worker process: one thread (its BLAS/OpenMP pools read WORKER_THREADS at start)
     if fmt == "raw":
         _W["fds"] = {k: os.open(Path(out) / k / "images.u8", os.O_WRONLY) for k in splits}
 
 
 def _encode(img: np.ndarray, quality: int) -> tuple[bytes, np.ndarray]:
     """JPEG bytes of a (3, S, S) uint8 image, and the pixels a decoder gives back from them."""
+    import torch  # here only: a raw store's workers never import torch (~2 s and ~0.5 GB a process)
+
     from .jpeg import decode_jpeg, encode_jpeg
 
+    if _W.get("pool") and not _W.get("one_thread"):
+        torch.set_num_threads(1)
+        _W["one_thread"] = True
     data = encode_jpeg(torch.from_numpy(np.ascontiguousarray(img)), quality=quality)
     return data.numpy().tobytes(), decode_jpeg(data).numpy()
 

@@ -124,43 +124,51 @@ def run_args(store):
 FAULTS = ("nan", "bad", "worker")
 
 
-def start(cmd, **kw):
-    return subprocess.Popen(cmd, env=env(**kw), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+SIDE_BY_SIDE = int(os.environ.get("RANKS_SIDE_BY_SIDE", 2))  # torchrun jobs at once in ``jobs``
 
 
-def finish(p, timeout=240):
-    try:
-        out, _ = p.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        p.kill()
-        out, _ = p.communicate()
-        return None, out + f"\n(killed after {timeout} s)"
-    return p.returncode, out
+def run_all(jobs, at_once=SIDE_BY_SIDE, timeout=240):
+    """{name: (status, log)} of ``jobs`` ({name: (cmd, env)}), ``at_once`` of them at a time;
+    status None: killed after ``timeout`` s."""
+    waiting, running, done = list(jobs.items()), {}, {}
+    while waiting or running:
+        while waiting and len(running) < at_once:
+            name, (cmd, kw) = waiting.pop(0)
+            running[name] = (subprocess.Popen(cmd, env=env(**kw), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                              text=True), time.time())
+        name = next(iter(running))  # the oldest: read its output to the end
+        p, t0 = running.pop(name)
+        try:
+            out, _ = p.communicate(timeout=max(1, timeout - (time.time() - t0)))
+            done[name] = (p.returncode, out)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            done[name] = (None, p.communicate()[0] + f"\n(killed after {timeout} s)")
+    return done
 
 
 @pytest.fixture(scope="module")
 def jobs(store, driver, tmp_path_factory):
     """The uninterrupted job of ``run_args`` (2 processes, 2 epochs × 6 steps) and the three jobs
-    with a fault on rank 1, started together; then the three resumes together. A job is ~6 s of
-    process start-ups and under 1 s of steps, and alone keeps ~1.5 of the 2 cores busy: side by
-    side the jobs fill the idle time. Each fault's checkpoint is copied before its resume.
-    Read them; never write in them. Returns (folder, {job: (status, log)} of the first runs,
-    {fault: (status, log)} of the resumes)."""
+    with a fault on rank 1; then the three resumes; two jobs at a time. A job is ~6 s of process
+    start-ups and under 1 s of steps, and alone keeps ~1.5 of the 2 cores busy: side by side the
+    jobs fill the idle time. Each fault's checkpoint is copied before its resume. Read them;
+    never write in them. Returns (folder, {job: (status, log)} of the first runs, {fault:
+    (status, log)} of the resumes)."""
     base = tmp_path_factory.mktemp("ranks")
-    procs = {"ref": start(torchrun(driver, *run_args(store), "--out", str(base / "ref")))}
+    first = {"ref": (torchrun(driver, *run_args(store), "--out", str(base / "ref")), {})}
     for fault in FAULTS:
         args = run_args(store)
         if fault == "worker":
             args[args.index("workers=0")] = "workers=1"
-        procs[fault] = start(torchrun(driver, *args, "--out", str(base / fault)), FAULT=fault, FAULT_RANK=1)
-    first = {k: finish(p) for k, p in procs.items()}
+        first[fault] = (torchrun(driver, *args, "--out", str(base / fault)), dict(FAULT=fault, FAULT_RANK=1))
+    first = run_all(first)
     resumes = {}
     for fault in FAULTS:
         if (base / fault / "last.pt").exists():
             shutil.copy(base / fault / "last.pt", base / f"{fault}-after-the-fault.pt")
-            resumes[fault] = start(torchrun(driver, "--resume", str(base / fault)))
-    then = {k: finish(p) for k, p in resumes.items()}
-    return base, first, then
+            resumes[fault] = (torchrun(driver, "--resume", str(base / fault)), {})
+    return base, first, run_all(resumes)
 
 
 @pytest.fixture(scope="module")

@@ -389,6 +389,22 @@ def test_reading_a_store_never_loads_the_writer():
     assert via_store is direct  # the old name still works
 
 
+def test_a_raw_prepare_never_imports_torch_in_its_process_or_its_workers(synth_src, tmp_path):
+    """``replica prepare`` into a raw store, with 2 worker processes: torch is imported nowhere
+    (~2 s and ~0.6 GB a process); only a JPEG store's encoder needs it (torchvision's)."""
+    import subprocess
+    import sys
+
+    env = dict(os.environ, PYTHONPROFILEIMPORTTIME="1")
+    r = subprocess.run([sys.executable, "-m", "replica", "prepare", str(synth_src), str(tmp_path / "st"), "--workers",
+                        "2", "--format", "raw"], capture_output=True, text=True, timeout=120, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    imports = [line.rsplit("|", 1)[-1].strip() for line in r.stderr.splitlines() if line.startswith("import time:")]
+    assert imports.count("replica.writer") == 3, imports.count("replica.writer")  # the main process, 2 workers
+    assert "torch" not in imports and "torchvision" not in imports
+    assert json.loads((tmp_path / "st" / "meta.json").read_text())["format"] == "raw"
+
+
 def test_pixel_sums_cross_from_the_workers_rarely_and_the_store_is_the_same(synth_src, tmp_path, monkeypatch):
     """Each worker keeps its chunks' pixel sums and sends them with its first result, then every
     STATS_EVERY_CHUNKS chunks, and when it stops: far fewer messages than chunks, and the mean
