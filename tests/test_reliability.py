@@ -70,12 +70,39 @@ def slow(path, write):
         time.sleep(float(os.environ["SLOW"]))
     real(path, w)
 runs.atomic_write = slow
-from replica.cli import entry
-entry(sys.argv[1:])
+"""
+
+# One process that imports the package once, then forks a `replica train` for each attempt (argv
+# and a log file, a JSON line on stdin; it answers the child's pid, then its exit status): each
+# attempt is a real process, killed by a real SIGKILL, without the ~2 s start-up of torch.
+ZYGOTE = DRIVER + """
+import json
+import replica.train, replica.inference, replica.analysis  # imported, nothing run: safe to fork
+from replica.cli import main
+for line in sys.stdin:
+    argv, log = json.loads(line)
+    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)  # empty before the pid is answered
+    pid = os.fork()
+    if pid == 0:
+        os.dup2(fd, 2)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
+        try:
+            code = main(argv)
+        except BaseException as e:
+            print("CHILD FAILED", repr(e), file=sys.stderr)
+            code = 3
+        sys.stdout.flush(), sys.stderr.flush()
+        os._exit(code)
+    os.close(fd)
+    print(pid, flush=True)
+    print(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]), flush=True)
 """
 
 
 def test_sigkill_at_random_moments_then_resume_equals_an_uninterrupted_run(store, tmp_path):
+    import json
+    import queue
+
     args = [f"data={store}", "batch_size=4", "epochs=3", "steps_per_epoch=2", "workers=0", "devices=cpu",
             "init=caffe", f"width={NARROW}", "checkpoint_minutes=0.0001"]  # last.pt after every step: many writes
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="2", SLOW="0.5")
@@ -83,51 +110,57 @@ def test_sigkill_at_random_moments_then_resume_equals_an_uninterrupted_run(store
     # the uninterrupted run in this process (one process start fewer); the killed one in others
     assert main(["train", CONFIG, *args, "--out", str(ref)]) == 0
 
+    zygote = subprocess.Popen([sys.executable, "-c", ZYGOTE], env=env, stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    answers = queue.Queue()
+    threading.Thread(target=lambda: [answers.put(int(x)) for x in zygote.stdout], daemon=True).start()
     rng = random.Random(20121203)
     kills, mid_write, seen_step, seen_epochs = 0, 0, -1, 0
-    for attempt in range(6):
-        cmd = ([sys.executable, "-c", DRIVER, "train", "--resume", str(run)] if (run / "config.yaml").exists()
-               else [sys.executable, "-c", DRIVER, "train", CONFIG, *args, "--out", str(run)])
-        p = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        writing = threading.Event()
-        # even attempts: kill while a checkpoint is half-way (bytes written, not yet renamed);
-        # odd attempts: kill at a random moment 0.3-3 s after the first write began (the narrow
-        # net's steps take milliseconds: the ~8 held writes left span about 4 s)
-        want = 1 + attempt // 2 if attempt % 2 == 0 else 1
+    try:
+        for attempt in range(6):
+            argv = (["train", "--resume", str(run)] if (run / "config.yaml").exists()
+                    else ["train", CONFIG, *args, "--out", str(run)])
+            log = tmp_path / f"attempt-{attempt}.log"
+            zygote.stdin.write(json.dumps([argv, str(log)]) + "\n")
+            zygote.stdin.flush()
+            pid = answers.get(timeout=60)
+            # even attempts: kill while a checkpoint is half-way (bytes written, not yet renamed);
+            # odd attempts: at a random moment 0.3-3 s after a write began (the narrow net's steps
+            # take milliseconds: the ~8 held writes left span about 4 s); later attempts, later writes
+            want = 1 + attempt // 2
 
-        lines = []
+            def writes():  # (a progress bar may precede the line)
+                text = log.read_text() if log.exists() else ""
+                return sum("WRITING" in ln and ln.rstrip().endswith(".pt") for ln in text.split("\n"))
 
-        def watch(p=p, writing=writing, want=want, lines=lines):
-            n = 0
-            for line in p.stderr:
-                lines.append(line)
-                if "WRITING" in line and line.rstrip().endswith(".pt"):  # (a progress bar may precede it)
-                    n += 1
-                    if n >= want:
-                        writing.set()
-
-        threading.Thread(target=watch, daemon=True).start()
-        if not writing.wait(timeout=120):
-            p.wait(timeout=120)
-            assert p.returncode == 0, "".join(lines)[-3000:]
-            break  # the run ended before reaching the kill point
-        if attempt % 2:
-            time.sleep(rng.uniform(0.3, 3.0))
-        else:
-            time.sleep(0.2)  # inside the held write (0.5 s)
-        if p.poll() is not None:
-            break
-        p.send_signal(signal.SIGKILL)
-        p.wait(timeout=60)
-        kills += 1
-        mid_write += attempt % 2 == 0
-        if (run / "last.pt").exists():
-            ck = load_checkpoint(run / "last.pt")  # the last checkpoint always loads
-            prog = ck["progress"]
-            assert prog["step"] >= seen_step  # nothing saved is ever lost
-            assert prog["epoch"] >= seen_epochs  # no finished epoch is lost
-            seen_step, seen_epochs = prog["step"], prog["epoch"]
-            assert len(prog["records"]) == prog["epoch"]
+            deadline, ended = time.time() + 120, None
+            while writes() < want and ended is None and time.time() < deadline:
+                try:
+                    ended = answers.get(timeout=0.01)
+                except queue.Empty:
+                    pass
+            if ended is not None:  # the run ended before reaching the kill point
+                assert ended == 0, log.read_text()[-3000:]
+                break
+            assert writes() >= want, log.read_text()[-3000:]
+            time.sleep(rng.uniform(0.3, 3.0) if attempt % 2 else 0.2)  # 0.2 s: inside the held write (0.5 s)
+            if not answers.empty():
+                assert answers.get() == 0, log.read_text()[-3000:]
+                break
+            os.kill(pid, signal.SIGKILL)
+            assert answers.get(timeout=60) == -signal.SIGKILL
+            kills += 1
+            mid_write += attempt % 2 == 0
+            if (run / "last.pt").exists():
+                ck = load_checkpoint(run / "last.pt")  # the last checkpoint always loads
+                prog = ck["progress"]
+                assert prog["step"] >= seen_step  # nothing saved is ever lost
+                assert prog["epoch"] >= seen_epochs  # no finished epoch is lost
+                seen_step, seen_epochs = prog["step"], prog["epoch"]
+                assert len(prog["records"]) == prog["epoch"]
+    finally:
+        zygote.stdin.close()
+        zygote.wait(timeout=60)
     print(f"\n{kills} SIGKILLs ({mid_write} inside a held checkpoint write); last.pt loaded after each, "
           f"last saved step {seen_step}, finished epochs {seen_epochs}")
     assert kills >= 5 and mid_write >= 3
