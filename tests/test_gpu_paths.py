@@ -399,6 +399,7 @@ def test_eval_json_records_the_numerics(store, tmp_path):
 def test_gpu_check_names_what_it_needs_and_fails_on_a_missing_one():
     import gpu_check
 
+    assert "GPU_CHECK_DEADLINE" not in os.environ  # importing it starts no clock for later processes
     assert gpu_check.verify_needs() == []
     broken = {k: list(v) for k, v in gpu_check.NEEDS.items()}
     broken["files"].append("tools/no-such-file.py")

@@ -367,7 +367,6 @@ def check_f(work: Path, dry: bool) -> str:
 
 # one deadline for the script and the processes it starts (wall clock: the same in all of them)
 _DEADLINE = float(os.environ.get("GPU_CHECK_DEADLINE") or time.time() + BUDGET_S)
-os.environ["GPU_CHECK_DEADLINE"] = str(_DEADLINE)
 _T0 = time.monotonic()
 
 
@@ -429,9 +428,10 @@ def main(argv=None) -> int:
             cmd = [sys.executable, str(Path(__file__).resolve()), "--one", group, "--work", str(work)]
             if a.dry_run:
                 cmd.append("--dry-run")
-            try:
+            try:  # the check process keeps this script's deadline (set here: importing this file sets nothing)
                 r = subprocess.run(cmd, timeout=left + 15, env=dict(os.environ, PYTHONPATH=str(ROOT),
-                                                                      PYTHONUNBUFFERED="1"))
+                                                                      PYTHONUNBUFFERED="1",
+                                                                      GPU_CHECK_DEADLINE=str(_DEADLINE)))
                 rc = r.returncode
             except subprocess.TimeoutExpired:
                 say(f"FAIL ({','.join(group)}): ran past its {left} s limit")
