@@ -12,6 +12,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -127,51 +128,55 @@ FAULTS = ("nan", "bad", "worker")
 SIDE_BY_SIDE = int(os.environ.get("RANKS_SIDE_BY_SIDE", 2))  # torchrun jobs at once in ``jobs``
 
 
-def run_all(jobs, at_once=SIDE_BY_SIDE, timeout=240):
-    """{name: (status, log)} of ``jobs`` ({name: (cmd, env)}), ``at_once`` of them at a time;
-    status None: killed after ``timeout`` s."""
-    waiting, running, done = list(jobs.items()), {}, {}
-    while waiting or running:
-        while waiting and len(running) < at_once:
-            name, (cmd, kw) = waiting.pop(0)
-            running[name] = (subprocess.Popen(cmd, env=env(**kw), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                              text=True), time.time())
-        name = next(iter(running))  # the oldest: read its output to the end
-        p, t0 = running.pop(name)
+def run_job(slots, cmd, kw, timeout=240):
+    """(status, log) of one job, run when one of ``slots`` is free; status None: killed after
+    ``timeout`` s."""
+    with slots:
+        p = subprocess.Popen(cmd, env=env(**kw), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         try:
-            out, _ = p.communicate(timeout=max(1, timeout - (time.time() - t0)))
-            done[name] = (p.returncode, out)
+            out = p.communicate(timeout=timeout)[0]
+            return p.returncode, out
         except subprocess.TimeoutExpired:
             p.kill()
-            done[name] = (None, p.communicate()[0] + f"\n(killed after {timeout} s)")
-    return done
+            return None, p.communicate()[0] + f"\n(killed after {timeout} s)"
 
 
 @pytest.fixture(scope="module")
 def jobs(store, driver, tmp_path_factory):
     """The uninterrupted job of ``run_args`` (2 processes, 2 epochs × 6 steps; with timed saves,
-    slow writes and slow steps) and the three jobs with a fault on rank 1; then the three
-    resumes; two jobs at a time. A job is ~6 s of process
+    slow writes and slow steps) and the three jobs with a fault on rank 1, each followed by its
+    resume: two jobs at a time, the next started as soon as one ends. A job is ~6 s of process
     start-ups and under 1 s of steps, and alone keeps ~1.5 of the 2 cores busy: side by side the
     jobs fill the idle time. Each fault's checkpoint is copied before its resume. Read them;
     never write in them. Returns (folder, {job: (status, log)} of the first runs, {fault:
     (status, log)} of the resumes)."""
     base = tmp_path_factory.mktemp("ranks")
-    # the reference also makes timed saves while rank 0's writes are slow (a save changes nothing)
-    timed = [a if a != "checkpoint_minutes=60" else "checkpoint_minutes=0.01" for a in run_args(store)]
-    first = {"ref": (torchrun(driver, *timed, "--out", str(base / "ref")), dict(SLOW_SAVE=0.5, STEP_SLEEP=0.2))}
-    for fault in FAULTS:
+    slots, first, then = threading.Semaphore(SIDE_BY_SIDE), {}, {}
+
+    def reference_job():
+        # the reference also makes timed saves while rank 0's writes are slow (a save changes nothing)
+        timed = [a if a != "checkpoint_minutes=60" else "checkpoint_minutes=0.01" for a in run_args(store)]
+        first["ref"] = run_job(slots, torchrun(driver, *timed, "--out", str(base / "ref")),
+                               dict(SLOW_SAVE=0.5, STEP_SLEEP=0.2))
+
+    def fault_then_resume(fault):
         args = run_args(store)
         if fault == "worker":
             args[args.index("workers=0")] = "workers=1"
-        first[fault] = (torchrun(driver, *args, "--out", str(base / fault)), dict(FAULT=fault, FAULT_RANK=1))
-    first = run_all(first)
-    resumes = {}
-    for fault in FAULTS:
+        first[fault] = run_job(slots, torchrun(driver, *args, "--out", str(base / fault)),
+                               dict(FAULT=fault, FAULT_RANK=1))
         if (base / fault / "last.pt").exists():
             shutil.copy(base / fault / "last.pt", base / f"{fault}-after-the-fault.pt")
-            resumes[fault] = (torchrun(driver, "--resume", str(base / fault)), {})
-    return base, first, run_all(resumes)
+            then[fault] = run_job(slots, torchrun(driver, "--resume", str(base / fault)), {})
+
+    threads = [threading.Thread(target=reference_job)]
+    threads += [threading.Thread(target=fault_then_resume, args=(f,)) for f in FAULTS]
+    for t in threads:
+        t.start()
+        time.sleep(0.05)  # in order: the reference first (its sleeps overlap the most)
+    for t in threads:
+        t.join()
+    return base, first, then
 
 
 @pytest.fixture(scope="module")
