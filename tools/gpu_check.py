@@ -23,7 +23,7 @@ Each check runs in a process of its own under a time limit taken from one 470 s 
 hang or a crash loses that check only. ``--dry-run`` runs the plumbing on the CPU (tiny sizes,
 gloo instead of NCCL, no sync-debug mode, bench flags parsed, tests collected) and fails if a
 module, flag, file or function the checks name is missing; its checks share one process (the
-same dispatch, five start-ups of torch fewer: ~11 s of the suite's dry run).
+same dispatch, five start-ups of torch fewer: 28 s → 15 s on the development VM).
 """
 from __future__ import annotations
 
