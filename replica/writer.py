@@ -37,9 +37,11 @@ LOCK = ".prepare.lock"
 # error, Ctrl-C, a dead worker: every finished chunk is kept). A crash of this process itself
 # (SIGKILL, power) loses at most the last STATE_EVERY_S seconds of chunks, which a resume redoes.
 STATE_EVERY_S = 30.0
-# Below this many images, workers=None prepares in this process: a worker starts by importing
-# torch (~2.5 s on 2 cores), more than the work. Measured: the tiny demo's 36 images took 2.88 s
-# with 2 workers and 0.14 s in process; by arithmetic (~4 ms an image), 2 workers pay off from ~1,500.
+# Below this many images, workers=None prepares in this process. A JPEG store's worker starts by
+# importing torch (~2.5 s on 2 cores), more than the work: the tiny demo's 36 images took 2.88 s
+# with 2 workers that imported it and 0.14 s in process; by arithmetic (~4 ms an image), 2 such
+# workers pay off from ~1,500. A raw store's workers import no torch and start in a fraction of a
+# second (the same 36 images: `replica prepare --workers 2` 0.46 s, `--workers 1` 0.28-0.35 s).
 IN_PROCESS_BELOW = 1000
 # A worker keeps the pixel sums of the training chunks it decodes and sends them along with its
 # first result, then with every STATS_EVERY_CHUNKS-th (or after STATS_EVERY_S), and when it
@@ -121,20 +123,20 @@ _W: dict = {}
 
 def _worker_init(out: str, splits: list, size: int, max_pixels: int, fmt: str, quality: int, pool: bool = False):
     _W.update(out=out, size=size, max_pixels=max_pixels, fmt=fmt, quality=quality)
-    _W["pool"] = pool  # a worker process: one thread (its BLAS/OpenMP pools read WORKER_THREADS at start)
+    if pool and fmt != "raw":  # a JPEG worker: torch's one thread (BLAS/OpenMP read WORKER_THREADS at start)
+        import torch  # only here and in _encode: a raw store's workers never import torch (~2 s, ~0.5 GB)
+
+        torch.set_num_threads(1)
     if fmt == "raw":
         _W["fds"] = {k: os.open(Path(out) / k / "images.u8", os.O_WRONLY) for k in splits}
 
 
 def _encode(img: np.ndarray, quality: int) -> tuple[bytes, np.ndarray]:
     """JPEG bytes of a (3, S, S) uint8 image, and the pixels a decoder gives back from them."""
-    import torch  # here only: a raw store's workers never import torch (~2 s and ~0.5 GB a process)
+    import torch
 
     from .jpeg import decode_jpeg, encode_jpeg
 
-    if _W.get("pool") and not _W.get("one_thread"):
-        torch.set_num_threads(1)
-        _W["one_thread"] = True
     data = encode_jpeg(torch.from_numpy(np.ascontiguousarray(img)), quality=quality)
     return data.numpy().tobytes(), decode_jpeg(data).numpy()
 
