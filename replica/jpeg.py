@@ -3,6 +3,7 @@
 torchvision 0.29 marks its image codecs deprecated in favour of TorchCodec; they are still the
 ones that decode a batch on the GPU, so this project keeps them and silences that one notice.
 """
+import re
 import warnings
 
 import torchvision.io as _io
@@ -41,6 +42,15 @@ _DEVICE_ERRORS = ("out of memory", "cuda error", "cudaerror", "cuda driver", "de
                   "illegal memory access", "launch failure", "no kernel image")
 
 
+# nvJPEG's own failures reach us as its numeric status, e.g. torchvision's "Failed to decode
+# batch: 5". These statuses are the library or the device failing, whatever the bytes:
+# 1 NOT_INITIALIZED, 5 ALLOCATOR_FAILURE, 6 EXECUTION_FAILED, 7 ARCH_MISMATCH, 8 INTERNAL_ERROR,
+# 9 IMPLEMENTATION_NOT_SUPPORTED (nvjpeg.h). 2 INVALID_PARAMETER, 3 BAD_JPEG, 4 JPEG_NOT_SUPPORTED
+# and 10 INCOMPLETE_BITSTREAM are the input's.
+_NVJPEG_DEVICE_STATUS = {1, 5, 6, 7, 8, 9}
+_NVJPEG_STATUS = re.compile(r"failed to decode batch: (\d+)")
+
+
 def is_decode_failure(err: BaseException) -> bool:
     """Whether ``err`` is the decoder refusing its input (corrupt, truncated, not a JPEG): the
     entry is then a bad input. A device failure (CUDA out of memory, a CUDA or driver error)
@@ -54,6 +64,8 @@ def is_decode_failure(err: BaseException) -> bool:
     if accelerator_error is not None and isinstance(err, accelerator_error):
         return False
     text = str(err).lower()
+    if any(int(m) in _NVJPEG_DEVICE_STATUS for m in _NVJPEG_STATUS.findall(text)):
+        return False
     return not any(s in text for s in _DEVICE_ERRORS)
 
 

@@ -8,6 +8,7 @@ rescale it implicitly; this optimizer writes the rule down instead.
 """
 from __future__ import annotations
 
+import logging
 import math
 from collections import defaultdict
 
@@ -97,8 +98,12 @@ class PaperSGD:
                 torch._fused_sgd_(ps, gs, bs, weight_decay=wd, momentum=mu, lr=lr, dampening=0.0, nesterov=False,
                                   maximize=False, is_first_step=False)
                 return
-            except (AttributeError, TypeError, RuntimeError, NotImplementedError):  # a torch or device without it
+            except (AttributeError, TypeError, RuntimeError, NotImplementedError) as e:  # a torch or device without it
                 self._fused = False
+                why = (str(e).strip().splitlines() or [""])[0][:200]
+                logging.getLogger("replica").warning(
+                    "the optimizer's fused update failed (%s: %s); every update from now on runs as 4 plain passes "
+                    "(the same result, slower)", type(e).__name__, why)
         for p, gr, b in zip(ps, gs, bs):
             b.mul_(mu).add_(gr)
             if wd:

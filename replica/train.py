@@ -127,6 +127,16 @@ def process_group_args(devices) -> tuple[str, dict]:
     return "nccl", (dict(device_id=devices[0]) if len(devices) == 1 else {})
 
 
+def bind_current_device(devices, cuda=None) -> None:
+    """Make the process's first device, if a GPU, the current one: else the loader's pin-memory
+    thread, a CUDA context and every unplaced allocation land on GPU 0, also for a process that
+    trains on ``devices=cuda:1`` outside a launcher. ``cuda``: torch.cuda (a recording stand-in
+    in the CPU tests)."""
+    first = torch.device(devices[0])
+    if first.type == "cuda":
+        (cuda or torch.cuda).set_device(first)
+
+
 def gpu_uuid(device) -> str:
     """The GPU's UUID, the same in every process whatever its ``CUDA_VISIBLE_DEVICES``."""
     return str(torch.cuda.get_device_properties(torch.device(device)).uuid)
@@ -134,10 +144,12 @@ def gpu_uuid(device) -> str:
 
 def check_distinct_gpus(ranks: "Ranks", devices, uuid=gpu_uuid) -> None:
     """Stop with one line if two processes of the job use the same GPU (NCCL would fail later
-    with "Duplicate GPU detected", or two processes would share one GPU's memory)."""
+    with "Duplicate GPU detected", or two processes would share one GPU's memory). One process
+    may hold one GPU twice: both towers on one GPU (``devices=cuda:0,cuda:0``)."""
     import socket
 
-    mine = [(socket.gethostname(), uuid(d), str(d)) for d in devices if torch.device(d).type == "cuda"]
+    host = socket.gethostname()
+    mine = list({uuid(d): (host, uuid(d), str(d)) for d in devices if torch.device(d).type == "cuda"}.values())
     if not mine or not ranks.distributed:
         return
     seen: dict = {}
@@ -229,8 +241,7 @@ def setup_ranks(cfg: Config) -> tuple[Ranks, tuple]:
     owns = False
     if not dist.is_initialized():
         backend, kwargs = process_group_args(devices)
-        if backend == "nccl":
-            torch.cuda.set_device(devices[0])
+        bind_current_device(devices)  # before NCCL exists, so its communicator and barrier use this GPU
         dist.init_process_group(backend, **kwargs)
         owns = True
     group = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else None
@@ -402,6 +413,7 @@ class _Run:
         torch.manual_seed(cfg.seed)  # the same initial weights in every process
         self.devices = resolve_devices(spec, towers=1 if cfg.variant == "one-gpu-half" else 2)
         self.dev0 = self.devices[0]
+        bind_current_device(self.devices)  # with or without a launcher
         # explicit, never cuDNN's defaults: float32 there is TF32 unless told, and fixed shapes
         # make cudnn.benchmark's one-time search pay (docs/training.md)
         self.numerics = set_cuda_numerics(cfg.tf32, cfg.deterministic, benchmark=True)

@@ -136,6 +136,47 @@ def test_two_processes_on_one_gpu_are_refused():
         T.check_distinct_gpus(ranks, [torch.device("cuda:0")], uuid=lambda d: "GPU-1234")
 
 
+def test_the_first_gpu_becomes_the_current_device_with_or_without_a_launcher(store, tmp_path, monkeypatch):
+    """A process on cuda:1 alone makes cuda:1 current (else the pin-memory thread and a context
+    go to GPU 0); a CPU process sets nothing. Recorded: set_device's calls, and that a run calls it."""
+    class Cuda:
+        def __init__(self):
+            self.calls = []
+
+        def set_device(self, d):
+            self.calls.append(str(d))
+
+    cuda = Cuda()
+    T.bind_current_device((torch.device("cuda:1"), torch.device("cpu")), cuda=cuda)
+    T.bind_current_device(("cpu",), cuda=cuda)
+    T.bind_current_device(("cuda:0", "cuda:1"), cuda=cuda)
+    assert cuda.calls == ["cuda:1", "cuda:0"]
+    seen = []
+    monkeypatch.setattr(T, "bind_current_device", lambda devices: seen.append(tuple(map(str, devices))))
+    from runs_helpers import tiny
+
+    T.train(tiny(store, epochs=1, steps_per_epoch=1, val_batches=1, save_best=False), tmp_path / "run",
+            progress=False)
+    assert seen == [("cpu",)]  # one process, no launcher: still asked
+
+
+def test_one_process_may_put_both_towers_on_one_gpu():
+    """devices=cuda:0,cuda:0 under torchrun (gpu_check's two-tower smoke run): one process holds
+    the GPU twice, which is no clash; a second process on it still is."""
+    gathered = []
+
+    class Ranks(T.Ranks):
+        def gather(self, obj):
+            gathered.append(obj)
+            return [obj] * self.world
+
+    both = [torch.device("cuda:0"), torch.device("cuda:0")]
+    T.check_distinct_gpus(Ranks(0, 1, distributed=True), both, uuid=lambda d: "GPU-1234")
+    assert [len(g) for g in gathered] == [1]  # the GPU once
+    with pytest.raises(ReplicaError, match="processes 0 .* and 1 .* both use GPU GPU-1234"):
+        T.check_distinct_gpus(Ranks(0, 2, distributed=True), both, uuid=lambda d: "GPU-1234")
+
+
 def test_ranks_close_destroys_the_groups_it_made(monkeypatch):
     destroyed = []
     monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
@@ -304,8 +345,16 @@ def test_decode_failures_are_told_from_device_failures():
 
     for text in ("Unsupported marker type 0x4b", "Not a JPEG file: starts with 0x00 0x01",
                  "Error while decoding JPEG images: Failed to get image info: 2",
-                 "Premature end of JPEG file"):
+                 "Premature end of JPEG file",
+                 # nvJPEG's statuses for the input's faults: bad JPEG, not supported, incomplete, bad parameter
+                 "Failed to decode batch: 3", "Failed to decode batch: 4", "Failed to decode batch: 10",
+                 "Error while decoding JPEG images: Failed to decode batch: 2"):
         assert is_decode_failure(RuntimeError(text)), text
+    # nvJPEG's own failures, as torchvision words them: allocator, execution, internal error
+    for status in (5, 6, 8):
+        for text in (f"Failed to decode batch: {status}", f"Error while decoding JPEG images: Failed to decode "
+                                                          f"batch: {status}"):
+            assert not is_decode_failure(RuntimeError(text)), text
     for err in (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 MiB"),
                 RuntimeError("Error while decoding JPEG images: CUDA error: an illegal memory access was encountered"),
                 RuntimeError("Error while decoding JPEG images: Failed to synchronize CUDA stream: 700"),
@@ -323,6 +372,10 @@ def test_a_device_failure_during_decode_is_one_line_not_corrupt_images(monkeypat
     monkeypatch.setattr(jpeg, "decode_jpeg", lambda *a, **k: (_ for _ in ()).throw(
         torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 MiB")))
     with pytest.raises(ReplicaError, match="failed in the device, not in the data: CUDA out of memory.*lower batch_size"):
+        b.decode("cpu")
+    monkeypatch.setattr(jpeg, "decode_jpeg", lambda *a, **k: (_ for _ in ()).throw(
+        RuntimeError("Error while decoding JPEG images: Failed to decode batch: 5")))
+    with pytest.raises(ReplicaError, match="failed in the device, not in the data: .*batch: 5; decode=workers"):
         b.decode("cpu")
     calls = []
 

@@ -69,6 +69,36 @@ def test_update_rule_trace_with_an_lr_change(fused):
     assert opt._fused == fused  # the fused kernel ran here (it exists on this torch for CPU)
 
 
+def test_a_failed_fused_update_is_logged_once_and_the_plain_passes_give_the_same_step(monkeypatch, caplog):
+    """The fused kernel raising (a device or a stride it does not take) switches to the plain
+    passes for good: said once, naming the cause, and the step is still taken."""
+    torch.manual_seed(1)
+    m, ref = Tiny(), Tiny()
+    ref.load_state_dict(m.state_dict())
+    calls = []
+
+    def broken(*a, **k):
+        calls.append(1)
+        raise RuntimeError("expected all tensors to have the same strides\nmore detail")
+
+    monkeypatch.setattr(torch, "_fused_sgd_", broken)
+    opt = PaperSGD(param_groups(m, 0.1, 0.05, bias_lr=0.2), momentum=0.9)
+    plain = PaperSGD(param_groups(ref, 0.1, 0.05, bias_lr=0.2), momentum=0.9)
+    plain._fused = False
+    x = torch.randn(4, 1, 5, 5)
+    with caplog.at_level("WARNING", logger="replica"):
+        for _ in range(3):
+            for net, o in ((m, opt), (ref, plain)):
+                o.zero_grad()
+                net(x).square().sum().backward()
+                o.step()
+    warned = [r.getMessage() for r in caplog.records if "fused update failed" in r.getMessage()]
+    assert len(warned) == 1 and "RuntimeError: expected all tensors to have the same strides" in warned[0]
+    assert "more detail" not in warned[0] and len(calls) == 1 and not opt._fused
+    for p, q in zip(m.parameters(), ref.parameters()):
+        assert torch.equal(p, q)
+
+
 def test_optimizer_state_restores_bit_for_bit_and_from_velocities():
     torch.manual_seed(6)
     xs = [torch.randn(3, 1, 5, 5) for _ in range(6)]

@@ -9,6 +9,7 @@
     python tools/bench.py gpu     [--batch 256]        (CUDA only)
     python tools/bench.py prepare [--images 600] [--classes 6] [--workers 1 2]
     python tools/bench.py all     [--device cpu|cuda] [...]   model, e2e, eval (and gpu on CUDA)
+    python tools/bench.py core    [--device cpu|cuda] [--no-fused] [...]   what tools/gpu_check.sh times
 
 Every row is measured after warm-up; rows compared with each other are interleaved step by step,
 so that a slow patch of a shared machine hits both alike, and each reports the median. Each
@@ -97,17 +98,24 @@ def sync(device):
             torch.cuda.synchronize(i)
 
 
-def race(fns: dict, steps: int, warmup: int, device) -> dict:
-    """Median seconds per call of each fn, calls interleaved round-robin."""
+def race(fns: dict, steps: int, warmup: int, device, host: dict | None = None) -> dict:
+    """Median seconds per call of each fn, calls interleaved round-robin. ``host``: filled with
+    each fn's median host time, the seconds until the call returns to Python, before the wait
+    for the device (on a GPU: what the CPU spends queueing the work; on the CPU: all of it)."""
     times = {k: [] for k in fns}
+    queued = {k: [] for k in fns}
     for i in range(warmup + steps):
         for k, fn in fns.items():
             sync(device)
             t0 = time.perf_counter()
             fn()
+            t1 = time.perf_counter()
             sync(device)
             if i >= warmup:
                 times[k].append(time.perf_counter() - t0)
+                queued[k].append(t1 - t0)
+    if host is not None:
+        host.update({k: statistics.median(v) for k, v in queued.items()})
     return {k: statistics.median(v) for k, v in times.items()}
 
 
@@ -796,6 +804,105 @@ def cmd_prepare(b: Bench):
 
 # ----------------------------------------------------------------------------------------------
 
+def cmd_core(b: Bench):
+    """What the GPU check needs, every compile once: the model step in float32 and bf16 beside
+    torchvision's, with host time per step; the fused norms against the eager ones in bf16 (one
+    compile); end to end from the raw and the JPEG store in bf16 beside torchvision's pipeline;
+    ten-view evaluation."""
+    a, device, n = b.args, b.device, b.n
+    x, y = b.batch()
+    xn = x.contiguous()
+    ours, tv = AlexNet(devices=str(device)), torchvision.models.alexnet().to(device)
+    print("\n[core] model train step, random input; host = the CPU's time to queue one step")
+    host = {}
+    t = race({"ours": on(stepper(ours), x, y), "tv": on(stepper(tv), xn, y)}, a.steps, a.warmup, device, host)
+    b.add("model step fp32: replica as-run, eager norms", n / t["ours"], FLOP_TRAIN,
+          note=f"host {1e3 * host['ours']:.1f} of {1e3 * t['ours']:.1f} ms")
+    b.add("model step fp32: torchvision alexnet", n / t["tv"], FLOP_TRAIN,
+          note=f"host {1e3 * host['tv']:.1f} of {1e3 * t['tv']:.1f} ms")
+    b.ratios["model step fp32 (torchvision s / replica s)"] = t["tv"] / t["ours"]
+    s_bf, s_tv_bf = stepper(ours, b.bf16()), stepper(tv, b.bf16())
+    fns = {"ours": on(s_bf, x, y), "tv": on(s_tv_bf, xn, y)}
+    if not a.no_fused:  # the norms' one compile (Triton), timed apart from the rows
+        s_f = fused(ours, on(s_bf, x, y))
+        t0 = time.perf_counter()
+        s_f()
+        sync(device)
+        print(f"  fused norms: first step (compiles them) {time.perf_counter() - t0:.1f} s; "
+              f"{'compiled' if layers.fused_norms_available() else 'FAILED, eager: ' + str(layers._BROKEN['why'])}")
+        fns["fused"] = s_f
+    host = {}
+    t = race(fns, a.steps, a.warmup, device, host)
+    for k, name in (("ours", "replica as-run, eager norms"), ("fused", "replica as-run, fused norms"),
+                    ("tv", "torchvision alexnet")):
+        if k in t:
+            b.add(f"model step bf16: {name}", n / t[k], FLOP_TRAIN, "bf16",
+                  note=f"host {1e3 * host[k]:.1f} of {1e3 * t[k]:.1f} ms")
+    b.ratios["model step bf16, eager norms (torchvision s / replica s, ≥ 1.0 = replica at least as fast)"] = \
+        t["tv"] / t["ours"]
+    if "fused" in t:
+        b.ratios["model step bf16, fused norms (torchvision s / replica s)"] = t["tv"] / t["fused"]
+        b.ratios["fused norms against eager, bf16 (eager s / fused s, > 1 = fused faster)"] = t["ours"] / t["fused"]
+    model_alone = n / t["ours"]
+    if a.profile:
+        profile_step(on(s_bf, x, y), device)
+
+    st, jst, folder = b.data()
+    print("\n[core] end to end, bf16: data pipeline feeding the train step")
+    e_raw = n / timed_steps(b.ours_batches(st), s_bf, a.steps, a.warmup, device)
+    b.add("end to end bf16: replica, raw store", e_raw, FLOP_TRAIN, "bf16")
+    jdec = "device" if b.cuda else "workers"
+    e_jpeg = n / timed_steps(b.ours_batches(jst, decode=jdec), s_bf, a.steps, a.warmup, device)
+    b.add(f"end to end bf16: replica, JPEG store ({'nvJPEG' if b.cuda else 'decoded in workers'})", e_jpeg,
+          FLOP_TRAIN, "bf16")
+    e_tv = n / timed_steps(b.tv_batches(folder), s_tv_bf, a.steps, a.warmup, device)
+    b.add("end to end bf16: torchvision (ImageFolder JPEG pipeline)", e_tv, FLOP_TRAIN, "bf16")
+    d_raw = loader_rate(b.ours_batches(st), a.steps, a.warmup, device, n)
+    d_jpeg = loader_rate(b.ours_batches(jst, decode=jdec), a.steps, a.warmup, device, n)
+    b.add("data alone: replica, raw store", d_raw, 0, note="(no model)")
+    b.add("data alone: replica, JPEG store", d_jpeg, 0, note="(no model)")
+    b.ratios["end to end bf16 from the raw store / model alone"] = e_raw / model_alone
+    b.ratios["end to end bf16 from the JPEG store / model alone (target ≥ 0.95)"] = e_jpeg / model_alone
+    b.ratios["end to end bf16 (replica raw store img/s / torchvision img/s)"] = e_raw / e_tv
+
+    print("\n[core] ten-view evaluation (10 forward passes per image)")
+    k = min(a.eval_images, len(st))
+    sub = _Subset(st, k)
+    for bf16 in (False, True):
+        kw = dict(views=10, batch=min(n, 128), bf16=bf16, workers=min(b.workers, 4))
+        evaluate(ours, sub, st.mean(), max_batches=1, **kw)  # warm-up: workers, cuDNN's search
+        sync(device)
+        t0 = time.perf_counter()
+        evaluate(ours, sub, st.mean(), **kw)
+        sync(device)
+        rate = 10 * k / (time.perf_counter() - t0)
+        b.add(f"ten-view eval {'bf16' if bf16 else 'fp32'}, {k} images (views/s)", rate, FLOP_FORWARD,
+              "bf16" if bf16 else "fp32")
+
+
+def profile_step(step, device, steps: int = 3, top: int = 12) -> None:
+    """Where a step's time goes: torch.profiler over ``steps`` steps, the top kernels by device
+    time and the host's share. A profiler that cannot run here prints one line, not a crash."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    try:
+        step()
+        sync(device)
+        with profile(activities=acts) as prof:
+            for _ in range(steps):
+                step()
+            sync(device)
+        key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+        table = prof.key_averages().table(sort_by=key, row_limit=top, max_name_column_width=60)
+    except Exception as e:  # noqa: BLE001  (CUPTI missing or refused: a finding, not a crash)
+        print(f"  profiler failed: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
+        return
+    print(f"\n  profile of {steps} bf16 steps of replica (eager norms), top {top} by {key}:")
+    for line in table.splitlines():
+        print("  " + line)
+
+
 def cmd_all(b: Bench):
     cmd_model(b)
     cmd_e2e(b)
@@ -804,7 +911,7 @@ def cmd_all(b: Bench):
         cmd_gpu(b)
 
 
-COMMANDS = {"model": cmd_model, "data": cmd_data, "e2e": cmd_e2e, "eval": cmd_eval, "gpu": cmd_gpu,
+COMMANDS = {"model": cmd_model, "data": cmd_data, "e2e": cmd_e2e, "eval": cmd_eval, "gpu": cmd_gpu, "core": cmd_core,
             "prepare": cmd_prepare, "all": cmd_all}
 
 
@@ -829,8 +936,14 @@ def parser() -> argparse.ArgumentParser:
                                 ("e2e", [common, data], "each pipeline feeding its net"),
                                 ("eval", [common, data], "ten-view evaluation rate"),
                                 ("gpu", [common, data], "CUDA options: GPU augmentation, compile, two devices"),
-                                ("all", [common, data], "model, e2e, eval (and gpu on CUDA), one summary")):
+                                ("all", [common, data], "model, e2e, eval (and gpu on CUDA), one summary"),
+                                ("core", [common, data], "what tools/gpu_check.sh times: model step fp32/bf16 "
+                                                         "with host time, fused vs eager norms (bf16), end to end "
+                                                         "from both stores, ten-view eval; one compile")):
         s = sub.add_parser(name, parents=parents, help=text)
+        if name == "core":
+            s.add_argument("--no-fused", action="store_true", help="leave out the fused norms (no Triton toolchain)")
+            s.add_argument("--profile", action="store_true", help="also print the top kernels of 3 bf16 steps")
         if name in ("model", "all"):
             s.add_argument("--grouped", action="store_true", help="also time conv2/4/5 as grouped vs per-tower convs")
         if name == "model":
@@ -862,7 +975,7 @@ def main(argv=None):
         sys.exit("bench gpu: needs --device cuda (GPU augmentation, torch.compile, two devices, Triton norms)")
     b = Bench(args)
     try:
-        if args.command in ("model", "e2e", "eval", "gpu", "all"):
+        if args.command in ("model", "e2e", "eval", "gpu", "all", "core"):
             b.header(args.command)
             if not args.fast_paths:
                 b.measure_peaks()

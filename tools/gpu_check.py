@@ -1,29 +1,36 @@
 #!/usr/bin/env python
-"""The prepared GPU check: one script, ≤ 8 minutes on one GPU, each result printed as it ends.
+"""The prepared GPU check: one script, ≤ 7 minutes on one GPU, each result printed as it ends.
 
     tools/gpu_check.sh [--dry-run] [--only a,b,...]
 
 Uses the interpreter's own torch and torchvision (the lent machine has them preinstalled and no
 network): nothing is installed; the package runs from this checkout (PYTHONPATH). First the
-versions (driver, CUDA, cuDNN, NCCL, torch, torchvision), then, in this order:
+versions (driver, CUDA, cuDNN, NCCL, torch, torchvision), then what decides whether the rest can
+run (the GPU's name and memory, free space in /dev/shm, a C compiler, Python.h and libcuda.so
+for Triton), the per-check time budget, and then, in this order:
 
-  (a) a one-process NCCL smoke run: torchrun --nproc-per-node 1, NCCL plus the gloo group,
-      DDP, 3 steps, the processes' agree/gather;
+  (a) NCCL smoke runs under torchrun --nproc-per-node 1, NCCL plus the gloo group, DDP, 3 steps
+      each, side by side: the process bound to its one GPU (``device_id``), and both towers on
+      that GPU (``devices=cuda:0,cuda:0``: NCCL unbound, DDP with ``device_ids=None``, the path
+      of a process that owns two GPUs);
   (b) the cuda:0,cpu split (every cross() copy on a real GPU) against the one-device net on the
       same weights, logits and every gradient, float32 with TF32 off;
-  (c) 3 training steps under torch.cuda.set_sync_debug_mode("error") (no host sync in the
-      step), raw store; the JPEG store with nvJPEG decoding under "warn", its syncs counted;
+  (c) 3 training steps under torch.cuda.set_sync_debug_mode("error") (no c10-visible host sync
+      in a step, one GPU), raw store; the JPEG store with nvJPEG decoding under "warn", its
+      syncs counted; host time per step beside the loop's time per step;
   (d) nvJPEG against CPU decoding of the same JPEG store (mean and max pixel difference), and
       a race stress test modelled on pytorch/vision PR 9606 (200 iterations; corrupted count,
       which must be 0 through replica's decode path; torchvision's bare call beside it);
-  (e) the speed rows, each beside torchvision's AlexNet in the same run (tools/bench.py all);
+  (e) the speed rows, each beside torchvision's AlexNet in the same run (``tools/bench.py
+      core``: model step fp32 and bf16, host time per step, fused vs eager norms in bf16 with one
+      compile, end to end from the raw and the JPEG store, ten-view evaluation);
   (f) pytest -m cuda (less the tests that repeat (a), (c) and (d)), with what time is left.
 
-Each check runs in a process of its own under a time limit taken from one 470 s budget, so a
-hang or a crash loses that check only. ``--dry-run`` runs the plumbing on the CPU (tiny sizes,
-gloo instead of NCCL, no sync-debug mode, bench flags parsed, tests collected) and fails if a
-module, flag, file or function the checks name is missing; its checks share one process (the
-same dispatch, five start-ups of torch fewer: 28 s → 15 s on the development VM).
+Each check runs in a process group of its own under a time limit taken from one budget, so a
+hang or a crash loses that check only, and nothing it started outlives its limit. ``--dry-run``
+runs the plumbing on the CPU (tiny sizes, gloo instead of NCCL, no sync-debug mode, bench flags
+parsed, tests collected) and fails if a module, flag, file or function the checks name is
+missing; its checks share one process (the same dispatch, five start-ups of torch fewer).
 """
 from __future__ import annotations
 
@@ -31,6 +38,7 @@ import argparse
 import importlib
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -41,8 +49,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tools"))
 
-BUDGET_S = 470  # the whole script, cold caches included, inside the 8 minutes it promises
-LIMITS = {"a": 90, "b": 45, "c": 90, "d": 90, "e": 200, "f": 150}  # per check, cut to what is left
+# The lent GPU gives 13 minutes after its start: the script takes at most BUDGET_S (+ the
+# start-up and a grace of GRACE_S), which leaves at least RERUN_S for one rerun of what failed.
+LEASE_S = 13 * 60
+BUDGET_S = 400
+GRACE_S = 20
+RERUN_S = 4 * 60
+LIMITS = {"a": 75, "b": 30, "c": 60, "d": 45, "e": 170, "f": 130}  # per check, cut to what is left
+SHM_MIN_GB = 4  # below this, (e)'s loaders use fewer workers and smaller batches (their batches live in /dev/shm)
 CHECKS = "abcdef"
 STEPS_C = 4  # check (c): the first step outside the debug mode, then 3 under it
 DRY_WIDTH = 0.0625  # --dry-run: the net at 1/16 of its width (the same code); on a GPU, the paper's net
@@ -57,8 +71,8 @@ NEEDS = dict(
                "torch.cuda:set_sync_debug_mode", "torchvision.io:decode_jpeg"],
     config_keys=["devices", "devices_per_process", "decode", "bf16", "tf32", "deterministic", "steps_per_epoch",
                  "workers", "init", "checkpoint_minutes", "val_batches", "width"],
-    bench_args=["all", "--device", "cuda", "--batch", "256", "--steps", "8", "--images", "4096",
-                "--eval-images", "512", "--workers", "8"],
+    bench_args=["core", "--device", "cuda", "--batch", "256", "--steps", "8", "--images", "4096",
+                "--eval-images", "1024", "--workers", "8", "--profile"],
 )
 
 
@@ -95,6 +109,73 @@ def versions() -> list[str]:
     if torch.cuda.is_available():
         out.append(f"GPUs {torch.cuda.device_count()} × {torch.cuda.get_device_name(0)}")
     return out
+
+
+def prerequisites(cuda: bool) -> tuple[list[str], dict]:
+    """What decides whether the checks can run, as lines, and what is missing as {what: why}.
+
+    ``shm_gb``: free GB in /dev/shm (the loaders' batches pass through it: a container's default
+    64 MB makes a worker die with "Bus error"). ``triton``: the toolchain Triton compiles its
+    launcher with (a C compiler, Python.h, libcuda.so): without it the fused norms warn and run
+    eager, and the checks that time or test them say "skipped: no …" instead of failing obscurely.
+    """
+    import sysconfig
+
+    import torch
+
+    lines, missing = [], {}
+    if cuda:
+        p = torch.cuda.get_device_properties(0)
+        free, total = torch.cuda.mem_get_info(0)
+        lines.append(f"GPU {p.name}, {total / 2**30:.0f} GiB ({free / 2**30:.0f} free), "
+                     f"{p.multi_processor_count} SMs, compute capability {p.major}.{p.minor}")
+    try:
+        shm = shutil.disk_usage("/dev/shm").free / 1e9
+    except OSError:
+        shm = 0.0
+    lines.append(f"/dev/shm {shm:.1f} GB free" + ("" if shm >= SHM_MIN_GB else
+                                                  f" (under {SHM_MIN_GB} GB: (e) runs 2 workers at batch 128)"))
+    if shm < SHM_MIN_GB:
+        missing["shm"] = f"{shm:.1f} GB in /dev/shm"
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    lines.append(f"C compiler {cc or 'none'}")
+    header = Path(sysconfig.get_paths()["include"]) / "Python.h"
+    lines.append(f"Python.h {'found' if header.exists() else 'missing'} ({header.parent})")
+    libcuda = "n/a (no GPU)"
+    if cuda:
+        try:
+            from triton.backends.nvidia.driver import libcuda_dirs  # Triton's own search
+
+            libcuda = ", ".join(libcuda_dirs())
+        except Exception as e:  # noqa: BLE001  (ImportError, or its assertion that none was found)
+            libcuda = None
+            why = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            lines.append(f"libcuda.so not found by Triton ({why[:120]})")
+    if libcuda:
+        lines.append(f"libcuda.so in {libcuda}")
+    try:
+        import triton
+
+        lines.append(f"triton {triton.__version__}")
+        has_triton = True
+    except ImportError:
+        has_triton = False
+        lines.append("triton missing")
+    if cuda:
+        why = [w for w, ok in (("C compiler", cc), ("Python.h", header.exists()), ("libcuda.so", libcuda),
+                               ("triton", has_triton)) if not ok]
+        if why:
+            missing["triton"] = ", ".join(why)
+    return lines, missing
+
+
+def budget_lines() -> list[str]:
+    """The per-check limits and what the whole leaves of the lent GPU's 13 minutes for a rerun."""
+    worst = BUDGET_S + GRACE_S + 20  # + the start-up (versions, names) before the first check
+    return [f"budget: {BUDGET_S} s for all checks (each cut to what is left): "
+            + ", ".join(f"({c}) {LIMITS[c]} s" for c in CHECKS)
+            + f"; at most {worst} s in all, which leaves {LEASE_S - worst} s of the {LEASE_S // 60} min after the "
+              f"machine's start for one rerun (--only), at least the {RERUN_S} s planned"]
 
 
 def verify_needs(needs=NEEDS) -> list[str]:
@@ -161,29 +242,51 @@ def train_cfg(store: Path, dev: str, dry: bool, **kw):
 # The checks: each returns one result line; an exception or an assertion is a FAIL
 
 
+def side_by_side(cmds: dict, limit: float, **kw) -> dict:
+    """{name: (status, lines)} of each command run at once, each in its own process group."""
+    import threading
+
+    out = {}
+    threads = [threading.Thread(target=lambda k=k, c=c: out.__setitem__(k, stream(c, limit, None, **kw)))
+               for k, c in cmds.items()]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return out
+
+
 def check_a(work: Path, dry: bool) -> str:
     store = stores(work, dry=dry)
-    dev = "cpu" if dry else "cuda:0"
-    out = work / "smoke"
-    shutil.rmtree(out, ignore_errors=True)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "1", "-m", "replica",
-           "train", str(ROOT / "configs" / "alexnet-2gpu.yaml"), f"data={store}", f"batch_size={4 if dry else 8}", "epochs=1",
-           "steps_per_epoch=3", "workers=0", "init=caffe", f"devices={dev}",
-           f"checkpoint_minutes={60 if dry else 0.0001}",  # on the GPU: a save decided together every step
-           "val_batches=1", *([f"width={DRY_WIDTH}", "fused_norms=false"] if dry else []), "--out", str(out)]
+    # bound: one GPU per process (NCCL's device_id); towers: both towers' devices in the process,
+    # here the one GPU twice (NCCL unbound, a communicator per device as needed, device_ids=None)
+    runs = {"bound": "cpu" if dry else "cuda:0", "two towers": "cpu,cpu" if dry else "cuda:0,cuda:0"}
+    cmds = {}
+    for name, dev in runs.items():
+        out = work / f"smoke-{name.replace(' ', '-')}"
+        shutil.rmtree(out, ignore_errors=True)
+        cmds[name] = [
+            sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "1", "-m", "replica",
+            "train", str(ROOT / "configs" / "alexnet-2gpu.yaml"), f"data={store}", f"batch_size={4 if dry else 8}",
+            "epochs=1", "steps_per_epoch=3", "workers=0", "init=caffe", f"devices={dev}", "save_best=false",
+            # the bound run on a GPU: a save decided together every step (456 MB each, fsynced)
+            f"checkpoint_minutes={0.0001 if name == 'bound' and not dry else 60}",
+            "val_batches=1", *([f"width={DRY_WIDTH}", "fused_norms=false"] if dry else []), "--out", str(out)]
     env = dict(os.environ, PYTHONPATH=str(ROOT), NCCL_DEBUG="WARN", OMP_NUM_THREADS="2")
-    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=remaining("a"))
-    log = r.stdout + r.stderr
-    assert r.returncode == 0, log[-1500:]
+    results = side_by_side(cmds, remaining("a") - 5, env=env)
     backend = "gloo" if dry else "nccl"
-    assert f"job of 1 process(es): {backend}" in log, "no process group was made:\n" + log[-800:]
     from replica.runs import load_checkpoint
 
-    ck = load_checkpoint(out)
-    assert ck["progress"]["step"] == 3, ck["progress"]
-    leaked = [ln for ln in log.splitlines() if "destroy_process_group" in ln or "NOT been destroyed" in ln]
-    assert not leaked, leaked
-    return f"3 steps under torchrun, {backend}{' + gloo group' if not dry else ''}, DDP; process group destroyed"
+    for name, (rc, lines) in results.items():
+        log = "\n".join(lines)
+        assert rc == 0, f"{name} ({runs[name]}), exit {rc}:\n" + log[-1500:]
+        assert f"job of 1 process(es): {backend}" in log, f"{name}: no process group was made:\n" + log[-800:]
+        ck = load_checkpoint(work / f"smoke-{name.replace(' ', '-')}")
+        assert ck["progress"]["step"] == 3, (name, ck["progress"])
+        leaked = [ln for ln in lines if "destroy_process_group" in ln or "NOT been destroyed" in ln]
+        assert not leaked, (name, leaked)
+    return (f"3 steps under torchrun, {backend}{' + gloo group' if not dry else ''}, DDP, each: bound to "
+            f"{runs['bound']}, and two towers on {runs['two towers']}; process groups destroyed")
 
 
 def check_b(work: Path, dry: bool) -> str:
@@ -241,8 +344,11 @@ def check_c(work: Path, dry: bool) -> str:
             return wrapped
 
         def counted(self, *a):
-            steps.append(self.step)
-            return debug(real_step)(self, *a)
+            t0 = time.perf_counter()
+            try:
+                return debug(real_step)(self, *a)
+            finally:  # the step's host time: what the CPU spends queueing it (no sync inside)
+                steps.append((self.step, t0, time.perf_counter() - t0))
 
         T._Run._step, T._Run._next_batch = counted, debug(real_next)
         try:
@@ -254,9 +360,13 @@ def check_c(work: Path, dry: bool) -> str:
             T._Run._step, T._Run._next_batch = real_step, real_next
         syncs = [str(x.message).splitlines()[0][:120] for x in w if "synchroniz" in str(x.message)]
         assert len(steps) == STEPS_C, steps
+        host = statistics.median(h for _, _, h in steps[1:])
+        loop = statistics.median(b[1] - a[1] for a, b in zip(steps[1:], steps[2:]))
         results.append(f"{fmt} store: {len(steps) - 1} steps under '{mode}'" +
-                       (f", {len(syncs)} sync(s) flagged: {syncs[:2]}" if syncs else ", no sync"))
-    return "; ".join(results) + (" (dry run: debug mode off on the CPU)" if dry else "")
+                       (f", {len(syncs)} sync(s) flagged: {syncs[:2]}" if syncs else ", no sync") +
+                       f"; host time per step {1e3 * host:.1f} ms, {1e3 * loop:.1f} ms a loop iteration "
+                       f"(batch {cfg.batch_size}, with the batch's fetch and the processes' agree)")
+    return "; ".join(results) + (" (dry run: debug mode off on the CPU)" if dry else " (c10-visible syncs, one GPU)")
 
 
 def _race(decode, datas, device, iters: int) -> int:
@@ -311,56 +421,117 @@ def check_d(work: Path, dry: bool) -> str:
     return line
 
 
-def stream(cmd, limit: int, prefix: str, **kw) -> tuple[int, list[str]]:
-    """Run ``cmd``, printing each line of its output as it comes (so a timeout loses nothing),
-    killed past ``limit`` seconds (exit status 124 then); (status, lines)."""
+def _kill_group(p) -> None:
+    """Kill ``p`` and every process it started (its own process group: pytest's or torchrun's
+    workers too, which would otherwise keep the GPU after their check ran out of time)."""
+    import signal
+
+    try:
+        os.killpg(p.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    p.wait()
+
+
+def stream(cmd, limit: float, prefix: str | None = "", **kw) -> tuple[int, list[str]]:
+    """Run ``cmd`` in a process group of its own, printing each line of its output as it comes
+    (``prefix`` None: keep it quiet), the whole group killed past ``limit`` seconds (exit status
+    124 then); (status, lines). The output is read without blocking: a partial line (pytest's
+    dots) never holds the deadline up."""
     import selectors
 
-    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1, **kw)
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True, **kw)
+    fd = p.stdout.fileno()
+    os.set_blocking(fd, False)
     sel = selectors.DefaultSelector()
-    sel.register(p.stdout, selectors.EVENT_READ)
-    lines, end = [], time.monotonic() + limit
-    while True:
-        left = end - time.monotonic()
-        if left <= 0:
-            p.kill()
-            p.wait()
-            say(f"{prefix}ran past its {limit} s limit: stopped")
-            return 124, lines
-        if sel.select(timeout=min(left, 1.0)):
-            line = p.stdout.readline()
-            if not line:
-                break
-            lines.append(line.rstrip("\n"))
+    sel.register(fd, selectors.EVENT_READ)
+    lines, buf, end = [], b"", time.monotonic() + limit
+
+    def emit(raw: bytes) -> None:
+        lines.append(raw.decode(errors="replace").rstrip("\r"))
+        if prefix is not None:
             say(prefix + lines[-1])
-    return p.wait(), lines
+
+    try:
+        while True:
+            left = end - time.monotonic()
+            if left <= 0:
+                _kill_group(p)
+                if buf:
+                    emit(buf)
+                say(f"{prefix or ''}ran past its {limit:.0f} s limit: stopped, with every process it started")
+                return 124, lines
+            if not sel.select(timeout=min(left, 1.0)):
+                continue
+            try:
+                chunk = os.read(fd, 65536)
+            except BlockingIOError:
+                continue
+            if not chunk:
+                break
+            *done, buf = (buf + chunk).split(b"\n")
+            for raw in done:
+                emit(raw)
+        if buf:
+            emit(buf)
+        rc = p.wait(timeout=max(1.0, end - time.monotonic()))
+    except subprocess.TimeoutExpired:
+        _kill_group(p)
+        return 124, lines
+    finally:
+        sel.close()
+        p.stdout.close()
+        if p.poll() is None:
+            _kill_group(p)
+    _kill_group(p)  # the leader has exited: anything it left behind in its group goes too
+    return rc, lines
+
+
+def bench_args(missing: dict, cpus: int | None = None) -> list[str]:
+    """bench.py's arguments for (e) on this machine: workers by its cores (and /dev/shm), the fused
+    row left out where Triton cannot build."""
+    args = list(NEEDS["bench_args"])
+    workers = min(8, max(1, (cpus or os.cpu_count() or 2) - 2))
+    if "shm" in missing:
+        workers = 2
+        args[args.index("--batch") + 1] = "128"
+    args[args.index("--workers") + 1] = str(workers)
+    if "triton" in missing:
+        args.append("--no-fused")
+    return args
 
 
 def check_e(work: Path, dry: bool) -> str:
-    if dry:
-        import bench
+    import bench
 
-        bench.parser().parse_args(NEEDS["bench_args"])
-        return "bench.py arguments parse: " + " ".join(NEEDS["bench_args"])
-    workers = str(min(8, max(1, (os.cpu_count() or 2) - 2)))
-    args = [a if a != "8" or NEEDS["bench_args"][i - 1] != "--workers" else workers
-            for i, a in enumerate(NEEDS["bench_args"])]
-    rc, lines = stream([sys.executable, str(ROOT / "tools" / "bench.py"), *args], remaining("e"), "  (e) ",
+    _, missing = prerequisites(cuda=not dry)
+    args = bench_args(missing)
+    if dry:
+        bench.parser().parse_args(args)
+        return "bench.py arguments parse: " + " ".join(args)
+    rc, lines = stream([sys.executable, str(ROOT / "tools" / "bench.py"), *args], remaining("e") - 5, "  (e) ",
                        env=dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1"))
     assert rc == 0, f"bench.py exit {rc}" + (" (its time limit)" if rc == 124 else "")
-    return "bench.py all --device cuda: the rows above"
+    skipped = f"; fused row skipped: no {missing['triton']}" if "triton" in missing else ""
+    return f"bench.py {' '.join(args)}: the rows above{skipped}"
 
 
 def check_f(work: Path, dry: bool) -> str:
     # the tests that run checks (a), (c), (d) again are left out: they ran above
-    cmd = [sys.executable, "-m", "pytest", "-q", "-m", "cuda", "-k", "not gpu_check", "-p", "no:cacheprovider",
+    _, missing = prerequisites(cuda=not dry)
+    select = "not gpu_check" + (" and not fused" if "triton" in missing else "")
+    cmd = [sys.executable, "-m", "pytest", "-q", "-m", "cuda", "-k", select, "-p", "no:cacheprovider",
            str(ROOT / "tests")]
     if dry:
         cmd.insert(3, "--collect-only")
-    rc, lines = stream(cmd, remaining("f"), "  (f) ", cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    rc, lines = stream(cmd, remaining("f") - 5, "  (f) ", cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)))
     tail = [ln for ln in lines if ln.strip()][-1:] or ["no output"]
     assert rc == 0, f"pytest exit {rc}: {tail[0]}"
-    return tail[0]
+    if dry:  # the CUDA parameters were collected (skipped here), and no CPU variant carries the mark
+        assert any("[cuda" in ln for ln in lines), "no CUDA test collected"
+        assert not any("[cpu" in ln for ln in lines), "a CPU variant is marked cuda"
+    skipped = f" (fused-norm tests skipped: no {missing['triton']})" if "triton" in missing else ""
+    return tail[0] + skipped
 
 
 # ----------------------------------------------------------------------------------------------
@@ -407,6 +578,12 @@ def main(argv=None) -> int:
     if not a.dry_run and not torch.cuda.is_available():
         say(f"gpu_check: no CUDA device visible to {sys.executable}; --dry-run checks the plumbing on the CPU")
         return 1
+    lines, lacking = prerequisites(cuda=not a.dry_run)
+    say("gpu_check: " + " | ".join(lines))
+    for what, why in lacking.items():
+        say(f"gpu_check: {'(e) and (f) skip the fused norms' if what == 'triton' else '(e) runs small'}: no {why}")
+    for line in budget_lines():
+        say("gpu_check: " + line)
     missing = verify_needs()
     if missing:
         say("FAIL (names) missing: " + "; ".join(missing))
@@ -428,12 +605,11 @@ def main(argv=None) -> int:
             cmd = [sys.executable, str(Path(__file__).resolve()), "--one", group, "--work", str(work)]
             if a.dry_run:
                 cmd.append("--dry-run")
-            try:  # the check process keeps this script's deadline (set here: importing this file sets nothing)
-                r = subprocess.run(cmd, timeout=left + 15, env=dict(os.environ, PYTHONPATH=str(ROOT),
-                                                                      PYTHONUNBUFFERED="1",
-                                                                      GPU_CHECK_DEADLINE=str(_DEADLINE)))
-                rc = r.returncode
-            except subprocess.TimeoutExpired:
+            # the check process keeps this script's deadline (set here: importing this file sets nothing);
+            # past its limit it is killed with everything it started
+            rc, _ = stream(cmd, left + GRACE_S, "", env=dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1",
+                                                           GPU_CHECK_DEADLINE=str(_DEADLINE)))
+            if rc == 124:
                 say(f"FAIL ({','.join(group)}): ran past its {left} s limit")
                 failed += list(group)
                 continue
