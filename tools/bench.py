@@ -869,7 +869,7 @@ def cmd_core(b: Bench):
     k = min(a.eval_images, len(st))
     sub = _Subset(st, k)
     for bf16 in (False, True):
-        kw = dict(views=10, batch=min(n, 128), bf16=bf16, workers=min(b.workers, 4))
+        kw = dict(views=10, batch=min(n, 128), bf16=bf16, workers=min(b.workers, 2))
         evaluate(ours, sub, st.mean(), max_batches=1, **kw)  # warm-up: workers, cuDNN's search
         sync(device)
         t0 = time.perf_counter()
