@@ -9,7 +9,8 @@
     python tools/bench.py gpu     [--batch 256]        (CUDA only)
     python tools/bench.py prepare [--images 600] [--classes 6] [--workers 1 2]
     python tools/bench.py all     [--device cpu|cuda] [...]   model, e2e, eval (and gpu on CUDA)
-    python tools/bench.py core    [--device cpu|cuda] [--no-fused] [...]   what tools/gpu_check.sh times
+    python tools/bench.py core    [--device cpu|cuda] [--no-fused] [--profile] [...]   what tools/gpu_check.sh times
+    python tools/bench.py defaults [--device cuda] [--no-compile] [--profile] [...]   what decides the CUDA defaults
 
 Every row is measured after warm-up; rows compared with each other are interleaved step by step,
 so that a slow patch of a shared machine hits both alike, and each reports the median. Each
@@ -880,7 +881,88 @@ def cmd_core(b: Bench):
               "bf16" if bf16 else "fp32")
 
 
-def profile_step(step, device, steps: int = 3, top: int = 12) -> None:
+def cmd_defaults(b: Bench):
+    """What decides each CUDA default, every row beside torchvision's in the same race: the
+    norms (eager or fused), the layout (channels_last or NCHW), torch.compile of the whole
+    model, TF32 for float32, at batch ``--batch`` and half of it; then the JPEG store decoded
+    on the device (nvJPEG) or in the workers, end to end. The whole-model compile comes last."""
+    a, device, n = b.args, b.device, b.n
+    from replica.runtime import set_tf32
+
+    rows = []
+
+    def model_race(title, fns, batch, amp, precision):
+        host = {}
+        t = race(fns, a.steps, a.warmup, device, host)
+        print(f"\n  {title}")
+        for k, v in t.items():
+            b.add(f"{k}, batch {batch}", batch / v, FLOP_TRAIN, precision,
+                  note=f"host {1e3 * host[k]:.1f} of {1e3 * v:.1f} ms; vs torchvision {t['torchvision'] / v:.2f}")
+        rows.append((title, t))
+        return t
+
+    x, y = b.batch()
+    ours = AlexNet(devices=str(device))
+    nchw = AlexNet(devices=str(device), channels_last=False)
+    nchw.load_state_dict(ours.state_dict())
+    bare = AlexNet(devices=str(device), norm=False)
+    tv = torchvision.models.alexnet().to(device)
+    t0 = time.perf_counter()
+    for dtype in (torch.bfloat16, torch.float32):  # the fused norms' compiles, out of the timed rows
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+            fused(ours, on(stepper(ours), x[:8], y[:8]))()
+    sync(device)
+    print(f"\n[defaults] fused norms compiled (bf16, fp32) in {time.perf_counter() - t0:.1f} s: "
+          f"{'ok' if layers.fused_norms_available() else layers._BROKEN['why']}")
+    for batch in (n, n // 2):
+        xb, xn, yb = x[:batch], x[:batch].contiguous(), y[:batch]
+        bf = b.bf16()
+        model_race(f"bf16 autocast, batch {batch}: norms and layout", {
+            "bf16 eager norms, channels_last": on(stepper(ours, bf), xb, yb),
+            "bf16 fused norms, channels_last": fused(ours, on(stepper(ours, bf), xb, yb)),
+            "bf16 eager norms, NCHW": on(stepper(nchw, bf), xn, yb),
+            "bf16 no norms (run 148), channels_last": on(stepper(bare, bf), xb, yb),
+            "torchvision": on(stepper(tv, bf), xn, yb)}, batch, bf, "bf16")
+    xb, xn, yb = x, x.contiguous(), y
+    for tf32 in (False, True):
+        set_tf32(tf32)
+        model_race(f"float32, TF32 {'on' if tf32 else 'off'}", {
+            f"fp32 TF32 {'on' if tf32 else 'off'}, eager norms": on(stepper(ours), xb, yb),
+            f"fp32 TF32 {'on' if tf32 else 'off'}, fused norms": fused(ours, on(stepper(ours), xb, yb)),
+            "torchvision": on(stepper(tv), xn, yb)}, n, None, "fp32")
+    set_tf32(False)
+
+    st, jst, folder = b.data()
+    print("\n[defaults] JPEG store end to end, bf16, fused norms: decode on the device or in the workers")
+    s_f = fused(ours, stepper(ours, b.bf16()))
+    for dec in ("device", "workers"):
+        e = n / timed_steps(b.ours_batches(jst, decode=dec), s_f, a.steps, a.warmup, device)
+        b.add(f"end to end bf16, fused norms, JPEG store, decode={dec}", e, FLOP_TRAIN, "bf16")
+        d = loader_rate(b.ours_batches(jst, decode=dec), a.steps, a.warmup, device, n)
+        b.add(f"data alone, JPEG store, decode={dec}", d, 0, note="(no model)")
+    e = n / timed_steps(b.ours_batches(st), s_f, a.steps, a.warmup, device)
+    b.add("end to end bf16, fused norms, raw store", e, FLOP_TRAIN, "bf16")
+
+    if not a.no_compile:
+        print("\n[defaults] torch.compile of the whole model (eager norms inside), bf16")
+        try:
+            compiled = torch.compile(ours)
+            s_c = stepper(compiled, b.bf16())
+            t0 = time.perf_counter()
+            s_c(x, y)
+            sync(device)
+            print(f"  first step (compilation) {time.perf_counter() - t0:.1f} s")
+            model_race("compile=true against eager, bf16", {
+                "bf16 torch.compile(model)": on(s_c, x, y),
+                "bf16 fused norms, eager model": fused(ours, on(stepper(ours, b.bf16()), x, y)),
+                "torchvision": on(stepper(tv, b.bf16()), x.contiguous(), y)}, n, None, "bf16")
+        except Exception as e:  # noqa: BLE001  (a compiler problem is a finding, not a crash)
+            print(f"  torch.compile failed: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
+    if a.profile:
+        profile_step(fused(ours, on(stepper(ours, b.bf16()), x, y)), device, title="fused norms")
+
+
+def profile_step(step, device, steps: int = 3, top: int = 12, title: str = "eager norms") -> None:
     """Where a step's time goes: torch.profiler over ``steps`` steps, the top kernels by device
     time and the host's share. A profiler that cannot run here prints one line, not a crash."""
     from torch.profiler import ProfilerActivity, profile
@@ -898,7 +980,7 @@ def profile_step(step, device, steps: int = 3, top: int = 12) -> None:
     except Exception as e:  # noqa: BLE001  (CUPTI missing or refused: a finding, not a crash)
         print(f"  profiler failed: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
         return
-    print(f"\n  profile of {steps} bf16 steps of replica (eager norms), top {top} by {key}:")
+    print(f"\n  profile of {steps} bf16 steps of replica ({title}), top {top} by {key}:")
     for line in table.splitlines():
         print("  " + line)
 
@@ -912,6 +994,7 @@ def cmd_all(b: Bench):
 
 
 COMMANDS = {"model": cmd_model, "data": cmd_data, "e2e": cmd_e2e, "eval": cmd_eval, "gpu": cmd_gpu, "core": cmd_core,
+            "defaults": cmd_defaults,
             "prepare": cmd_prepare, "all": cmd_all}
 
 
@@ -939,11 +1022,16 @@ def parser() -> argparse.ArgumentParser:
                                 ("all", [common, data], "model, e2e, eval (and gpu on CUDA), one summary"),
                                 ("core", [common, data], "what tools/gpu_check.sh times: model step fp32/bf16 "
                                                          "with host time, fused vs eager norms (bf16), end to end "
-                                                         "from both stores, ten-view eval; one compile")):
+                                                         "from both stores, ten-view eval; one compile"),
+                                ("defaults", [common, data], "what decides each CUDA default: norms, layout, "
+                                                             "compile, TF32, JPEG decode")):
         s = sub.add_parser(name, parents=parents, help=text)
         if name == "core":
             s.add_argument("--no-fused", action="store_true", help="leave out the fused norms (no Triton toolchain)")
+        if name in ("core", "defaults"):
             s.add_argument("--profile", action="store_true", help="also print the top kernels of 3 bf16 steps")
+        if name == "defaults":
+            s.add_argument("--no-compile", action="store_true", help="leave out torch.compile of the whole model")
         if name in ("model", "all"):
             s.add_argument("--grouped", action="store_true", help="also time conv2/4/5 as grouped vs per-tower convs")
         if name == "model":
@@ -975,7 +1063,7 @@ def main(argv=None):
         sys.exit("bench gpu: needs --device cuda (GPU augmentation, torch.compile, two devices, Triton norms)")
     b = Bench(args)
     try:
-        if args.command in ("model", "e2e", "eval", "gpu", "all", "core"):
+        if args.command in ("model", "e2e", "eval", "gpu", "all", "core", "defaults"):
             b.header(args.command)
             if not args.fast_paths:
                 b.measure_peaks()
