@@ -28,7 +28,7 @@ class Config:
     pca_mode: str | None = None  # None: the preset's ("as-run": 0.1·z·√λ then ÷1.1; "paper-text": α·λ)
     pca_off_epoch: float | None = 67  # as-run: "set color noise to 0 from 0.1" at 67 of 91 (layer-params-145.cfg:178)
     workers: int = 2  # loader processes
-    decode: str = "auto"  # JPEG store: "workers" (CPU, libjpeg-turbo), "device" (the batch, e.g. nvJPEG); auto: device on CUDA
+    decode: str = "auto"  # JPEG store: "workers" (CPU, libjpeg-turbo), "device" (the batch, nvJPEG on CUDA); auto: workers (faster on an H200 with 16 cores, docs/performance.md)
     strict_data: bool = False  # a bad or missing input stops the run (default: skip it, log it, count it)
     # -- model ---------------------------------------------------------------------------------
     preset: str = "as-run"  # or "paper-text" (SPEC.md §1-3)
@@ -66,7 +66,7 @@ class Config:
     bf16: bool = False  # autocast to bfloat16 (CUDA, or a CPU with native bf16: AVX512_BF16/AMX)
     channels_last: bool = True  # layout only; faster max-pooling on CPU
     compile: bool = False  # torch.compile the model
-    fused_norms: bool | None = None  # the norms as compiled fused loops, same math; null: on for the CPU (float32)
+    fused_norms: bool | None = None  # the norms as compiled fused loops, same math; null: on for CUDA and for float32 on the CPU (measured faster there)
     tf32: bool = False  # CUDA: float32 convs/matmuls in TF32 (Ampere+; cuDNN's own default is on); false: true fp32, as in 2012
     deterministic: bool = False  # CUDA: deterministic cuDNN/cuBLAS algorithms (bit-equal resume on a GPU; slower, cost unmeasured)
 

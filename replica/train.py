@@ -75,6 +75,57 @@ def dist_info() -> tuple[int, int, int]:
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
 
 
+def tasks_per_node(spec: str) -> list[int]:
+    """SLURM's tasks-per-node list, e.g. ``"4(x2),3"`` → [4, 4, 3]."""
+    out = []
+    for part in spec.split(","):
+        n, _, rep = part.partition("(x")
+        out += [int(n)] * (int(rep.rstrip(")")) if rep else 1)
+    return out
+
+
+def from_slurm(env=None) -> dict:
+    """The launcher variables torch.distributed reads, from SLURM's, for a process that ``srun``
+    started as one of N tasks without torchrun; {} where that is not the case.
+
+    torchrun's own variables win: under ``srun torchrun …`` (one agent per node, the multi-node
+    recipe in docs/training.md) RANK is set and SLURM's task numbers are the agents', not the
+    workers'. A step of one task, or a batch script outside ``srun`` (SLURM_NTASKS set but no
+    step of its own), is one process. Otherwise each task is one process of the job: RANK =
+    SLURM_PROCID, WORLD_SIZE = the step's task count, LOCAL_RANK = SLURM_LOCALID and
+    LOCAL_WORLD_SIZE = the tasks on this node; the rendezvous needs MASTER_ADDR and MASTER_PORT,
+    which SLURM does not set: without them, one line that says what to export.
+    """
+    env = os.environ if env is None else env
+    if "RANK" in env or "SLURM_PROCID" not in env or "SLURM_STEP_NUM_TASKS" not in env:
+        return {}
+    world = int(env["SLURM_STEP_NUM_TASKS"])
+    if world < 2:
+        return {}
+    missing = [k for k in ("MASTER_ADDR", "MASTER_PORT") if not env.get(k)]
+    if missing:
+        raise ReplicaError(
+            f"srun started {world} tasks of this command, but {' and '.join(missing)} "
+            f"{'is' if len(missing) == 1 else 'are'} not set, so they cannot meet: export MASTER_ADDR=$(scontrol show "
+            f"hostnames \"$SLURM_JOB_NODELIST\" | head -n1) MASTER_PORT=29500 before srun, or run one torchrun per "
+            f"node (docs/training.md, 'On a SLURM cluster')")
+    per_node = env.get("SLURM_STEP_TASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE")
+    node = int(env.get("SLURM_NODEID", 0))
+    counts = tasks_per_node(per_node) if per_node else []
+    local_world = counts[node] if node < len(counts) else None
+    out = dict(RANK=env["SLURM_PROCID"], WORLD_SIZE=str(world), LOCAL_RANK=env.get("SLURM_LOCALID", "0"))
+    if local_world:
+        out["LOCAL_WORLD_SIZE"] = str(local_world)
+    return out
+
+
+def adopt_slurm() -> None:
+    """Under ``srun -n N`` without torchrun: take SLURM's task numbers as this process's rank
+    (:func:`from_slurm`), so that N tasks are one job of N processes, never N jobs of one
+    writing into the same run folder."""
+    os.environ.update(from_slurm())
+
+
 def under_launcher() -> bool:
     """Whether a launcher started this process as part of a job: torchrun (even with one
     process, so that ``torchrun --nproc-per-node 1`` runs the DDP path it will run with more) or
@@ -99,8 +150,9 @@ def process_devices(cfg: Config, local_rank: int, world: int, visible: int | Non
         return "cpu"
     k = 1 if cfg.variant == "one-gpu-half" else cfg.devices_per_process  # one tower, one GPU
     n = torch.cuda.device_count() if visible is None else visible
-    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world)) if local_world is None else local_world
-    if n >= local_world * k:  # every process sees the whole node
+    if local_world is None:  # torchrun and adopt_slurm set it; another launcher may not: then at least
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", local_rank + 1))  # this process's place
+    if n >= local_world * k and n >= (local_rank + 1) * k:  # every process sees the whole node
         first = local_rank * k
     elif n == k:  # the launcher gave this process exactly its share
         first = 0
@@ -122,6 +174,11 @@ def process_group_args(devices) -> tuple[str, dict]:
     ``device_id``, and NCCL makes a communicator per device as it first needs one.
     """
     devices = tuple(torch.device(d) for d in devices)
+    kinds = {d.type for d in devices}
+    if len(kinds) > 1:  # DDP takes a module on one device type only; NCCL carries no CPU tensor
+        raise ReplicaError(f"devices={','.join(map(str, devices))}: a split over a GPU and the CPU runs in one process "
+                           f"only (replica train without a launcher); under torchrun give each process GPUs only "
+                           f"(devices=auto, devices_per_process=1 or 2)")
     if devices[0].type != "cuda":
         return "gloo", {}
     return "nccl", (dict(device_id=devices[0]) if len(devices) == 1 else {})
@@ -229,6 +286,7 @@ class Ranks:
 def setup_ranks(cfg: Config) -> tuple[Ranks, tuple]:
     """Join the launcher's job (if any) and pick this process's devices, in that order's reverse:
     a process's GPU is set before its process group exists, so NCCL and its barrier use it."""
+    adopt_slurm()
     rank, world, local_rank = dist_info()
     if cfg.batch_size % world:
         raise ReplicaError(f"batch_size {cfg.batch_size} does not split across {world} processes: give a "
@@ -237,10 +295,10 @@ def setup_ranks(cfg: Config) -> tuple[Ranks, tuple]:
     if not under_launcher():
         return Ranks(), spec
     devices = resolve_devices(spec, towers=1 if cfg.variant == "one-gpu-half" else 2)
+    backend, kwargs = process_group_args(devices)  # refuses a GPU + CPU split before any group exists
     dist = torch.distributed
     owns = False
     if not dist.is_initialized():
-        backend, kwargs = process_group_args(devices)
         bind_current_device(devices)  # before NCCL exists, so its communicator and barrier use this GPU
         dist.init_process_group(backend, **kwargs)
         owns = True
@@ -305,13 +363,16 @@ def check_stats_feasible(train, run: Path) -> None:
 
 
 def fused_norms_for(cfg: Config, device: torch.device) -> bool:
-    """``fused_norms``: true / false as set; null (the default) turns them on for float32 on the
-    CPU, where they are measured faster (docs/performance.md); off under bf16 there (no faster
-    than the eager path, so not worth a compile) and on CUDA until measured there
-    (``tools/gpu_check.sh`` prints both). ``REPLICA_FUSED_NORMS=0`` turns the default off."""
+    """``fused_norms``: true / false as set; null (the default) turns them on where they were
+    measured faster: on a GPU (Triton; an H200, batch 256: 1.41× the eager step in bf16, 1.26×
+    in float32; docs/performance.md) and for float32 on the CPU; not under bf16 on the CPU (no
+    faster than the eager path there, so not worth a compile). ``REPLICA_FUSED_NORMS=0`` turns
+    the default off."""
     if cfg.fused_norms is not None:
         return cfg.fused_norms
-    return device.type == "cpu" and not cfg.bf16 and os.environ.get("REPLICA_FUSED_NORMS", "1") != "0"
+    if os.environ.get("REPLICA_FUSED_NORMS", "1") == "0":
+        return False
+    return device.type == "cuda" or not cfg.bf16
 
 
 def build_model(cfg: Config, num_classes: int, devices) -> AlexNet:
@@ -437,8 +498,9 @@ class _Run:
         self.stall_warned = False
         self.bad_warned = 0  # the first 10 bad inputs are named on the console; all go to bad_inputs.tsv
         self.read_every = LOSS_READ_STEPS.get(self.dev0.type, 20)
-        # a JPEG store's batches: decoded by the workers (CPU), or as a batch where the model is (nvJPEG)
-        self.decode = cfg.decode if cfg.decode != "auto" else ("device" if self.dev0.type == "cuda" else "workers")
+        # a JPEG store's batches: decoded by the workers (CPU; auto: measured faster on an H200 with 8
+        # workers on 16 cores, docs/performance.md), or as a batch where the model is (nvJPEG)
+        self.decode = cfg.decode if cfg.decode != "auto" else "workers"
         torch.manual_seed(cfg.seed * 1000 + r + 1)  # dropout masks: one stream per process
 
     # -- resume / start ------------------------------------------------------------------------

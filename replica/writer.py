@@ -531,6 +531,15 @@ def _run_chunks(tasks, handle, workers: int, args, out, handle_stats=None):
     died = ReplicaError("a prepare worker died (killed by a signal: out of memory is the usual cause); every "
                         "finished chunk is kept: run the same 'replica prepare' again to resume, with fewer "
                         "--workers if memory is short")
+
+    def send(conn, msg) -> None:
+        """To a worker: a dead one's pipe refuses the write (EPIPE) whatever the moment, and that is
+        a dead worker, not a full disk (only this process's own writes and a worker's reported
+        "oserror" are the disk's)."""
+        try:
+            conn.send(msg)
+        except OSError:  # BrokenPipeError, ConnectionResetError
+            raise died from None
     try:
         if workers <= 1:
             _worker_init(*args)
@@ -557,7 +566,7 @@ def _run_chunks(tasks, handle, workers: int, args, out, handle_stats=None):
                 for conn in conns:
                     t = next(queue, None)
                     if t is not None:
-                        conn.send(t)
+                        send(conn, t)
                         busy[conn] = busy.get(conn, 0) + 1
             while busy:
                 for ready in wait(list(busy)):
@@ -572,13 +581,13 @@ def _run_chunks(tasks, handle, workers: int, args, out, handle_stats=None):
                         handle_stats(sums[0])
                     t = next(queue, None)
                     if t is not None:
-                        ready.send(t)
+                        send(ready, t)
                     elif busy[ready] == 1:
                         del busy[ready]
                     else:
                         busy[ready] -= 1
             for conn in conns:  # every result is in: each worker's last sums, then it ends
-                conn.send(None)
+                send(conn, None)
             for conn in conns:
                 try:
                     kind, payload = conn.recv()

@@ -490,7 +490,57 @@ def test_gpu_check_dry_run_passes_on_the_cpu():
     for c in "abcdef":
         assert f"PASS ({c})" in out, out
     assert "torch " in out.splitlines()[0] and "NCCL" in out.splitlines()[0]
+    # what decides whether the rest can run, and the per-check budget, before any check
+    first_check = out.index("PASS (a)")
+    for what in ("/dev/shm", "GB free", "C compiler", "Python.h", "libcuda.so", "budget: ", "(e) 190 s"):
+        assert 0 <= out.find(what) < first_check, what
     assert "6 of 6 checks passed" in out
+
+
+def test_gpu_check_budget_leaves_a_rerun_and_missing_tools_shrink_the_checks():
+    import bench
+    import gpu_check
+
+    worst = gpu_check.BUDGET_S + gpu_check.GRACE_S + 20
+    assert gpu_check.LEASE_S - worst >= gpu_check.RERUN_S  # one rerun of the failed checks still fits
+    assert "leaves " in gpu_check.budget_lines()[0]
+    full = gpu_check.bench_args({}, cpus=16)
+    assert full[full.index("--workers") + 1] == "8" and "--no-fused" not in full
+    small = gpu_check.bench_args({"shm": "0.1 GB in /dev/shm", "triton": "C compiler"}, cpus=16)
+    assert small[small.index("--workers") + 1] == "2" and small[small.index("--batch") + 1] == "128"
+    assert "--no-fused" in small
+    bench.parser().parse_args(small)  # bench takes what gpu_check gives it
+
+
+def test_gpu_check_kills_a_check_with_everything_it_started(tmp_path):
+    """A check past its limit: the whole process group goes (a pytest's or torchrun's workers
+    would keep the GPU), and a partial line (pytest's dots, no newline) never holds the deadline
+    up. Real processes, a real SIGKILL."""
+    import time
+
+    import gpu_check
+
+    pid_file = tmp_path / "grandchild"
+    script = (f"import subprocess, sys, time; p = subprocess.Popen([sys.executable, '-c', 'import time; "
+              f"time.sleep(120)']); open({str(pid_file)!r}, 'w').write(str(p.pid)); "
+              f"sys.stdout.write('...'); sys.stdout.flush(); time.sleep(120)")
+    t0 = time.monotonic()
+    rc, lines = gpu_check.stream([sys.executable, "-c", script], 3, None)
+    took = time.monotonic() - t0
+    assert rc == 124 and took < 10, (rc, took)
+    assert lines == ["..."]  # the partial line is kept
+    grandchild = int(pid_file.read_text())
+    for _ in range(50):  # killed: gone, or a zombie until whoever inherits it reaps it
+        try:
+            if Path(f"/proc/{grandchild}/stat").read_text().split(")")[-1].split()[0] == "Z":
+                break
+        except (FileNotFoundError, ProcessLookupError):
+            break
+        time.sleep(0.1)
+    else:
+        raise AssertionError(f"process {grandchild}, started by the check, outlived its limit")
+    rc, lines = gpu_check.stream([sys.executable, "-c", "print('a'); print('b', end='')"], 20, None)
+    assert rc == 0 and lines == ["a", "b"]
 
 
 def test_one_process_under_torchrun_keeps_auto_devices(monkeypatch):
@@ -499,3 +549,37 @@ def test_one_process_under_torchrun_keeps_auto_devices(monkeypatch):
     job(monkeypatch, 0, 1)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert T.process_devices(load_config(None, {}), 0, 1, visible=1, local_world=1) == "auto"
+
+
+# -- launchers: SLURM's variables, a GPU + CPU split under torchrun ------------------------------
+
+def test_slurm_tasks_become_ranks_and_torchrun_wins():
+    base = dict(SLURM_PROCID="3", SLURM_STEP_NUM_TASKS="8", SLURM_LOCALID="1", SLURM_NODEID="1",
+                SLURM_STEP_TASKS_PER_NODE="2(x3),2", MASTER_ADDR="node0", MASTER_PORT="29500")
+    assert T.from_slurm(base) == dict(RANK="3", WORLD_SIZE="8", LOCAL_RANK="1", LOCAL_WORLD_SIZE="2")
+    assert T.tasks_per_node("4(x2),3") == [4, 4, 3]
+    assert T.from_slurm(dict(base, RANK="0")) == {}  # srun torchrun …: torchrun's numbers
+    assert T.from_slurm({k: v for k, v in base.items() if k != "SLURM_STEP_NUM_TASKS"}) == {}  # the batch script
+    assert T.from_slurm(dict(base, SLURM_STEP_NUM_TASKS="1")) == {}  # srun -n 1
+    with pytest.raises(ReplicaError, match="srun started 8 tasks.*MASTER_PORT is not set.*torchrun per node"):
+        T.from_slurm(dict(base, MASTER_PORT=""))
+
+
+def test_local_world_unknown_never_refuses_a_valid_node(monkeypatch):
+    """A launcher that sets no LOCAL_WORLD_SIZE (the global world is not the node's): process 3
+    of 16 with 8 visible GPUs and 2 per process takes cuda:6 and cuda:7, not 'needs 32'."""
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    cfg = load_config(None, dict(devices_per_process=2))
+    assert T.process_devices(cfg, 3, 16, visible=8) == ("cuda:6", "cuda:7")
+    with pytest.raises(ReplicaError, match="needs 2 GPU"):
+        T.process_devices(cfg, 4, 16, visible=8)  # a fifth process on an 8-GPU node
+
+
+def test_a_gpu_and_cpu_split_under_torchrun_is_refused_before_any_group(four_gpus, monkeypatch):
+    """devices=cuda:0,cpu under torchrun: DDP takes one device type and NCCL no CPU tensor (it
+    failed at DDP's first broadcast). One line, and no process group made."""
+    job(monkeypatch, 0, 1)
+    with pytest.raises(ReplicaError, match="split over a GPU and the CPU runs in one process only"):
+        T.setup_ranks(load_config(None, dict(devices="cuda:0,cpu")))
+    assert not [c for c in four_gpus.calls if c[0] == "init_process_group"]

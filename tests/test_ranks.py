@@ -259,3 +259,67 @@ def test_a_fault_on_one_rank_stops_every_rank_at_one_step(jobs, reference, fault
     assert [m["epoch"] for m in read_metrics(out)] == [1, 2]
     if fault == "nan":  # resumed from the last good checkpoint, the job is the uninterrupted one
         same_weights(reference, out)
+
+
+# -- launchers: srun without torchrun, and torchrun over two "nodes" ------------------------------
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def slurm_env(procid, ntasks, **extra):
+    """What ``srun -n NTASKS`` sets for one task on one node (the variables replica reads), plus
+    what a cluster script exports; no RANK, no torchrun."""
+    e = env(SLURM_JOB_ID=4242, SLURM_PROCID=procid, SLURM_NTASKS=ntasks, SLURM_STEP_NUM_TASKS=ntasks,
+            SLURM_LOCALID=procid, SLURM_NODEID=0, SLURM_TASKS_PER_NODE=ntasks, SLURM_STEP_TASKS_PER_NODE=ntasks,
+            SLURM_NTASKS_PER_NODE=ntasks, **extra)
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "TORCHELASTIC_RUN_ID"):
+        e.pop(k, None)
+    return e
+
+
+def test_srun_tasks_without_torchrun_are_one_job(store, tmp_path):
+    """Two processes with SLURM's variables and MASTER_ADDR/PORT, as ``srun -n 2 replica train``
+    starts them: one job of two processes (one metrics line per epoch, both ranks' RNG saved),
+    not two rank-0 jobs writing into one folder. Without MASTER_PORT: one line, no hang."""
+    out = tmp_path / "run"
+    args = [sys.executable, "-m", "replica", "train", *run_args(store)[:1], f"data={store}", *ARGS, "epochs=1",
+            "steps_per_epoch=2", "save_best=false", "--out", str(out)]
+    port = free_port()
+    procs = [subprocess.Popen(args, env=slurm_env(i, 2, MASTER_ADDR="127.0.0.1", MASTER_PORT=port),
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    logs = [p.communicate(timeout=240)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], logs
+    assert "job of 2 process(es): gloo" in logs[0]
+    assert len(read_metrics(out)) == 1  # epoch 1 logged once
+    ck = load_checkpoint(out)
+    assert len(ck["rng"]) == 2 and ck["progress"]["step"] == 2
+    rc, log = run([*args[:-1], str(tmp_path / "other")], **{k: v for k, v in slurm_env(0, 2).items()
+                                                            if k.startswith("SLURM")})
+    assert rc == 2 and "srun started 2 tasks" in log and "MASTER_ADDR and MASTER_PORT" in log, log
+    assert "Traceback" not in log and not (tmp_path / "other" / "last.pt").exists()
+
+
+def test_two_torchrun_agents_with_c10d_rendezvous_train_one_job(store, tmp_path):
+    """The multi-node recipe on one host: two torchrun agents (``--nnodes 2``, one process each)
+    meet through c10d and train one 2-process job, as one torchrun per node under srun does."""
+    port = free_port()
+    out = tmp_path / "run"
+
+    def agent(node):
+        return [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
+                "--node-rank", str(node), "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}",
+                "--rdzv-id", "replica-test", "-m", "replica", "train", *run_args(store)[:1], f"data={store}", *ARGS,
+                "epochs=1", "steps_per_epoch=2", "save_best=false", "--out", str(out)]
+
+    procs = [subprocess.Popen(agent(n), env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for n in range(2)]
+    logs = [p.communicate(timeout=240)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], logs
+    assert "job of 2 process(es): gloo" in "".join(logs)
+    ck = load_checkpoint(out)
+    assert len(ck["rng"]) == 2 and ck["progress"]["step"] == 2 and len(read_metrics(out)) == 1

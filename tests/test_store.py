@@ -156,6 +156,23 @@ def test_a_killed_prepare_worker_ends_with_one_line_not_a_hang(synth_src, tmp_pa
     _same_store(tmp_path / "st", tmp_path / "fresh")
 
 
+def test_a_chunk_sent_to_a_dead_worker_is_a_dead_worker_not_a_full_disk(synth_src, tmp_path):
+    """The order that was blamed on the disk ("writing the store … failed: Broken pipe; free
+    space"): every worker is dead, and waited for, before the next chunk is sent to one."""
+    import multiprocessing as mp
+
+    def kill_all(done, total):
+        if done == 1:
+            for child in mp.active_children():
+                os.kill(child.pid, signal.SIGKILL)
+                child.join()
+
+    with pytest.raises(ReplicaError, match="a prepare worker died") as e:
+        prepare(synth_src, tmp_path / "st", workers=2, chunk=2, progress=False, fmt="raw", on_chunk=kill_all)
+    assert "free space" not in str(e.value) and "Broken pipe" not in str(e.value)
+    assert prepare(synth_src, tmp_path / "st", workers=1, chunk=2, progress=False, fmt="raw")["resumed_chunks"] >= 1
+
+
 def test_a_moved_source_still_resumes(synth_src, tmp_path):
     src = tmp_path / "disk1" / "s"
     shutil.copytree(synth_src, src)

@@ -354,7 +354,8 @@ def check_c(work: Path, dry: bool) -> str:
         try:
             with warnings.catch_warnings(record=True) as w:
                 warnings.simplefilter("always")
-                cfg = train_cfg(store, "cpu" if dry else "cuda:0", dry, bf16=not dry, workers=0 if dry else 2)
+                cfg = train_cfg(store, "cpu" if dry else "cuda:0", dry, bf16=not dry, workers=0 if dry else 2,
+                                decode="device" if fmt == "jpeg" else "auto")  # the nvJPEG path (auto: workers)
                 T.train(cfg, work / f"sync-{fmt}", progress=False)
         finally:
             T._Run._step, T._Run._next_batch = real_step, real_next
