@@ -366,11 +366,12 @@ def fused_norms_for(cfg: Config, device: torch.device) -> bool:
     """``fused_norms``: true / false as set; null (the default) turns them on where they were
     measured faster: on a GPU (Triton; an H200, batch 256: 1.41× the eager step in bf16, 1.26×
     in float32; docs/performance.md) and for float32 on the CPU; not under bf16 on the CPU (no
-    faster than the eager path there, so not worth a compile). ``REPLICA_FUSED_NORMS=0`` turns
-    the default off."""
+    faster than the eager path there, so not worth a compile). With ``compile=true`` the
+    default is off: the whole-model compile fuses the eager norms itself (bench.py defaults:
+    1.22× the fused-norm step on the H200). ``REPLICA_FUSED_NORMS=0`` turns the default off."""
     if cfg.fused_norms is not None:
         return cfg.fused_norms
-    if os.environ.get("REPLICA_FUSED_NORMS", "1") == "0":
+    if os.environ.get("REPLICA_FUSED_NORMS", "1") == "0" or cfg.compile:
         return False
     return device.type == "cuda" or not cfg.bf16
 

@@ -486,6 +486,8 @@ def test_fused_norms_default_is_on_on_a_gpu_and_for_float32_on_the_cpu(monkeypat
     assert train_mod.fused_norms_for(auto, cpu) is True
     assert train_mod.fused_norms_for(auto, cuda) is True  # measured faster on an H200, float32 and bf16
     assert train_mod.fused_norms_for(load_config(None, ["bf16=true"]), cuda) is True
+    assert train_mod.fused_norms_for(load_config(None, ["compile=true"]), cuda) is False  # compile fuses them itself
+    assert train_mod.fused_norms_for(load_config(None, ["compile=true", "fused_norms=true"]), cuda) is True
     assert train_mod.fused_norms_for(load_config(None, ["bf16=true"]), cpu) is False  # no faster there
     assert train_mod.fused_norms_for(load_config(None, ["fused_norms=true"]), cuda) is True
     assert train_mod.fused_norms_for(load_config(None, ["fused_norms=off"]), cpu) is False
