@@ -8,6 +8,7 @@
     python tools/bench.py eval    [--device cpu|cuda] [--eval-images 128]
     python tools/bench.py gpu     [--batch 256]        (CUDA only)
     python tools/bench.py prepare [--images 600] [--classes 6] [--workers 1 2]
+    python tools/bench.py host    [--steps 40]   the host's work per step: batch fetch, agree, step
     python tools/bench.py all     [--device cpu|cuda] [...]   model, e2e, eval (and gpu on CUDA)
     python tools/bench.py core    [--device cpu|cuda] [--no-fused] [--profile] [...]   what tools/gpu_check.sh times
     python tools/bench.py defaults [--device cuda] [--no-compile] [--profile] [...]   what decides the CUDA defaults
@@ -985,6 +986,78 @@ def profile_step(step, device, steps: int = 3, top: int = 12, title: str = "eage
         print("  " + line)
 
 
+_AGREE = r"""
+import statistics, sys, time
+import torch.distributed as dist
+dist.init_process_group("gloo")
+from replica.train import Ranks
+r = Ranks(dist.get_rank(), dist.get_world_size(), None, distributed=True)
+n = int(sys.argv[1])
+for _ in range(50):
+    r.agree(stop=False)
+ts = []
+for _ in range(n):
+    t0 = time.perf_counter()
+    r.agree(stop=False, save=False, error=False)
+    ts.append(time.perf_counter() - t0)
+if dist.get_rank() == 0:
+    ts.sort()
+    print(f"AGREE {1e6 * statistics.median(ts):.0f} {1e6 * ts[int(0.9 * len(ts))]:.0f}")
+dist.destroy_process_group()
+"""
+
+
+def cmd_host(b: Bench):
+    """The host's work per training step, where compute is small (the net at 1/16 width, batch
+    4, CPU): the batch's fetch, the processes' decision (``Ranks.agree``: one gloo all-reduce,
+    timed alone in a 2-process torchrun job) and the step itself, each the median of its calls."""
+    import subprocess
+
+    import replica.train as T
+    from replica.config import load_config
+
+    a = b.args
+    root = Path(b.tmp.name)
+    synth(root / "s", 4, 40, 2, seed=1, progress=False)
+    prepare(root / "s", root / "st", workers=1, progress=False, fmt="raw")
+    cfg = load_config(None, dict(data=str(root / "st"), batch_size=4, epochs=1, steps_per_epoch=a.steps, workers=0,
+                                 devices="cpu", init="caffe", width=0.0625, fused_norms=False, checkpoint_minutes=60,
+                                 val_batches=1, save_best=False))
+    spent = {"_next_batch": [], "_step": []}
+    real = {k: getattr(T._Run, k) for k in spent}
+
+    def timed(name):
+        def call(self, *args):
+            t0 = time.perf_counter()
+            try:
+                return real[name](self, *args)
+            finally:
+                spent[name].append(time.perf_counter() - t0)
+        return call
+
+    T.train(cfg, root / "warm", progress=False)
+    for k in spent:
+        setattr(T._Run, k, timed(k))
+    try:
+        t0 = time.perf_counter()
+        T.train(cfg, root / "run", progress=False)
+        wall = time.perf_counter() - t0
+    finally:
+        for k, f in real.items():
+            setattr(T._Run, k, f)
+    (root / "agree.py").write_text(_AGREE)
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                        str(root / "agree.py"), "2000"], capture_output=True, text=True,
+                       env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).resolve().parents[1])))
+    agree = next((ln.split()[1:] for ln in r.stdout.splitlines() if ln.startswith("AGREE")), None)
+    print(f"\nbench host: {cpu_description()}; the net at 1/16 width, batch 4, {a.steps} steps, one process "
+          f"({wall:.2f} s in all, start-up and one validation included)")
+    for k, v in spent.items():
+        print(f"  {k:<12} median {1e3 * statistics.median(v):7.2f} ms")
+    print(f"  agree        median {agree[0]} µs, 90th percentile {agree[1]} µs (gloo all-reduce, 2 processes)"
+          if agree else f"  agree: the torchrun job failed: {r.stderr[-500:]}")
+
+
 def cmd_all(b: Bench):
     cmd_model(b)
     cmd_e2e(b)
@@ -994,7 +1067,7 @@ def cmd_all(b: Bench):
 
 
 COMMANDS = {"model": cmd_model, "data": cmd_data, "e2e": cmd_e2e, "eval": cmd_eval, "gpu": cmd_gpu, "core": cmd_core,
-            "defaults": cmd_defaults,
+            "defaults": cmd_defaults, "host": cmd_host,
             "prepare": cmd_prepare, "all": cmd_all}
 
 
@@ -1045,6 +1118,9 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("--batch", type=int, default=128)
     d.add_argument("--epochs", type=int, default=2)
     d.add_argument("--rounds", type=int, default=3, help="alternating measurements of each pipeline")
+    h = sub.add_parser("host", help="the host's work per step at 1/16 width: batch fetch, agree, step")
+    h.add_argument("--steps", type=int, default=40)
+    h.set_defaults(batch=4)
     pr = sub.add_parser("prepare", help="replica prepare on ImageNet-like JPEGs; hours for ILSVRC-2012")
     pr.add_argument("--images", type=int, default=600)
     pr.add_argument("--classes", type=int, default=6)
