@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The prepared GPU check (tools/gpu_check.py says what it runs): ≤ 8 minutes on one GPU, each
+# The prepared GPU check (tools/gpu_check.py says what it runs): ≤ 7 minutes on one GPU (286 s on an H200), each
 # result printed as it ends. It uses the interpreter's own torch and torchvision and installs
 # nothing: the package runs from this checkout. PYTHON=... picks the interpreter.
 #   tools/gpu_check.sh             on a machine with a GPU
