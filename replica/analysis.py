@@ -644,7 +644,7 @@ def neighbors(run, queries: int = 8, k: int = 6, data=None, out=None, devices="a
     """A PNG grid: each row a validation image, then its k nearest training images by fc7 distance."""
     from PIL import Image
 
-    from .data import open_heldout, open_images
+    from .data.loaders import open_heldout, open_images
     from .inference import model_from_checkpoint
 
     run = Path(run)

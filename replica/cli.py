@@ -28,7 +28,7 @@ def _cmd_model(args) -> int:
 
 
 def _cmd_synth(args) -> int:
-    from .synth import synth
+    from .data.synth import synth
 
     r = synth(args.out, args.classes, args.train_per_class, args.val_per_class, args.seed, args.workers)
     n = r["classes"] * (r["train_per_class"] + r["val_per_class"])
@@ -38,7 +38,7 @@ def _cmd_synth(args) -> int:
 
 
 def _cmd_prepare(args) -> int:
-    from .writer import prepare
+    from .data.writer import prepare
 
     m = prepare(args.src, args.out, val=args.val, size=args.size, workers=args.workers, chunk=args.chunk,
                 fmt=args.format, quality=args.quality)
@@ -51,7 +51,7 @@ def _cmd_prepare(args) -> int:
 
 
 def _cmd_stats(args) -> int:
-    from .store import describe_stats
+    from .data.store import describe_stats
 
     print(describe_stats(args.store))
     return 0

@@ -17,8 +17,8 @@ from .config import load_config
 from .errors import ReplicaError
 from .inference import format_eval, run_eval
 from .runtime import cpu_description, fast_bf16
-from .writer import prepare
-from .synth import synth
+from .data.writer import prepare
+from .data.synth import synth
 from .train import train
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"

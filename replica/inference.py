@@ -9,10 +9,10 @@ import numpy as np
 import torch
 
 from . import augment
-from .data import match_classes, open_heldout, open_images
+from .data.loaders import match_classes, open_heldout, open_images
 from .errors import ReplicaError
 from .evaluate import evaluate, percent, predict_probs
-from .imageio import BadImage, read_prepared
+from .data.imageio import BadImage, read_prepared
 from .model import AlexNet
 from .runs import atomic_write, load_checkpoint, run_checkpoint
 from .runtime import fast_bf16, set_cuda_numerics

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from . import augment
 from .config import Config, dump_config
 from .colour import tower_medians
-from .data import TrainBatches, compute_stats, decode_if_encoded, loader, match_classes, open_heldout, open_images
+from .data.loaders import TrainBatches, compute_stats, decode_if_encoded, loader, match_classes, open_heldout, open_images
 from .errors import ReplicaError
 from .evaluate import evaluate, percent
 from .model import AlexNet, resolve_devices
@@ -38,7 +38,7 @@ from .optim import PaperSGD, Schedule, apply_lrs, param_groups
 from .runs import (CKPT_FORMAT, CKPT_VERSION, append_metrics, atomic_write, check_compatible, code_version,
                    load_checkpoint, log_bad_inputs, save_checkpoint, write_metrics)
 from .runtime import autocast, describe_numerics, set_cuda_numerics
-from .store import PreparedStore
+from .data.store import PreparedStore
 
 log = logging.getLogger("replica")
 

@@ -13,7 +13,7 @@ sys.path.insert(0, str(ROOT / "tools"))
 # The suite's many tiny runs would each compile the fused norms (the CPU default): 3 more
 # minutes on 2 cores. Off here (subprocesses inherit it); the fused tests switch them on.
 os.environ["REPLICA_FUSED_NORMS"] = "0"
-# archive member indexes (replica.imagenet) go to a folder of this run's, not the user's cache
+# archive member indexes (replica.data.tars) go to a folder of this run's, not the user's cache
 os.environ.setdefault("REPLICA_CACHE", tempfile.mkdtemp(prefix="replica-cache-"))
 
 # Runs of the paper's width (the demo, DDP, one exact resume) write 456 MB checkpoints, fsync'ed:
@@ -81,8 +81,8 @@ def tiny_tree(tmp_path):
 def store(tmp_path_factory):
     """A prepared store of the synthetic set: 4 classes, 6 training and 2 val images each (one for
     the whole session: tests that damage a store copy it first)."""
-    from replica.store import prepare
-    from replica.synth import synth
+    from replica.data.writer import prepare
+    from replica.data.synth import synth
 
     d = tmp_path_factory.mktemp("data")
     synth(d / "synth", classes=4, train_per_class=6, val_per_class=2, seed=1, workers=1, progress=False)

@@ -135,8 +135,8 @@ def test_nearest_neighbours_on_a_constructed_feature_set():
 
 
 def test_neighbors_command_draws_the_grid(tmp_path):
-    from replica.store import prepare
-    from replica.synth import synth
+    from replica.data.writer import prepare
+    from replica.data.synth import synth
     from replica.config import load_config
     from replica.train import train
 
@@ -155,8 +155,8 @@ def test_neighbors_command_draws_the_grid(tmp_path):
 
 def test_reproduce_runs_baseline_and_every_ablation_in_tiny_mode(tmp_path):
     from reproduce import ABLATIONS, reproduce
-    from replica.store import prepare
-    from replica.synth import synth
+    from replica.data.writer import prepare
+    from replica.data.synth import synth
 
     synth(tmp_path / "s", classes=10, train_per_class=1, val_per_class=1, workers=1, progress=False)
     prepare(tmp_path / "s", tmp_path / "st", workers=1, progress=False)

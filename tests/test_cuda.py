@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from replica.config import load_config
-from replica.data import open_heldout
+from replica.data.loaders import open_heldout
 from replica.evaluate import evaluate
 from replica.inference import model_from_checkpoint
 from replica.layers import local_response_norm, spatial_response_norm

@@ -11,10 +11,13 @@ from PIL import Image
 from make_index import make_index
 from replica import augment
 from replica.cli import main
-from replica.data import FileImages, TrainBatches, batch_seed, compute_stats, loader, open_images
+from replica.data.loaders import FileImages, TrainBatches, batch_seed, compute_stats, loader, open_images
 from replica.errors import ReplicaError
-from replica.sources import find_source
-from replica.store import PreparedStore, prepare
+from replica.data.sources import find_source
+from replica.data.store import PreparedStore
+
+
+from replica.data.writer import prepare
 
 
 def test_eigen_system_recovered_from_pixels_with_known_covariance(tmp_path):
@@ -149,7 +152,7 @@ def test_prepare_with_worker_processes_equals_in_process(tiny_tree, tmp_path):
 def test_a_small_set_is_prepared_in_this_process_unless_workers_are_asked_for(tiny_tree, tmp_path, monkeypatch):
     """workers=None: fewer than IN_PROCESS_BELOW images in this process (a worker's start, importing
     torch, costs more than the work); from there on, one worker per CPU (at most one per chunk)."""
-    import replica.writer as writer
+    import replica.data.writer as writer
 
     used = []
     real = writer._run_chunks
@@ -326,7 +329,7 @@ def test_cpu_training_loader_workers_yield_to_the_training_threads():
     """On the CPU the loader workers run niced (docs/performance.md), the training process is untouched."""
     import os
 
-    from replica.data import WORKER_NICE, loader
+    from replica.data.loaders import WORKER_NICE, loader
 
     mine = os.nice(0)
     background = list(loader(_Niceness(), workers=1, background=True))

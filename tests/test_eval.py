@@ -14,12 +14,12 @@ from PIL import Image
 from replica.cli import main
 from replica.colour import colour_specificity
 from replica.config import load_config
-from replica.data import open_heldout
+from replica.data.loaders import open_heldout
 from replica.errors import ReplicaError
 from replica.evaluate import evaluate, predict_probs, view_probs
 from replica.inference import model_from_checkpoint
 from replica.runs import load_checkpoint, read_metrics
-from replica.store import prepare
+from replica.data.writer import prepare
 from replica.train import open_data, train
 from runs_helpers import NARROW, tiny
 
@@ -47,7 +47,7 @@ def test_a_flat_val_folder_is_an_error_at_prepare_and_at_train(tiny_tree, tmp_pa
 
 
 def test_eval_refuses_to_stand_the_training_images_in_for_a_val_split(tmp_path, capsys):
-    from replica.synth import synth
+    from replica.data.synth import synth
 
     synth(tmp_path / "s", classes=3, train_per_class=4, val_per_class=1, workers=1, progress=False)
     import shutil
@@ -184,7 +184,7 @@ def test_capped_validation_takes_images_from_every_class_not_the_first_batches()
 def test_eval_on_a_store_without_a_val_split_says_training_images(store, tmp_path, capsys):
     """A store prepared from a training folder alone: its images are training images, and
     eval.json, the printed table and the report say so."""
-    from replica.synth import synth
+    from replica.data.synth import synth
 
     synth(tmp_path / "s", classes=4, train_per_class=3, val_per_class=0, seed=5, workers=1, progress=False)
     prepare(tmp_path / "s" / "train", tmp_path / "trainonly", workers=1, progress=False)

@@ -309,7 +309,7 @@ class CudaTensor:
 def test_jpeg_decode_runs_on_its_own_stream():
     """The decode's allocations come from a side stream whose own work was waited for first; the
     current stream waits on the GPU (not the host), and the outputs are marked used by it."""
-    from replica import jpeg
+    from replica.data import jpeg
 
     cuda = FakeCuda()
     side = {}
@@ -330,7 +330,7 @@ def test_jpeg_decode_runs_on_its_own_stream():
 
 
 def test_jpeg_batch_decodes_cuda_batches_through_the_side_stream(monkeypatch):
-    from replica import data, jpeg
+    from replica.data import jpeg, loaders as data
 
     seen = []
     monkeypatch.setattr(jpeg, "on_decode_stream", lambda dev, work, cuda=None: seen.append(str(dev)) or "decoded")
@@ -341,7 +341,7 @@ def test_jpeg_batch_decodes_cuda_batches_through_the_side_stream(monkeypatch):
 # -- which errors mean a corrupt image -----------------------------------------------------------
 
 def test_decode_failures_are_told_from_device_failures():
-    from replica.jpeg import is_decode_failure
+    from replica.data.jpeg import is_decode_failure
 
     for text in ("Unsupported marker type 0x4b", "Not a JPEG file: starts with 0x00 0x01",
                  "Error while decoding JPEG images: Failed to get image info: 2",
@@ -363,8 +363,8 @@ def test_decode_failures_are_told_from_device_failures():
 
 
 def test_a_device_failure_during_decode_is_one_line_not_corrupt_images(monkeypatch):
-    from replica import data, jpeg
-    from replica.jpeg import encode_jpeg
+    from replica.data import jpeg, loaders as data
+    from replica.data.jpeg import encode_jpeg
 
     good = encode_jpeg(torch.zeros(3, 8, 8, dtype=torch.uint8))
     z = torch.zeros(2, dtype=torch.int64)

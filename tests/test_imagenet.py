@@ -17,8 +17,9 @@ from PIL import Image
 
 from replica.cli import main
 from replica.errors import ReplicaError
-from replica.sources import find_source
-from replica.store import PreparedStore, prepare
+from replica.data.sources import find_source
+from replica.data.store import PreparedStore
+from replica.data.writer import prepare
 from runs_helpers import NARROW
 
 WNIDS = ["n01440764", "n01443537", "n02102040"]  # sorted: indices 0, 1, 2
@@ -116,9 +117,9 @@ def test_official_2012_archives_labels_image_by_image(tmp_path, packed, in_memor
     and unpacked once."""
     import logging
 
-    import replica.imagenet as imagenet
+    import replica.data.tars as tars
 
-    monkeypatch.setattr(imagenet, "INNER_IN_MEMORY", in_memory)
+    monkeypatch.setattr(tars, "INNER_IN_MEMORY", in_memory)
     root = make_2012(tmp_path / "in", packed=packed)
     with caplog.at_level(logging.INFO, logger="replica"):
         m = prepare(root, tmp_path / "st", workers=1, progress=False)
@@ -206,7 +207,7 @@ def test_ilsvrc2010_archives_with_test_ground_truth(tmp_path):
     assert m["kind"] == "ilsvrc2010-archives" and sorted(m["splits"]) == ["test", "train", "val"]
     assert check_labels(tmp_path / "st", "test", 3) == test_true
     assert check_labels(tmp_path / "st", "val", 6) == VAL_TRUE
-    from replica.imagenet import dataset_of
+    from replica.data.imagenet import dataset_of
 
     assert dataset_of("ilsvrc2010-archives", "2010", [f"n{i:08d}" for i in range(1000)]) == "ilsvrc2010"
     assert dataset_of("ilsvrc2010-archives", "2010", WNIDS) is None  # a subset: no paper figures apply
@@ -288,15 +289,15 @@ def test_archive_headers_are_scanned_once_then_read_from_the_index(tmp_path, mon
     """The second open of the same archives reads their member index from the cache (counted,
     not timed); a changed archive (its size or mtime) is scanned again; an unlabelled test tar is
     dropped without a scan."""
-    import replica.imagenet as im
+    import replica.data.tars as tars
 
     monkeypatch.setenv("REPLICA_CACHE", str(tmp_path / "cache"))
     root = make_2012(tmp_path / "in")
     with tarfile.open(root / "ILSVRC2012_img_test.tar", "w") as t:  # released without labels
         add(t, "ILSVRC2012_test_00000001.JPEG", jpeg(0))
     scanned = []
-    real = im._tar_members
-    monkeypatch.setattr(im, "_tar_members", lambda path, *a, **k: scanned.append(Path(str(path)).name) or
+    real = tars._tar_members
+    monkeypatch.setattr(tars, "_tar_members", lambda path, *a, **k: scanned.append(Path(str(path)).name) or
                         real(path, *a, **k))
     first = find_source(root)
     assert "ILSVRC2012_img_test.tar" not in scanned and "test: ILSVRC2012_img_test.tar left out" in " ".join(
@@ -327,9 +328,9 @@ def test_a_ground_truth_file_in_the_unpacked_devkit_counts_beside_its_archive(tm
 
 
 def test_layouts_and_sources_import_one_way():
-    """replica.sources reads the ImageNet layouts; replica.imagenet never imports replica.sources."""
+    """replica.data.sources reads the ImageNet layouts; replica.data.imagenet never imports it."""
     import ast
-    import replica.imagenet as im
+    import replica.data.imagenet as im
 
     tree = ast.parse(Path(im.__file__).read_text())
     imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
@@ -340,7 +341,7 @@ def test_adding_the_2010_test_labels_later_prepares_the_test_split_alone(tmp_pat
     """ILSVRC-2010's test ground truth came after the images: added to a prepared store's source,
     it prepares the test split alone; the training split's files and statistics stay as they were,
     and the store equals one prepared with the labels from the start."""
-    import replica.writer as writer
+    import replica.data.writer as writer
 
     test_true = [2, 0, 1]
     root = make_2010_images(tmp_path / "in", test_true)

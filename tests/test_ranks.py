@@ -34,7 +34,7 @@ mine = rank == int(os.environ.get("FAULT_RANK", "-1"))
 
 import replica.runs as runs
 import replica.train as train_mod
-from replica.data import TrainBatches
+from replica.data.loaders import TrainBatches
 
 if os.environ.get("SLOW_SAVE") and rank == 0:  # rank 0's writes take seconds
     real_write = runs.atomic_write

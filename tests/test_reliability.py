@@ -23,11 +23,11 @@ import torch
 import replica.runs as runs
 from replica.cli import main
 from replica.config import load_config
-from replica.data import TrainBatches
+from replica.data.loaders import TrainBatches
 from replica.errors import ReplicaError
 from replica.runs import load_checkpoint, read_metrics
-from replica.store import prepare
-from replica.synth import synth
+from replica.data.writer import prepare
+from replica.data.synth import synth
 from replica.train import train
 from runs_helpers import NARROW, TINY_ARGS, StopAfter, tiny
 

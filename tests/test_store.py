@@ -12,14 +12,15 @@ import numpy as np
 import pytest
 import torch
 
-import replica.writer as store_mod
+import replica.data.writer as store_mod
 from replica.cli import main
 from replica.config import load_config
-from replica.data import TrainBatches
+from replica.data.loaders import TrainBatches
 from replica.errors import ReplicaError
 from replica.runs import load_checkpoint
-from replica.store import PixelStats, PreparedStore, prepare
-from replica.synth import synth
+from replica.data.store import PixelStats, PreparedStore
+from replica.data.writer import prepare
+from replica.data.synth import synth
 from replica.train import train
 from runs_helpers import NARROW
 
@@ -307,7 +308,7 @@ def test_a_second_prepare_into_the_same_out_is_refused(synth_src, tmp_path, caps
     out = tmp_path / "st"
     out.mkdir()
     holder = subprocess.Popen([sys.executable, "-c", (
-        "import sys; from pathlib import Path; import replica.writer as s\n"
+        "import sys; from pathlib import Path; import replica.data.writer as s\n"
         "with s._locked(Path(sys.argv[1])):\n"
         "    print('held', flush=True); sys.stdin.read()\n"), str(out)],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
@@ -354,7 +355,7 @@ def test_a_killed_prepare_loses_at_most_the_chunks_since_the_last_state(synth_sr
     import sys
 
     code = ("import os, signal, sys\n"
-            "import replica.writer as w\n"
+            "import replica.data.writer as w\n"
             "w.STATE_EVERY_S = float(sys.argv[3])\n"
             "def kill(done, total):\n"
             "    if done == 6: os.kill(os.getpid(), signal.SIGKILL)\n"
@@ -396,14 +397,10 @@ def test_reading_a_store_never_loads_the_writer():
     import subprocess
     import sys
 
-    code = ("import sys, replica.store, replica.data, replica.train, replica.inference\n"
-            "print('replica.writer' in sys.modules)")
+    code = ("import sys, replica.data.store, replica.data.loaders, replica.train, replica.inference\n"
+            "print('replica.data.writer' in sys.modules)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.stdout.strip() == "False", r.stdout + r.stderr
-    from replica.store import prepare as via_store
-    from replica.writer import prepare as direct
-
-    assert via_store is direct  # the old name still works
 
 
 def test_a_raw_prepare_never_imports_torch_in_its_process_or_its_workers(synth_src, tmp_path):
@@ -417,7 +414,7 @@ def test_a_raw_prepare_never_imports_torch_in_its_process_or_its_workers(synth_s
                         "2", "--format", "raw"], capture_output=True, text=True, timeout=120, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
     imports = [line.rsplit("|", 1)[-1].strip() for line in r.stderr.splitlines() if line.startswith("import time:")]
-    assert imports.count("replica.writer") == 3, imports.count("replica.writer")  # the main process, 2 workers
+    assert imports.count("replica.data.writer") == 3, imports.count("replica.data.writer")  # the main process, 2 workers
     assert "torch" not in imports and "torchvision" not in imports
     assert json.loads((tmp_path / "st" / "meta.json").read_text())["format"] == "raw"
 

@@ -8,7 +8,7 @@ from PIL import Image
 
 from replica.cli import main
 from replica.errors import ReplicaError
-from replica.synth import class_names, class_spec, synth
+from replica.data.synth import class_names, class_spec, synth
 
 
 def digest(root):

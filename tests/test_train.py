@@ -15,7 +15,7 @@ import replica.train as train_mod
 from replica import augment
 from replica.cli import main
 from replica.config import NAMES, load_config
-from replica.data import open_heldout
+from replica.data.loaders import open_heldout
 from replica.errors import ReplicaError
 from replica.evaluate import evaluate, predict_probs, topk_errors
 from replica.inference import run_eval

@@ -72,14 +72,15 @@ from torchvision import transforms as T  # noqa: E402
 
 import replica.layers as layers  # noqa: E402
 from replica import augment  # noqa: E402
-from replica.data import TrainBatches, decode_if_encoded, loader  # noqa: E402
+from replica.data.loaders import TrainBatches, decode_if_encoded, loader  # noqa: E402
 from replica.evaluate import evaluate  # noqa: E402
 from replica.layers import local_response_norm  # noqa: E402
 from replica.model import AlexNet  # noqa: E402
 from replica.optim import PaperSGD, param_groups  # noqa: E402
 from replica.runtime import cpu_description, set_cuda_numerics, tf32_enabled, tune_cpu_allocator  # noqa: E402
-from replica.store import PreparedStore, prepare  # noqa: E402
-from replica.synth import synth  # noqa: E402
+from replica.data.store import PreparedStore  # noqa: E402
+from replica.data.writer import prepare  # noqa: E402
+from replica.data.synth import synth  # noqa: E402
 from replica.train import to_device  # noqa: E402
 
 MAC_FORWARD = 724_406_816  # SPEC.md §7, per 224×224 image
@@ -488,9 +489,9 @@ def formats(n: int = 256):
     """Store formats on ImageNet-like pictures (:func:`realistic_jpeg`, resized as prepare does):
     bytes an image, decode rate on one core, and how far the mean image and the PCA eigenvalues
     of the decoded pixels move from the raw pixels'."""
-    from replica.imageio import read_prepared
-    from replica.jpeg import decode_jpeg, encode_jpeg
-    from replica.store import PixelStats
+    from replica.data.imageio import read_prepared
+    from replica.data.jpeg import decode_jpeg, encode_jpeg
+    from replica.data.store import PixelStats
 
     torch.set_num_threads(1)
     rng = np.random.default_rng(0)
@@ -738,7 +739,7 @@ def small_archive(root: Path, images: int, classes: int = 100, seed: int = 0) ->
 
 _MEASURE = r"""
 import json, os, resource, sys, time
-from replica.writer import prepare
+from replica.data.writer import prepare
 src, out, workers = sys.argv[1], sys.argv[2], int(sys.argv[3])
 io0 = dict(l.split(": ") for l in open("/proc/self/io").read().splitlines())
 t = time.perf_counter()

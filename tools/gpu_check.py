@@ -64,10 +64,11 @@ DRY_WIDTH = 0.0625  # --dry-run: the net at 1/16 of its width (the same code); o
 # What the checks rely on: checked first by --dry-run, so a rename here fails on the CPU.
 NEEDS = dict(
     files=["configs/alexnet-2gpu.yaml", "tools/bench.py", "tests/test_cuda.py", "tools/gpu_check.sh"],
-    modules=["replica.train", "replica.data", "replica.jpeg", "replica.model", "replica.store", "replica.synth",
+    modules=["replica.train", "replica.data.loaders", "replica.data.jpeg", "replica.model", "replica.data.store",
+             "replica.data.synth",
              "torch.distributed.run"],
     functions=["replica.train:_Run._step", "replica.train:_Run._next_batch", "replica.train:setup_ranks",
-               "replica.jpeg:on_decode_stream", "replica.data:JpegBatch.decode", "replica.runtime:set_tf32",
+               "replica.data.jpeg:on_decode_stream", "replica.data.loaders:JpegBatch.decode", "replica.runtime:set_tf32",
                "torch.cuda:set_sync_debug_mode", "torchvision.io:decode_jpeg"],
     config_keys=["devices", "devices_per_process", "decode", "bf16", "tf32", "deterministic", "steps_per_epoch",
                  "workers", "init", "checkpoint_minutes", "val_batches", "width"],
@@ -214,8 +215,8 @@ def verify_needs(needs=NEEDS) -> list[str]:
 
 
 def stores(work: Path, fmt: str = "raw", dry: bool = False) -> Path:
-    from replica.writer import prepare
-    from replica.synth import synth
+    from replica.data.writer import prepare
+    from replica.data.synth import synth
 
     src = work / "synth"
     if not src.exists():
@@ -394,9 +395,9 @@ def check_d(work: Path, dry: bool) -> str:
     import numpy as np
     import torch
 
-    from replica.data import JpegBatch
-    from replica.jpeg import decode_jpeg
-    from replica.store import PreparedStore
+    from replica.data.loaders import JpegBatch
+    from replica.data.jpeg import decode_jpeg
+    from replica.data.store import PreparedStore
 
     st = PreparedStore(stores(work, "jpeg", dry), "train")
     dev = torch.device("cpu" if dry else "cuda:0")

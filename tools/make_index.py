@@ -19,7 +19,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from replica.errors import ReplicaError  # noqa: E402
-from replica.sources import TRAIN_DIRS, VAL_DIRS, find_classes, is_image_name  # noqa: E402
+from replica.data.imageio import is_image_name  # noqa: E402
+from replica.data.sources import TRAIN_DIRS, VAL_DIRS, find_classes  # noqa: E402
 
 
 def make_index(root, out=None) -> dict[str, int]:

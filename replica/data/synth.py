@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .errors import ReplicaError
+from ..errors import ReplicaError
 
 SHAPES = ("disk", "cross", "triangle", "square", "ring")  # the first three: the most unlike (the demo's 6 classes)
 COLOURS = {

@@ -2,12 +2,15 @@
 
 Every kind of bad input becomes either an RGB image or a :class:`BadImage` with a reason:
 truncated or zero-byte files, non-images with an image extension, grayscale, CMYK, RGBA,
-paletted and 16-bit images, and decompression bombs.
+paletted and 16-bit images, and decompression bombs. An input is a path, or a :class:`Member`:
+an image inside an uncompressed tar (ImageNet's archives, listed by :mod:`replica.data.tars`).
 """
 from __future__ import annotations
 
+import io
 import os
 import warnings
+from typing import NamedTuple
 
 import numpy as np
 from PIL import Image, ImageFile, UnidentifiedImageError
@@ -18,6 +21,31 @@ IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", 
 def is_image_name(name: str) -> bool:
     """Whether a file name has an image extension (what a class folder's images are)."""
     return os.path.splitext(name)[1].lower() in IMAGE_EXTS
+
+
+class Member(NamedTuple):
+    """An image stored inside an uncompressed tar: ``size`` bytes at ``offset`` of ``path``."""
+
+    path: str
+    offset: int
+    size: int
+    name: str
+
+    def __str__(self) -> str:  # how a bad input is named in skipped.tsv and bad_inputs.tsv
+        return f"{self.path}:{self.name}"
+
+    def read(self) -> bytes:
+        with open(self.path, "rb") as f:
+            f.seek(self.offset)
+            data = f.read(self.size)
+        if len(data) != self.size:
+            raise OSError(f"{self}: the archive ends {self.size - len(data):,} bytes early (truncated)")
+        return data
+
+
+def open_item(item):
+    """What PIL can open: a path, or the bytes of an archive member."""
+    return io.BytesIO(item.read()) if isinstance(item, Member) else item
 
 
 # PIL's own default (89.5M pixels): larger images are refused as possible decompression bombs.
@@ -54,8 +82,6 @@ def load_rgb(path, max_pixels: int = DEFAULT_MAX_PIXELS, draft_size: int | None 
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            from .imagenet import open_item
-
             with Image.open(open_item(path)) as img:  # a file, or an image inside a tar
                 w, h = img.size
                 if w * h > max_pixels:

@@ -12,10 +12,11 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import ReplicaError
+from ..errors import ReplicaError
 from . import imagenet
-from .imageio import IMAGE_EXTS, is_image_name  # noqa: F401  (re-exported)
-from .imagenet import by_class, dataset_of, folder_of_tars, warn_if_not_ilsvrc
+from .imageio import IMAGE_EXTS, is_image_name
+from .imagenet import by_class, dataset_of, warn_if_not_ilsvrc
+from .tars import folder_of_tars
 
 TRAIN_DIRS = ("train", "train_data", "training")
 VAL_DIRS = ("val", "valid", "validation", "test", "test_data")

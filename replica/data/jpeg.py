@@ -8,7 +8,7 @@ import warnings
 
 import torchvision.io as _io
 
-from .errors import ReplicaError
+from ..errors import ReplicaError
 
 _NOTICE = "The image decoding and encoding capabilities of TorchVision are deprecated"
 

@@ -23,8 +23,8 @@ subsampling lowers the two smaller RGB eigenvalues by ~13% on such pictures: the
 then matches what the net sees). ``tools/bench.py data`` measures all of it.
 
 This module reads a store (:class:`PreparedStore`) and holds the pixel statistics; writing one
-(``prepare``: the worker pool, the resume state, the lock) is :mod:`replica.writer`, which a
-reader never imports. ``replica.store.prepare`` still names it, loaded on first use.
+(``prepare``: the worker pool, the resume state, the lock) is :mod:`replica.data.writer`, which
+a reader never imports.
 """
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import ReplicaError
+from ..errors import ReplicaError
 
 log = logging.getLogger("replica")
 
@@ -319,16 +319,3 @@ def describe_stats(root) -> str:
     for row in pca["eigenvectors"]:
         lines.append("  " + "  ".join(f"{v:10.4f}" for v in row))
     return "\n".join(lines)
-
-
-def __getattr__(name):
-    """``replica.store.prepare`` (and the writer's other names): :mod:`replica.writer`, loaded
-    only when asked for, so that reading a store never loads the pool."""
-    if name.startswith("__"):
-        raise AttributeError(name)
-    from . import writer
-
-    try:
-        return getattr(writer, name)
-    except AttributeError:
-        raise AttributeError(f"module 'replica.store' has no attribute {name!r}") from None

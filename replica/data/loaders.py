@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import augment
-from .errors import ReplicaError
+from .. import augment
+from ..errors import ReplicaError
 from .imageio import DEFAULT_MAX_PIXELS, BadImage, prepared_from_array, read_prepared
 from .sources import Source, find_source
 from .store import PixelStats, PreparedStore

@@ -21,10 +21,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import ReplicaError
-from .fileio import atomic_write
+from ..errors import ReplicaError
+from ..fileio import atomic_write
 from .imageio import DEFAULT_MAX_PIXELS, BadImage, prepared_from_array, read_prepared
-from .imagenet import Member
+from .imageio import Member
 from .sources import Source, find_source
 from .store import FORMAT_VERSION, JPEG_FROM_IMAGES, JPEG_QUALITY, STATE, PixelStats
 
