@@ -3,11 +3,11 @@
 Everything random is either derived from (seed, epoch, batch) — data order, crops, flips,
 colour noise — or kept in the checkpoint — the dropout RNG — so a run stopped anywhere and
 resumed ends with the same parameters as one that never stopped: bit for bit on the CPU (tested);
-on a GPU only with ``deterministic=true`` (cuDNN may otherwise pick nondeterministic algorithms),
-which has not run on a GPU yet.
+on a GPU with ``deterministic=true`` (cuDNN may otherwise pick nondeterministic algorithms;
+tested on one H200).
 
-Under torchrun every process takes each decision that leads into a collective (save, stop,
-give up on an error) at the same step: :class:`Ranks` all-reduces one small flag tensor per
+In a job every process takes each decision that leads into a collective (save, stop, give up
+on an error) at the same step: :class:`replica.dist.Ranks` all-reduces one small flag tensor per
 step on a CPU (gloo) group, so a signal, a clock or a bad batch seen by one process stops or
 saves all of them together, never one in ``all_gather_object`` while another waits in DDP's
 all-reduce.
@@ -30,15 +30,17 @@ import torch.nn.functional as F
 from . import augment
 from .config import Config, dump_config
 from .colour import tower_medians
-from .data.loaders import TrainBatches, compute_stats, decode_if_encoded, loader, match_classes, open_heldout, open_images
+from .data.loaders import (TrainBatches, compute_stats, decode_if_encoded, loader, match_classes, open_heldout,
+                           open_images)
+from .data.store import PreparedStore
+from .dist import setup_ranks
 from .errors import ReplicaError
 from .evaluate import evaluate, percent
-from .model import AlexNet, resolve_devices
+from .model import AlexNet
 from .optim import PaperSGD, Schedule, apply_lrs, param_groups
 from .runs import (CKPT_FORMAT, CKPT_VERSION, append_metrics, atomic_write, check_compatible, code_version,
                    load_checkpoint, log_bad_inputs, save_checkpoint, write_metrics)
 from .runtime import autocast, describe_numerics, set_cuda_numerics
-from .data.store import PreparedStore
 
 log = logging.getLogger("replica")
 
@@ -68,247 +70,6 @@ class TrainingStopped(ReplicaError):
 
 # ----------------------------------------------------------------------------------------------
 # Setup
-
-
-def dist_info() -> tuple[int, int, int]:
-    """(rank, world size, local rank) from torchrun's environment; (0, 1, 0) otherwise."""
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
-
-
-def tasks_per_node(spec: str) -> list[int]:
-    """SLURM's tasks-per-node list, e.g. ``"4(x2),3"`` → [4, 4, 3]."""
-    out = []
-    for part in spec.split(","):
-        n, _, rep = part.partition("(x")
-        out += [int(n)] * (int(rep.rstrip(")")) if rep else 1)
-    return out
-
-
-def from_slurm(env=None) -> dict:
-    """The launcher variables torch.distributed reads, from SLURM's, for a process that ``srun``
-    started as one of N tasks without torchrun; {} where that is not the case.
-
-    torchrun's own variables win: under ``srun torchrun …`` (one agent per node, the multi-node
-    recipe in docs/training.md) RANK is set and SLURM's task numbers are the agents', not the
-    workers'. A step of one task, or a batch script outside ``srun`` (SLURM_NTASKS set but no
-    step of its own), is one process. Otherwise each task is one process of the job: RANK =
-    SLURM_PROCID, WORLD_SIZE = the step's task count, LOCAL_RANK = SLURM_LOCALID and
-    LOCAL_WORLD_SIZE = the tasks on this node; the rendezvous needs MASTER_ADDR and MASTER_PORT,
-    which SLURM does not set: without them, one line that says what to export.
-    """
-    env = os.environ if env is None else env
-    if "RANK" in env or "SLURM_PROCID" not in env or "SLURM_STEP_NUM_TASKS" not in env:
-        return {}
-    world = int(env["SLURM_STEP_NUM_TASKS"])
-    if world < 2:
-        return {}
-    missing = [k for k in ("MASTER_ADDR", "MASTER_PORT") if not env.get(k)]
-    if missing:
-        raise ReplicaError(
-            f"srun started {world} tasks of this command, but {' and '.join(missing)} "
-            f"{'is' if len(missing) == 1 else 'are'} not set, so they cannot meet: export MASTER_ADDR=$(scontrol show "
-            f"hostnames \"$SLURM_JOB_NODELIST\" | head -n1) MASTER_PORT=29500 before srun, or run one torchrun per "
-            f"node (docs/training.md, 'On a SLURM cluster')")
-    per_node = env.get("SLURM_STEP_TASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE")
-    node = int(env.get("SLURM_NODEID", 0))
-    counts = tasks_per_node(per_node) if per_node else []
-    local_world = counts[node] if node < len(counts) else None
-    out = dict(RANK=env["SLURM_PROCID"], WORLD_SIZE=str(world), LOCAL_RANK=env.get("SLURM_LOCALID", "0"))
-    if local_world:
-        out["LOCAL_WORLD_SIZE"] = str(local_world)
-    return out
-
-
-def adopt_slurm() -> None:
-    """Under ``srun -n N`` without torchrun: take SLURM's task numbers as this process's rank
-    (:func:`from_slurm`), so that N tasks are one job of N processes, never N jobs of one
-    writing into the same run folder."""
-    os.environ.update(from_slurm())
-
-
-def under_launcher() -> bool:
-    """Whether a launcher started this process as part of a job: torchrun (even with one
-    process, so that ``torchrun --nproc-per-node 1`` runs the DDP path it will run with more) or
-    any launcher that sets a world size above one."""
-    return "TORCHELASTIC_RUN_ID" in os.environ or dist_info()[1] > 1
-
-
-def process_devices(cfg: Config, local_rank: int, world: int, visible: int | None = None,
-                    local_world: int | None = None):
-    """The device(s) of this process: the config's alone, or its share of the node's GPUs under torchrun.
-
-    Each process owns ``k`` GPUs (``devices_per_process``; 1 for the one-tower variant). Where
-    every process sees all the node's GPUs (torchrun's way), process ``i`` takes
-    ``cuda:i·k … cuda:i·k+k−1``. Where the launcher already gave each process its own GPUs
-    (SLURM ``--gpus-per-task``, a per-rank ``CUDA_VISIBLE_DEVICES``), the process sees exactly
-    ``k`` and takes ``cuda:0 … cuda:k−1``; :func:`check_distinct_gpus` then makes sure no two
-    processes landed on the same GPU.
-    """
-    if world == 1:  # one process (under torchrun too): the devices the config gives, "auto" as anywhere
-        return cfg.devices if "," not in cfg.devices else tuple(cfg.devices.split(","))
-    if cfg.devices == "cpu" or not torch.cuda.is_available():
-        return "cpu"
-    k = 1 if cfg.variant == "one-gpu-half" else cfg.devices_per_process  # one tower, one GPU
-    n = torch.cuda.device_count() if visible is None else visible
-    if local_world is None:  # torchrun and adopt_slurm set it; another launcher may not: then at least
-        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", local_rank + 1))  # this process's place
-    if n >= local_world * k and n >= (local_rank + 1) * k:  # every process sees the whole node
-        first = local_rank * k
-    elif n == k:  # the launcher gave this process exactly its share
-        first = 0
-        log.info("process %d sees %d GPU(s), its own share: using cuda:0…cuda:%d", local_rank, n, k - 1)
-    else:
-        raise ReplicaError(f"process {local_rank} of {local_world} on this node needs {k} GPU(s) "
-                           f"(devices_per_process={k}), but {n} are visible: torchrun needs {local_world * k} "
-                           f"visible to every process, or give each process exactly {k} of its own")
-    return tuple(f"cuda:{first + i}" for i in range(k)) if k == 2 else f"cuda:{first}"
-
-
-def process_group_args(devices) -> tuple[str, dict]:
-    """(backend, keyword arguments) of ``init_process_group`` for a process on ``devices``.
-
-    NCCL binds its communicator to ``device_id`` at once (eager init). That is right only for a
-    process that owns one GPU: with two (towers a and b on GPUs 2i and 2i+1), DDP's first
-    broadcast touches tower b's parameters, and ProcessGroupNCCL refuses a collective on a
-    tensor not on the device passed to ``init_process_group``. So two GPUs per process: no
-    ``device_id``, and NCCL makes a communicator per device as it first needs one.
-    """
-    devices = tuple(torch.device(d) for d in devices)
-    kinds = {d.type for d in devices}
-    if len(kinds) > 1:  # DDP takes a module on one device type only; NCCL carries no CPU tensor
-        raise ReplicaError(f"devices={','.join(map(str, devices))}: a split over a GPU and the CPU runs in one process "
-                           f"only (replica train without a launcher); under torchrun give each process GPUs only "
-                           f"(devices=auto, devices_per_process=1 or 2)")
-    if devices[0].type != "cuda":
-        return "gloo", {}
-    return "nccl", (dict(device_id=devices[0]) if len(devices) == 1 else {})
-
-
-def bind_current_device(devices, cuda=None) -> None:
-    """Make the process's first device, if a GPU, the current one: else the loader's pin-memory
-    thread, a CUDA context and every unplaced allocation land on GPU 0, also for a process that
-    trains on ``devices=cuda:1`` outside a launcher. ``cuda``: torch.cuda (a recording stand-in
-    in the CPU tests)."""
-    first = torch.device(devices[0])
-    if first.type == "cuda":
-        (cuda or torch.cuda).set_device(first)
-
-
-def gpu_uuid(device) -> str:
-    """The GPU's UUID, the same in every process whatever its ``CUDA_VISIBLE_DEVICES``."""
-    return str(torch.cuda.get_device_properties(torch.device(device)).uuid)
-
-
-def check_distinct_gpus(ranks: "Ranks", devices, uuid=gpu_uuid) -> None:
-    """Stop with one line if two processes of the job use the same GPU (NCCL would fail later
-    with "Duplicate GPU detected", or two processes would share one GPU's memory). One process
-    may hold one GPU twice: both towers on one GPU (``devices=cuda:0,cuda:0``)."""
-    import socket
-
-    host = socket.gethostname()
-    mine = list({uuid(d): (host, uuid(d), str(d)) for d in devices if torch.device(d).type == "cuda"}.values())
-    if not mine or not ranks.distributed:
-        return
-    seen: dict = {}
-    for r, theirs in enumerate(ranks.gather(mine)):
-        for host, u, name in theirs:
-            if (host, u) in seen:
-                other, other_name = seen[(host, u)]
-                raise ReplicaError(f"processes {other} ({other_name}) and {r} ({name}) both use GPU {u} on {host}: "
-                                   f"give each process its own GPUs (torchrun: all GPUs visible to every process; "
-                                   f"a per-process launcher: exactly devices_per_process of them each)",
-                                   quiet=not ranks.main)
-            seen[(host, u)] = (r, name)
-
-
-class Ranks:
-    """The processes of a run, and the decisions they take together.
-
-    One process: every call is the identity. Under a launcher: collectives on ``group``, a gloo
-    group of CPU tensors (NCCL's own group carries only DDP's gradients), so deciding costs no
-    wait on the GPU and object collectives never guess a device. ``torchrun --nproc-per-node 1``
-    runs them too (a job of one), so that one GPU exercises what many will.
-    """
-
-    FLAGS = ("stop", "save", "error", "nan")
-
-    def __init__(self, rank: int = 0, world: int = 1, group=None, distributed: bool | None = None,
-                 owns_group: bool = False):
-        self.rank, self.world, self.group = rank, world, group
-        self.distributed = world > 1 if distributed is None else distributed
-        self.owns_group = owns_group
-        self.main = rank == 0
-
-    def agree(self, **flags) -> dict:
-        """Each flag true if it is true in any process (an all-reduce of one int tensor)."""
-        if not self.distributed:
-            return {k: bool(flags.get(k)) for k in self.FLAGS}
-        t = torch.tensor([int(bool(flags.get(k))) for k in self.FLAGS], dtype=torch.int64)
-        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX, group=self.group)
-        return {k: bool(v) for k, v in zip(self.FLAGS, t.tolist())}
-
-    def gather(self, obj) -> list:
-        if not self.distributed:
-            return [obj]
-        out = [None] * self.world
-        torch.distributed.all_gather_object(out, obj, group=self.group)
-        return out
-
-    def broadcast(self, obj):
-        """Rank 0's ``obj`` in every process."""
-        if not self.distributed:
-            return obj
-        box = [obj]
-        torch.distributed.broadcast_object_list(box, src=0, group=self.group)
-        return box[0]
-
-    def barrier(self) -> None:
-        if self.distributed:
-            torch.distributed.barrier(group=self.group)
-
-    def first_message(self, message: str | None) -> str:
-        """The first process's message of those that have one, naming it when there are several."""
-        msgs = self.gather(message)
-        r, m = next((r, m) for r, m in enumerate(msgs) if m is not None)
-        return m if self.world == 1 else f"process {r}: {m}"
-
-    def close(self) -> None:
-        """Leave the job: destroy the process groups this process made (left alive, NCCL warns at
-        exit, and some NCCL versions hang there). Every process calls it at the same point: the
-        end of the run, or a stop they all agreed on."""
-        if self.owns_group and torch.distributed.is_initialized():
-            if self.group is not None:
-                torch.distributed.destroy_process_group(self.group)
-            torch.distributed.destroy_process_group()
-        self.owns_group = False
-
-
-def setup_ranks(cfg: Config) -> tuple[Ranks, tuple]:
-    """Join the launcher's job (if any) and pick this process's devices, in that order's reverse:
-    a process's GPU is set before its process group exists, so NCCL and its barrier use it."""
-    adopt_slurm()
-    rank, world, local_rank = dist_info()
-    if cfg.batch_size % world:
-        raise ReplicaError(f"batch_size {cfg.batch_size} does not split across {world} processes: give a "
-                           f"multiple of {world}")
-    spec = process_devices(cfg, local_rank, world)
-    if not under_launcher():
-        return Ranks(), spec
-    devices = resolve_devices(spec, towers=1 if cfg.variant == "one-gpu-half" else 2)
-    backend, kwargs = process_group_args(devices)  # refuses a GPU + CPU split before any group exists
-    dist = torch.distributed
-    owns = False
-    if not dist.is_initialized():
-        bind_current_device(devices)  # before NCCL exists, so its communicator and barrier use this GPU
-        dist.init_process_group(backend, **kwargs)
-        owns = True
-    group = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else None
-    if rank == 0:
-        log.info("job of %d process(es): %s for gradients%s; process 0 on %s", world, dist.get_backend(),
-                 ", gloo for decisions" if group is not None else "", " + ".join(map(str, devices)))
-    ranks = Ranks(rank, world, group, distributed=True, owns_group=owns)
-    check_distinct_gpus(ranks, devices)
-    return ranks, devices
 
 
 def open_data(cfg: Config):
@@ -454,7 +215,9 @@ class _Run:
 
     def __init__(self, cfg: Config, out, progress: bool):
         self.cfg, self.run, self.progress = cfg, Path(out), progress
-        self.ranks, spec = setup_ranks(cfg)
+        towers = 1 if cfg.variant == "one-gpu-half" else 2
+        self.ranks, self.devices = setup_ranks(cfg.devices, towers, cfg.devices_per_process, cfg.batch_size)
+        self.dev0 = self.devices[0]  # tower a's and fc8's device: where the batch goes
         self.main = self.ranks.main
         self.per_rank = cfg.batch_size // self.ranks.world
         if self.main:
@@ -473,9 +236,6 @@ class _Run:
         self.mean, self.pca = mean, pca
 
         torch.manual_seed(cfg.seed)  # the same initial weights in every process
-        self.devices = resolve_devices(spec, towers=1 if cfg.variant == "one-gpu-half" else 2)
-        self.dev0 = self.devices[0]
-        bind_current_device(self.devices)  # with or without a launcher
         # explicit, never cuDNN's defaults: float32 there is TF32 unless told, and fixed shapes
         # make cudnn.benchmark's one-time search pay (docs/training.md)
         self.numerics = set_cuda_numerics(cfg.tf32, cfg.deterministic, benchmark=True)

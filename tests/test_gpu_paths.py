@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import replica.dist as D
 import replica.train as T
 from replica.config import load_config
 from replica.errors import ReplicaError
@@ -55,8 +56,15 @@ def four_gpus(monkeypatch):
     monkeypatch.setattr(torch.cuda, "set_device", lambda d: fake.calls.append(("set_device", str(d))))
     for name in ("is_initialized", "init_process_group", "new_group", "get_backend"):
         monkeypatch.setattr(torch.distributed, name, getattr(fake, name))
-    monkeypatch.setattr(T, "check_distinct_gpus", lambda ranks, devices: fake.calls.append(("distinct", devices)))
+    monkeypatch.setattr(D, "check_distinct_gpus", lambda ranks, devices: fake.calls.append(("distinct", devices)))
     return fake
+
+
+def setup(**config):
+    """setup_ranks as the training loop calls it, for a config of these keys."""
+    cfg = load_config(None, config)
+    return D.setup_ranks(cfg.devices, 1 if cfg.variant == "one-gpu-half" else 2, cfg.devices_per_process,
+                         cfg.batch_size)
 
 
 def job(monkeypatch, rank, world, local_world=None):
@@ -71,7 +79,7 @@ def test_two_gpus_per_process_give_nccl_no_device_id(four_gpus, monkeypatch):
     """The README's 4-GPU command (2 processes × 2 GPUs): process 1 owns cuda:2 and cuda:3. A
     device_id would bind NCCL to cuda:2 and DDP's first broadcast of tower b (cuda:3) would fail."""
     job(monkeypatch, 1, 2)
-    ranks, devices = T.setup_ranks(load_config(None, dict(devices_per_process=2)))
+    ranks, devices = setup(devices_per_process=2)
     assert [str(d) for d in devices] == ["cuda:2", "cuda:3"]
     assert four_gpus.calls[:3] == [("set_device", "cuda:2"), ("init_process_group", "nccl", {}),
                                    ("new_group", "gloo")]
@@ -80,7 +88,7 @@ def test_two_gpus_per_process_give_nccl_no_device_id(four_gpus, monkeypatch):
 
 def test_one_gpu_per_process_binds_nccl_to_it(four_gpus, monkeypatch):
     job(monkeypatch, 1, 2)
-    _, devices = T.setup_ranks(load_config(None, dict(devices_per_process=1)))
+    _, devices = setup(devices_per_process=1)
     assert [str(d) for d in devices] == ["cuda:1"]
     assert four_gpus.calls[:2] == [("set_device", "cuda:1"),
                                    ("init_process_group", "nccl", dict(device_id=torch.device("cuda:1")))]
@@ -89,7 +97,7 @@ def test_one_gpu_per_process_binds_nccl_to_it(four_gpus, monkeypatch):
 def test_one_process_under_torchrun_joins_a_job_of_one(four_gpus, monkeypatch):
     """torchrun --nproc-per-node 1: NCCL, the gloo group and DDP run, as they will with more."""
     job(monkeypatch, 0, 1)
-    ranks, devices = T.setup_ranks(load_config(None, dict(devices="cuda:0")))
+    ranks, devices = setup(devices="cuda:0")
     assert ranks.distributed and ranks.world == 1
     assert ("init_process_group", "nccl", dict(device_id=torch.device("cuda:0"))) in four_gpus.calls
 
@@ -97,14 +105,14 @@ def test_one_process_under_torchrun_joins_a_job_of_one(four_gpus, monkeypatch):
 def test_no_launcher_no_process_group(four_gpus, monkeypatch):
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "TORCHELASTIC_RUN_ID"):
         monkeypatch.delenv(k, raising=False)
-    ranks, _ = T.setup_ranks(load_config(None, dict(devices="cpu")))
+    ranks, _ = setup(devices="cpu")
     assert not ranks.distributed and four_gpus.calls == []
 
 
 def test_process_group_args():
-    assert T.process_group_args(["cpu"]) == ("gloo", {})
-    assert T.process_group_args(["cuda:0"]) == ("nccl", dict(device_id=torch.device("cuda:0")))
-    assert T.process_group_args(["cuda:2", "cuda:3"]) == ("nccl", {})
+    assert D.process_group_args(["cpu"]) == ("gloo", {})
+    assert D.process_group_args(["cuda:0"]) == ("nccl", dict(device_id=torch.device("cuda:0")))
+    assert D.process_group_args(["cuda:2", "cuda:3"]) == ("nccl", {})
 
 
 @pytest.mark.parametrize("visible,local_rank,want", [
@@ -116,24 +124,25 @@ def test_each_process_takes_its_share_of_the_gpus(monkeypatch, visible, local_ra
     job(monkeypatch, local_rank, 2)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     cfg = load_config(None, dict(devices_per_process=2))
-    assert T.process_devices(cfg, local_rank, 2, visible=visible, local_world=2) == want
+    assert D.process_devices(cfg.devices, cfg.devices_per_process, local_rank, 2, visible=visible,
+                             local_world=2) == want
 
 
 def test_too_few_gpus_is_one_line(monkeypatch):
     job(monkeypatch, 1, 2)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     with pytest.raises(ReplicaError, match="needs 2 GPU.*but 3 are visible"):
-        T.process_devices(load_config(None, dict(devices_per_process=2)), 1, 2, visible=3, local_world=2)
+        D.process_devices("auto", 2, 1, 2, visible=3, local_world=2)
 
 
 def test_two_processes_on_one_gpu_are_refused():
-    class TwoRanks(T.Ranks):
+    class TwoRanks(D.Ranks):
         def gather(self, obj):
             return [obj, obj]  # both processes report the same GPU
 
     ranks = TwoRanks(0, 2, distributed=True)
     with pytest.raises(ReplicaError, match="processes 0 .* and 1 .* both use GPU GPU-1234"):
-        T.check_distinct_gpus(ranks, [torch.device("cuda:0")], uuid=lambda d: "GPU-1234")
+        D.check_distinct_gpus(ranks, [torch.device("cuda:0")], uuid=lambda d: "GPU-1234")
 
 
 def test_the_first_gpu_becomes_the_current_device_with_or_without_a_launcher(store, tmp_path, monkeypatch):
@@ -147,12 +156,12 @@ def test_the_first_gpu_becomes_the_current_device_with_or_without_a_launcher(sto
             self.calls.append(str(d))
 
     cuda = Cuda()
-    T.bind_current_device((torch.device("cuda:1"), torch.device("cpu")), cuda=cuda)
-    T.bind_current_device(("cpu",), cuda=cuda)
-    T.bind_current_device(("cuda:0", "cuda:1"), cuda=cuda)
+    D.bind_current_device((torch.device("cuda:1"), torch.device("cpu")), cuda=cuda)
+    D.bind_current_device(("cpu",), cuda=cuda)
+    D.bind_current_device(("cuda:0", "cuda:1"), cuda=cuda)
     assert cuda.calls == ["cuda:1", "cuda:0"]
     seen = []
-    monkeypatch.setattr(T, "bind_current_device", lambda devices: seen.append(tuple(map(str, devices))))
+    monkeypatch.setattr(D, "bind_current_device", lambda devices: seen.append(tuple(map(str, devices))))
     from runs_helpers import tiny
 
     T.train(tiny(store, epochs=1, steps_per_epoch=1, val_batches=1, save_best=False), tmp_path / "run",
@@ -165,25 +174,25 @@ def test_one_process_may_put_both_towers_on_one_gpu():
     the GPU twice, which is no clash; a second process on it still is."""
     gathered = []
 
-    class Ranks(T.Ranks):
+    class Ranks(D.Ranks):
         def gather(self, obj):
             gathered.append(obj)
             return [obj] * self.world
 
     both = [torch.device("cuda:0"), torch.device("cuda:0")]
-    T.check_distinct_gpus(Ranks(0, 1, distributed=True), both, uuid=lambda d: "GPU-1234")
+    D.check_distinct_gpus(Ranks(0, 1, distributed=True), both, uuid=lambda d: "GPU-1234")
     assert [len(g) for g in gathered] == [1]  # the GPU once
     with pytest.raises(ReplicaError, match="processes 0 .* and 1 .* both use GPU GPU-1234"):
-        T.check_distinct_gpus(Ranks(0, 2, distributed=True), both, uuid=lambda d: "GPU-1234")
+        D.check_distinct_gpus(Ranks(0, 2, distributed=True), both, uuid=lambda d: "GPU-1234")
 
 
 def test_ranks_close_destroys_the_groups_it_made(monkeypatch):
     destroyed = []
     monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
     monkeypatch.setattr(torch.distributed, "destroy_process_group", lambda g=None: destroyed.append(g))
-    T.Ranks(0, 2, group="gloo-group", distributed=True, owns_group=False).close()
+    D.Ranks(0, 2, group="gloo-group", distributed=True, owns_group=False).close()
     assert destroyed == []  # a group made by someone else (a caller's own init) is theirs to destroy
-    r = T.Ranks(0, 2, group="gloo-group", distributed=True, owns_group=True)
+    r = D.Ranks(0, 2, group="gloo-group", distributed=True, owns_group=True)
     r.close()
     r.close()
     assert destroyed == ["gloo-group", None]  # once, the gloo group then the default group
@@ -193,7 +202,7 @@ def test_train_leaves_the_job_at_the_end_and_on_an_agreed_stop(monkeypatch, stor
     """train() closes its Ranks after the loop, and after a stop all processes decided together,
     but not after an error of this process alone (destroying could wait for the others)."""
     closed = []
-    monkeypatch.setattr(T.Ranks, "close", lambda self: closed.append(True))
+    monkeypatch.setattr(D.Ranks, "close", lambda self: closed.append(True))
     cfg = load_config(None, dict(data=str(store), batch_size=4, epochs=1, steps_per_epoch=1, workers=0,
                                  devices="cpu", init="caffe", val_batches=1, width=NARROW))
     T.train(cfg, tmp_path / "run", progress=False)
@@ -548,7 +557,7 @@ def test_one_process_under_torchrun_keeps_auto_devices(monkeypatch):
     without torchrun (not 'needs 2 GPUs')."""
     job(monkeypatch, 0, 1)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    assert T.process_devices(load_config(None, {}), 0, 1, visible=1, local_world=1) == "auto"
+    assert D.process_devices("auto", 2, 0, 1, visible=1, local_world=1) == "auto"
 
 
 # -- launchers: SLURM's variables, a GPU + CPU split under torchrun ------------------------------
@@ -556,13 +565,13 @@ def test_one_process_under_torchrun_keeps_auto_devices(monkeypatch):
 def test_slurm_tasks_become_ranks_and_torchrun_wins():
     base = dict(SLURM_PROCID="3", SLURM_STEP_NUM_TASKS="8", SLURM_LOCALID="1", SLURM_NODEID="1",
                 SLURM_STEP_TASKS_PER_NODE="2(x3),2", MASTER_ADDR="node0", MASTER_PORT="29500")
-    assert T.from_slurm(base) == dict(RANK="3", WORLD_SIZE="8", LOCAL_RANK="1", LOCAL_WORLD_SIZE="2")
-    assert T.tasks_per_node("4(x2),3") == [4, 4, 3]
-    assert T.from_slurm(dict(base, RANK="0")) == {}  # srun torchrun …: torchrun's numbers
-    assert T.from_slurm({k: v for k, v in base.items() if k != "SLURM_STEP_NUM_TASKS"}) == {}  # the batch script
-    assert T.from_slurm(dict(base, SLURM_STEP_NUM_TASKS="1")) == {}  # srun -n 1
+    assert D.from_slurm(base) == dict(RANK="3", WORLD_SIZE="8", LOCAL_RANK="1", LOCAL_WORLD_SIZE="2")
+    assert D.tasks_per_node("4(x2),3") == [4, 4, 3]
+    assert D.from_slurm(dict(base, RANK="0")) == {}  # srun torchrun …: torchrun's numbers
+    assert D.from_slurm({k: v for k, v in base.items() if k != "SLURM_STEP_NUM_TASKS"}) == {}  # the batch script
+    assert D.from_slurm(dict(base, SLURM_STEP_NUM_TASKS="1")) == {}  # srun -n 1
     with pytest.raises(ReplicaError, match="srun started 8 tasks.*MASTER_PORT is not set.*torchrun per node"):
-        T.from_slurm(dict(base, MASTER_PORT=""))
+        D.from_slurm(dict(base, MASTER_PORT=""))
 
 
 def test_local_world_unknown_never_refuses_a_valid_node(monkeypatch):
@@ -571,9 +580,9 @@ def test_local_world_unknown_never_refuses_a_valid_node(monkeypatch):
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     cfg = load_config(None, dict(devices_per_process=2))
-    assert T.process_devices(cfg, 3, 16, visible=8) == ("cuda:6", "cuda:7")
+    assert D.process_devices(cfg.devices, cfg.devices_per_process, 3, 16, visible=8) == ("cuda:6", "cuda:7")
     with pytest.raises(ReplicaError, match="needs 2 GPU"):
-        T.process_devices(cfg, 4, 16, visible=8)  # a fifth process on an 8-GPU node
+        D.process_devices(cfg.devices, cfg.devices_per_process, 4, 16, visible=8)  # a fifth process on an 8-GPU node
 
 
 def test_a_gpu_and_cpu_split_under_torchrun_is_refused_before_any_group(four_gpus, monkeypatch):
@@ -581,5 +590,5 @@ def test_a_gpu_and_cpu_split_under_torchrun_is_refused_before_any_group(four_gpu
     failed at DDP's first broadcast). One line, and no process group made."""
     job(monkeypatch, 0, 1)
     with pytest.raises(ReplicaError, match="split over a GPU and the CPU runs in one process only"):
-        T.setup_ranks(load_config(None, dict(devices="cuda:0,cpu")))
+        setup(devices="cuda:0,cpu")
     assert not [c for c in four_gpus.calls if c[0] == "init_process_group"]

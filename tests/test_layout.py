@@ -16,7 +16,7 @@ LAYERS = [
     ["replica.data.sources"],
     ["replica.data.writer", "replica.data.loaders"],
     ["replica.model", "replica.evaluate", "replica.runs"],
-    ["replica.summary", "replica.inference"],
+    ["replica.summary", "replica.inference", "replica.dist"],
     ["replica.train", "replica.analysis"],
     ["replica.demo"],
     ["replica.cli"],

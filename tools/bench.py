@@ -991,7 +991,7 @@ _AGREE = r"""
 import statistics, sys, time
 import torch.distributed as dist
 dist.init_process_group("gloo")
-from replica.train import Ranks
+from replica.dist import Ranks
 r = Ranks(dist.get_rank(), dist.get_world_size(), None, distributed=True)
 n = int(sys.argv[1])
 for _ in range(50):

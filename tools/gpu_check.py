@@ -67,7 +67,7 @@ NEEDS = dict(
     modules=["replica.train", "replica.data.loaders", "replica.data.jpeg", "replica.model", "replica.data.store",
              "replica.data.synth",
              "torch.distributed.run"],
-    functions=["replica.train:_Run._step", "replica.train:_Run._next_batch", "replica.train:setup_ranks",
+    functions=["replica.train:_Run._step", "replica.train:_Run._next_batch", "replica.dist:setup_ranks",
                "replica.data.jpeg:on_decode_stream", "replica.data.loaders:JpegBatch.decode", "replica.runtime:set_tf32",
                "torch.cuda:set_sync_debug_mode", "torchvision.io:decode_jpeg"],
     config_keys=["devices", "devices_per_process", "decode", "bf16", "tf32", "deterministic", "steps_per_epoch",
