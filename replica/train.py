@@ -31,7 +31,7 @@ from . import augment
 from .config import Config, dump_config
 from .colour import tower_medians
 from .data.loaders import (TrainBatches, compute_stats, decode_if_encoded, loader, match_classes, open_heldout,
-                           open_images)
+                           open_images, worker_deaths_at_next_batch)
 from .data.store import PreparedStore
 from .dist import setup_ranks
 from .errors import ReplicaError
@@ -442,6 +442,7 @@ class _Run:
         self.model.train()
         cpu = self.dev0.type == "cpu"
         it = iter(loader(ds, cfg.workers, pin_memory=self.dev0.type == "cuda", background=cpu))
+        worker_deaths_at_next_batch()  # a dead worker is seen in _next_batch, where the processes can agree
         try:
             for _ in range(todo):
                 batch, problem = self._next_batch(it)

@@ -335,3 +335,67 @@ def test_cpu_training_loader_workers_yield_to_the_training_threads():
     background = list(loader(_Niceness(), workers=1, background=True))
     level = list(loader(_Niceness(), workers=1))
     assert background == [min(mine + WORKER_NICE, 19)] * 2 and level == [mine] * 2 and os.nice(0) == mine
+
+
+def test_a_dead_loader_worker_is_reported_by_the_next_batch_not_in_the_middle_of_a_step(tmp_path):
+    """torch's SIGCHLD handler raises a worker's death wherever the main thread is: mid-step, in
+    DDP's backward, where one process of a job would leave the others waiting. After
+    ``worker_deaths_at_next_batch`` it surfaces in ``next()``, where the loop can agree to stop.
+    A real worker, really SIGKILLed while the main thread runs a "step" (plain Python work) that
+    lasts until the worker is seen dead: ordered by a file and the worker's state, not by time.
+    In a process of its own, with and without the call (torch's handler is set once per process)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = r"""
+import os, signal, sys, time
+from pathlib import Path
+import torch
+from replica.data.loaders import loader, worker_deaths_at_next_batch
+
+flag, pidfile = Path(sys.argv[2]) / "step-started", Path(sys.argv[2]) / "worker-pid"
+
+class Dies(torch.utils.data.Dataset):
+    def __len__(self):
+        return 4
+    def __getitem__(self, i):
+        if i == 1:  # as the OOM killer would, once batch 0 is in use
+            pidfile.write_text(str(os.getpid()))
+            while not flag.exists():
+                time.sleep(0.01)
+            os.kill(os.getpid(), signal.SIGKILL)
+        return torch.zeros(2)
+
+def dead(pid):
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] in "ZX"
+    except FileNotFoundError:
+        return True
+
+it = iter(loader(Dies(), workers=1))
+if sys.argv[1] == "fixed":
+    worker_deaths_at_next_batch()
+next(it)
+try:
+    flag.touch()  # the step begins
+    while not pidfile.exists() or not dead(int(pidfile.read_text())):
+        sum(range(1000))
+    for _ in range(20000):  # the pending signal is handled between two of these, if a handler raises
+        sum(range(100))
+except RuntimeError as e:
+    print("MID-STEP:", str(e).splitlines()[0]); sys.exit(0)
+try:
+    next(it)
+except RuntimeError as e:
+    print("NEXT BATCH:", str(e).splitlines()[0])
+"""
+    out = {}
+    for mode in ("torch", "fixed"):
+        (tmp_path / mode).mkdir()
+        r = subprocess.run([sys.executable, "-c", code, mode, str(tmp_path / mode)], capture_output=True, text=True,
+                           timeout=120, env=dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1])))
+        out[mode] = r.stdout.strip() or r.stderr[-1500:]
+    assert out["torch"].startswith("MID-STEP: DataLoader worker"), out  # what the fix is for
+    assert out["fixed"].startswith("NEXT BATCH: DataLoader worker") and "exited unexpectedly" in out["fixed"], out

@@ -465,7 +465,7 @@ def test_a_killed_loader_worker_gives_a_clear_message_and_resume_completes(store
     argv = ["train", CONFIG, f"data={store}", *TINY_ARGS, "workers=1", "--out", str(run)]
     assert main(argv) == 2
     msg = one_line_error(capsys)
-    # the loader notices the death at once (SIGCHLD), so before or after batch 1 is handed over
+    # the iterator notices the death when it next waits for a batch: before or after batch 1 is handed over
     assert re.search(r"a data-loader worker died at epoch 2, batch [12] \(DataLoader worker", msg), msg
     assert "lower workers=1" in msg and f"resume with: replica train --resume {run}" in msg
     ck = load_checkpoint(run / "last.pt")

@@ -309,6 +309,26 @@ def _yield_to_training(_worker_id: int) -> None:
         os.nice(WORKER_NICE)
 
 
+def worker_deaths_at_next_batch() -> None:
+    """From now on a loader worker's death raises in ``next()`` of its iterator, never in the
+    middle of whatever the main thread is running.
+
+    torch's DataLoader installs (once per process, with its first iterator) a SIGCHLD handler
+    that raises "DataLoader worker … is killed by signal" wherever the main thread is when a
+    worker dies: inside a training step's backward, or between two collectives, where one
+    process of a job would leave the others waiting in DDP's all-reduce. With the default
+    handler back, the iterator finds the death itself: each wait for a batch checks its
+    workers every few seconds (torch's MP_STATUS_CHECK_INTERVAL, 5 s) and raises "DataLoader
+    worker (pid(s) …) exited unexpectedly" there, where the loop reads batches and all the
+    processes can agree to stop. Call it after the iterator exists (its creation installs the
+    handler), from the main thread."""
+    import signal
+    import threading
+
+    if hasattr(signal, "SIGCHLD") and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+
+
 def loader(ds: torch.utils.data.Dataset, workers: int = 0, pin_memory: bool = False, background: bool = False):
     """A DataLoader over whole batches (the dataset makes them; no collation). ``background``:
     workers at lower priority (:func:`_yield_to_training`), for training on the CPU."""
