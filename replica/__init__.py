@@ -8,7 +8,7 @@ import importlib
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "AlexNet": "model", "NetOptions": "model", "count_parameters": "model", "cross": "model",
+    "AlexNet": "model", "NetOptions": "config", "count_parameters": "model", "cross": "model",
     "resolve_devices": "model", "LocalResponseNorm": "layers", "SpatialResponseNorm": "layers",
     "NonInvertedDropout": "layers", "ReplicaError": "errors",
 }

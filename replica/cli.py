@@ -7,6 +7,7 @@ import os
 import sys
 from pathlib import Path
 
+from .config import INITS, PRESETS, VARIANTS
 from .errors import ReplicaError
 
 
@@ -16,13 +17,24 @@ def _devices(text: str):
     return parts[0] if len(parts) == 1 else tuple(parts)
 
 
+def _split_settings(items) -> tuple[str | None, list[str]]:
+    """``[CONFIG] [key=value ...]``: an argument with ``=`` is an override, the first other one a config."""
+    config = [a for a in items if "=" not in a]
+    if len(config) > 1:
+        raise ReplicaError(f"expected one CONFIG and key=value overrides, got {len(config)} configs: {config}")
+    return (config[0] if config else None), [a for a in items if "=" in a]
+
+
 def _cmd_model(args) -> int:
+    from .config import load_config
     from .model import AlexNet
     from .summary import summary
 
-    model = AlexNet(args.classes, devices=_devices(args.devices), preset=args.preset, variant=args.variant,
-                    norm=not args.no_norm, overlap=not args.no_overlap, dropout=not args.no_dropout,
-                    init=args.init, width=args.width)
+    config, overrides = _split_settings(args.settings)
+    flags = [f"{k}={getattr(args, k)}" for k in ("preset", "variant", "init", "width") if getattr(args, k) is not None]
+    flags += [f"{k}=false" for k in ("norm", "overlap", "dropout") if getattr(args, f"no_{k}")]
+    net = load_config(config, flags + overrides).net  # the net a training config describes, key=value as in train
+    model = AlexNet.from_options(net, args.classes, devices=_devices(args.devices))
     print(summary(model, batch=args.batch))
     return 0
 
@@ -118,14 +130,14 @@ def _cmd_demo(args) -> int:
 
 
 def _cmd_filters(args) -> int:
-    from .analysis import filters, format_filters
+    from .filters import filters, format_filters
 
     print(format_filters(filters(args.runs, args.out)))
     return 0
 
 
 def _cmd_report(args) -> int:
-    from .analysis import report
+    from .report import report
 
     path = report(args.runs, args.out)
     print(f"wrote {path} and {path.parent / 'curves.png'}")
@@ -133,7 +145,7 @@ def _cmd_report(args) -> int:
 
 
 def _cmd_neighbors(args) -> int:
-    from .analysis import neighbors
+    from .neighbors import neighbors
 
     dest = neighbors(args.run, args.queries, args.k, args.data, args.out, _devices(args.devices))
     print(dest.with_suffix(".txt").read_text(), end="")
@@ -157,16 +169,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train in float32 even where the CPU has native bf16 (as most CPUs train)")
     d.set_defaults(func=_cmd_demo)
 
-    m = sub.add_parser("model", help="build the net, print its layers, parameters and devices, time one step")
-    m.add_argument("--preset", default="as-run", choices=["as-run", "paper-text"])
-    m.add_argument("--variant", default="two-tower", choices=["two-tower", "one-gpu-half"])
-    m.add_argument("--init", default=None, choices=["as-run", "paper-text", "caffe"],
-                   help="weight init scheme (default: the preset's)")
+    m = sub.add_parser("model", help="build the net, print its layers, parameters and devices, time one step",
+                       description="The net a config describes: replica model [CONFIG] [key=value ...], the same "
+                                   "CONFIG and overrides as train (e.g. replica model no-norm, replica model "
+                                   "preset=paper-text width=0.5); the flags below are the same switches.")
+    m.add_argument("settings", nargs="*", metavar="[CONFIG] [key=value]",
+                   help="a YAML config and/or overrides, as for train; only the net's keys matter here")
+    m.add_argument("--preset", default=None, choices=list(PRESETS))
+    m.add_argument("--variant", default=None, choices=list(VARIANTS))
+    m.add_argument("--init", default=None, choices=list(INITS), help="weight init scheme (default: the preset's)")
     m.add_argument("--no-norm", action="store_true", help="ablation 148: no LRN, no spatial norm")
     m.add_argument("--no-overlap", action="store_true", help="ablation 147: non-overlapping pooling")
     m.add_argument("--no-dropout", action="store_true", help="ablation: dropout off")
     m.add_argument("--classes", type=int, default=1000)
-    m.add_argument("--width", type=float, default=1.0, help="every layer's filters and units × this (1: the paper's net)")
+    m.add_argument("--width", type=float, default=None, help="every layer's filters and units × this (1: the paper's net)")
     m.add_argument("--devices", default="auto", help="auto, cpu, cuda:0, or a pair such as cuda:0,cuda:1")
     m.add_argument("--batch", type=int, default=8, help="batch for the timed train step (0 to skip)")
     m.set_defaults(func=_cmd_model)
@@ -262,7 +278,11 @@ def entry(argv=None) -> None:
     """
     import gc
 
-    code = main(argv)
+    try:
+        code = main(argv)
+    except BrokenPipeError:  # `replica model | head`: the reader has gone; as a shell tool exits (128 + SIGPIPE)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the interpreter's own flush must not fail
+        code = 141
     gc.freeze()
     raise SystemExit(code)
 

@@ -5,7 +5,7 @@ Per kernel w (3×h×w):
     colour specificity = 1 − 3·Σ_pixels m² / Σ w²,   m = the per-pixel mean over R, G, B
 
 the fraction of the kernel's energy off the achromatic (grey) axis: 0 for a grey kernel, 1 for
-a kernel whose channels cancel at every pixel. ``replica.analysis`` draws and summarizes it;
+a kernel whose channels cancel at every pixel. ``replica.filters`` draws and summarizes it;
 the training loop records each tower's median every epoch (a few milliseconds).
 """
 from __future__ import annotations

@@ -15,6 +15,81 @@ import yaml
 
 from .errors import ReplicaError
 
+PRESETS = ("as-run", "paper-text")
+VARIANTS = ("two-tower", "one-gpu-half")
+INITS = ("as-run", "paper-text", "caffe")
+
+
+@dataclass(frozen=True)
+class NetOptions:
+    """The one record of the net: every option that changes what it computes, none of how it runs.
+
+    Built from a :class:`Config` in one place (:attr:`Config.net`), stored whole in each checkpoint,
+    compared whole on resume (:func:`replica.runs.check_compatible`), and what rebuilds the net for
+    eval, predict, filters and neighbours. Its defaults are run 145 (the as-run preset); a
+    :class:`Config` key of the same name and default exists for each field (tested), so a YAML
+    file or ``key=value`` sets it. A new ablation switch is a field here, its key in
+    :class:`Config`, its use in :mod:`replica.model`, a YAML file and a test.
+    """
+
+    preset: str = "as-run"  # or "paper-text" (SPEC.md §1-3)
+    variant: str = "two-tower"  # "one-gpu-half" = run 145-half
+    width: float = 1.0  # every layer's filters and units × width (at least 1 each); 1: the paper's net
+    norm: bool = True  # False = run 148: no LRN and no spatial norm
+    overlap: bool = True  # False = run 147: pool 2/2 ceil, conv2 pad 1, conv5 pad 0
+    dropout: bool = True
+    init: str | None = None  # None = the preset's own
+
+    def __post_init__(self):
+        for name, allowed in (("preset", PRESETS), ("variant", VARIANTS), ("init", INITS + (None,))):
+            value = getattr(self, name)
+            if value not in allowed:
+                choices = ", ".join(repr(a) for a in allowed if a is not None)
+                raise ReplicaError(f"{name}: expected one of {choices}, got {value!r}")
+        if isinstance(self.width, bool) or not isinstance(self.width, (int, float)) or not self.width > 0:
+            raise ReplicaError(f"width: expected a positive number, got {self.width!r}")
+        for name in ("norm", "overlap", "dropout"):
+            if not isinstance(getattr(self, name), bool):
+                raise ReplicaError(f"{name}: expected true or false, got {getattr(self, name)!r}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "NetOptions":
+        """From a checkpoint's record; a key an older checkpoint lacks takes its default (each
+        option was added with the default that older nets computed), other keys are ignored."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    def differences(self, other: "NetOptions") -> list[str]:
+        """The names of the options that differ, in declaration order."""
+        return [f.name for f in fields(self) if getattr(self, f.name) != getattr(other, f.name)]
+
+    @property
+    def towers(self) -> int:
+        return 1 if self.variant == "one-gpu-half" else 2
+
+    @property
+    def lrn_alpha(self) -> float:
+        # torch convention (α/n per square). as-run: scale=1e-4, divided by size=5 in the parser
+        # (layer.py:1183). paper-text: the printed α=1e-4 applies to the sum itself, i.e. 5e-4.
+        return 1e-4 if self.preset == "as-run" else 5e-4
+
+    @property
+    def lrn_before_relu(self) -> bool:
+        # as-run: rnorm1 reads the pre-ReLU conv1 output (layers-145.cfg:35-63).
+        return self.preset == "as-run"
+
+    @property
+    def spatial_norm(self) -> bool:
+        # as-run: cnorm2a/b after rnorm2 (layers-145.cfg:107-117); absent from the paper.
+        return self.preset == "as-run" and self.norm
+
+    @property
+    def init_scheme(self) -> str:
+        return self.init or self.preset
+
 
 @dataclass(frozen=True)
 class Config:
@@ -30,7 +105,7 @@ class Config:
     workers: int = 2  # loader processes
     decode: str = "auto"  # JPEG store: "workers" (CPU, libjpeg-turbo), "device" (the batch, nvJPEG on CUDA); auto: workers (faster on an H200 with 16 cores, docs/performance.md)
     strict_data: bool = False  # a bad or missing input stops the run (default: skip it, log it, count it)
-    # -- model ---------------------------------------------------------------------------------
+    # -- model: the fields of NetOptions, each with its default there ------------------------------
     preset: str = "as-run"  # or "paper-text" (SPEC.md §1-3)
     variant: str = "two-tower"  # or "one-gpu-half" (run 145-half)
     width: float = 1.0  # every layer's filters and units × width (at least 1 each); 1: the paper's net; less: quick trials (the test suite's mechanics tests run 1/16)
@@ -74,6 +149,11 @@ class Config:
         _check(self)
 
     @property
+    def net(self) -> NetOptions:
+        """The net these settings describe: the one place a NetOptions is built from a config."""
+        return NetOptions(**{f.name: getattr(self, f.name) for f in fields(NetOptions)})
+
+    @property
     def pca_kind(self) -> str:
         return self.pca_mode or self.preset
 
@@ -83,15 +163,12 @@ class Config:
         return d
 
 
-CHOICES = {
-    "preset": ("as-run", "paper-text"),
-    "variant": ("two-tower", "one-gpu-half"),
-    "init": (None, "as-run", "paper-text", "caffe"),
-    "pca_mode": (None, "as-run", "paper-text"),
+CHOICES = {  # the net's own (preset, variant, init) are checked by NetOptions
+    "pca_mode": (None,) + PRESETS,
     "schedule": ("as-run", "plateau"),
     "decode": ("auto", "workers", "device"),
 }
-POSITIVE = ("batch_size", "epochs", "lr", "crop", "schedule_epochs", "checkpoint_minutes", "width")
+POSITIVE = ("batch_size", "epochs", "lr", "crop", "schedule_epochs", "checkpoint_minutes")
 NON_NEGATIVE = ("momentum", "weight_decay", "workers", "stall_steps", "plateau_patience", "plateau_max_drops",
                 "bias_lr", "warmup_epochs")
 
@@ -101,6 +178,7 @@ PAPER_TEXT = dict(preset="paper-text", schedule="plateau", epochs=90, bias_lr=No
 
 
 def _check(c: Config) -> None:
+    c.net  # noqa: B018  (validates the net's options)
     for name, allowed in CHOICES.items():
         v = getattr(c, name)
         if v not in allowed:

@@ -12,7 +12,8 @@ from pathlib import Path
 import torch
 import yaml
 
-from .analysis import filters, report
+from .filters import filters
+from .report import report
 from .config import load_config
 from .errors import ReplicaError
 from .inference import format_eval, run_eval
@@ -124,4 +125,4 @@ def _check_same_recipe(run: Path, cfg, out: Path) -> None:
 def _finished(run: Path) -> bool:
     from .runs import load_checkpoint
 
-    return bool(load_checkpoint(run / "last.pt")["progress"].get("done"))
+    return bool(load_checkpoint(run / "last.pt").progress.done)

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
+import time
 
 import torch
 
@@ -266,3 +268,40 @@ def setup_ranks(devices: str, towers: int, per_process: int, batch_size: int) ->
     ranks = Ranks(rank, world, group, distributed=True, owns_group=owns)
     check_distinct_gpus(ranks, resolved)
     return ranks, resolved
+
+
+class StopSignals:
+    """Ctrl-C / SIGTERM: finish the step, save, exit cleanly.
+
+    A second signal stops at once, unless ``escalate`` is off or it comes within a second of
+    the first: a terminal's Ctrl-C reaches every process of the group, and torchrun forwards
+    the signal it got to its workers again, so one Ctrl-C can arrive twice. Under torchrun a
+    worker never escalates; the agent kills workers that have not exited 30 s after it.
+    """
+
+    def __init__(self):
+        self.requested = None
+        self.escalate = True
+        self._first = 0.0
+        self._old = {}
+
+    def __enter__(self):
+        if hasattr(signal, "SIGTERM"):
+            for s in (signal.SIGINT, signal.SIGTERM):
+                try:
+                    self._old[s] = signal.signal(s, self._handle)
+                except ValueError:  # not the main thread
+                    pass
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested is not None:
+            if self.escalate and time.monotonic() - self._first > 1.0:  # a second Ctrl-C: stop now
+                raise KeyboardInterrupt
+            return
+        self.requested = signal.Signals(signum).name
+        self._first = time.monotonic()
+
+    def __exit__(self, *exc):
+        for s, h in self._old.items():
+            signal.signal(s, h)

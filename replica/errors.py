@@ -13,3 +13,7 @@ class ReplicaError(Exception):
     def __init__(self, *args, quiet: bool = False, agreed: bool = False):
         super().__init__(*args)
         self.quiet, self.agreed = quiet, agreed
+
+
+class TrainingStopped(ReplicaError):
+    """The run stopped on purpose (NaN loss); the message says why and what was kept."""

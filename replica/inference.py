@@ -14,7 +14,7 @@ from .errors import ReplicaError
 from .evaluate import evaluate, percent, predict_probs
 from .data.imageio import BadImage, read_prepared
 from .model import AlexNet
-from .runs import atomic_write, load_checkpoint, run_checkpoint
+from .runs import Checkpoint, atomic_write, load_checkpoint, run_checkpoint
 from .runtime import fast_bf16, set_cuda_numerics
 
 
@@ -22,20 +22,19 @@ from .runtime import fast_bf16, set_cuda_numerics
 TRAIN_SPLIT_ONLY = "training images (the store has no val split)"
 
 
-def model_from_checkpoint(ckpt: dict, devices="auto") -> AlexNet:
-    m = ckpt["meta"]
-    model = AlexNet(m["num_classes"], devices=devices, preset=m["preset"], variant=m["variant"], norm=m["norm"],
-                    overlap=m["overlap"], dropout=m["dropout"], init=m.get("init"), width=m.get("width", 1.0))
+def model_from_checkpoint(ck: Checkpoint, devices="auto") -> AlexNet:
+    """The net the checkpoint's options describe, with its weights, in eval mode."""
+    model = AlexNet.from_options(ck.net, ck.num_classes, devices)
     try:
-        model.load_state_dict(ckpt["model"])
+        model.load_state_dict(ck.model)
     except RuntimeError as e:
-        raise ReplicaError(f"checkpoint weights do not fit the {m['variant']} model: {str(e).splitlines()[0]}") from None
+        raise ReplicaError(f"checkpoint weights do not fit the {ck.net.variant} model: {str(e).splitlines()[0]}") from None
     return model.eval()
 
 
-def trained_precision_bf16(ckpt: dict, model: AlexNet) -> bool:
+def trained_precision_bf16(ck: Checkpoint, model: AlexNet) -> bool:
     """Evaluate as the run trained: bf16 autocast if it trained so and the device has native bf16."""
-    return bool(ckpt["config"].get("bf16")) and fast_bf16(model.devices[0])
+    return ck.bf16 and fast_bf16(model.devices[0])
 
 
 def open_split(data, split: str, training_data=None):
@@ -79,29 +78,27 @@ def run_eval(target, data=None, views=(1, 10), devices="auto", batch: int = 32, 
     if bf16 is None:
         bf16 = trained_precision_bf16(ckpt, model)
     if tf32 is None:  # as the run trained (false: true float32), never cuDNN's TF32 default
-        tf32 = bool(ckpt["config"].get("tf32", False))
+        tf32 = bool(ckpt.config.get("tf32", False))
     numerics = set_cuda_numerics(tf32)
     cuda = any(d.type == "cuda" for d in model.devices)
     if data is None:
-        data = (ckpt["config"].get("val_data") if split == "val" else None) or ckpt["config"].get("data")
+        data = (ckpt.config.get("val_data") if split == "val" else None) or ckpt.config.get("data")
         if data is None:
             raise ReplicaError("no --data given and the checkpoint names none")
-    images = open_split(data, split, training_data=ckpt["config"].get("data"))
+    images = open_split(data, split, training_data=ckpt.config.get("data"))
     images_of = {"train": "training images", "val": "validation images", "test": "test images"}[split]
     if split == "val" and getattr(images, "split", None) == "train" and (Path(data) / "meta.json").exists():
         images_of = TRAIN_SPLIT_ONLY  # a store records its splits: this one holds training images only
-    images, subset = match_classes(images, ckpt["meta"]["classes"], data)
+    images, subset = match_classes(images, ckpt.classes, data)
     if len(images) == 0:
         raise ReplicaError(f"{data}: the {split} split holds no images")
-    mean = ckpt["mean"].numpy()
-    crop = ckpt["meta"].get("crop", augment.CROP)
-    results = evaluate(model, images, mean, views=tuple(views), batch=batch, crop=crop, progress=progress,
-                       bf16=bf16, workers=workers)
-    prog = ckpt["progress"]
+    results = evaluate(model, images, ckpt.mean.numpy(), views=tuple(views), batch=batch, crop=ckpt.crop,
+                       progress=progress, bf16=bf16, workers=workers)
+    prog = ckpt.progress
     out = dict(checkpoint=str(ckpt_path), network=checkpoint if target.is_dir() else "file",
-               epoch=prog.get("epoch"), step=prog.get("step"), finished=bool(prog.get("done")),
+               epoch=prog.epoch, step=prog.step, finished=bool(prog.done),
                split=split, images_of=images_of,
-               data=str(data), dataset=ckpt["meta"].get("dataset"), classes=len(ckpt["meta"]["classes"]),
+               data=str(data), dataset=ckpt.dataset, classes=ckpt.num_classes,
                classes_evaluated=subset or "all",
                precision="bf16" if bf16 else "fp32", device=" + ".join(map(str, model.devices)),
                tf32=numerics["tf32"] if cuda else None, **results)
@@ -147,13 +144,12 @@ def predict(ckpt_path, images, topk: int = 5, views: int = 1, devices="auto"):
     ckpt = load_checkpoint(run_checkpoint(Path(ckpt_path)))
     model = model_from_checkpoint(ckpt, devices)
     bf16 = trained_precision_bf16(ckpt, model)
-    classes = ckpt["meta"]["classes"]
-    names = ckpt["meta"].get("names")
+    classes, names = ckpt.classes, ckpt.names
     if names:  # "tench (n01440764)"
         classes = [f"{n.split(',')[0]} ({c})" if n != c else c for n, c in zip(names, classes)]
-    crop = ckpt["meta"].get("crop", augment.CROP)
-    mean_crop = augment.centre_crop_of(ckpt["mean"], crop)
-    size = ckpt["mean"].shape[-1]
+    crop = ckpt.crop
+    mean_crop = augment.centre_crop_of(ckpt.mean, crop)
+    size = ckpt.mean.shape[-1]
     for path in images:
         try:
             u8 = read_prepared(path, size)

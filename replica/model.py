@@ -26,21 +26,16 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .config import NetOptions
 from .errors import ReplicaError
 from .layers import dropout_noninverted, local_response_norm, spatial_response_norm
 
 log = logging.getLogger("replica")
-
-PRESETS = ("as-run", "paper-text")
-VARIANTS = ("two-tower", "one-gpu-half")
-INITS = ("as-run", "paper-text", "caffe")
-
 
 # ----------------------------------------------------------------------------------------------
 # Placement
@@ -100,49 +95,7 @@ def cross(x: Tensor, device: torch.device) -> Tensor:
 
 
 # ----------------------------------------------------------------------------------------------
-# Options
-
-
-@dataclass(frozen=True)
-class NetOptions:
-    """Everything that changes the computation. Defaults are run 145 (the as-run preset)."""
-
-    preset: str = "as-run"
-    norm: bool = True  # False = run 148: no LRN and no spatial norm
-    overlap: bool = True  # False = run 147: pool 2/2 ceil, conv2 pad 1, conv5 pad 0
-    variant: str = "two-tower"  # "one-gpu-half" = run 145-half
-    dropout: bool = True
-    init: str | None = None  # None = the preset's own
-
-    def __post_init__(self):
-        for name, value, allowed in (
-            ("preset", self.preset, PRESETS),
-            ("variant", self.variant, VARIANTS),
-            ("init", self.init, INITS + (None,)),
-        ):
-            if value not in allowed:
-                choices = ", ".join(repr(a) for a in allowed if a is not None)
-                raise ReplicaError(f"{name}: expected one of {choices}, got {value!r}")
-
-    @property
-    def lrn_alpha(self) -> float:
-        # torch convention (α/n per square). as-run: scale=1e-4, divided by size=5 in the parser
-        # (layer.py:1183). paper-text: the printed α=1e-4 applies to the sum itself, i.e. 5e-4.
-        return 1e-4 if self.preset == "as-run" else 5e-4
-
-    @property
-    def lrn_before_relu(self) -> bool:
-        # as-run: rnorm1 reads the pre-ReLU conv1 output (layers-145.cfg:35-63).
-        return self.preset == "as-run"
-
-    @property
-    def spatial_norm(self) -> bool:
-        # as-run: cnorm2a/b after rnorm2 (layers-145.cfg:107-117); absent from the paper.
-        return self.preset == "as-run" and self.norm
-
-    @property
-    def init_scheme(self) -> str:
-        return self.init or self.preset
+# Constants (the net's options are replica.config.NetOptions)
 
 
 LRN_SIZE, LRN_BETA, LRN_K = 5, 0.75, 2.0  # layers-145.cfg:39; layer-params-145.cfg:137-155
@@ -192,7 +145,9 @@ class AlexNet(nn.Module):
         devices: ``"auto"``, one device (``"cpu"``, ``"cuda:0"``) or two (``("cuda:0", "cuda:1")``).
             Tower a lives on the first, tower b and fc8 placement follow SPEC.md §1.
         preset: ``"as-run"`` (what run 145 computed; default) or ``"paper-text"``.
-        norm, overlap, variant, dropout, init: the ablation switches of :class:`NetOptions`.
+        width, norm, overlap, variant, dropout, init: the other fields of
+            :class:`replica.config.NetOptions`; or ``net=`` a whole NetOptions
+            (:meth:`from_options`), as training and a checkpoint give it.
         channels_last, fused_norms: how it runs, not what it computes: activations' memory
             layout, and the norms as compiled loops (settable later as ``model.fused_norms``).
 
@@ -202,7 +157,7 @@ class AlexNet(nn.Module):
     """
 
     def __init__(self, num_classes: int = 1000, devices="auto", preset: str = "as-run", *,
-                 channels_last: bool = True, fused_norms: bool = False, width: float = 1.0, **options):
+                 channels_last: bool = True, fused_norms: bool = False, net: NetOptions | None = None, **options):
         super().__init__()
         # Layout only, not math. On CPU, torch's NCHW max-pooling is slow and its channels_last
         # kernel is not; tools/bench.py model times the train step in both layouts.
@@ -211,15 +166,15 @@ class AlexNet(nn.Module):
         self.fused_norms = fused_norms
         if not isinstance(num_classes, int) or num_classes < 1:
             raise ReplicaError(f"num_classes: expected a positive integer, got {num_classes!r}")
-        unknown = set(options) - {"norm", "overlap", "variant", "dropout", "init"}
+        allowed = [f for f in NetOptions.__dataclass_fields__ if f != "preset"]
+        unknown = set(options) - set(allowed)
         if unknown:
-            raise ReplicaError(f"AlexNet: unknown option(s) {sorted(unknown)}; "
-                               "expected norm, overlap, variant, dropout, init")
-        self.opts = NetOptions(preset=preset, **options)
+            raise ReplicaError(f"AlexNet: unknown option(s) {sorted(unknown)}; expected {', '.join(allowed)}")
+        if net is not None and (options or preset != "as-run"):
+            raise ReplicaError("AlexNet: give the options either as net=NetOptions(...) or one by one, not both")
+        self.opts = net if net is not None else NetOptions(preset=preset, **options)
         self.num_classes = num_classes
-        if not isinstance(width, (int, float)) or not width > 0:
-            raise ReplicaError(f"width: expected a positive number, got {width!r}")
-        self.width = float(width)
+        self.width = float(self.opts.width)
         conv2_pad, conv5_pad = (2, 1) if self.opts.overlap else (1, 0)
         pool5 = output_sizes(self.opts.overlap)["pool5"] ** 2  # 6×6 positions
 
@@ -240,6 +195,11 @@ class AlexNet(nn.Module):
         self.fc8 = nn.Linear(fc8_in, num_classes)
         self.reset_parameters()
         self.place(devices)
+
+    @classmethod
+    def from_options(cls, net: NetOptions, num_classes: int, devices="auto", **how) -> "AlexNet":
+        """The net a :class:`NetOptions` describes (``how``: channels_last, fused_norms)."""
+        return cls(num_classes, devices, net=net, **how)
 
     # -- setup ---------------------------------------------------------------------------------
 

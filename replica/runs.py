@@ -9,30 +9,172 @@ A run folder holds::
     best.pt          the checkpoint with the lowest one-view validation top-1 error (on request)
     eval.json        what `replica eval` measured
 
-Checkpoints hold tensors, numbers, strings, lists and dicts only, and are read with
+A checkpoint is a :class:`Checkpoint`: what it holds is declared there, once, and every reader
+(train's resume, eval, predict, filters, neighbours, the demo) goes through it, never through raw
+keys. On disk it holds tensors, numbers, strings, lists and dicts only, and is read with
 ``torch.load(weights_only=True)``: a crafted file cannot run code, it gets a clear error.
+Version 1 (before the net's options were one record) still loads.
 """
 from __future__ import annotations
 
+import ast
+import dataclasses
 import json
+import math
 import os
 import pickle
 import platform
+import random
 import subprocess
+import time
 import zipfile
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
+from .config import NetOptions
 from .errors import ReplicaError
 from .fileio import atomic_write
 
 CKPT_FORMAT = "replica-checkpoint"
-CKPT_VERSION = 1
+CKPT_VERSION = 2  # 2: the net's options as one record ("net"), the data's in "data"; 1: both in "meta"
 
 
-def save_checkpoint(path: Path, ckpt: dict) -> None:
-    atomic_write(path, lambda f: torch.save(ckpt, f))
+@dataclass
+class Progress:
+    """Where a run stands: epochs done, steps into the next, steps in all, the best one-view
+    validation error so far, whether it finished; the metrics lines so far (metrics.jsonl is
+    rewritten from them on resume) and the running sums of an epoch stopped part-way."""
+
+    epoch: int = 0
+    in_epoch: int = 0
+    step: int = 0
+    best: float = math.inf
+    done: bool = False
+    records: list = field(default_factory=list)
+    partial: dict | None = None  # Tally.partial()
+
+
+@dataclass
+class Checkpoint:
+    """What a checkpoint holds.
+
+    The net: ``net`` (its options) and ``model`` (its ``state_dict``, on the CPU), with ``classes``
+    (fc8's outputs, in order), their ``names`` and the ``dataset`` when known. The input: ``mean``
+    (the mean image, 3×256×256), ``crop`` (the input size), ``pca`` (the colour noise's
+    eigenvectors). The run: ``config`` (the resolved config, as a dict), ``progress``, the
+    optimizer's ``momentum``, the ``schedule``'s state, and ``rng``: one RNG state per process
+    (:func:`rng_state`). ``source``: where the weights came from when not trained here.
+    """
+
+    net: NetOptions
+    classes: list
+    model: dict
+    mean: torch.Tensor
+    crop: int = 224
+    names: list | None = None
+    dataset: str | None = None
+    pca: dict = field(default_factory=dict)
+    config: dict = field(default_factory=dict)
+    progress: Progress = field(default_factory=Progress)
+    momentum: dict | None = None
+    velocity: dict | None = None  # before the fused optimizer (version 1): velocities only
+    schedule: dict | None = None
+    rng: list = field(default_factory=list)
+    source: dict | None = None
+    path: Path | None = None  # where it was read from
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def bf16(self) -> bool:
+        """Whether it trained under bf16 autocast."""
+        return bool(self.config.get("bf16"))
+
+    def to_dict(self) -> dict:
+        return dict(format=CKPT_FORMAT, version=CKPT_VERSION, net=self.net.to_dict(),
+                    data=dict(classes=list(self.classes), names=list(self.names) if self.names else None,
+                              dataset=self.dataset, crop=self.crop),
+                    model=self.model, mean=self.mean, pca=self.pca, config=self.config,
+                    progress=dataclasses.asdict(self.progress), momentum=self.momentum, schedule=self.schedule,
+                    rng=self.rng, source=self.source)
+
+    @classmethod
+    def from_dict(cls, d: dict, path=None) -> "Checkpoint":
+        if d.get("version", 0) >= 2:
+            net, data = NetOptions.from_dict(d["net"]), d["data"]
+        else:  # version 1: the net's options and the data's in one "meta" record
+            net, data = NetOptions.from_dict(d.get("meta", {})), d.get("meta", {})
+        known = {f.name for f in dataclasses.fields(Progress)}
+        return cls(net=net, classes=list(data.get("classes") or []), model=d.get("model", {}), mean=d.get("mean"),
+                   crop=data.get("crop", 224), names=data.get("names"), dataset=data.get("dataset"),
+                   pca=d.get("pca") or {}, config=d.get("config") or {},
+                   progress=Progress(**{k: v for k, v in (d.get("progress") or {}).items() if k in known}),
+                   momentum=d.get("momentum"), velocity=d.get("velocity"), schedule=d.get("schedule"),
+                   rng=list(d.get("rng") or []), source=d.get("source"), path=Path(path) if path else None)
+
+
+@dataclass
+class Tally:
+    """One epoch's running sums, what its metrics line is made of. A checkpoint taken part-way
+    keeps them (:meth:`partial`), so the line of a resumed epoch counts every step once."""
+
+    loss_sum: float = 0.0
+    loss_n: int = 0
+    seen: int = 0  # images, all processes
+    skipped: int = 0  # bad inputs
+    before: float = 0.0  # seconds spent on this epoch before a resume
+    started: float = 0.0
+
+    def __post_init__(self):
+        self.started = time.time()
+
+    @classmethod
+    def from_partial(cls, p: dict) -> "Tally":
+        return cls(p["loss_sum"], p["loss_n"], p["seen"], p["skipped"], p["seconds"])
+
+    def partial(self) -> dict:
+        return dict(loss_sum=self.loss_sum, loss_n=self.loss_n, seen=self.seen, skipped=self.skipped,
+                    seconds=self.elapsed())
+
+    def add_loss(self, v: float) -> None:
+        self.loss_sum, self.loss_n = self.loss_sum + v, self.loss_n + 1
+
+    def mean_loss(self) -> float | None:
+        return self.loss_sum / self.loss_n if self.loss_n else None
+
+    def elapsed(self) -> float:
+        return self.before + time.time() - self.started
+
+    def rate(self) -> float:
+        return self.seen / max(self.elapsed(), 1e-9)
+
+
+def rng_state() -> dict:
+    """This process's RNG states (torch, Python, numpy, CUDA), as plain data for a checkpoint."""
+    st = dict(torch=torch.get_rng_state(), python=repr(random.getstate()),
+              numpy=json.dumps([v.tolist() if isinstance(v, np.ndarray) else v for v in np.random.get_state()]))
+    if torch.cuda.is_available():
+        st["cuda"] = torch.cuda.get_rng_state_all()
+    return st
+
+
+def set_rng_state(st: dict) -> None:
+    torch.set_rng_state(st["torch"])
+    random.setstate(ast.literal_eval(st["python"]))
+    n = json.loads(st["numpy"])
+    np.random.set_state((n[0], np.asarray(n[1], np.uint32), *n[2:]))
+    if "cuda" in st and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(st["cuda"][: torch.cuda.device_count()])
+
+
+def save_checkpoint(path: Path, ckpt: Checkpoint) -> None:
+    data = ckpt.to_dict()
+    atomic_write(path, lambda f: torch.save(data, f))
 
 
 def run_checkpoint(path, which: str = "last") -> Path:
@@ -52,7 +194,7 @@ def run_checkpoint(path, which: str = "last") -> Path:
     return path
 
 
-def load_checkpoint(path) -> dict:
+def load_checkpoint(path) -> Checkpoint:
     """Read a checkpoint safely; a run folder means its ``last.pt``."""
     path = Path(path)
     if path.is_dir():
@@ -74,15 +216,21 @@ def load_checkpoint(path) -> dict:
         raise ReplicaError(f"{path}: not a replica checkpoint")
     if ckpt.get("version", 0) > CKPT_VERSION:
         raise ReplicaError(f"{path}: written by a newer replica (checkpoint version {ckpt['version']})")
-    return ckpt
+    try:
+        return Checkpoint.from_dict(ckpt, path)
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise ReplicaError(f"{path}: a replica checkpoint with a damaged record ({type(e).__name__}: {e})") from None
 
 
-def check_compatible(meta: dict, expected: dict, path) -> None:
-    """Refuse a checkpoint of another class count, variant or preset, saying which."""
-    for key in ("num_classes", "variant", "preset", "norm", "overlap"):
-        if key in expected and meta.get(key) != expected[key]:
-            raise ReplicaError(f"{path}: checkpoint has {key}={meta.get(key)!r}, but this run has "
-                               f"{key}={expected[key]!r}")
+def check_compatible(ckpt: Checkpoint, net: NetOptions, classes, path) -> None:
+    """Refuse a checkpoint of another net (any of its options) or other classes, saying which."""
+    for key in ckpt.net.differences(net):
+        raise ReplicaError(f"{path}: checkpoint has {key}={getattr(ckpt.net, key)!r}, but this run has "
+                           f"{key}={getattr(net, key)!r}")
+    if list(ckpt.classes) != list(classes):
+        what = (f"num_classes={ckpt.num_classes}, but this run has num_classes={len(classes)}"
+                if ckpt.num_classes != len(classes) else "other classes (or another order) than this run's data")
+        raise ReplicaError(f"{path}: checkpoint has {what}")
 
 
 def code_version() -> dict:

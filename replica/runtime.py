@@ -167,3 +167,29 @@ def describe_numerics(n: dict) -> str:
     """'TF32 off, cudnn.benchmark on, nondeterministic' (what a CUDA float32 figure means)."""
     return (f"TF32 {'on' if n.get('tf32') else 'off'}, cudnn.benchmark {'on' if n.get('cudnn_benchmark') else 'off'}, "
             f"{'deterministic' if n.get('deterministic') else 'nondeterministic'} algorithms")
+
+
+def to_device(t, device):
+    """``t`` on ``device`` with no host wait: onto a GPU from pinned memory, non-blocking. A copy
+    from pageable memory, or a blocking one, makes the CPU wait until the GPU has drained its
+    queue, once per step. Batches arrive pinned from the loader; a tensor that lost its pinning
+    (a batch shortened by a bad input) is pinned again here."""
+    if t is None or t.device == device:
+        return t
+    if device.type == "cuda" and t.device.type == "cpu" and not t.is_pinned():
+        t = t.pin_memory()
+    return t.to(device, non_blocking=True)
+
+
+def fused_norms_for(cfg, device) -> bool:
+    """``fused_norms``: true / false as set; null (the default) turns them on where they were
+    measured faster: on a GPU (Triton; an H200, batch 256: 1.41× the eager step in bf16, 1.26×
+    in float32; docs/performance.md) and for float32 on the CPU; not under bf16 on the CPU (no
+    faster than the eager path there, so not worth a compile). With ``compile=true`` the
+    default is off: the whole-model compile fuses the eager norms itself (bench.py defaults:
+    1.22× the fused-norm step on the H200). ``REPLICA_FUSED_NORMS=0`` turns the default off."""
+    if cfg.fused_norms is not None:
+        return cfg.fused_norms
+    if os.environ.get("REPLICA_FUSED_NORMS", "1") == "0" or cfg.compile:
+        return False
+    return device.type == "cuda" or not cfg.bf16

@@ -17,193 +17,40 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
-import random
-import signal
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 from . import augment
-from .config import Config, dump_config
 from .colour import tower_medians
-from .data.loaders import (TrainBatches, compute_stats, decode_if_encoded, loader, match_classes, open_heldout,
-                           open_images, worker_deaths_at_next_batch)
+from .config import Config, dump_config
+from .data.loaders import (TrainBatches, check_stats_feasible, data_stats, decode_if_encoded, loader,
+                           open_training, worker_deaths_at_next_batch)
 from .data.store import PreparedStore
-from .dist import setup_ranks
-from .errors import ReplicaError
+from .dist import StopSignals, setup_ranks
+from .errors import ReplicaError, TrainingStopped
 from .evaluate import evaluate, percent
 from .model import AlexNet
 from .optim import PaperSGD, Schedule, apply_lrs, param_groups
-from .runs import (CKPT_FORMAT, CKPT_VERSION, append_metrics, atomic_write, check_compatible, code_version,
-                   load_checkpoint, log_bad_inputs, save_checkpoint, write_metrics)
-from .runtime import autocast, describe_numerics, set_cuda_numerics
+from .runs import (Checkpoint, Progress, Tally, append_metrics, atomic_write, check_compatible, code_version,
+                   load_checkpoint, log_bad_inputs, rng_state, save_checkpoint, set_rng_state, write_metrics)
+from .runtime import autocast, describe_numerics, fused_norms_for, set_cuda_numerics, to_device
 
 log = logging.getLogger("replica")
 
 # Losses stay on the device and are read (and checked for NaN) every this many steps, and
 # before every save: reading one makes the CPU wait for the GPU. On the CPU there is no wait.
 LOSS_READ_STEPS = {"cpu": 1, "cuda": 20}
-# Image folders are read on the fly for small sets; past this many images, the statistics alone
-# would take an hour in one thread before step 1: ``prepare`` does it once on every core.
-STATS_ON_THE_FLY_MAX = 50_000
-
-
-def to_device(t, device):
-    """``t`` on ``device`` with no host wait: onto a GPU from pinned memory, non-blocking. A copy
-    from pageable memory, or a blocking one, makes the CPU wait until the GPU has drained its
-    queue, once per step. Batches arrive pinned from the loader; a tensor that lost its pinning
-    (a batch shortened by a bad input) is pinned again here."""
-    if t is None or t.device == device:
-        return t
-    if device.type == "cuda" and t.device.type == "cpu" and not t.is_pinned():
-        t = t.pin_memory()
-    return t.to(device, non_blocking=True)
-
-
-class TrainingStopped(ReplicaError):
-    """The run stopped on purpose (NaN loss); the message says why and what was kept."""
 
 
 # ----------------------------------------------------------------------------------------------
 # Setup
 
 
-def open_data(cfg: Config):
-    """(train images, val images or None, class names).
-
-    ``val_data``'s classes are matched to the training classes by name (a subset is allowed and
-    logged; a class training never saw is an error). A validation split that holds no image is
-    an error too: it would log 0.00% error and keep epoch 1 as the best."""
-    if cfg.data is None:
-        raise ReplicaError("data: required; give a prepared store or an image folder (data=PATH)")
-    train = open_images(cfg.data, "train")
-    where = cfg.val_data or cfg.data
-    if cfg.val_data:
-        val, subset = match_classes(open_heldout(cfg.val_data), train.classes, cfg.val_data)
-        if subset:
-            log.info("val_data %s: %s (labels matched to the training classes by name)", cfg.val_data, subset)
-    else:
-        try:
-            val = open_images(cfg.data, "val")
-        except ReplicaError:  # no validation split: train-loss-only metrics
-            val = None
-    if val is not None and len(val) == 0:
-        raise ReplicaError(f"{where}: the validation split holds no images; prepare it again from class folders "
-                           f"(val/<class>/<image>), or give val_data=PATH")
-    return train, val, train.classes
-
-
-def data_stats(train, run: Path):
-    """Mean image and PCA: the store's own, or computed once for files and kept in the run."""
-    if isinstance(train, PreparedStore):
-        return train.mean(), train.pca()
-    cache = run / "stats.npz"
-    if cache.exists():
-        z = np.load(cache, allow_pickle=False)
-        return z["mean"], json.loads(str(z["pca"]))
-    mean, pca = compute_stats(train, progress=True)
-    atomic_write(cache, lambda f: np.savez(f, mean=mean, pca=np.array(json.dumps(pca))))
-    return mean, pca
-
-
-def check_stats_feasible(train, run: Path) -> None:
-    """Image folders are fine on the fly when small; past STATS_ON_THE_FLY_MAX images the mean
-    and PCA alone would take hours in one thread before step 1: say so (in every process, so
-    none waits for rank 0's statistics alone)."""
-    if isinstance(train, PreparedStore) or (run / "stats.npz").exists() or len(train) <= STATS_ON_THE_FLY_MAX:
-        return
-    hours = len(train) / 200 / 3600  # ~200 images/s decoded and resized in one thread
-    root = train.source.root
-    raise ReplicaError(f"data={root} holds {len(train):,} images: their mean image and PCA would take about "
-                       f"{hours:.1f} h in one thread before step 1 (longer than a DDP timeout); run 'replica prepare "
-                       f"{root} STORE' once (all cores, resumable) and train with data=STORE")
-
-
-def fused_norms_for(cfg: Config, device: torch.device) -> bool:
-    """``fused_norms``: true / false as set; null (the default) turns them on where they were
-    measured faster: on a GPU (Triton; an H200, batch 256: 1.41× the eager step in bf16, 1.26×
-    in float32; docs/performance.md) and for float32 on the CPU; not under bf16 on the CPU (no
-    faster than the eager path there, so not worth a compile). With ``compile=true`` the
-    default is off: the whole-model compile fuses the eager norms itself (bench.py defaults:
-    1.22× the fused-norm step on the H200). ``REPLICA_FUSED_NORMS=0`` turns the default off."""
-    if cfg.fused_norms is not None:
-        return cfg.fused_norms
-    if os.environ.get("REPLICA_FUSED_NORMS", "1") == "0" or cfg.compile:
-        return False
-    return device.type == "cuda" or not cfg.bf16
-
-
 def build_model(cfg: Config, num_classes: int, devices) -> AlexNet:
-    return AlexNet(num_classes, devices=devices, preset=cfg.preset, variant=cfg.variant, norm=cfg.norm,
-                   overlap=cfg.overlap, dropout=cfg.dropout, init=cfg.init, channels_last=cfg.channels_last,
-                   width=cfg.width)
-
-
-def model_meta(cfg: Config, num_classes: int, classes, names=None, dataset=None) -> dict:
-    return dict(num_classes=num_classes, variant=cfg.variant, preset=cfg.preset, norm=cfg.norm,
-                overlap=cfg.overlap, dropout=cfg.dropout, init=cfg.init, width=cfg.width, crop=cfg.crop,
-                classes=list(classes),
-                names=list(names) if names else None, dataset=dataset)
-
-
-def rng_state() -> dict:
-    st = dict(torch=torch.get_rng_state(), python=repr(random.getstate()),
-              numpy=json.dumps([v.tolist() if isinstance(v, np.ndarray) else v for v in np.random.get_state()]))
-    if torch.cuda.is_available():
-        st["cuda"] = torch.cuda.get_rng_state_all()
-    return st
-
-
-def set_rng_state(st: dict) -> None:
-    import ast
-
-    torch.set_rng_state(st["torch"])
-    random.setstate(ast.literal_eval(st["python"]))
-    n = json.loads(st["numpy"])
-    np.random.set_state((n[0], np.asarray(n[1], np.uint32), *n[2:]))
-    if "cuda" in st and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(st["cuda"][: torch.cuda.device_count()])
-
-
-class _Stop:
-    """Ctrl-C / SIGTERM: finish the step, save, exit cleanly.
-
-    A second signal stops at once, unless ``escalate`` is off or it comes within a second of
-    the first: a terminal's Ctrl-C reaches every process of the group, and torchrun forwards
-    the signal it got to its workers again, so one Ctrl-C can arrive twice. Under torchrun a
-    worker never escalates; the agent kills workers that have not exited 30 s after it.
-    """
-
-    def __init__(self):
-        self.requested = None
-        self.escalate = True
-        self._first = 0.0
-        self._old = {}
-
-    def __enter__(self):
-        if hasattr(signal, "SIGTERM"):
-            for s in (signal.SIGINT, signal.SIGTERM):
-                try:
-                    self._old[s] = signal.signal(s, self._handle)
-                except ValueError:  # not the main thread
-                    pass
-        return self
-
-    def _handle(self, signum, frame):
-        if self.requested is not None:
-            if self.escalate and time.monotonic() - self._first > 1.0:  # a second Ctrl-C: stop now
-                raise KeyboardInterrupt
-            return
-        self.requested = signal.Signals(signum).name
-        self._first = time.monotonic()
-
-    def __exit__(self, *exc):
-        for s, h in self._old.items():
-            signal.signal(s, h)
+    return AlexNet.from_options(cfg.net, num_classes, devices, channels_last=cfg.channels_last)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -215,15 +62,15 @@ class _Run:
 
     def __init__(self, cfg: Config, out, progress: bool):
         self.cfg, self.run, self.progress = cfg, Path(out), progress
-        towers = 1 if cfg.variant == "one-gpu-half" else 2
-        self.ranks, self.devices = setup_ranks(cfg.devices, towers, cfg.devices_per_process, cfg.batch_size)
+        self.ranks, self.devices = setup_ranks(cfg.devices, cfg.net.towers, cfg.devices_per_process, cfg.batch_size)
         self.dev0 = self.devices[0]  # tower a's and fc8's device: where the batch goes
         self.main = self.ranks.main
         self.per_rank = cfg.batch_size // self.ranks.world
         if self.main:
             self.run.mkdir(parents=True, exist_ok=True)
 
-        self.train_images, self.val_images, classes = open_data(cfg)
+        self.train_images, self.val_images = open_training(cfg.data, cfg.val_data)
+        classes = self.train_images.classes
         if cfg.num_classes is not None and cfg.num_classes != len(classes):
             raise ReplicaError(f"num_classes={cfg.num_classes}, but {cfg.data} has {len(classes)} classes")
         self.num_classes = len(classes)
@@ -240,8 +87,7 @@ class _Run:
         # make cudnn.benchmark's one-time search pay (docs/training.md)
         self.numerics = set_cuda_numerics(cfg.tf32, cfg.deterministic, benchmark=True)
         self.model = build_model(cfg, self.num_classes, self.devices)
-        self.meta = model_meta(cfg, self.num_classes, classes, getattr(self.train_images, "names", None),
-                               getattr(self.train_images, "dataset", None))
+        self.classes, self.names = list(classes), getattr(self.train_images, "names", None)
         self.opt = PaperSGD(param_groups(self.model, cfg.lr, cfg.weight_decay, cfg.bias_lr), momentum=cfg.momentum)
         r, w = self.ranks.rank, self.ranks.world
         n = len(TrainBatches(self.train_images, self.per_rank, mean, None, world=w, rank=r, crop=cfg.crop))
@@ -251,8 +97,7 @@ class _Run:
         self.mean_crop = augment.centre_crop_of(torch.as_tensor(mean), cfg.crop).to(self.dev0)
         self.epoch, self.in_epoch, self.step, self.best = 0, 0, 0, math.inf
         self.records: list[dict] = []  # metrics.jsonl's lines, also kept in each checkpoint
-        self.partial = None  # the running sums of an epoch stopped part-way, so its record counts every step
-        self.t_epoch, self.seen, self.loss_sum, self.loss_n, self.skipped = time.time(), 0, 0.0, 0, 0
+        self.tally = Tally()  # this epoch's running sums (a resumed epoch's go on from the checkpoint's)
         self.pending: list[torch.Tensor] = []  # this process's losses not read yet (on the device)
         self.last_loss = None
         self.recent: list[float] = []
@@ -268,27 +113,28 @@ class _Run:
 
     def resume(self) -> bool:
         """Load last.pt; False if the run finished already."""
-        ckpt = load_checkpoint(self.run / "last.pt")
-        check_compatible(ckpt["meta"], self.meta, self.run / "last.pt")
-        self.model.load_state_dict(ckpt["model"])
+        ck = load_checkpoint(self.run / "last.pt")
+        check_compatible(ck, self.cfg.net, self.classes, self.run / "last.pt")
+        self.model.load_state_dict(ck.model)
         names = dict(self.model.named_parameters())
-        if "momentum" in ckpt:  # the optimizer's own buffers: bit for bit
-            self.opt.load_checkpoint_state(names, ckpt["momentum"])
+        if ck.momentum is not None:  # the optimizer's own buffers: bit for bit
+            self.opt.load_checkpoint_state(names, ck.momentum)
         else:  # a checkpoint from before the fused optimizer: velocities only
-            for name, v in ckpt["velocity"].items():
+            for name, v in ck.velocity.items():
                 self.opt.set_velocity(names[name], v.to(names[name].device))
-        self.sched.load_state_dict(ckpt["schedule"])
-        prog = ckpt["progress"]
-        self.epoch, self.in_epoch, self.step, self.best = (prog[k] for k in ("epoch", "in_epoch", "step", "best"))
-        self.records = list(prog.get("records", []))
-        self.partial = prog.get("partial") if self.in_epoch else None
+        self.sched.load_state_dict(ck.schedule)
+        prog = ck.progress
+        self.epoch, self.in_epoch, self.step, self.best = prog.epoch, prog.in_epoch, prog.step, prog.best
+        self.records = list(prog.records)
+        if self.in_epoch and prog.partial:
+            self.tally = Tally.from_partial(prog.partial)
         if self.main:  # metrics.jsonl says what the checkpoint says: no epoch lost, none counted twice
             write_metrics(self.run, self.records)
-        if prog.get("done"):
+        if prog.done:
             if self.main:
                 print(f"{self.run} finished already ({self.step} steps); nothing to resume")
             return False
-        states = ckpt["rng"]  # one per process that saved it
+        states = ck.rng  # one per process that saved it
         set_rng_state(states[self.ranks.rank] if self.ranks.rank < len(states) else states[0])
         if self.main:
             log.info("resumed %s at epoch %d, step %d of the epoch (%d in all)", self.run, self.epoch + 1,
@@ -328,17 +174,17 @@ class _Run:
         states = self.ranks.gather(rng_state())
         if not self.main:
             return
-        opt, sched, model = self.opt, self.sched, self.model
-        ckpt = dict(format=CKPT_FORMAT, version=CKPT_VERSION, meta=self.meta, config=self.cfg.to_dict(),
-                    model={k: v.detach().cpu() for k, v in model.state_dict().items()},
-                    momentum=opt.state_for_checkpoint(model.named_parameters()),  # v = −ε·b (PaperSGD)
-                    schedule=sched.state_dict(),
-                    progress=dict(epoch=self.epoch, in_epoch=self.in_epoch, step=self.step, best=self.best,
-                                  done=sched.finished(self.step) and self.in_epoch == 0, records=self.records,
-                                  partial=dict(loss_sum=self.loss_sum, loss_n=self.loss_n, seen=self.seen,
-                                               skipped=self.skipped, seconds=time.time() - self.t_epoch)),
-                    rng=states, mean=torch.as_tensor(self.mean, dtype=torch.float32),
-                    pca={k: v for k, v in self.pca.items()} if self.pca else {})
+        cfg, model, train = self.cfg, self.model, self.train_images
+        ckpt = Checkpoint(net=cfg.net, classes=self.classes, names=list(self.names) if self.names else None,
+                          dataset=getattr(train, "dataset", None), crop=cfg.crop, config=cfg.to_dict(),
+                          model={k: v.detach().cpu() for k, v in model.state_dict().items()},
+                          momentum=self.opt.state_for_checkpoint(model.named_parameters()),  # v = −ε·b (PaperSGD)
+                          schedule=self.sched.state_dict(),
+                          progress=Progress(epoch=self.epoch, in_epoch=self.in_epoch, step=self.step, best=self.best,
+                                            done=self.sched.finished(self.step) and self.in_epoch == 0,
+                                            records=self.records, partial=self.tally.partial()),
+                          rng=states, mean=torch.as_tensor(self.mean, dtype=torch.float32),
+                          pca=dict(self.pca) if self.pca else {})
         try:
             save_checkpoint(path, ckpt)
         except ReplicaError as e:  # disk full, read-only, quota: the previous file is untouched
@@ -376,7 +222,7 @@ class _Run:
             raise TrainingStopped(f"{msg}: stopped. The last good checkpoint is kept in {self.run / 'last.pt'}. "
                                   f"Try a lower lr or init=caffe.", quiet=not self.main, agreed=True)
         for v in vals:
-            self.loss_sum, self.loss_n = self.loss_sum + v, self.loss_n + 1
+            self.tally.add_loss(v)
         if vals:
             self.last_loss = vals[-1]
             self.recent = (self.recent + vals)[-50:]
@@ -415,7 +261,7 @@ class _Run:
         bad = list(bad) + more  # entries the decoder refused are bad inputs like any other
         batch = (crops, shift, labels, b, bad)
         if bad:
-            self.skipped += len(bad)
+            self.tally.skipped += len(bad)
             if self.main:
                 log_bad_inputs(self.run, self.epoch, b, bad, warn=10 - self.bad_warned)
                 self.bad_warned += len(bad)
@@ -483,13 +329,12 @@ class _Run:
         self.opt.step()
         self.step, self.in_epoch = self.step + 1, self.in_epoch + 1
         self.pending.append(loss.detach())
-        self.seen += len(y) * self.ranks.world
+        self.tally.seen += len(y) * self.ranks.world
         if len(self.pending) >= self.read_every:
             self.read_losses()
         bar.update(1)
         if self.last_loss is not None:
-            rate = self.seen / max(time.time() - self.t_epoch, 1e-9)
-            bar.set_postfix(loss=f"{self.last_loss:.3f}", lr=f"{lrs['weight']:.0e}", img_s=f"{rate:.0f}",
+            bar.set_postfix(loss=f"{self.last_loss:.3f}", lr=f"{lrs['weight']:.0e}", img_s=f"{self.tally.rate():.0f}",
                             refresh=False)
 
     # -- end of an epoch -------------------------------------------------------------------------
@@ -501,10 +346,10 @@ class _Run:
         cfg, sched, ranks = self.cfg, self.sched, self.ranks
         self.read_losses()
         step = self.step
-        record = dict(epoch=self.epoch + 1, step=step, train_loss=self.loss_sum / self.loss_n if self.loss_n else None,
+        t = self.tally
+        record = dict(epoch=self.epoch + 1, step=step, train_loss=t.mean_loss(),
                       lr={k: v for k, v in sched.lrs(step - 1).items()}, noise=sched.noise_on(step - 1),
-                      seconds=time.time() - self.t_epoch,
-                      images_per_s=self.seen / max(time.time() - self.t_epoch, 1e-9), skipped_files=self.skipped,
+                      seconds=t.elapsed(), images_per_s=t.rate(), skipped_files=t.skipped,
                       colour_specificity=tower_medians(self.model))  # Fig. 3's split, epoch by epoch
         err = None
         if self.val_images is not None and self.main:
@@ -528,7 +373,7 @@ class _Run:
         self.last_save = time.time()
         if self.main:
             append_metrics(self.run, record)
-            loss_text = f"{record['train_loss']:.4f}" if self.loss_n else "n/a (no usable input)"
+            loss_text = f"{record['train_loss']:.4f}" if t.loss_n else "n/a (no usable input)"
             msg = f"epoch {record['epoch']}: loss {loss_text}"
             if err is not None:
                 msg += (f", val top-1 {percent(record['val_top1_err'])} top-5 {percent(record['val_top5_err'])} "
@@ -542,16 +387,11 @@ class _Run:
 
         sched, ranks = self.sched, self.ranks
         self.last_save = time.time()
-        with _Stop() as stop:
+        with StopSignals() as stop:
             stop.escalate = not ranks.distributed  # under torchrun the agent ends workers that do not stop
             while not sched.finished(self.step):
-                self.t_epoch, self.seen, self.loss_sum, self.loss_n, self.skipped = time.time(), 0, 0.0, 0, 0
-                if self.partial:
-                    p = self.partial
-                    self.loss_sum, self.loss_n, self.seen, self.skipped = (p[k] for k in
-                                                                           ("loss_sum", "loss_n", "seen", "skipped"))
-                    self.t_epoch -= p["seconds"]
-                    self.partial = None
+                if self.in_epoch == 0:
+                    self.tally = Tally()
                 bar = tqdm(total=self.steps_per_epoch, initial=self.in_epoch, desc=f"epoch {self.epoch + 1}",
                            unit="step", disable=not (self.progress and self.main), dynamic_ncols=True, leave=False)
                 try:

@@ -44,6 +44,39 @@ def test_model_command_half_variant_count(capsys):
     assert "parameters: 59,798,312" in capsys.readouterr().out
 
 
+def test_model_command_takes_a_config_and_overrides_as_train_does(capsys):
+    """The same net from the flags, from key=value, and from a YAML config plus key=value."""
+    heads = []
+    for argv in (["--variant", "one-gpu-half", "--no-overlap", "--width", "0.125"],
+                 ["variant=one-gpu-half", "overlap=false", "width=0.125"],
+                 ["no-overlap", "variant=one-gpu-half", "width=0.125"]):  # configs/no-overlap.yaml
+        assert main(["model", "--devices", "cpu", "--batch", "0", *argv]) == 0
+        heads.append(capsys.readouterr().out.splitlines()[0])
+    assert len(set(heads)) == 1 and "variant=one-gpu-half norm=True overlap=False" in heads[0] and "width=0.125" in heads[0]
+    assert main(["model", "--batch", "0", "--preset", "paper-text", "preset=as-run"]) == 0  # key=value wins
+    assert "preset=as-run" in capsys.readouterr().out
+    for argv, said in ((["presett=as-run"], "did you mean 'preset'"), (["width=-1"], "width: expected a positive"),
+                       (["a", "b"], "one CONFIG")):
+        assert main(["model", "--batch", "0", *argv]) == 2
+        err = capsys.readouterr().err
+        assert said in err and err.count("\n") == 1
+
+
+def test_output_into_a_closed_pipe_is_not_a_traceback():
+    """`replica model | head -1` where the reader has gone: exit 141 (SIGPIPE's code), no traceback.
+    The pipe's reading end is closed before the command starts, so its first write fails."""
+    import os
+
+    r, w = os.pipe()
+    os.close(r)
+    try:
+        p = subprocess.run([sys.executable, "-m", "replica", "model", "--devices", "cpu", "--width", "0.0625",
+                            "--batch", "0"], stdout=w, stderr=subprocess.PIPE, text=True, cwd=ROOT, timeout=120)
+    finally:
+        os.close(w)
+    assert p.returncode == 141 and "Traceback" not in p.stderr, p.stderr
+
+
 def test_user_mistakes_are_one_line_errors(capsys):
     assert main(["model", "--devices", "cuda:7", "--batch", "0"]) == 2
     err = capsys.readouterr().err.strip()

@@ -60,14 +60,14 @@ def test_train_on_a_device_then_evaluate_on_cpu(store, tmp_path, devices, bf16):
     m = read_metrics(tmp_path / "run")
     assert len(m) == 2 and all(torch.isfinite(torch.tensor(x["train_loss"])) for x in m)
     ck = load_checkpoint(tmp_path / "run")
-    assert all(v.device.type == "cpu" for v in ck["model"].values())  # checkpoints are device-free
+    assert all(v.device.type == "cpu" for v in ck.model.values())  # checkpoints are device-free
     # the same checkpoint on the CPU and where it trained: the same ten-view error
     val = open_heldout(store)
     errs = []
     for dev in dict.fromkeys(("cpu", devices.split(",")[0])):
         model = model_from_checkpoint(ck, dev)
         assert next(model.parameters()).device.type == torch.device(dev).type
-        errs.append(evaluate(model, val, ck["mean"].numpy(), views=10)["top1_err"])
+        errs.append(evaluate(model, val, ck.mean.numpy(), views=10)["top1_err"])
     assert abs(errs[0] - errs[-1]) <= 1 / 8  # at most one of 8 images flips on float differences
 
 
@@ -143,9 +143,9 @@ def _ddp_against_one_process(store, tmp_path, nproc, per_process, device):
         err = p.communicate(timeout=300)[1]
         assert p.returncode == 0, err[-3000:]
     a, b = load_checkpoint(tmp_path / "ddp"), load_checkpoint(tmp_path / "one")
-    assert a["progress"]["step"] == b["progress"]["step"] == 3 and len(a["rng"]) == nproc
-    for k in a["model"]:  # float32, gradients summed in another order: a few ulps per step
-        torch.testing.assert_close(a["model"][k], b["model"][k], rtol=1e-3, atol=1e-5, msg=k)
+    assert a.progress.step == b.progress.step == 3 and len(a.rng) == nproc
+    for k in a.model:  # float32, gradients summed in another order: a few ulps per step
+        torch.testing.assert_close(a.model[k], b.model[k], rtol=1e-3, atol=1e-5, msg=k)
 
 
 @pytest.mark.parametrize("device", ["cpu", on_cuda("cuda", gpus=2)])
@@ -200,13 +200,13 @@ def test_deterministic_resume_is_bit_equal(store, tmp_path, monkeypatch, device)
     cfg = tiny(store, devices=device, deterministic=True)
     train(cfg, tmp_path / "whole", progress=False)
     assert torch.are_deterministic_algorithms_enabled()
-    monkeypatch.setattr(train_mod, "_Stop", lambda: StopAfter(6))
+    monkeypatch.setattr(train_mod, "StopSignals", lambda: StopAfter(6))
     assert train(cfg, tmp_path / "cut", progress=False)["stopped"]
     monkeypatch.undo()
     train(cfg, tmp_path / "cut", resume=True, progress=False)
     a, b = load_checkpoint(tmp_path / "whole"), load_checkpoint(tmp_path / "cut")
-    for k in a["model"]:
-        assert torch.equal(a["model"][k], b["model"][k]), k
+    for k in a.model:
+        assert torch.equal(a.model[k], b.model[k]), k
 
 
 def test_determinism_set_by_one_test_does_not_reach_the_next():

@@ -155,8 +155,8 @@ def test_a_small_set_is_prepared_in_this_process_unless_workers_are_asked_for(ti
     import replica.data.writer as writer
 
     used = []
-    real = writer._run_chunks
-    monkeypatch.setattr(writer, "_run_chunks", lambda tasks, handle, workers, *a, **k:
+    real = writer.run_chunks
+    monkeypatch.setattr(writer, "run_chunks", lambda tasks, handle, workers, *a, **k:
                         used.append(workers) or real(tasks, handle, workers, *a, **k))
     monkeypatch.setattr(writer, "usable_cpus", lambda: 2)
     prepare(tiny_tree, tmp_path / "auto", size=32, chunk=4, progress=False)  # 21 images

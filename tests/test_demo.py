@@ -59,7 +59,7 @@ def test_demo_refuses_a_folder_left_by_another_recipe(fp32_demo, tmp_path, capsy
     assert "--out NEW_FOLDER" in capsys.readouterr().err
     # a new folder is not refused: it is written, prepared and trained (stopped at its first step
     # here; test_a_demo_stopped_in_training... runs one to the end)
-    monkeypatch.setattr(train_mod, "_Stop", lambda: StopAfter(1))
+    monkeypatch.setattr(train_mod, "StopSignals", lambda: StopAfter(1))
     assert main(["demo", "--tiny", "--out", str(out / "other"), "--devices", "cpu", "--fp32"]) == 1
     text = capsys.readouterr().out
     assert "[1/4] dataset:" in text and "(written, " in text and "again to resume it" in text
@@ -73,7 +73,7 @@ def test_a_demo_stopped_in_training_says_how_to_resume_and_evaluates_nothing(tmp
     from runs_helpers import StopAfter
 
     out = tmp_path / "demo"
-    monkeypatch.setattr(train_mod, "_Stop", lambda: StopAfter(2))  # before the second step
+    monkeypatch.setattr(train_mod, "StopSignals", lambda: StopAfter(2))  # before the second step
     assert main(["demo", "--tiny", "--out", str(out), "--devices", "cpu"]) == 1
     text = capsys.readouterr().out
     assert f"run `replica demo --out {out}` again to resume it" in text

@@ -20,7 +20,8 @@ from replica.evaluate import evaluate, predict_probs, view_probs
 from replica.inference import model_from_checkpoint
 from replica.runs import load_checkpoint, read_metrics
 from replica.data.writer import prepare
-from replica.train import open_data, train
+from replica.data.loaders import open_training
+from replica.train import train
 from runs_helpers import NARROW, tiny
 
 
@@ -84,13 +85,13 @@ def test_val_data_classes_are_matched_by_name(tiny_tree, tmp_path):
     for c in ("bee", "cat"):
         shutil.copytree(tiny_tree / "val" / c, sub / c)
     cfg = tiny(tiny_tree, batch_size=3, val_data=str(sub))
-    train_images, val, classes = open_data(cfg)
-    assert classes == ["ant", "bee", "cat"]
+    train_images, val = open_training(cfg.data, cfg.val_data)
+    assert train_images.classes == ["ant", "bee", "cat"]
     _, labels, _ = val.batch(np.arange(len(val)))
     assert sorted(set(labels.tolist())) == [1, 2] and len(val) == 4
     shutil.copytree(tiny_tree / "val" / "cat", sub / "dog")  # a class training never saw
     with pytest.raises(ReplicaError, match="class\\(es\\) 'dog' are not among the 3 training classes"):
-        open_data(tiny(tiny_tree, batch_size=3, val_data=str(sub)))
+        open_training(str(tiny_tree), str(sub))
 
 
 def test_top5_is_not_applicable_with_five_classes_or_fewer(store, tmp_path, capsys):
@@ -132,7 +133,7 @@ def test_one_pass_gives_the_one_view_figure_of_the_separate_path(store, tmp_path
     ck = load_checkpoint(run)
     model = model_from_checkpoint(ck, "cpu")
     val = open_heldout(store)
-    mean = ck["mean"].numpy()
+    mean = ck.mean.numpy()
     both = evaluate(model, val, mean, views=(1, 10), batch=3, workers=1)  # through a loader worker
     one = evaluate(model, val, mean, views=1, batch=3)
     ten = evaluate(model, val, mean, views=10, batch=3)
@@ -140,7 +141,7 @@ def test_one_pass_gives_the_one_view_figure_of_the_separate_path(store, tmp_path
     u8 = torch.from_numpy(val.batch(np.arange(4))[0])
     from replica.augment import centre_crop_of
 
-    mc = centre_crop_of(ck["mean"], 224)
+    mc = centre_crop_of(ck.mean, 224)
     # view 2 of the ten is the centre view: the same probabilities as the one-view path (the batch
     # is 10× larger, so the convolutions may block differently: float32 rounding)
     torch.testing.assert_close(view_probs(model, u8, mc, 10)[:, 2], predict_probs(model, u8, mc, 1),
@@ -154,7 +155,7 @@ def test_each_epoch_records_each_towers_colour_specificity(store, tmp_path):
     assert [sorted(r["colour_specificity"]) for r in m] == [["a", "b"], ["a", "b"]]
     ck = load_checkpoint(run)  # the end of the last epoch
     for t in ("a", "b"):
-        want = float(np.median(colour_specificity(ck["model"][f"tower_{t}.conv1.weight"])))
+        want = float(np.median(colour_specificity(ck.model[f"tower_{t}.conv1.weight"])))
         assert m[-1]["colour_specificity"][t] == pytest.approx(want, abs=1e-12)
         assert 0 < m[-1]["colour_specificity"][t] < 1
     assert m[0]["colour_specificity"] != m[1]["colour_specificity"]  # the kernels moved

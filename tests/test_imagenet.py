@@ -341,7 +341,7 @@ def test_adding_the_2010_test_labels_later_prepares_the_test_split_alone(tmp_pat
     """ILSVRC-2010's test ground truth came after the images: added to a prepared store's source,
     it prepares the test split alone; the training split's files and statistics stay as they were,
     and the store equals one prepared with the labels from the start."""
-    import replica.data.writer as writer
+    import replica.data.chunks as chunks
 
     test_true = [2, 0, 1]
     root = make_2010_images(tmp_path / "in", test_true)
@@ -353,8 +353,8 @@ def test_adding_the_2010_test_labels_later_prepares_the_test_split_alone(tmp_pat
     before = {p: (st / p).stat().st_mtime_ns for p in ("train/images.u8", "train/labels.npy", "mean.npy", "pca.json")}
     (root / "ILSVRC2010_test_ground_truth.txt").write_bytes(gt_lines(test_true))  # downloaded later
     prepared = []
-    real = writer._worker_chunk
-    monkeypatch.setattr(writer, "_worker_chunk", lambda task: prepared.append(task[0]) or real(task))
+    real = chunks._worker_chunk
+    monkeypatch.setattr(chunks, "_worker_chunk", lambda task: prepared.append(task[0]) or real(task))
     m = prepare(root, st, workers=1, progress=False)
     assert sorted(m["splits"]) == ["test", "train"] and set(prepared) == {"test"}
     assert {p: (st / p).stat().st_mtime_ns for p in before} == before  # train untouched

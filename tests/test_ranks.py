@@ -100,11 +100,11 @@ def run(cmd, timeout=240, **kw):
 
 def same_weights(a, b):
     a, b = load_checkpoint(a), load_checkpoint(b)
-    assert a["progress"]["step"] == b["progress"]["step"]
-    for k in a["model"]:
-        assert torch.equal(a["model"][k], b["model"][k]), k
-    for k in a["momentum"]:
-        assert torch.equal(a["momentum"][k][0], b["momentum"][k][0]), k
+    assert a.progress.step == b.progress.step
+    for k in a.model:
+        assert torch.equal(a.model[k], b.model[k]), k
+    for k in a.momentum:
+        assert torch.equal(a.momentum[k][0], b.momentum[k][0]), k
 
 
 @pytest.fixture(scope="module")
@@ -198,7 +198,7 @@ def test_timed_saves_while_rank0_writes_slowly(jobs, reference):
     assert len(writes) >= 2 + 2, log[-3000:]  # the 2 epoch ends, and timed saves mid-epoch
     assert [m["epoch"] for m in read_metrics(reference)] == [1, 2]
     ck = load_checkpoint(reference)
-    assert ck["progress"]["step"] == 12 and ck["progress"]["done"] and len(ck["rng"]) == 2
+    assert ck.progress.step == 12 and ck.progress.done and len(ck.rng) == 2
 
 
 def test_sigint_to_the_process_group_saves_and_resume_is_bit_equal(store, driver, reference, tmp_path):
@@ -224,7 +224,7 @@ def test_sigint_to_the_process_group_saves_and_resume_is_bit_equal(store, driver
     assert took < 30, f"{took:.0f} s to exit\n{log[-3000:]}"
     assert log.count("stopped by SIGINT") == 1, log[-3000:]
     ck = load_checkpoint(cut)
-    assert not ck["progress"]["done"] and 8 <= ck["progress"]["step"] < 12 and len(ck["rng"]) == 2
+    assert not ck.progress.done and 8 <= ck.progress.step < 12 and len(ck.rng) == 2
     rc, log = run(torchrun(driver, "--resume", str(cut)))
     assert rc == 0, log[-3000:]
     same_weights(ref, cut)
@@ -246,16 +246,16 @@ def test_a_fault_on_one_rank_stops_every_rank_at_one_step(jobs, reference, fault
     assert len(errors) == 1 and message in errors[0], log[-3000:]  # one message, from rank 0, naming rank 1
     ck = load_checkpoint(base / f"{fault}-after-the-fault.pt")
     if step is not None:
-        assert ck["progress"]["step"] == step
+        assert ck.progress.step == step
     else:  # the worker's death is seen before or after batch 1 is handed over
-        assert ck["progress"]["step"] in (6, 7)
-    assert all(torch.isfinite(v).all() for v in ck["model"].values())
+        assert ck.progress.step in (6, 7)
+    assert all(torch.isfinite(v).all() for v in ck.model.values())
     if fault != "nan":
         assert "Progress is saved in" in errors[0] and f"replica train --resume {out}" in errors[0]
     rc, log = then.get(fault, (None, "no checkpoint was left to resume from"))
     assert rc == 0, log[-3000:]
     ck = load_checkpoint(out)
-    assert ck["progress"]["done"] and ck["progress"]["step"] == 12
+    assert ck.progress.done and ck.progress.step == 12
     assert [m["epoch"] for m in read_metrics(out)] == [1, 2]
     if fault == "nan":  # resumed from the last good checkpoint, the job is the uninterrupted one
         same_weights(reference, out)
@@ -297,7 +297,7 @@ def test_srun_tasks_without_torchrun_are_one_job(store, tmp_path):
     assert "job of 2 process(es): gloo" in logs[0]
     assert len(read_metrics(out)) == 1  # epoch 1 logged once
     ck = load_checkpoint(out)
-    assert len(ck["rng"]) == 2 and ck["progress"]["step"] == 2
+    assert len(ck.rng) == 2 and ck.progress.step == 2
     rc, log = run([*args[:-1], str(tmp_path / "other")], **{k: v for k, v in slurm_env(0, 2).items()
                                                             if k.startswith("SLURM")})
     assert rc == 2 and "srun started 2 tasks" in log and "MASTER_ADDR and MASTER_PORT" in log, log
@@ -322,4 +322,4 @@ def test_two_torchrun_agents_with_c10d_rendezvous_train_one_job(store, tmp_path)
     assert [p.returncode for p in procs] == [0, 0], logs
     assert "job of 2 process(es): gloo" in "".join(logs)
     ck = load_checkpoint(out)
-    assert len(ck["rng"]) == 2 and ck["progress"]["step"] == 2 and len(read_metrics(out)) == 1
+    assert len(ck.rng) == 2 and ck.progress.step == 2 and len(read_metrics(out)) == 1

@@ -37,12 +37,12 @@ CONFIG = str(ROOT / "configs" / "alexnet-2gpu.yaml")
 
 def assert_same_weights(run_a, run_b):
     a, b = load_checkpoint(run_a), load_checkpoint(run_b)
-    assert a["progress"]["step"] == b["progress"]["step"]
-    for k in a["model"]:
-        assert torch.equal(a["model"][k], b["model"][k]), k
-    assert a["momentum"].keys() == b["momentum"].keys()
-    for k in a["momentum"]:
-        assert torch.equal(a["momentum"][k][0], b["momentum"][k][0]) and a["momentum"][k][1] == b["momentum"][k][1], k
+    assert a.progress.step == b.progress.step
+    for k in a.model:
+        assert torch.equal(a.model[k], b.model[k]), k
+    assert a.momentum.keys() == b.momentum.keys()
+    for k in a.momentum:
+        assert torch.equal(a.momentum[k][0], b.momentum[k][0]) and a.momentum[k][1] == b.momentum[k][1], k
 
 
 def one_line_error(capsys) -> str:
@@ -77,7 +77,7 @@ runs.atomic_write = slow
 # attempt is a real process, killed by a real SIGKILL, without the ~2 s start-up of torch.
 ZYGOTE = DRIVER + """
 import json
-import replica.train, replica.inference, replica.analysis  # imported, nothing run: safe to fork
+import replica.train, replica.inference, replica.filters, replica.report, replica.neighbors  # imported, nothing run: safe to fork
 from replica.cli import main
 for line in sys.stdin:
     argv, log = json.loads(line)
@@ -153,11 +153,11 @@ def test_sigkill_at_random_moments_then_resume_equals_an_uninterrupted_run(store
             mid_write += attempt % 2 == 0
             if (run / "last.pt").exists():
                 ck = load_checkpoint(run / "last.pt")  # the last checkpoint always loads
-                prog = ck["progress"]
-                assert prog["step"] >= seen_step  # nothing saved is ever lost
-                assert prog["epoch"] >= seen_epochs  # no finished epoch is lost
-                seen_step, seen_epochs = prog["step"], prog["epoch"]
-                assert len(prog["records"]) == prog["epoch"]
+                prog = ck.progress
+                assert prog.step >= seen_step  # nothing saved is ever lost
+                assert prog.epoch >= seen_epochs  # no finished epoch is lost
+                seen_step, seen_epochs = prog.step, prog.epoch
+                assert len(prog.records) == prog.epoch
     finally:
         zygote.stdin.close()
         zygote.wait(timeout=60)
@@ -184,7 +184,7 @@ def test_a_torn_metrics_line_is_repaired_from_the_checkpoint(store, whole_run, t
     cfg = tiny(store)
     whole = whole_run[0]
     stopped = tmp_path / "cut"
-    monkeypatch.setattr(train_mod, "_Stop", lambda: StopAfter(6))  # one step into epoch 2
+    monkeypatch.setattr(train_mod, "StopSignals", lambda: StopAfter(6))  # one step into epoch 2
     train(cfg, stopped, progress=False)
     monkeypatch.undo()
     with open(stopped / "metrics.jsonl", "a") as f:
@@ -221,7 +221,7 @@ def test_checkpoint_write_fails_previous_intact_message_names_path_and_cause_the
     ref = whole_run[0]
     run = tmp_path / "run"
     # saves: epoch 1 best, epoch 1 last, epoch 2 best (if better), epoch 2 last; fail the last one
-    saves = 4 if load_checkpoint(ref / "best.pt")["progress"]["epoch"] == 2 else 3
+    saves = 4 if load_checkpoint(ref / "best.pt").progress.epoch == 2 else 3
     failing_save(monkeypatch, saves, err)
     code = main(["train", CONFIG, f"data={store}", *TINY_ARGS, "--out", str(run)])
     assert code == 2
@@ -230,7 +230,7 @@ def test_checkpoint_write_fails_previous_intact_message_names_path_and_cause_the
     assert "the previous checkpoint is intact" in msg and f"replica train --resume {run}" in msg
     monkeypatch.undo()
     ck = load_checkpoint(run / "last.pt")
-    assert ck["progress"]["epoch"] == 1 and ck["progress"]["step"] == 3  # epoch 1's, unharmed
+    assert ck.progress.epoch == 1 and ck.progress.step == 3  # epoch 1's, unharmed
     assert not list(run.glob(".*.tmp"))  # the partial file is gone
     assert main(["train", "--resume", str(run)]) == 0  # space is back
     assert_same_weights(ref / "last.pt", run / "last.pt")
@@ -287,14 +287,14 @@ def test_bad_files_in_an_image_folder_are_skipped_logged_and_counted(tiny_tree, 
     vanishing = tiny_tree / "train" / "cat" / "1.jpg"
     import replica.train as train_mod
 
-    real = train_mod.open_data
+    real = train_mod.open_training
 
-    def open_then_delete(cfg):
-        out = real(cfg)
+    def open_then_delete(data, val_data):
+        out = real(data, val_data)
         vanishing.unlink()  # indexed, then gone
         return out
 
-    monkeypatch.setattr(train_mod, "open_data", open_then_delete)
+    monkeypatch.setattr(train_mod, "open_training", open_then_delete)
     cfg = load_config(None, dict(data=str(tiny_tree), batch_size=3, epochs=1, workers=0, devices="cpu",
                                  init="caffe", width=NARROW))
     train(cfg, tmp_path / "run", progress=False)
@@ -469,7 +469,7 @@ def test_a_killed_loader_worker_gives_a_clear_message_and_resume_completes(store
     assert re.search(r"a data-loader worker died at epoch 2, batch [12] \(DataLoader worker", msg), msg
     assert "lower workers=1" in msg and f"resume with: replica train --resume {run}" in msg
     ck = load_checkpoint(run / "last.pt")
-    assert ck["progress"]["epoch"] == 1 and ck["progress"]["in_epoch"] in (0, 1)  # every step before it is kept
+    assert ck.progress.epoch == 1 and ck.progress.in_epoch in (0, 1)  # every step before it is kept
     monkeypatch.undo()
     assert main(["train", "--resume", str(run)]) == 0
     assert_same_weights(ref / "last.pt", run / "last.pt")

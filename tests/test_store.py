@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+import replica.data.chunks as chunks_mod
 import replica.data.writer as store_mod
 from replica.cli import main
 from replica.config import load_config
@@ -79,7 +80,7 @@ def test_decoding_in_the_workers_or_where_the_batch_is_used_trains_the_same(synt
     train(_cfg(tmp_path / "jpg", decode="workers"), tmp_path / "w", progress=False)
     train(_cfg(tmp_path / "jpg", decode="device"), tmp_path / "d", progress=False)
     x, y = load_checkpoint(tmp_path / "w"), load_checkpoint(tmp_path / "d")
-    assert all(torch.equal(x["model"][k], y["model"][k]) for k in x["model"])
+    assert all(torch.equal(x.model[k], y.model[k]) for k in x.model)
 
 
 def test_bad_entries_inside_a_jpeg_store_are_skipped_and_logged(synth_src, tmp_path):
@@ -121,7 +122,7 @@ def _same_store(a, b):
 @pytest.mark.parametrize("fmt", ["raw", "jpeg"])
 def test_a_disk_that_fills_mid_way_ends_with_one_line_and_resumes(synth_src, tmp_path, monkeypatch, capsys, fmt):
     calls = []
-    real_pwrite, real_chunk = os.pwrite, store_mod._worker_chunk
+    real_pwrite, real_chunk = os.pwrite, chunks_mod._worker_chunk
 
     def full(*a):  # raw: the worker's own write of a row; jpeg: a chunk's work
         calls.append(1)
@@ -129,7 +130,7 @@ def test_a_disk_that_fills_mid_way_ends_with_one_line_and_resumes(synth_src, tmp
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         return real_pwrite(*a) if fmt == "raw" else real_chunk(*a)
 
-    monkeypatch.setattr(os, "pwrite", full) if fmt == "raw" else monkeypatch.setattr(store_mod, "_worker_chunk", full)
+    monkeypatch.setattr(os, "pwrite", full) if fmt == "raw" else monkeypatch.setattr(chunks_mod, "_worker_chunk", full)
     argv = ["prepare", str(synth_src), str(tmp_path / "st"), "--workers", "1", "--chunk", "4", "--format", fmt]
     assert main(argv) == 2
     err = capsys.readouterr().err
@@ -205,9 +206,9 @@ def test_a_store_pickles_as_its_path_and_spawned_workers_read_it(synth_src, tmp_
 
 
 def test_a_large_image_folder_gets_advice_instead_of_an_hour_of_statistics(synth_src, tmp_path, monkeypatch):
-    import replica.train as train_mod
+    import replica.data.loaders as loaders
 
-    monkeypatch.setattr(train_mod, "STATS_ON_THE_FLY_MAX", 10)
+    monkeypatch.setattr(loaders, "STATS_ON_THE_FLY_MAX", 10)
     with pytest.raises(ReplicaError, match=r"holds 24 images: .* run 'replica prepare .* once"):
         train(_cfg(synth_src, workers=0), tmp_path / "run", progress=False)
 
@@ -215,10 +216,10 @@ def test_a_large_image_folder_gets_advice_instead_of_an_hour_of_statistics(synth
 def test_workers_default_to_the_cpus_this_process_may_use(synth_src, tmp_path, monkeypatch):
     """Not os.cpu_count(): a container or a job scheduler may give this process fewer CPUs."""
     seen = []
-    real = store_mod._run_chunks
+    real = store_mod.run_chunks
     monkeypatch.setattr(os, "cpu_count", lambda: 64)
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0})  # one CPU of the 64
-    monkeypatch.setattr(store_mod, "_run_chunks", lambda tasks, handle, workers, *a, **k: seen.append(workers) or
+    monkeypatch.setattr(store_mod, "run_chunks", lambda tasks, handle, workers, *a, **k: seen.append(workers) or
                         real(tasks, handle, workers, *a, **k))
     prepare(synth_src, tmp_path / "st", chunk=4, progress=False)  # 8 chunks: room for 8 workers
     assert seen == [1]
@@ -233,11 +234,11 @@ def test_short_pwrites_are_completed_and_a_zero_write_is_a_full_disk(tmp_path, m
     fd = os.open(path, os.O_RDWR | os.O_CREAT)
     try:
         data = bytes(range(256)) * 3
-        store_mod.pwrite_all(fd, data, 100)
+        chunks_mod.pwrite_all(fd, data, 100)
         assert path.read_bytes()[100:] == data
         monkeypatch.setattr(os, "pwrite", lambda fd, data, off: 0)
         with pytest.raises(OSError) as e:
-            store_mod.pwrite_all(fd, b"abc", 0)
+            chunks_mod.pwrite_all(fd, b"abc", 0)
         assert e.value.errno == errno.ENOSPC
     finally:
         os.close(fd)
@@ -372,8 +373,8 @@ def test_a_killed_prepare_loses_at_most_the_chunks_since_the_last_state(synth_sr
 
 def test_prepare_workers_start_single_threaded():
     before = os.environ.get("OMP_NUM_THREADS")
-    with store_mod.single_threaded_children():
-        assert all(os.environ[k] == "1" for k in store_mod.WORKER_THREADS)
+    with chunks_mod.single_threaded_children():
+        assert all(os.environ[k] == "1" for k in chunks_mod.WORKER_THREADS)
     assert os.environ.get("OMP_NUM_THREADS") == before
 
 
@@ -382,14 +383,14 @@ def test_a_chunks_pixel_sums_travel_exactly_in_a_quarter_of_the_bytes():
     st = PixelStats(16)
     for _ in range(64):
         st.add_image(rng.integers(0, 256, (3, 16, 16), dtype=np.uint8))
-    c = store_mod._compact(st)
+    c = chunks_mod._compact(st)
     assert c["image_sum"].dtype == np.uint16 and c["image_sum"].nbytes == st.image_sum.nbytes // 4
     back = PixelStats.from_arrays(c)
     assert np.array_equal(back.image_sum, st.image_sum) and back.image_sum.dtype == np.float64
     full = PixelStats(16)
     full.image_sum[:] = 255 * 300  # more than 257 images' worth: uint32
     full.images = 300
-    assert store_mod._compact(full)["image_sum"].dtype == np.uint32
+    assert chunks_mod._compact(full)["image_sum"].dtype == np.uint32
 
 
 def test_reading_a_store_never_loads_the_writer():
@@ -414,7 +415,8 @@ def test_a_raw_prepare_never_imports_torch_in_its_process_or_its_workers(synth_s
                         "2", "--format", "raw"], capture_output=True, text=True, timeout=120, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
     imports = [line.rsplit("|", 1)[-1].strip() for line in r.stderr.splitlines() if line.startswith("import time:")]
-    assert imports.count("replica.data.writer") == 3, imports.count("replica.data.writer")  # the main process, 2 workers
+    assert imports.count("replica.data.chunks") == 3, imports.count("replica.data.chunks")  # the main process, 2 workers
+    assert imports.count("replica.data.writer") == 1  # a worker loads the chunks' code only
     assert "torch" not in imports and "torchvision" not in imports
     assert json.loads((tmp_path / "st" / "meta.json").read_text())["format"] == "raw"
 
@@ -424,7 +426,7 @@ def test_pixel_sums_cross_from_the_workers_rarely_and_the_store_is_the_same(synt
     STATS_EVERY_CHUNKS chunks, and when it stops: far fewer messages than chunks, and the mean
     image and PCA equal those of a prepare in one process."""
     sent = []
-    real = store_mod._run_chunks
+    real = store_mod.run_chunks
 
     def spy(tasks, handle, workers, *a, handle_stats=None, **k):
         def counted(sums):
@@ -432,7 +434,7 @@ def test_pixel_sums_cross_from_the_workers_rarely_and_the_store_is_the_same(synt
             return handle_stats(sums)
         return real(tasks, handle, workers, *a, handle_stats=counted, **k)
 
-    monkeypatch.setattr(store_mod, "_run_chunks", spy)
+    monkeypatch.setattr(store_mod, "run_chunks", spy)
     prepare(synth_src, tmp_path / "pool", workers=2, chunk=1, progress=False, fmt="raw")  # 24 training chunks
     assert sum(sent) == 24 and len(sent) <= 2 * 3  # per worker: its first, one more of 16 at most, its last
     monkeypatch.undo()

@@ -14,13 +14,15 @@ import torch
 import replica.train as train_mod
 from replica import augment
 from replica.cli import main
-from replica.config import NAMES, load_config
+from replica.config import NAMES, NetOptions, load_config
 from replica.data.loaders import open_heldout
 from replica.errors import ReplicaError
 from replica.evaluate import evaluate, predict_probs, topk_errors
 from replica.inference import run_eval
-from replica.runs import check_compatible, load_checkpoint, read_metrics
-from replica.train import TrainingStopped, train
+from replica.runtime import fused_norms_for
+from replica.runs import Checkpoint, check_compatible, load_checkpoint, read_metrics
+from replica.errors import TrainingStopped
+from replica.train import train
 from runs_helpers import NARROW, StopAfter, tiny
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -96,22 +98,22 @@ def test_interrupted_and_resumed_equals_uninterrupted(store, whole_run, tmp_path
         whole_dir = tmp_path / "whole"
         whole = train(cfg, whole_dir, progress=False)
     assert whole["step"] == 6
-    monkeypatch.setattr(train_mod, "_Stop", lambda: StopAfter(look))
+    monkeypatch.setattr(train_mod, "StopSignals", lambda: StopAfter(look))
     stopped = train(cfg, tmp_path / "cut", progress=False)
     assert stopped == {"stopped": "SIGINT", "step": step}
     assert f"replica train --resume {tmp_path / 'cut'}" in capsys.readouterr().out
     monkeypatch.undo()
     ck = load_checkpoint(tmp_path / "cut")
-    assert (ck["progress"]["epoch"], ck["progress"]["in_epoch"]) == (epoch, in_epoch)
+    assert (ck.progress.epoch, ck.progress.in_epoch) == (epoch, in_epoch)
     train(cfg, tmp_path / "cut", resume=True, progress=False)
     a = load_checkpoint(whole_dir / "last.pt")
     b = load_checkpoint(tmp_path / "cut" / "last.pt")
     # exact by construction: the same machine, kernels, thread count and order of every operation
-    for k in a["model"]:
-        assert torch.equal(a["model"][k], b["model"][k]), k
-    assert a["momentum"].keys() == b["momentum"].keys()
-    for k in a["momentum"]:
-        assert torch.equal(a["momentum"][k][0], b["momentum"][k][0]) and a["momentum"][k][1] == b["momentum"][k][1], k
+    for k in a.model:
+        assert torch.equal(a.model[k], b.model[k]), k
+    assert a.momentum.keys() == b.momentum.keys()
+    for k in a.momentum:
+        assert torch.equal(a.momentum[k][0], b.momentum[k][0]) and a.momentum[k][1] == b.momentum[k][1], k
     ma, mb = read_metrics(whole_dir), read_metrics(tmp_path / "cut")
     assert [m["epoch"] for m in ma] == [m["epoch"] for m in mb] == [1, 2]
     assert ma[0]["val_top1_err"] == mb[0]["val_top1_err"]
@@ -137,8 +139,8 @@ def test_nan_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint(store,
     with pytest.raises(TrainingStopped, match="loss is nan at epoch 2, step 2: stopped. The last good checkpoint"):
         train(tiny(store), tmp_path / "run", progress=False)
     ck = load_checkpoint(tmp_path / "run")
-    assert ck["progress"]["epoch"] == 1 and ck["progress"]["step"] == 3
-    assert all(torch.isfinite(v).all() for v in ck["model"].values())
+    assert ck.progress.epoch == 1 and ck.progress.step == 3
+    assert all(torch.isfinite(v).all() for v in ck.model.values())
 
 
 def test_losses_read_every_few_steps_same_account_and_nan_still_named(store, whole_run, tmp_path, monkeypatch):
@@ -157,7 +159,7 @@ def test_losses_read_every_few_steps_same_account_and_nan_still_named(store, who
     with pytest.raises(TrainingStopped, match="loss is nan at epoch 2, step 1: stopped. The last good checkpoint"):
         train(cfg, tmp_path / "nan", progress=False)  # read at the epoch's end, two steps later
     ck = load_checkpoint(tmp_path / "nan")
-    assert ck["progress"]["step"] == 3 and all(torch.isfinite(v).all() for v in ck["model"].values())
+    assert ck.progress.step == 3 and all(torch.isfinite(v).all() for v in ck.model.values())
 
 
 @pytest.mark.filterwarnings("ignore:CUDA is not available")  # (without a GPU only the CPU half can be seen)
@@ -224,7 +226,8 @@ def test_crafted_truncated_and_foreign_checkpoints_get_one_line_errors(store, tm
     with pytest.raises(ReplicaError, match="not a replica checkpoint"):
         load_checkpoint(plain)
     with pytest.raises(ReplicaError, match="checkpoint has variant='one-gpu-half', but this run has variant='two-tower'"):
-        check_compatible({"num_classes": 4, "variant": "one-gpu-half"}, {"num_classes": 4, "variant": "two-tower"}, "x")
+        check_compatible(Checkpoint(NetOptions(variant="one-gpu-half"), list("abcd"), {}, None),
+                         NetOptions(variant="two-tower"), list("abcd"), "x")
     assert main(["predict", str(evil), "img.png"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("replica: error:") and "\n" not in err
@@ -343,13 +346,13 @@ def test_ddp_two_processes_equal_one_process_on_the_combined_batch(store, tmp_pa
         err = p.communicate(timeout=600)[1]
         assert p.returncode == 0, err[-3000:]
     a, b = load_checkpoint(tmp_path / "ddp"), load_checkpoint(tmp_path / "one")
-    assert a["progress"]["step"] == b["progress"]["step"] == 3
-    assert len(a["rng"]) == 2  # each rank's RNG is kept for resume
-    for k in a["model"]:
+    assert a.progress.step == b.progress.step == 3
+    assert len(a.rng) == 2  # each rank's RNG is kept for resume
+    for k in a.model:
         # numerical: DDP sums the two halves' gradients in another order than one batch's backward
-        torch.testing.assert_close(a["model"][k], b["model"][k], rtol=1e-4, atol=1e-6, msg=k)
-    assert len(a["momentum"]) == len(a["model"])  # every parameter was updated...
-    assert all(b.abs().sum() > 0 and lr > 0 for b, lr in a["momentum"].values())  # ...by a non-zero step
+        torch.testing.assert_close(a.model[k], b.model[k], rtol=1e-4, atol=1e-6, msg=k)
+    assert len(a.momentum) == len(a.model)  # every parameter was updated...
+    assert all(b.abs().sum() > 0 and lr > 0 for b, lr in a.momentum.values())  # ...by a non-zero step
 
 
 def test_real_sigint_saves_and_the_run_resumes_to_the_end(store, tmp_path):
@@ -374,10 +377,10 @@ def test_real_sigint_saves_and_the_run_resumes_to_the_end(store, tmp_path):
     if "stopped by SIGINT" in out:  # (on a very fast machine the run may have finished first)
         assert f"Resume with: replica train --resume {run}" in out
         ck = load_checkpoint(run)
-        assert not ck["progress"]["done"]
+        assert not ck.progress.done
         assert main(["train", "--resume", str(run)]) == 0  # the resume in this process: no signal here
     ck = load_checkpoint(run)
-    assert ck["progress"]["done"] and ck["progress"]["step"] == 120
+    assert ck.progress.done and ck.progress.step == 120
     assert [m["epoch"] for m in read_metrics(run)] == list(range(1, 21))
 
 
@@ -396,7 +399,7 @@ def test_cifar10_batches_train_on_the_fly(tmp_path):
     assert r["step"] == 2
     m = read_metrics(tmp_path / "run")[0]
     assert m["val_images"] == 4 and (tmp_path / "run" / "stats.npz").exists()
-    assert load_checkpoint(tmp_path / "run")["meta"]["num_classes"] == 10
+    assert load_checkpoint(tmp_path / "run").num_classes == 10
 
 
 def test_bf16_autocast_trains_with_float32_weights(store, tmp_path, monkeypatch):
@@ -414,7 +417,7 @@ def test_bf16_autocast_trains_with_float32_weights(store, tmp_path, monkeypatch)
     train(tiny(store, bf16=True, epochs=1, steps_per_epoch=2), tmp_path / "run", progress=False)
     assert torch.bfloat16 in seen  # the convolutions ran in bfloat16
     ck = load_checkpoint(tmp_path / "run")
-    assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in ck["model"].values())
+    assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in ck.model.values())
     assert math.isfinite(read_metrics(tmp_path / "run")[0]["train_loss"])
     assert seen[-1] == torch.bfloat16  # the epoch's validation ran under autocast too
 
@@ -444,7 +447,7 @@ def test_eval_precision_follows_the_run(store, tmp_path, monkeypatch):
     ck = load_checkpoint(run)
     model = real(ck, "cpu")
     u8 = torch.from_numpy(open_heldout(store).batch(np.arange(4))[0])
-    mean_crop = augment.centre_crop_of(ck["mean"], 224)
+    mean_crop = augment.centre_crop_of(ck.mean, 224)
     p32 = predict_probs(model, u8, mean_crop, views=10)
     p16 = predict_probs(model, u8, mean_crop, views=10, bf16=True)
     assert (p32 - p16).abs().max() < 0.02  # bf16's 8-bit mantissa, native or emulated
@@ -469,7 +472,7 @@ def test_fused_norms_train_like_the_eager_norms(store, tmp_path, monkeypatch, cx
     e, f = read_metrics(tmp_path / "eager")[0], read_metrics(tmp_path / "fused")[0]
     assert e["train_loss"] == pytest.approx(f["train_loss"], rel=1e-4)
     assert e["val_top1_err"] == f["val_top1_err"]
-    assert load_checkpoint(tmp_path / "fused")["config"]["fused_norms"] is True
+    assert load_checkpoint(tmp_path / "fused").config["fused_norms"] is True
     assert layers.fused_norms_available()  # the fused loops ran, no fallback
     # the option went with that run's model: evaluating afterwards, in the same process (as the
     # demo and tools/reproduce.py do), runs the eager norms and compiles nothing
@@ -483,15 +486,15 @@ def test_fused_norms_default_is_on_on_a_gpu_and_for_float32_on_the_cpu(monkeypat
     monkeypatch.delenv("REPLICA_FUSED_NORMS", raising=False)
     auto = load_config(None, {})
     assert auto.fused_norms is None
-    assert train_mod.fused_norms_for(auto, cpu) is True
-    assert train_mod.fused_norms_for(auto, cuda) is True  # measured faster on an H200, float32 and bf16
-    assert train_mod.fused_norms_for(load_config(None, ["bf16=true"]), cuda) is True
-    assert train_mod.fused_norms_for(load_config(None, ["compile=true"]), cuda) is False  # compile fuses them itself
-    assert train_mod.fused_norms_for(load_config(None, ["compile=true", "fused_norms=true"]), cuda) is True
-    assert train_mod.fused_norms_for(load_config(None, ["bf16=true"]), cpu) is False  # no faster there
-    assert train_mod.fused_norms_for(load_config(None, ["fused_norms=true"]), cuda) is True
-    assert train_mod.fused_norms_for(load_config(None, ["fused_norms=off"]), cpu) is False
+    assert fused_norms_for(auto, cpu) is True
+    assert fused_norms_for(auto, cuda) is True  # measured faster on an H200, float32 and bf16
+    assert fused_norms_for(load_config(None, ["bf16=true"]), cuda) is True
+    assert fused_norms_for(load_config(None, ["compile=true"]), cuda) is False  # compile fuses them itself
+    assert fused_norms_for(load_config(None, ["compile=true", "fused_norms=true"]), cuda) is True
+    assert fused_norms_for(load_config(None, ["bf16=true"]), cpu) is False  # no faster there
+    assert fused_norms_for(load_config(None, ["fused_norms=true"]), cuda) is True
+    assert fused_norms_for(load_config(None, ["fused_norms=off"]), cpu) is False
     monkeypatch.setenv("REPLICA_FUSED_NORMS", "0")
-    assert train_mod.fused_norms_for(auto, cpu) is False
+    assert fused_norms_for(auto, cpu) is False
     with pytest.raises(ReplicaError, match="fused_norms: expected true or false"):
         load_config(None, ["fused_norms=maybe"])

@@ -81,7 +81,7 @@ from replica.runtime import cpu_description, set_cuda_numerics, tf32_enabled, tu
 from replica.data.store import PreparedStore  # noqa: E402
 from replica.data.writer import prepare  # noqa: E402
 from replica.data.synth import synth  # noqa: E402
-from replica.train import to_device  # noqa: E402
+from replica.runtime import to_device  # noqa: E402
 
 MAC_FORWARD = 724_406_816  # SPEC.md §7, per 224×224 image
 FLOP_TRAIN = 3 * 2 * MAC_FORWARD

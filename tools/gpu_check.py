@@ -283,7 +283,7 @@ def check_a(work: Path, dry: bool) -> str:
         assert rc == 0, f"{name} ({runs[name]}), exit {rc}:\n" + log[-1500:]
         assert f"job of 1 process(es): {backend}" in log, f"{name}: no process group was made:\n" + log[-800:]
         ck = load_checkpoint(work / f"smoke-{name.replace(' ', '-')}")
-        assert ck["progress"]["step"] == 3, (name, ck["progress"])
+        assert ck.progress.step == 3, (name, ck.progress)
         leaked = [ln for ln in lines if "destroy_process_group" in ln or "NOT been destroyed" in ln]
         assert not leaked, (name, leaked)
     return (f"3 steps under torchrun, {backend}{' + gloo group' if not dry else ''}, DDP, each: bound to "

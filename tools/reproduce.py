@@ -19,7 +19,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from replica.analysis import report  # noqa: E402
+from replica.report import report  # noqa: E402
 from replica.config import load_config, parse_overrides  # noqa: E402
 from replica.errors import ReplicaError  # noqa: E402
 from replica.inference import run_eval  # noqa: E402

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
+import logging
 import os
 from pathlib import Path
 
@@ -17,9 +19,12 @@ import torch
 
 from .. import augment
 from ..errors import ReplicaError
+from ..fileio import atomic_write
 from .imageio import DEFAULT_MAX_PIXELS, BadImage, prepared_from_array, read_prepared
 from .sources import Source, find_source
 from .store import PixelStats, PreparedStore
+
+log = logging.getLogger("replica")
 
 
 class FileImages:
@@ -339,3 +344,62 @@ def loader(ds: torch.utils.data.Dataset, workers: int = 0, pin_memory: bool = Fa
                                        prefetch_factor=2 if workers else None,
                                        worker_init_fn=_yield_to_training if background and workers else None,
                                        generator=torch.Generator().manual_seed(0))
+
+
+# ----------------------------------------------------------------------------------------------
+# A training run's data
+
+# Image folders are read on the fly for small sets; past this many images, the statistics alone
+# would take an hour in one thread before step 1: ``prepare`` does it once on every core.
+STATS_ON_THE_FLY_MAX = 50_000
+
+
+def open_training(data, val_data=None):
+    """(train images, val images or None) of a run's ``data`` and ``val_data``.
+
+    ``val_data``'s classes are matched to the training classes by name (a subset is allowed and
+    logged; a class training never saw is an error). A validation split that holds no image is
+    an error too: it would log 0.00% error and keep epoch 1 as the best."""
+    if data is None:
+        raise ReplicaError("data: required; give a prepared store or an image folder (data=PATH)")
+    train = open_images(data, "train")
+    where = val_data or data
+    if val_data:
+        val, subset = match_classes(open_heldout(val_data), train.classes, val_data)
+        if subset:
+            log.info("val_data %s: %s (labels matched to the training classes by name)", val_data, subset)
+    else:
+        try:
+            val = open_images(data, "val")
+        except ReplicaError:  # no validation split: train-loss-only metrics
+            val = None
+    if val is not None and len(val) == 0:
+        raise ReplicaError(f"{where}: the validation split holds no images; prepare it again from class folders "
+                           f"(val/<class>/<image>), or give val_data=PATH")
+    return train, val
+
+
+def data_stats(train, run: Path):
+    """Mean image and PCA: the store's own, or computed once for files and kept in the run."""
+    if isinstance(train, PreparedStore):
+        return train.mean(), train.pca()
+    cache = run / "stats.npz"
+    if cache.exists():
+        z = np.load(cache, allow_pickle=False)
+        return z["mean"], json.loads(str(z["pca"]))
+    mean, pca = compute_stats(train, progress=True)
+    atomic_write(cache, lambda f: np.savez(f, mean=mean, pca=np.array(json.dumps(pca))))
+    return mean, pca
+
+
+def check_stats_feasible(train, run: Path) -> None:
+    """Image folders are fine on the fly when small; past STATS_ON_THE_FLY_MAX images the mean
+    and PCA alone would take hours in one thread before step 1: say so (in every process, so
+    none waits for rank 0's statistics alone)."""
+    if isinstance(train, PreparedStore) or (run / "stats.npz").exists() or len(train) <= STATS_ON_THE_FLY_MAX:
+        return
+    hours = len(train) / 200 / 3600  # ~200 images/s decoded and resized in one thread
+    root = train.source.root
+    raise ReplicaError(f"data={root} holds {len(train):,} images: their mean image and PCA would take about "
+                       f"{hours:.1f} h in one thread before step 1 (longer than a DDP timeout); run 'replica prepare "
+                       f"{root} STORE' once (all cores, resumable) and train with data=STORE")

@@ -14,7 +14,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import multiprocessing as mp
 import os
 import time
 from pathlib import Path
@@ -26,6 +25,7 @@ from ..fileio import atomic_write
 from .imageio import DEFAULT_MAX_PIXELS, BadImage, prepared_from_array, read_prepared
 from .imageio import Member
 from .sources import Source, find_source
+from .chunks import DEFERRED, encode, run_chunks, usable_cpus
 from .store import FORMAT_VERSION, JPEG_FROM_IMAGES, JPEG_QUALITY, STATE, PixelStats
 
 log = logging.getLogger("replica")
@@ -43,16 +43,6 @@ STATE_EVERY_S = 30.0
 # workers pay off from ~1,500. A raw store's workers import no torch and start in a fraction of a
 # second (the same 36 images: `replica prepare --workers 2` 0.46 s, `--workers 1` 0.28-0.35 s).
 IN_PROCESS_BELOW = 1000
-# A worker keeps the pixel sums of the training chunks it decodes and sends them along with its
-# first result, then with every STATS_EVERY_CHUNKS-th (or after STATS_EVERY_S), and when it
-# stops: sent with every 64-image chunk they were 1.57 MB (float64), the size of the JPEGs. A
-# chunk counts as done (in the resume state) once its sums have arrived.
-STATS_EVERY_CHUNKS = 16
-STATS_EVERY_S = 5.0
-DEFERRED = "deferred"  # a result whose pixel sums travel later, with the worker's accumulated ones
-# what a prepare worker is limited to: it decodes one image at a time, and 16 workers × 16
-# BLAS/OpenMP threads each would oversubscribe the machine 16-fold
-WORKER_THREADS = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -110,100 +100,6 @@ def _relative(item, root: str) -> str:
     return str(item)  # CIFAR: a row index
 
 
-def usable_cpus() -> int:
-    """CPUs this process may run on (a container's or a job scheduler's share, not the machine's)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
-
-
-_W: dict = {}
-
-
-def _worker_init(out: str, splits: list, size: int, max_pixels: int, fmt: str, quality: int, pool: bool = False):
-    _W.update(out=out, size=size, max_pixels=max_pixels, fmt=fmt, quality=quality)
-    if pool and fmt != "raw":  # a JPEG worker: torch's one thread (BLAS/OpenMP read WORKER_THREADS at start)
-        import torch  # only here and in _encode: a raw store's workers never import torch (~2 s, ~0.5 GB)
-
-        torch.set_num_threads(1)
-    if fmt == "raw":
-        _W["fds"] = {k: os.open(Path(out) / k / "images.u8", os.O_WRONLY) for k in splits}
-
-
-def _encode(img: np.ndarray, quality: int) -> tuple[bytes, np.ndarray]:
-    """JPEG bytes of a (3, S, S) uint8 image, and the pixels a decoder gives back from them."""
-    import torch
-
-    from .jpeg import decode_jpeg, encode_jpeg
-
-    data = encode_jpeg(torch.from_numpy(np.ascontiguousarray(img)), quality=quality)
-    return data.numpy().tobytes(), decode_jpeg(data).numpy()
-
-
-def pwrite_all(fd: int, data: bytes, offset: int) -> None:
-    """All of ``data`` at ``offset``: ``os.pwrite`` may write less than asked (a signal, a quota,
-    the last blocks of a disk); the rest is written again, and a write of nothing is a full disk
-    (an unchecked short write left a row partly zero and marked ok)."""
-    import errno
-
-    view = memoryview(data)
-    while view:
-        n = os.pwrite(fd, view, offset)
-        if n <= 0:
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        view, offset = view[n:], offset + n
-
-
-def _worker_chunk(task):
-    """Decode one chunk; write it (raw: at its rows) or return it (jpeg: the encoded bytes).
-
-    Returns (split, chunk, ok flags, skips, stats, encoded or None). Raw rows go out with one
-    ``pwrite`` each: only what this chunk wrote is written (no whole-map flush), and a full disk
-    is an ``OSError`` (ENOSPC) here, not a SIGBUS that kills the worker.
-    """
-    split, chunk, start, items, arrays, want_stats = task
-    size, fmt = _W["size"], _W["fmt"]
-    ok = np.zeros(len(items), bool)
-    skips, encoded = [], [] if fmt == "jpeg" else None
-    stats = PixelStats(size) if want_stats else None
-    row = 3 * size * size
-    for i, item in enumerate(items):
-        try:
-            if arrays is not None:  # CIFAR: a (3, 32, 32) array
-                img = prepared_from_array(arrays[i], size)
-            else:
-                img = read_prepared(item, size, _W["max_pixels"])
-        except BadImage as e:
-            skips.append((split, str(item), str(e)))
-            if encoded is not None:
-                encoded.append(b"")
-            continue
-        except Exception as e:  # anything else is still one bad file, not a dead job
-            skips.append((split, str(item), f"{type(e).__name__}: {e}"))
-            if encoded is not None:
-                encoded.append(b"")
-            continue
-        if fmt == "raw":
-            pwrite_all(_W["fds"][split], np.ascontiguousarray(img).tobytes(), (start + i) * row)
-        else:
-            data, img = _encode(img, _W["quality"])  # statistics of the pixels the net will see
-            encoded.append(data)
-        ok[i] = True
-        if stats is not None:
-            stats.add_image(img)
-    return split, chunk, ok, skips, (_compact(stats) if stats is not None else None), encoded
-
-
-def _compact(stats: PixelStats) -> dict:
-    """A chunk's sums for the pipe: its mean-image sum is whole numbers (≤ 255 × the chunk's
-    images), so uint16 holds it exactly up to 257 images: 393 KB a chunk of 256², not the
-    1.57 MB (~24 KB an image, the size of the JPEG itself) of float64."""
-    a = stats.arrays()
-    a["image_sum"] = a["image_sum"].astype(np.uint16 if stats.images * 255 <= 65535 else np.uint32)
-    return a
-
-
 def _estimate_bytes(source: Source, size: int, fmt: str, quality: int, max_pixels: int) -> int:
     """Bytes the store's images will take: exact for raw, sampled (up to 16 images) for jpeg."""
     n = sum(len(s.items) for s in source.splits.values())
@@ -215,7 +111,7 @@ def _estimate_bytes(source: Source, size: int, fmt: str, quality: int, max_pixel
         try:
             img = prepared_from_array(s.arrays[s.items[k]], size) if s.arrays is not None else \
                 read_prepared(s.items[k], size, max_pixels)
-            sizes.append(len(_encode(img, quality)[0]))
+            sizes.append(len(encode(img, quality)[0]))
         except (BadImage, OSError):
             continue
     per = float(np.mean(sizes)) if sizes else 40_000.0
@@ -307,6 +203,107 @@ def _locked(out: Path):
         os.close(fd)
 
 
+class PrepareState:
+    """What a prepare has done so far, chunk by chunk, and the file that keeps it for a resume.
+
+    Per split: which chunks are done, which images were usable (``ok``), and for a JPEG store
+    each image's (offset, bytes) in its data file and how many bytes of that file the state
+    accounts for (``committed``); the skipped inputs; the training images' pixel sums. A
+    training chunk whose sums are still with its worker waits in ``pending`` and is done when
+    they arrive (:meth:`record_stats`). :meth:`save` writes the data files' bytes to disk first,
+    then the state that says they are there.
+    """
+
+    def __init__(self, out: Path, source: Source, fp: str, fmt: str, size: int, chunk: int):
+        self.path, self.fp, self.fmt, self.chunk = out / STATE, fp, fmt, chunk
+        self.data_file = {k: out / k / ("images.u8" if fmt == "raw" else "images.jpeg") for k in source.splits}
+        self.done = {k: np.zeros(-(-len(s.items) // chunk), bool) for k, s in source.splits.items()}
+        self.ok = {k: np.zeros(len(s.items), bool) for k, s in source.splits.items()}
+        self.index = {k: np.full((len(s.items), 2), -1, np.int64) for k, s in source.splits.items()}  # jpeg
+        self.committed = {k: 0 for k in source.splits}  # jpeg: bytes of each file the state accounts for
+        self.skips: list = []
+        self.stats = PixelStats(size)
+        self.pending: dict = {}  # (split, chunk) recorded, its pixel sums still with its worker: its skips
+        self.appends, self.readers = {}, {}
+
+    def load(self) -> None:
+        """The state an interrupted prepare of the same inputs left (else nothing is done yet)."""
+        if not self.path.exists():
+            return
+        st = np.load(self.path, allow_pickle=False)
+        if str(st["fingerprint"]) != self.fp:
+            return
+        for k in self.done:
+            self.done[k] = st[f"done_{k}"].copy()
+            self.ok[k] = st[f"ok_{k}"].copy()
+            if self.fmt == "jpeg":
+                self.index[k] = st[f"index_{k}"].copy()
+                self.committed[k] = int(st[f"committed_{k}"])
+        self.skips = json.loads(str(st["skips"]))
+        self.stats = PixelStats.from_arrays(st)
+
+    def open(self) -> None:
+        """The data files: appended to (jpeg), and read handles to fsync what workers wrote."""
+        if self.fmt == "jpeg":
+            self.appends = {k: open(f, "ab") for k, f in self.data_file.items()}
+        self.readers = {k: os.open(f, os.O_RDONLY) for k, f in self.data_file.items()}
+
+    def close(self) -> None:
+        for f in self.appends.values():
+            with contextlib.suppress(OSError):  # a failed flush here was raised (and said) already
+                f.close()
+        for fd in self.readers.values():
+            os.close(fd)
+        self.appends, self.readers = {}, {}
+
+    def save(self) -> None:
+        for k in self.data_file:  # the data first, then the state that says it is there
+            if self.fmt == "jpeg":
+                self.appends[k].flush()
+                self.committed[k] = self.appends[k].tell()
+            os.fsync(self.readers[k])
+        extra = {f"done_{k}": v for k, v in self.done.items()}
+        extra.update({f"ok_{k}": v for k, v in self.ok.items()})
+        if self.fmt == "jpeg":
+            extra.update({f"index_{k}": v for k, v in self.index.items()})
+            extra.update({f"committed_{k}": np.int64(v) for k, v in self.committed.items()})
+        atomic_write(self.path, lambda f: np.savez(f, fingerprint=np.array(self.fp),
+                                                   skips=np.array(json.dumps(self.skips)), **self.stats.arrays(),
+                                                   **extra))
+
+    def record(self, result) -> int:
+        """A chunk's result from :func:`~replica.data.chunks.run_chunks`; returns its image count."""
+        name, ci, ok, sk, part, encoded = result
+        a = ci * self.chunk
+        self.ok[name][a:a + len(ok)] = ok
+        if encoded is not None:
+            f = self.appends[name]
+            for i, data in enumerate(encoded):
+                if data:
+                    self.index[name][a + i] = (f.tell(), len(data))
+                    f.write(data)
+        if part == DEFERRED:  # done when its sums arrive (record_stats)
+            self.pending[(name, ci)] = sk
+            return len(ok)
+        if part is not None:
+            self.stats.merge(PixelStats.from_arrays(part))
+        self.skips.extend(sk)
+        self.done[name][ci] = True
+        return len(ok)
+
+    def record_stats(self, sums) -> None:
+        """A worker's accumulated sums: merged, and the chunks they cover marked done, only if
+        every one of them was recorded here (else all of them are redone on resume, sums and all)."""
+        arrays, covered = sums
+        if any(tuple(c) not in self.pending for c in covered):
+            return
+        if arrays is not None:
+            self.stats.merge(PixelStats.from_arrays(arrays))
+        for name, ci in covered:
+            self.done[name][ci] = True
+            self.skips.extend(self.pending.pop((name, ci)))
+
+
 def _prepare_into(out: Path, source: Source, old, fp: str, fmt: str, quality: int, size: int, chunk: int,
                   total: int, max_pixels: int, workers, progress: bool, on_chunk) -> dict:
     """The writing part of :func:`prepare`, under its lock."""
@@ -331,30 +328,12 @@ def _prepare_into(out: Path, source: Source, old, fp: str, fmt: str, quality: in
         (out / name).mkdir(exist_ok=True)
         for c, start in enumerate(range(0, len(s.items), chunk)):
             chunks.append((name, c, start, min(start + chunk, len(s.items))))
-    data_file = {k: out / k / ("images.u8" if fmt == "raw" else "images.jpeg") for k in source.splits}
-
-    state_path = out / STATE
-    done: dict[str, np.ndarray] = {k: np.zeros(-(-len(s.items) // chunk), bool) for k, s in source.splits.items()}
-    ok_flags = {k: np.zeros(len(s.items), bool) for k, s in source.splits.items()}
-    index = {k: np.full((len(s.items), 2), -1, np.int64) for k, s in source.splits.items()}  # jpeg: offset, bytes
-    committed = {k: 0 for k in source.splits}  # jpeg: bytes of each file the state accounts for
-    skips: list = []
-    stats = PixelStats(size)
-    if state_path.exists():
-        st = np.load(state_path, allow_pickle=False)
-        if str(st["fingerprint"]) == fp:
-            for k in done:
-                done[k] = st[f"done_{k}"].copy()
-                ok_flags[k] = st[f"ok_{k}"].copy()
-                if fmt == "jpeg":
-                    index[k] = st[f"index_{k}"].copy()
-                    committed[k] = int(st[f"committed_{k}"])
-            skips = json.loads(str(st["skips"]))
-            stats = PixelStats.from_arrays(st)
+    state = PrepareState(out, source, fp, fmt, size, chunk)
+    state.load()
     needed = _estimate_bytes(source, size, fmt, quality, max_pixels)
-    have = sum(_allocated(f) if fmt == "raw" else committed[k] for k, f in data_file.items())
+    have = sum(_allocated(f) if fmt == "raw" else state.committed[k] for k, f in state.data_file.items())
     _check_space(out, needed, have, f"{total:,} images, {fmt}" + ("" if fmt == "raw" else f" quality {quality}"))
-    for k, f in data_file.items():
+    for k, f in state.data_file.items():
         if fmt == "raw":
             nbytes = len(source.splits[k].items) * 3 * size * size
             if not f.exists() or f.stat().st_size != nbytes:
@@ -362,17 +341,15 @@ def _prepare_into(out: Path, source: Source, old, fp: str, fmt: str, quality: in
                     fh.truncate(nbytes)  # sparse until written
         else:  # bytes past what the state accounts for belong to chunks that will be redone
             with open(f, "ab") as fh:
-                fh.truncate(committed[k])
+                fh.truncate(state.committed[k])
     meta = dict(version=FORMAT_VERSION, fingerprint=fp, complete=False, source=full.root, kind=full.kind,
                 size=size, format=fmt, quality=quality if fmt == "jpeg" else None, classes=full.classes,
                 names=full.names, dataset=full.dataset, notes=full.notes, base_fingerprint=base_fp,
                 split_fingerprints=split_fps, kept_splits=kept)
     atomic_write(meta_path, lambda f: f.write(json.dumps(meta, indent=1).encode()))
 
-    todo = [c for c in chunks if not done[c[0]][c[1]]]
+    todo = [c for c in chunks if not state.done[c[0]][c[1]]]
     resumed = len(chunks) - len(todo)
-    appends = {k: open(f, "ab") for k, f in data_file.items()} if fmt == "jpeg" else {}
-    readers = {k: os.open(f, os.O_RDONLY) for k, f in data_file.items()}  # to fsync what workers wrote
 
     def task(c):
         name, ci, a, b = c
@@ -380,243 +357,37 @@ def _prepare_into(out: Path, source: Source, old, fp: str, fmt: str, quality: in
         arrays = s.arrays[s.items[a]:s.items[b - 1] + 1] if s.arrays is not None else None
         return name, ci, a, s.items[a:b], arrays, name == "train"  # a kept train split is not in source
 
-    def save_state():
-        for k in data_file:  # the data first, then the state that says it is there
-            if fmt == "jpeg":
-                appends[k].flush()
-                committed[k] = appends[k].tell()
-            os.fsync(readers[k])
-        extra = {f"done_{k}": v for k, v in done.items()}
-        extra.update({f"ok_{k}": v for k, v in ok_flags.items()})
-        if fmt == "jpeg":
-            extra.update({f"index_{k}": v for k, v in index.items()})
-            extra.update({f"committed_{k}": np.int64(v) for k, v in committed.items()})
-        atomic_write(state_path, lambda f: np.savez(f, fingerprint=np.array(fp), skips=np.array(json.dumps(skips)),
-                                                    **stats.arrays(), **extra))
-
-    pending: dict = {}  # (split, chunk) recorded, its pixel sums still with its worker: its skips
-
-    def record(result):
-        name, ci, ok, sk, part, encoded = result
-        a = ci * chunk
-        ok_flags[name][a:a + len(ok)] = ok
-        if encoded is not None:
-            f = appends[name]
-            for i, data in enumerate(encoded):
-                if data:
-                    index[name][a + i] = (f.tell(), len(data))
-                    f.write(data)
-        if part == DEFERRED:  # done when its sums arrive (record_stats)
-            pending[(name, ci)] = sk
-            return len(ok)
-        if part is not None:
-            stats.merge(PixelStats.from_arrays(part))
-        skips.extend(sk)
-        done[name][ci] = True
-        return len(ok)
-
-    def record_stats(sums):
-        """A worker's accumulated sums: merged, and the chunks they cover marked done, only if
-        every one of them was recorded here (else all of them are redone on resume, sums and all)."""
-        arrays, covered = sums
-        if any(tuple(c) not in pending for c in covered):
-            return
-        if arrays is not None:
-            stats.merge(PixelStats.from_arrays(arrays))
-        for name, ci in covered:
-            done[name][ci] = True
-            skips.extend(pending.pop((name, ci)))
-
     t0 = time.time()
+    state.open()
     try:
         if todo:
             bar = _bar(total, resumed_images=sum(min(chunk, len(source.splits[c[0]].items) - c[2]) for c in chunks
-                                                  if done[c[0]][c[1]]), enabled=progress)
+                                                  if state.done[c[0]][c[1]]), enabled=progress)
             last_save, finished = time.time(), resumed
 
             def handle(result):
                 nonlocal last_save, finished
-                bar.update(record(result))
+                bar.update(state.record(result))
                 finished += 1
                 if time.time() - last_save >= STATE_EVERY_S:
-                    save_state()
+                    state.save()
                     last_save = time.time()
-                bar.set_postfix(skipped=len(skips), refresh=False)
+                bar.set_postfix(skipped=len(state.skips), refresh=False)
                 if on_chunk is not None:
                     on_chunk(finished, len(chunks))
 
             args = (str(out), list(source.splits), size, max_pixels, fmt, quality)
             try:
                 auto = 1 if total < IN_PROCESS_BELOW else usable_cpus()
-                _run_chunks(map(task, todo), handle, min(workers or auto, len(todo)), args, out,
-                            handle_stats=record_stats)
+                run_chunks(map(task, todo), handle, min(workers or auto, len(todo)), args, out,
+                           handle_stats=state.record_stats)
             finally:  # an interrupted run keeps every chunk it finished
-                save_state()
+                state.save()
                 bar.close()
     finally:
-        for f in appends.values():
-            with contextlib.suppress(OSError):  # a failed flush here was raised (and said) already
-                f.close()
-        for fd in readers.values():
-            os.close(fd)
-    return _finish(out, source, meta, ok_flags, skips, stats, resumed, time.time() - t0, index if fmt == "jpeg" else None,
-                   kept=kept, order=list(full.splits))
-
-
-@contextlib.contextmanager
-def single_threaded_children():
-    """Processes started inside inherit :data:`WORKER_THREADS` (a spawned child reads its thread
-    limits from the environment when numpy and torch load); this process's own are restored."""
-    before = {k: os.environ.get(k) for k in WORKER_THREADS}
-    os.environ.update(WORKER_THREADS)
-    try:
-        yield
-    finally:
-        for k, v in before.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
-def _pool_worker(conn, args) -> None:
-    """A prepare worker: chunks in over its own pipe, results out; None ends it, after its last
-    pixel sums. Messages out: ("ok", result, sums or None), ("stats", sums), ("oserror", ...);
-    sums are (arrays, [(split, chunk), …]: the chunks they cover)."""
-    _worker_init(*args, pool=True)
-    acc, covered, sent, last = None, [], 0, time.monotonic()
-
-    def take():
-        nonlocal acc, covered, last
-        out = (_compact(acc) if acc is not None else None, covered)
-        acc, covered, last = None, [], time.monotonic()
-        return out
-
-    while True:
-        task = conn.recv()
-        if task is None:
-            conn.send(("stats", take()))
-            return
-        try:
-            split, chunk, ok, skips, part, encoded = _worker_chunk(task)
-        except OSError as e:  # ENOSPC and the like: the main process says it, once
-            conn.send(("oserror", (e.errno, str(e))))
-            continue
-        sums = None
-        if part is not None:  # a training chunk: its sums join this worker's own
-            st = PixelStats.from_arrays(part)
-            if acc is None:
-                acc = st
-            else:
-                acc.merge(st)
-            covered.append((split, chunk))
-            part = DEFERRED
-            if sent == 0 or len(covered) >= STATS_EVERY_CHUNKS or time.monotonic() - last >= STATS_EVERY_S:
-                sums, sent = take(), sent + 1
-        conn.send(("ok", (split, chunk, ok, skips, part, encoded), sums))
-
-
-def _run_chunks(tasks, handle, workers: int, args, out, handle_stats=None):
-    """Every task (an iterable, made as it is needed) through ``_worker_chunk`` and its result
-    through ``handle``, in this process (``workers=1``) or in worker processes; the workers'
-    accumulated pixel sums through ``handle_stats`` (after the results they cover).
-
-    Each worker has its own pipe. A worker that dies (the OOM killer, a signal), even half-way
-    through sending a result, closes its end: the read fails at once instead of waiting for the
-    rest of the message (a shared result queue, as ``multiprocessing.Pool`` and
-    ``ProcessPoolExecutor`` use, waits for ever there).
-    """
-    from multiprocessing.connection import wait
-
-    died = ReplicaError("a prepare worker died (killed by a signal: out of memory is the usual cause); every "
-                        "finished chunk is kept: run the same 'replica prepare' again to resume, with fewer "
-                        "--workers if memory is short")
-
-    def send(conn, msg) -> None:
-        """To a worker: a dead one's pipe refuses the write (EPIPE) whatever the moment, and that is
-        a dead worker, not a full disk (only this process's own writes and a worker's reported
-        "oserror" are the disk's)."""
-        try:
-            conn.send(msg)
-        except OSError:  # BrokenPipeError, ConnectionResetError
-            raise died from None
-    try:
-        if workers <= 1:
-            _worker_init(*args)
-            try:
-                for t in tasks:
-                    handle(_worker_chunk(t))
-            finally:
-                for fd in _W.pop("fds", {}).values():
-                    os.close(fd)
-            return
-        ctx = mp.get_context("spawn")
-        procs, conns, clean = [], [], False
-        try:
-            with single_threaded_children():
-                for _ in range(workers):
-                    mine, theirs = ctx.Pipe()
-                    p = ctx.Process(target=_pool_worker, args=(theirs, args), daemon=True)
-                    p.start()
-                    theirs.close()  # only the worker holds its end: its death closes the pipe
-                    procs.append(p)
-                    conns.append(mine)
-            queue, busy = iter(tasks), {}  # busy: chunks sent to a worker and not yet back
-            for _ in range(2):  # two in flight each: a worker starts its next chunk while this process records
-                for conn in conns:
-                    t = next(queue, None)
-                    if t is not None:
-                        send(conn, t)
-                        busy[conn] = busy.get(conn, 0) + 1
-            while busy:
-                for ready in wait(list(busy)):
-                    try:
-                        kind, payload, *sums = ready.recv()
-                    except (EOFError, OSError):
-                        raise died from None
-                    if kind == "oserror":
-                        raise OSError(*payload)
-                    handle(payload)
-                    if sums and sums[0] is not None and handle_stats is not None:
-                        handle_stats(sums[0])
-                    t = next(queue, None)
-                    if t is not None:
-                        send(ready, t)
-                    elif busy[ready] == 1:
-                        del busy[ready]
-                    else:
-                        busy[ready] -= 1
-            for conn in conns:  # every result is in: each worker's last sums, then it ends
-                send(conn, None)
-            for conn in conns:
-                try:
-                    kind, payload = conn.recv()
-                except (EOFError, OSError):
-                    raise died from None
-                if handle_stats is not None:
-                    handle_stats(payload)
-            clean = True
-        finally:
-            if not clean:  # an error or an interrupt: the live workers' last sums, briefly, and they end
-                for conn in conns:
-                    with contextlib.suppress(OSError):
-                        conn.send(None)
-                for conn in conns:
-                    with contextlib.suppress(EOFError, OSError, ValueError):
-                        while handle_stats is not None and conn.poll(2):
-                            kind, payload, *_ = conn.recv()
-                            if kind == "stats":  # taken only if this process recorded every chunk it covers
-                                handle_stats(payload)
-                                break
-            for p in procs:  # after an error or an interrupt, workers still sending are not waited for
-                p.join(timeout=5 if clean else 0)
-                if p.is_alive():
-                    p.kill()
-                    p.join()
-    except OSError as e:
-        why = os.strerror(e.errno) if e.errno else str(e)
-        raise ReplicaError(f"writing the store in {out} failed: {why}; every finished chunk is kept: free space "
-                           f"(or fix the disk), then run the same 'replica prepare' again to resume") from None
+        state.close()
+    return _finish(out, source, meta, state.ok, state.skips, state.stats, resumed, time.time() - t0,
+                   state.index if fmt == "jpeg" else None, kept=kept, order=list(full.splits))
 
 
 def _bar(total, resumed_images, enabled):

@@ -1,62 +1,7 @@
-"""Fig. 3's colour-specificity measure and the filter picture."""
-import numpy as np
-import pytest
-import torch
+"""The report across runs and seeds, and tools/reproduce.py (replica.report)."""
 
-from replica.analysis import colour_specificity, filter_image, format_filters, tower_split
 from replica.cli import main
-from replica.runs import CKPT_FORMAT, CKPT_VERSION
 from runs_helpers import NARROW
-
-
-def test_grey_kernel_is_0_and_a_kernel_without_luminance_is_1():
-    rng = np.random.default_rng(0)
-    grey = np.repeat(rng.normal(size=(1, 1, 11, 11)), 3, axis=1)
-    chroma = rng.normal(size=(1, 3, 11, 11))
-    chroma -= chroma.mean(1, keepdims=True)  # channels cancel at every pixel
-    mixed = grey + 0.5 * chroma
-    s = colour_specificity(np.concatenate([grey, chroma, mixed]))
-    assert s[0] == pytest.approx(0, abs=1e-12) and s[1] == pytest.approx(1, abs=1e-12)
-    assert 0 < s[2] < 1
-
-
-def fake_ckpt(a, b=None):
-    model = {"tower_a.conv1.weight": torch.as_tensor(a, dtype=torch.float32)}
-    if b is not None:
-        model["tower_b.conv1.weight"] = torch.as_tensor(b, dtype=torch.float32)
-    return dict(format=CKPT_FORMAT, version=CKPT_VERSION, model=model, meta={}, config={}, progress={})
-
-
-def test_constructed_two_tower_model_reports_the_split(tmp_path, capsys):
-    rng = np.random.default_rng(1)
-    grey = np.repeat(rng.normal(size=(48, 1, 11, 11)), 3, axis=1) + 0.05 * rng.normal(size=(48, 3, 11, 11))
-    colour = rng.normal(size=(48, 3, 11, 11))
-    colour -= 0.9 * colour.mean(1, keepdims=True)
-    split = tower_split(fake_ckpt(grey, colour))
-    assert split["towers"]["a"]["median"] < 0.05 < 0.9 < split["towers"]["b"]["median"]
-    assert split["separated"] and split["colour_tower"] == "b"
-    assert not tower_split(fake_ckpt(colour, colour))["separated"]
-    torch.save(fake_ckpt(grey, colour), tmp_path / "one.pt")
-    torch.save(fake_ckpt(colour, grey), tmp_path / "two.pt")  # the GPUs renumbered
-    torch.save(fake_ckpt(grey), tmp_path / "half.pt")
-    assert main(["filters", str(tmp_path / "one.pt"), str(tmp_path / "two.pt"), str(tmp_path / "half.pt"),
-                 "--out", str(tmp_path / "png")]) == 0
-    out = capsys.readouterr().out
-    assert "tower b colour-specific" in out and "tower a colour-specific" in out
-    assert "towers separated in 2 of 2 runs" in out and "the split needs two towers" in out
-    from PIL import Image
-    img = Image.open(tmp_path / "png" / "filters-one.png")
-    assert img.size[0] > img.size[1] > 100  # two blocks side by side
-
-
-def test_filter_image_contrast_normalizes_each_kernel():
-    k = np.zeros((2, 3, 11, 11))
-    k[0, :, 5, 5] = 1e-6  # a faint kernel still spans black to white
-    k[1] = np.linspace(-5, 5, 363).reshape(3, 11, 11)
-    img = filter_image({"a": k}, scale=2, cols=2)
-    first = img[2:24, 2:24]
-    assert first.max() == 255 and first.min() == 0
-    assert format_filters([]) .startswith("run")
 
 
 def _fake_run(root, name, diff, errs, epochs=3, images=1000, network="last", evaluated=True, dataset="ilsvrc2012",
@@ -120,39 +65,6 @@ def test_report_tables_curves_config_difference_and_ablation_deltas(tmp_path, ca
     assert "not a finished run folder" in capsys.readouterr().err
 
 
-def test_nearest_neighbours_on_a_constructed_feature_set():
-    from replica.analysis import nearest
-
-    rng = np.random.default_rng(2)
-    pool = torch.as_tensor(rng.normal(size=(1000, 16)))
-    queries = pool[[5, 700, 999]] + 1e-3  # each query sits next to a known pool item
-    idx, dist = nearest(queries, pool, k=3, chunk=128)  # chunks smaller than the pool
-    assert idx[:, 0].tolist() == [5, 700, 999]
-    brute = torch.cdist(queries.double(), pool.double()).topk(3, largest=False)
-    # exact indices: float64, and the 2nd/3rd neighbours are O(1) apart, far beyond any rounding of
-    # the chunked products; the distances themselves are numerical (allclose)
-    assert torch.equal(idx, brute.indices) and torch.allclose(dist, brute.values)
-
-
-def test_neighbors_command_draws_the_grid(tmp_path):
-    from replica.data.writer import prepare
-    from replica.data.synth import synth
-    from replica.config import load_config
-    from replica.train import train
-
-    synth(tmp_path / "s", classes=3, train_per_class=3, val_per_class=1, workers=1, progress=False)
-    prepare(tmp_path / "s", tmp_path / "st", workers=1, progress=False)
-    cfg = load_config(None, dict(data=str(tmp_path / "st"), batch_size=3, epochs=1, steps_per_epoch=1, workers=0,
-                                 devices="cpu", init="caffe", width=NARROW))
-    train(cfg, tmp_path / "run", progress=False)
-    assert main(["neighbors", str(tmp_path / "run"), "--queries", "2", "--k", "3", "--devices", "cpu"]) == 0
-    legend = (tmp_path / "run" / "neighbors.txt").read_text().splitlines()
-    assert len(legend) == 2 and all(line.count(",") == 2 and " → " in line for line in legend)
-    from PIL import Image
-    img = Image.open(tmp_path / "run" / "neighbors.png")
-    assert img.size == (4 * 100 + 8, 2 * 100)
-
-
 def test_reproduce_runs_baseline_and_every_ablation_in_tiny_mode(tmp_path):
     from reproduce import ABLATIONS, reproduce
     from replica.data.writer import prepare
@@ -177,33 +89,11 @@ def test_reproduce_runs_baseline_and_every_ablation_in_tiny_mode(tmp_path):
     assert "- no-norm: seed 0 " in md and ", seed 1 " in md
 
 
-def test_the_picture_says_what_it_shows_and_that_a_short_run_cannot_show_the_split(tmp_path, capsys):
-    """A new user takes a short run's noisy kernels for a bug: the caption and the printout say why."""
-    from PIL import Image
-
-    from replica.analysis import PAPER_STEPS, filters
-    rng = np.random.default_rng(2)
-    k = rng.normal(size=(48, 3, 11, 11))
-    for name, step in (("short", 1_000), ("long", PAPER_STEPS)):
-        ck = fake_ckpt(k, k)
-        ck["progress"] = {"step": step}
-        torch.save(ck, tmp_path / f"{name}.pt")
-    short, long = filters([tmp_path / "short.pt", tmp_path / "long.pt"], tmp_path / "png")
-    assert "after 1,000 steps" in short["caption"][0] and "short run" in " ".join(short["caption"])
-    assert "random start" in short["caption"][-1]
-    assert len(long["caption"]) == 1 and "after 450,000 steps" in long["caption"][0]
-    a, b = (np.asarray(Image.open(r["png"])) for r in (short, long))
-    assert a.shape[0] > b.shape[0]  # the extra lines are drawn
-    assert (a[:30] < 128).any()  # dark text in the strip above the kernels
-    assert main(["filters", str(tmp_path / "short.pt")]) == 0
-    assert "note: a short run (1,000 steps)" in capsys.readouterr().out
-
-
 def test_report_across_seeds_means_paired_intervals_and_verdicts(tmp_path):
     """Hand-made eval.json/config.yaml with known numbers: grouping by config, mean and sample
     standard deviation, paired differences, Student's t intervals, every verdict, n = 1, a run
     that is not comparable, and Fig. 3 across seeds."""
-    from replica.analysis import report
+    from replica.report import report
 
     T2 = 4.302652729911275  # Student's t, 97.5%, 2 degrees of freedom (tables)
     base_top1 = {0: 0.40, 1: 0.41, 2: 0.42}
@@ -248,7 +138,7 @@ def test_report_across_seeds_means_paired_intervals_and_verdicts(tmp_path):
 
 
 def test_verdicts_and_intervals():
-    from replica.analysis import original_difference, t_interval, verdict
+    from replica.report import original_difference, t_interval, verdict
 
     assert verdict(1, None, None, 1.4) == "one seed: no interval"
     assert verdict(3, 0.9, 1.9, 1.4) == "reproduced"
