@@ -144,6 +144,34 @@ def _cmd_report(args) -> int:
     return 0
 
 
+def _cmd_import(args) -> int:
+    from .weights import BVLC_BAND, BVLC_SHA1, import_weights
+
+    src = import_weights(args.file, args.out, mean=args.mean, classes=args.classes, data=args.data, crop=args.crop,
+                         fmt=args.format, force=args.force)
+    same = "matches the BVLC readme's" if src["matches_bvlc"] else f"not the BVLC release's ({BVLC_SHA1[:12]}…)"
+    print(f"imported {args.file} ({src['format']}, {src['schema']}) into {args.out}: sha1 {src['sha1']}, {same}; "
+          f"mean from {src['mean_from']}; classes from {src['classes_from']}")
+    b1, b5 = BVLC_BAND["top1_err"], BVLC_BAND["top5_err"]
+    print(f"next: replica eval {args.out} --data ILSVRC2012-STORE (bvlc_alexnet's one view: top-1 error "
+          f"{b1[0]}-{b1[1]} %, top-5 {b5[0]}-{b5[1]} % expected; docs/analysis.md), replica filters {args.out}")
+    return 0
+
+
+def _cmd_export(args) -> int:
+    from .export import export_onnx
+
+    r = export_onnx(args.run, args.onnx, checkpoint=args.checkpoint, raw_net=args.raw_net, check=not args.no_check,
+                    opset=args.opset)
+    print(f"wrote {r['path']} ({r['bytes'] / 1e6:,.1f} MB, opset {r['opset']}, input {r['input']}, "
+          f"{r['lrn_nodes']} LRN nodes)")
+    if r.get("check"):
+        c = r["check"]
+        print(f"checked with onnxruntime {c['onnxruntime']}: max |Δlogit| {c['max_abs_diff']:.2e} "
+              f"(tolerance {c['tolerance']:.2e}) over {c['images']} random images; top-1 agrees: {c['top1_agree']}")
+    return 0
+
+
 def _cmd_neighbors(args) -> int:
     from .neighbors import neighbors
 
@@ -261,6 +289,32 @@ def build_parser() -> argparse.ArgumentParser:
     nb.add_argument("--out", help="PNG path (default: RUN/neighbors.png)")
     nb.add_argument("--devices", default="auto")
     nb.set_defaults(func=_cmd_neighbors)
+
+    im = sub.add_parser("import", help="Caffe's trained bvlc_alexnet (caffemodel or ONNX zoo) into a run folder",
+                        description="Reads bvlc_alexnet.caffemodel (or the ONNX zoo's bvlcalexnet-*.onnx) into the "
+                                    "two towers (preset caffe) and writes a run folder that eval, predict, filters, "
+                                    "neighbors, report and export read.")
+    im.add_argument("file", help="a .caffemodel, or an .onnx of the ONNX model zoo")
+    im.add_argument("--out", required=True, help="the run folder to write")
+    im.add_argument("--mean", help="a .binaryproto or .npy mean image (BGR, as Caffe's), B,G,R values such as "
+                                   "104,117,123, or a store (default: --data's mean)")
+    im.add_argument("--classes", help="Caffe's synset_words.txt: its line order is fc8's")
+    im.add_argument("--data", help="a store: its classes (sorted WNIDs, Caffe's order assumed) and mean")
+    im.add_argument("--crop", type=int, default=227, choices=[227, 224],
+                    help="227: Caffe's; 224: the ONNX zoo graph's geometry")
+    im.add_argument("--format", default="auto", choices=["auto", "caffe", "onnx"])
+    im.add_argument("--force", action="store_true", help="replace a run already in --out")
+    im.set_defaults(func=_cmd_import)
+
+    ex = sub.add_parser("export", help="a run's net as one ONNX file, checked by onnxruntime")
+    ex.add_argument("run", help="a run folder (last.pt) or a checkpoint")
+    ex.add_argument("--onnx", required=True, help="the .onnx file to write")
+    ex.add_argument("--checkpoint", default="last", choices=["last", "best"])
+    ex.add_argument("--raw-net", action="store_true", help="input mean-subtracted crops (default: 0-255 RGB crops, "
+                                                           "the mean subtracted inside)")
+    ex.add_argument("--opset", type=int, default=18)
+    ex.add_argument("--no-check", action="store_true", help="skip the check against onnxruntime")
+    ex.set_defaults(func=_cmd_export)
 
     st = sub.add_parser("stats", help="print a store's counts, mean image and RGB eigen-system")
     st.add_argument("store")

@@ -15,7 +15,7 @@ import yaml
 
 from .errors import ReplicaError
 
-PRESETS = ("as-run", "paper-text")
+PRESETS = ("as-run", "paper-text", "caffe")  # caffe: evaluating Caffe's bvlc_alexnet (replica import)
 VARIANTS = ("two-tower", "one-gpu-half")
 INITS = ("as-run", "paper-text", "caffe")
 
@@ -32,7 +32,7 @@ class NetOptions:
     :class:`Config`, its use in :mod:`replica.model`, a YAML file and a test.
     """
 
-    preset: str = "as-run"  # or "paper-text" (SPEC.md §1-3)
+    preset: str = "as-run"  # or "paper-text" (SPEC.md §1-3), or "caffe" (bvlc_alexnet's forward)
     variant: str = "two-tower"  # "one-gpu-half" = run 145-half
     width: float = 1.0  # every layer's filters and units × width (at least 1 each); 1: the paper's net
     norm: bool = True  # False = run 148: no LRN and no spatial norm
@@ -51,6 +51,9 @@ class NetOptions:
         for name in ("norm", "overlap", "dropout"):
             if not isinstance(getattr(self, name), bool):
                 raise ReplicaError(f"{name}: expected true or false, got {getattr(self, name)!r}")
+        if self.preset == "caffe" and (self.variant != "two-tower" or not self.overlap):
+            raise ReplicaError("preset caffe is bvlc_alexnet's two-tower net with overlapping pools: it takes no "
+                               "variant=one-gpu-half or overlap=false")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -74,7 +77,28 @@ class NetOptions:
     def lrn_alpha(self) -> float:
         # torch convention (α/n per square). as-run: scale=1e-4, divided by size=5 in the parser
         # (layer.py:1183). paper-text: the printed α=1e-4 applies to the sum itself, i.e. 5e-4.
-        return 1e-4 if self.preset == "as-run" else 5e-4
+        # caffe: alpha 0.0001, divided by local_size as torch does (lrn_layer.cpp:120).
+        return 5e-4 if self.preset == "paper-text" else 1e-4
+
+    @property
+    def lrn_k(self) -> float:
+        # 2 (minDiv, layer-params-145.cfg:140); Caffe's prototxt sets none: its default k = 1
+        return 1.0 if self.preset == "caffe" else 2.0
+
+    @property
+    def lrn_across_towers(self) -> bool:
+        # Caffe groups conv2/4/5 only: its LRN window reads all 96 / 256 maps, across the towers
+        return self.preset == "caffe"
+
+    @property
+    def input_pad(self) -> int:
+        # cuda-convnet zero-extends 224 to 227 (layer.py:1004); Caffe crops 227 and pads nothing
+        return 0 if self.preset == "caffe" else 3
+
+    @property
+    def pool_ceil(self) -> bool:
+        # Caffe's pools round up (pooling_layer.cpp:92-103): at 55, 27, 13 the same as rounding down
+        return self.preset == "caffe" or not self.overlap
 
     @property
     def lrn_before_relu(self) -> bool:
@@ -164,7 +188,7 @@ class Config:
 
 
 CHOICES = {  # the net's own (preset, variant, init) are checked by NetOptions
-    "pca_mode": (None,) + PRESETS,
+    "pca_mode": (None, "as-run", "paper-text"),
     "schedule": ("as-run", "plateau"),
     "decode": ("auto", "workers", "device"),
 }

@@ -18,7 +18,7 @@ import numpy as np
 
 from .colour import colour_specificity
 from .errors import ReplicaError
-from .runs import load_checkpoint, run_checkpoint
+from .runs import describe_source, load_checkpoint, run_checkpoint
 
 SEPARATION = 0.2  # towers "separate" when their median specificities differ by at least this
 
@@ -76,15 +76,16 @@ PAPER_STEPS = 450_000  # run 145: about 90 epochs of 1.28 M images at batch 128 
 NEAR_START_STEPS = 5_000  # below this many steps conv1 is still close to its random draw (the demo: 222)
 
 
-def filter_caption(step: int, split: dict) -> list[str]:
-    """What the picture shows, and, for a short run, why it cannot show the paper's split yet."""
+def filter_caption(step: int, split: dict, imported: str | None = None) -> list[str]:
+    """What the picture shows, and, for a short run, why it cannot show the paper's split yet.
+    ``imported``: weights trained elsewhere (``replica import``), said instead of a step count."""
     step = int(step or 0)
     towers = split["towers"]
     med = ", ".join(f"{t} {s['median']:.2f}" for t, s in towers.items())
     order = "tower a (left), tower b (right)" if len(towers) == 2 else "one tower"
-    lines = [f"conv1 kernels, {order}, after {step:,} steps; median colour specificity {med} "
-             f"(0 grey, 1 colour-only)"]
-    if len(towers) == 2 and step < PAPER_STEPS // 10:
+    when = imported or f"after {step:,} steps"
+    lines = [f"conv1 kernels, {order}, {when}; median colour specificity {med} (0 grey, 1 colour-only)"]
+    if len(towers) == 2 and step < PAPER_STEPS // 10 and not imported:
         lines.append(f"A short run: Fig. 3's split (one tower colour-agnostic, the other colour-specific) "
                      f"came after {PAPER_STEPS:,} steps of ImageNet;")
         lines.append("this run is too short to show it" + (
@@ -124,7 +125,8 @@ def filters(runs, out=None) -> list[dict]:
             (p if p.is_dir() else p.parent) / "filters.png"
         dest.parent.mkdir(parents=True, exist_ok=True)
         split = tower_split(ck.model)
-        caption = filter_caption(ck.progress.step, split)
+        imported = describe_source(ck.source) if ck.source else None
+        caption = filter_caption(ck.progress.step, split, imported)
         Image.fromarray(captioned(filter_image(kernels), caption)).save(dest)
         results.append(dict(run=str(r), png=str(dest), caption=caption, step=ck.progress.step,
                             **split))

@@ -14,7 +14,7 @@ from .errors import ReplicaError
 from .evaluate import evaluate, percent, predict_probs
 from .data.imageio import BadImage, read_prepared
 from .model import AlexNet
-from .runs import Checkpoint, atomic_write, load_checkpoint, run_checkpoint
+from .runs import Checkpoint, atomic_write, describe_source, load_checkpoint, run_checkpoint
 from .runtime import fast_bf16, set_cuda_numerics
 
 
@@ -102,6 +102,8 @@ def run_eval(target, data=None, views=(1, 10), devices="auto", batch: int = 32, 
                classes_evaluated=subset or "all",
                precision="bf16" if bf16 else "fp32", device=" + ".join(map(str, model.devices)),
                tf32=numerics["tf32"] if cuda else None, **results)
+    if ckpt.source:  # imported weights: no epoch or step of replica's
+        out.update(imported=describe_source(ckpt.source), epoch=None, step=None)
     run = target if target.is_dir() else target.parent
     if (run / "config.yaml").exists():
         atomic_write(run / "eval.json", lambda f: f.write(json.dumps(out, indent=1).encode()))
@@ -115,9 +117,10 @@ def describe_eval(r: dict) -> str:
     first = next((v for k, v in r.items() if k.endswith("-view")), {})
     sub = "" if r.get("classes_evaluated", "all") == "all" else f", {r['classes_evaluated']}"
     step = f", step {r['step']:,}" if r.get("step") is not None else ""
+    when = r["imported"] if r.get("imported") else f"epoch {r.get('epoch', '?')}{step}"
     tf32 = {True: " (TF32 on)", False: " (TF32 off)"}.get(r.get("tf32"), "")  # CUDA only: None on the CPU
     dev = f" on {r['device']}" if r.get("device") else ""
-    return (f"{net}, epoch {r.get('epoch', '?')}{step}; {first.get('images', 0):,} {r.get('images_of', 'images')} "
+    return (f"{net}, {when}; {first.get('images', 0):,} {r.get('images_of', 'images')} "
             f"of {r.get('data')}{sub}; {first.get('skipped', 0)} skipped; {r.get('precision', '?')}{tf32}{dev}")
 
 

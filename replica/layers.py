@@ -309,6 +309,24 @@ class _WindowNorm(torch.autograd.Function):
         return (_norm_backward(g, x, d, scale, *ctx.spec),) + (None,) * 7
 
 
+@torch.library.custom_op("replica::lrn", mutates_args=())
+def _lrn_op(x: Tensor, size: int, alpha: float, beta: float, k: float) -> Tensor:
+    """LRN as one operator, for an export only (``replica export``: ONNX's ``LRN``, whose α and
+    window are torch's): what :func:`local_response_norm` becomes while
+    ``torch.compiler.is_exporting()``. Eager, it is torch's own LRN, the same formula."""
+    return F.local_response_norm(x, size, alpha, beta, k)
+
+
+@_lrn_op.register_fake
+def _(x, size, alpha, beta, k):
+    return torch.empty_like(x)
+
+
+def _exporting() -> bool:
+    f = getattr(torch.compiler, "is_exporting", None)  # torch ≥ 2.5
+    return bool(f and f())
+
+
 def local_response_norm(
     x: Tensor, size: int = 5, alpha: float = 1e-4, beta: float = 0.75, k: float = 2.0, groups: int = 1,
     fused: bool = False,
@@ -328,7 +346,8 @@ def local_response_norm(
         raise ValueError(f"local_response_norm expects (N, C, H, W), got shape {tuple(x.shape)}")
     if x.shape[1] % groups:
         raise ValueError(f"{x.shape[1]} channels do not split into {groups} groups")
-
+    if groups == 1 and _exporting():
+        return torch.ops.replica.lrn(x, size, alpha, beta, k)
     return _WindowNorm.apply(x, "channel", size, groups, k, alpha / size, beta, fused)
 
 

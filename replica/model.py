@@ -98,7 +98,7 @@ def cross(x: Tensor, device: torch.device) -> Tensor:
 # Constants (the net's options are replica.config.NetOptions)
 
 
-LRN_SIZE, LRN_BETA, LRN_K = 5, 0.75, 2.0  # layers-145.cfg:39; layer-params-145.cfg:137-155
+LRN_SIZE, LRN_BETA = 5, 0.75  # layers-145.cfg:39; layer-params-145.cfg:137-155 (k: NetOptions.lrn_k)
 DROPOUT_KEEP = 0.5  # §4.2; the `hs` layer's keep=0.5
 
 
@@ -183,6 +183,9 @@ class AlexNet(nn.Module):
 
         if self.opts.variant == "two-tower":
             widths, fc = tuple(w(n) for n in (48, 128, 192, 192, 128)), w(2048)  # conv1…conv5, fc6/fc7 per tower
+            if self.opts.lrn_across_towers and min(widths[:2]) < LRN_SIZE // 2:
+                raise ReplicaError(f"width {self.width:g}: the caffe preset's LRN reads {LRN_SIZE // 2} maps of the "
+                                   f"other tower; conv1 has {widths[0]} per tower")
             ins = (2 * widths[1], 2 * widths[4] * pool5, 2 * fc)  # conv3, fc6, fc7 read both towers: 256, 9216, 4096
             self.tower_a = Tower(widths, fc, *ins, conv2_pad, conv5_pad)
             self.tower_b = Tower(widths, fc, *ins, conv2_pad, conv5_pad)
@@ -202,6 +205,11 @@ class AlexNet(nn.Module):
         return cls(num_classes, devices, net=net, **how)
 
     # -- setup ---------------------------------------------------------------------------------
+
+    @property
+    def input_size(self) -> int:
+        """The crop it takes: 224 (zero-extended to 227 inside), or the caffe preset's 227."""
+        return 224 if self.opts.input_pad else 227
 
     @property
     def towers(self) -> list[Tower]:
@@ -232,31 +240,45 @@ class AlexNet(nn.Module):
         self.fc8.to(d0)
         return self
 
-    # -- the layers of one column ---------------------------------------------------------------
+    # -- the layers: each takes and returns the towers' activations (a list of one or two) ---------
 
-    def _layer1(self, x: Tensor) -> Tensor:
+    def _lrn(self, h: list) -> list:
+        """LRN of each tower's maps. The caffe preset's window also reads the other tower's
+        LRN_SIZE // 2 maps nearest the boundary, as Caffe normalizes all 96 / 256 maps together:
+        a small exchange through :func:`cross` (on one device the same code)."""
+        o = self.opts
+
+        def norm(t):
+            return local_response_norm(t, LRN_SIZE, o.lrn_alpha, LRN_BETA, o.lrn_k, fused=self.fused_norms)
+
+        if not (o.lrn_across_towers and len(h) == 2):
+            return [norm(t) for t in h]
+        a, b = h
+        r, c = LRN_SIZE // 2, a.shape[1]
+        a2 = norm(torch.cat([a, cross(b[:, :r], a.device)], 1))[:, :c]  # a's maps, then b's first 2
+        b2 = norm(torch.cat([cross(a[:, -r:], b.device), b], 1))[:, r:]  # a's last 2, then b's maps
+        return [a2, b2]
+
+    def _layer1(self, h: list) -> list:
         o = self.opts
         if not o.norm:
-            return F.max_pool2d(F.relu_(x), *self._pool())
+            return [F.max_pool2d(F.relu_(t), *self._pool()) for t in h]
         if o.lrn_before_relu:  # as-run: conv1 → LRN (pre-ReLU) → maxpool → ReLU
-            x = local_response_norm(x, LRN_SIZE, o.lrn_alpha, LRN_BETA, LRN_K, fused=self.fused_norms)
-            return F.relu_(F.max_pool2d(x, *self._pool()))
-        x = local_response_norm(F.relu_(x), LRN_SIZE, o.lrn_alpha, LRN_BETA, LRN_K,
-                                fused=self.fused_norms)  # paper-text
-        return F.max_pool2d(x, *self._pool())
+            return [F.relu_(F.max_pool2d(t, *self._pool())) for t in self._lrn(h)]
+        return [F.max_pool2d(t, *self._pool()) for t in self._lrn([F.relu_(t) for t in h])]  # paper-text, caffe
 
-    def _layer2(self, x: Tensor) -> Tensor:
+    def _layer2(self, h: list) -> list:
         o = self.opts
-        x = F.relu_(x)
+        h = [F.relu_(t) for t in h]
         if o.norm:
-            x = local_response_norm(x, LRN_SIZE, o.lrn_alpha, LRN_BETA, LRN_K, fused=self.fused_norms)
-        if o.spatial_norm:
-            x = spatial_response_norm(x, 5, 1e-3, 0.75, fused=self.fused_norms)  # layer-params-145.cfg:157-163
-        return F.max_pool2d(x, *self._pool())
+            h = self._lrn(h)
+        if o.spatial_norm:  # layer-params-145.cfg:157-163
+            h = [spatial_response_norm(t, 5, 1e-3, 0.75, fused=self.fused_norms) for t in h]
+        return [F.max_pool2d(t, *self._pool()) for t in h]
 
     def _pool(self):
         # (kernel, stride, padding, dilation, ceil_mode). Overlapping 3/2 (§3.4); run 147: 2/2 ceil.
-        return (3, 2, 0, 1, False) if self.opts.overlap else (2, 2, 0, 1, True)
+        return (3 if self.opts.overlap else 2, 2, 0, 1, self.opts.pool_ceil)
 
     def _dropout(self, x: Tensor) -> Tensor:
         return dropout_noninverted(x, DROPOUT_KEEP, self.training) if self.opts.dropout else x
@@ -266,8 +288,14 @@ class AlexNet(nn.Module):
         # past the right and bottom edge (layer.py:1004): 224 → 227 → 55. Written straight
         # into the model's layout, once: an NCHW input to channels_last convs is converted by
         # each conv1, forward and backward (4 copies a step; 38 ms at batch 128 on CPU).
+        # The caffe preset pads nothing (a 227 crop); an export writes the pad as one op.
+        p = self.opts.input_pad
+        if p == 0:
+            return x.contiguous(memory_format=self.memory_format)
+        if torch.compiler.is_exporting():
+            return F.pad(x, (0, p, 0, p))
         n, c, h, w = x.shape
-        out = torch.empty((n, c, h + 3, w + 3), dtype=x.dtype, device=x.device,
+        out = torch.empty((n, c, h + p, w + p), dtype=x.dtype, device=x.device,
                           memory_format=self.memory_format).zero_()
         out[:, :, :h, :w] = x
         return out  # (N, 3, 224, 224) → (N, 3, 227, 227)
@@ -275,7 +303,8 @@ class AlexNet(nn.Module):
     # -- forward ---------------------------------------------------------------------------------
 
     def forward(self, x: Tensor) -> Tensor:
-        """(N, 3, 224, 224) mean-subtracted 0–255 RGB → (N, classes) logits on device 0."""
+        """(N, 3, 224, 224) mean-subtracted 0–255 RGB → (N, classes) logits on device 0 (the caffe
+        preset: 227 × 227 crops, or 224 as the ONNX zoo's graph)."""
         return self._run(x, "fc8")
 
     def features(self, x: Tensor) -> Tensor:
@@ -294,10 +323,8 @@ class AlexNet(nn.Module):
         d0, d1 = self.devices[0], self.devices[-1]
         x = self._pad(x)
         xa, xb = cross(x, d0), cross(x, d1)  # each tower sees the whole image
-        ha = self._layer1(a.conv1(xa))  # (N, 48, 27, 27) on d0
-        hb = self._layer1(b.conv1(xb))  # (N, 48, 27, 27) on d1
-        ha = self._layer2(a.conv2(ha))  # (N, 128, 13, 13)
-        hb = self._layer2(b.conv2(hb))
+        ha, hb = self._layer1([a.conv1(xa), b.conv1(xb)])  # (N, 48, 27, 27) on d0 and on d1
+        ha, hb = self._layer2([a.conv2(ha), b.conv2(hb)])  # (N, 128, 13, 13)
         ha, hb = (torch.cat([ha, cross(hb, d0)], 1),  # (N, 256, 13, 13): a then b
                   torch.cat([cross(ha, d1), hb], 1))
         ha = F.relu_(a.conv3(ha))  # (N, 192, 13, 13)
@@ -321,8 +348,8 @@ class AlexNet(nn.Module):
 
     def _forward_half(self, x: Tensor, upto: str = "fc8") -> Tensor:
         a = self.tower_a
-        h = self._layer1(a.conv1(self._pad(x.to(self.devices[0]))))  # (N, 48, 27, 27)
-        h = self._layer2(a.conv2(h))  # (N, 128, 13, 13)
+        h, = self._layer1([a.conv1(self._pad(x.to(self.devices[0])))])  # (N, 48, 27, 27)
+        h, = self._layer2([a.conv2(h)])  # (N, 128, 13, 13)
         h = F.relu_(a.conv4(F.relu_(a.conv3(h))))  # (N, 192, 13, 13)
         h = F.max_pool2d(F.relu_(a.conv5(h)), *self._pool()).flatten(1)  # (N, 9216)
         h = self._dropout(F.relu_(a.fc6(h)))  # (N, 4096)

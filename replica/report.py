@@ -44,7 +44,8 @@ def _run_summary(run: Path) -> dict:
     defaults = load_config(None, {}).to_dict()
     diff = {k: v for k, v in cfg.items() if k in defaults and v != defaults[k] and k not in ("data", "val_data")}
     ev = json.loads((run / "eval.json").read_text()) if (run / "eval.json").exists() else {}
-    return dict(run=run, name=run.name, metrics=read_metrics(run), config=cfg, diff=diff, eval=ev)
+    imported = json.loads((run / "import.json").read_text()) if (run / "import.json").exists() else None
+    return dict(run=run, name=run.name, metrics=read_metrics(run), config=cfg, diff=diff, eval=ev, imported=imported)
 
 
 def _pct(v) -> str:
@@ -57,6 +58,8 @@ def _pair(d) -> str:
 
 
 def _network(ev: dict) -> str:
+    if ev.get("imported"):
+        return "imported"
     kind = {"last": "final", "best": "best-on-val", "file": "file"}.get(ev.get("network"), "?")
     return f"{kind}, epoch {ev.get('epoch')}"
 
@@ -405,6 +408,7 @@ def report(runs, out=None) -> Path:
     for g in groups:
         d = ", ".join(f"`{k}={v}`" for k, v in g["diff"].items()) or "none"
         lines.append(f"- {g['name']} ({len(g['runs'])} run{'s' if len(g['runs']) > 1 else ''}): {d}")
+    lines += _imported_table(summaries)
     lines += _paper_table(summaries)
     (out / "report.md").write_text("\n".join(lines) + "\n")
     return out / "report.md"
@@ -424,5 +428,24 @@ def _paper_table(summaries) -> list[str]:
     return lines
 
 
-# ----------------------------------------------------------------------------------------------
-# Fig. 4: nearest neighbours by fc7 features
+
+def _imported_table(summaries) -> list[str]:
+    """Imported weights (``replica import``) beside the figures their makers published."""
+    from .weights import BVLC_BAND, BVLC_PUBLISHED
+
+    rows = [s for s in summaries if s["imported"]]
+    if not rows:
+        return []
+    pub = BVLC_PUBLISHED
+    lines = ["", "## Imported weights beside their published figures (top-1 / top-5 error, %)", "",
+             "| run | imported from | one view here | BVLC published (one centre crop, ILSVRC-2012 val) | "
+             "expected band here |", "|---|---|---|---|---|"]
+    band = f"{BVLC_BAND['top1_err'][0]:.1f}–{BVLC_BAND['top1_err'][1]:.1f} / " \
+           f"{BVLC_BAND['top5_err'][0]:.1f}–{BVLC_BAND['top5_err'][1]:.1f}"
+    for s in rows:
+        one = s["eval"].get("1-view")
+        lines.append(f"| {s['name']} | {Path(s['imported'].get('file', '?')).name} | {_pair(one) if one else '—'} | "
+                     f"{_pct(pub['top1_err'])} / {_pct(pub['top5_err'])} | {band} |")
+    lines += ["", "The band, not the published figure exactly: replica resizes by the shorter side and decodes with "
+                  "PIL, Caffe's ILSVRC-2012 images were warped to 256 × 256 and decoded with OpenCV (docs/analysis.md)."]
+    return lines

@@ -154,6 +154,13 @@ class Tally:
         return self.seen / max(self.elapsed(), 1e-9)
 
 
+def describe_source(source: dict) -> str:
+    """One line: what an imported run's weights are."""
+    name = Path(source.get("file", "?")).name
+    known = ", the BVLC release (sha1 as its readme)" if source.get("matches_bvlc") else ""
+    return f"imported from {name} ({source.get('format', '?')}{known})"
+
+
 def rng_state() -> dict:
     """This process's RNG states (torch, Python, numpy, CUDA), as plain data for a checkpoint."""
     st = dict(torch=torch.get_rng_state(), python=repr(random.getstate()),

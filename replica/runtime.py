@@ -133,6 +133,27 @@ def set_tf32(on: bool) -> None:
         torch.backends.cudnn.allow_tf32 = on
 
 
+@contextlib.contextmanager
+def legacy_tf32_readable():
+    """Within: cuDNN's legacy ``allow_tf32`` flag readable, as torch.export reads it. Once the new
+    API (:func:`set_tf32`) has set cuDNN's convolutions, reading the legacy flag raises ("a mix of
+    the legacy and new APIs"): an export after an eval in the same process failed. The legacy
+    setter makes it readable, with the same value; the setting is put back after."""
+    import warnings
+
+    import torch
+
+    on = tf32_enabled()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.backends.cudnn.allow_tf32 = on
+    try:
+        yield
+    finally:
+        if _new_tf32_api(torch):
+            set_tf32(on)
+
+
 def tf32_enabled() -> bool:
     """Whether float32 convolutions run in TF32 now (read through the API :func:`set_tf32` uses)."""
     import torch

@@ -8,8 +8,9 @@ import torch
 from .model import AlexNet, count_parameters
 
 
-def layer_rows(model: AlexNet, batch: int = 2, image: int = 224) -> list[dict]:
+def layer_rows(model: AlexNet, batch: int = 2, image: int | None = None) -> list[dict]:
     """Run one forward pass with hooks and return one row per conv/fc layer."""
+    image = image or model.input_size
     rows, hooks = [], []
     for tower_name, tower in (("a", model.tower_a), ("b", model.tower_b)):
         if tower is None:
@@ -54,8 +55,9 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def time_train_step(model: AlexNet, batch: int, image: int = 224) -> float:
+def time_train_step(model: AlexNet, batch: int, image: int | None = None) -> float:
     """Seconds for one forward + backward on random input (after one warm-up step)."""
+    image = image or model.input_size
     x = torch.randn(batch, 3, image, image) * 50
     y = torch.randint(0, model.num_classes, (batch,))
     model.train()

@@ -417,6 +417,10 @@ class _Run:
 
 def train(cfg: Config, out, resume: bool = False, progress: bool = True) -> dict:
     """Train per ``cfg`` into the run folder ``out``; with ``resume``, continue what is there."""
+    if cfg.preset == "caffe":
+        raise ReplicaError("preset caffe evaluates Caffe's bvlc_alexnet (replica import); Caffe's solver is not "
+                           "modelled: train with preset as-run or paper-text"
+                           + (f" ({out} holds imported weights)" if resume else ""))
     r = _Run(cfg, out, progress)
     together = False  # whether every process of the job gets to the end of this call at once
     try:

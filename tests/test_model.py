@@ -28,19 +28,22 @@ def grouped_reference(p, x, preset="as-run", norm=True, overlap=True, dropout=Tr
     def cat(name):
         return torch.cat([p[f"tower_a.{name}"], p[f"tower_b.{name}"]])
 
-    alpha = 1e-4 if preset == "as-run" else 5e-4
-    lrn = torch.nn.LocalResponseNorm(5, alpha=alpha, beta=0.75, k=2.0)
+    alpha = 5e-4 if preset == "paper-text" else 1e-4
+    caffe = preset == "caffe"  # Caffe's bvlc_alexnet: k = 1, the window across all maps, no pad, ceil pools
+    lrn = torch.nn.LocalResponseNorm(5, alpha=alpha, beta=0.75, k=1.0 if caffe else 2.0)
 
-    def halves(h):  # LRN never crosses from tower a's maps into tower b's
+    def halves(h):  # LRN never crosses from tower a's maps into tower b's (except in Caffe's net)
+        if caffe:
+            return lrn(h)
         c = h.shape[1] // 2
         return torch.cat([lrn(h[:, :c]), lrn(h[:, c:])], 1)
 
-    k, s, ceil = (3, 2, False) if overlap else (2, 2, True)
+    k, s, ceil = (3, 2, caffe) if overlap else (2, 2, True)
     pool = lambda h: F.max_pool2d(h, k, s, ceil_mode=ceil)
     pad2, pad5 = (2, 1) if overlap else (1, 0)
     keep = 0.5 if dropout else 1.0
 
-    h = F.conv2d(F.pad(x, (0, 3, 0, 3)), cat("conv1.weight"), cat("conv1.bias"), stride=4)
+    h = F.conv2d(x if caffe else F.pad(x, (0, 3, 0, 3)), cat("conv1.weight"), cat("conv1.bias"), stride=4)
     if not norm:
         h = pool(F.relu(h))
     elif preset == "as-run":
@@ -63,11 +66,14 @@ def grouped_reference(p, x, preset="as-run", norm=True, overlap=True, dropout=Tr
 
 @pytest.mark.parametrize("preset,norm,overlap", [
     ("as-run", True, True), ("paper-text", True, True), ("as-run", False, True), ("as-run", True, False),
+    ("caffe", True, True),
 ])
 def test_matches_grouped_reference_logits_and_gradients(preset, norm, overlap):
     torch.manual_seed(0)
     m = AlexNet(10, devices="cpu", preset=preset, norm=norm, overlap=overlap).double().eval()
     x = images(2, dtype=torch.float64)
+    if preset == "caffe":  # a 227 crop, and activations where the window's k = 1 term does not dominate
+        x = torch.nn.functional.pad(x, (0, 3, 0, 3), mode="replicate") * 4
     out = m(x)
     out.square().sum().backward()
     params = {k: v.detach().clone().requires_grad_() for k, v in m.named_parameters()}
@@ -76,6 +82,23 @@ def test_matches_grouped_reference_logits_and_gradients(preset, norm, overlap):
     torch.testing.assert_close(out, ref)
     for name, p in m.named_parameters():
         torch.testing.assert_close(p.grad, params[name].grad, msg=lambda s: f"{name}: {s}")
+
+
+def test_the_caffe_preset_lrn_crosses_the_towers_and_the_reference_can_tell(monkeypatch):
+    """Within-tower LRN in the caffe preset gives other logits: the reference sees the boundary."""
+    torch.manual_seed(0)
+    m = AlexNet(10, devices=("cpu", "cpu"), preset="caffe", width=0.25).double().eval()
+    with torch.no_grad():  # He's init, biases 0: activations keep their scale, α/n·Σa² near k = 1
+        for name, p in m.named_parameters():
+            p.normal_(0, (2 / p[0].numel()) ** 0.5) if p.dim() > 1 else p.zero_()
+    x = torch.nn.functional.pad(images(2, dtype=torch.float64), (0, 3, 0, 3), mode="replicate")
+    params = {k: v.detach() for k, v in m.named_parameters()}
+    with torch.no_grad():
+        ref, out = grouped_reference(params, x, "caffe"), m(x)
+        torch.testing.assert_close(out, ref)
+        monkeypatch.setattr(type(m.opts), "lrn_across_towers", property(lambda self: False))
+        inside = m(x)
+    assert (inside - ref).abs().max() > 1e-3 * ref.abs().max()
 
 
 def test_one_device_and_two_devices_agree_through_the_cross_helper(monkeypatch):

@@ -1,0 +1,420 @@
+"""Trained weights from elsewhere in the two towers: Caffe's ``bvlc_alexnet`` (``replica import``).
+
+Caffe's BVLC reference AlexNet (``bvlc_alexnet.caffemodel``; the same tensors in the ONNX model
+zoo's ``bvlcalexnet-*.onnx``) groups conv2, conv4 and conv5 in two: the paper's two towers. It is
+read here without Caffe or a protobuf schema compiler, and mapped exactly onto replica's
+two-tower ``state_dict`` (``docs/analysis.md``, "Caffe's trained AlexNet"):
+
+- every layer's outputs split in half, tower a the first half; conv3 and fc6 already read
+  "a then b", as replica concatenates them;
+- conv1's input channels reversed (Caffe's images are BGR);
+- fc7's and fc8's weights ×2: replica's dropout scales by 0.5 at test (the 2012 code's), Caffe's
+  is inverted (×1 at test), so (2W)·(0.5h) = W·h, in training as at test.
+
+The net is run with the ``caffe`` preset (k = 1, ReLU before LRN, no spatial norm, a 227 crop
+without zero-extension, pools in ceil mode, and the LRN window crossing the tower boundary as
+Caffe computes it). Protobuf's wire format: a message is (key = field << 3 | wire type, value)
+pairs; wire type 0 a varint, 1 eight bytes, 2 a length-delimited span, 5 four bytes.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import mmap
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .config import Config, NetOptions, dump_config
+from .errors import ReplicaError
+from .fileio import atomic_write
+from .runs import Checkpoint, Progress, code_version, save_checkpoint
+
+log = logging.getLogger("replica")
+
+BVLC_SHA1 = "9116a64c0fbe4459d18f4bb6b56d647b63920377"  # models/bvlc_alexnet/readme.md:6
+# ILSVRC-2012 val, one centre crop: 57.1 % top-1 and 80.2 % top-5 accuracy (its readme:16-18)
+BVLC_PUBLISHED = dict(top1_err=0.429, top5_err=0.198)
+# what replica's one-view eval of it should give, in %: not exactly the published figures, since
+# replica resizes by the shorter side (Caffe warped to 256²) and decodes with PIL (Caffe: OpenCV)
+BVLC_BAND = dict(top1_err=(42.5, 44.5), top5_err=(19.5, 21.0))
+LAYERS = ("conv1", "conv2", "conv3", "conv4", "conv5", "fc6", "fc7", "fc8")
+FULL = dict(conv1=96, conv2=256, conv3=384, conv4=384, conv5=256, fc6=4096, fc7=4096)  # outputs, both towers
+DROPOUT_SCALED = ("fc7", "fc8")  # the layers that read a dropped-out input: weights ×2
+LRN = dict(local_size=5, alpha=1e-4, beta=0.75, k=1.0)  # what the caffe preset computes
+
+
+# ----------------------------------------------------------------------------------------------
+# The protobuf wire format, read directly
+
+
+class _Wire:
+    """A read-only view of protobuf bytes (a file's mmap or a span of it)."""
+
+    def __init__(self, buf, what: str):
+        self.buf, self.what = buf, what
+
+    def varint(self, i: int) -> tuple[int, int]:
+        value, shift = 0, 0
+        while True:
+            if i >= len(self.buf) or shift > 63:
+                raise ReplicaError(f"{self.what}: truncated or not a protobuf file (a varint runs past the end)")
+            b = self.buf[i]
+            value |= (b & 0x7F) << shift
+            i, shift = i + 1, shift + 7
+            if b < 0x80:
+                return value, i
+
+    def fields(self, start: int, end: int):
+        """(field, wire type, value): an int for types 0/1/5 (raw bytes' offset for 1/5), a (start,
+        end) span for type 2."""
+        i = start
+        while i < end:
+            key, i = self.varint(i)
+            field, wt = key >> 3, key & 7
+            if wt == 0:
+                v, i = self.varint(i)
+            elif wt == 1:
+                v, i = i, i + 8
+            elif wt == 5:
+                v, i = i, i + 4
+            elif wt == 2:
+                n, i = self.varint(i)
+                v, i = (i, i + n), i + n
+            else:
+                raise ReplicaError(f"{self.what}: not a protobuf file (wire type {wt} at byte {i})")
+            if i > end:
+                raise ReplicaError(f"{self.what}: truncated (a field runs past the end of its message)")
+            yield field, wt, v
+
+    def string(self, span) -> str:
+        return bytes(self.buf[span[0]:span[1]]).decode("utf-8", errors="replace")
+
+    def f32(self, wt: int, v) -> np.ndarray:
+        if wt == 2:  # packed
+            return np.frombuffer(self.buf, "<f4", (v[1] - v[0]) // 4, v[0])
+        return np.frombuffer(self.buf, "<f4", 1, v)
+
+    def f64(self, wt: int, v) -> np.ndarray:
+        if wt == 2:
+            return np.frombuffer(self.buf, "<f8", (v[1] - v[0]) // 8, v[0])
+        return np.frombuffer(self.buf, "<f8", 1, v)
+
+    def ints(self, wt: int, v) -> list[int]:
+        if wt == 0:
+            return [v]
+        out, i = [], v[0]
+        while i < v[1]:
+            x, i = self.varint(i)
+            out.append(x)
+        return out
+
+
+def _blob(w: _Wire, span) -> np.ndarray:
+    """A BlobProto: shape (field 7, BlobShape dim = 1) or the legacy num/channels/height/width
+    (1-4); data (5, float, packed or not) or double_data (8)."""
+    dims, legacy, parts, doubles = None, {}, [], []
+    for f, wt, v in w.fields(*span):
+        if f == 7 and wt == 2:
+            dims = [d for g, gwt, gv in w.fields(*v) if g == 1 for d in w.ints(gwt, gv)]
+        elif f in (1, 2, 3, 4) and wt == 0:
+            legacy[f] = v
+        elif f == 5:
+            parts.append(w.f32(wt, v))
+        elif f == 8:
+            doubles.append(w.f64(wt, v))
+    data = np.concatenate(parts) if parts else np.concatenate(doubles).astype(np.float32) if doubles else \
+        np.zeros(0, np.float32)
+    if dims is None:
+        dims = [legacy.get(k, 1) for k in (1, 2, 3, 4)] if legacy else [len(data)]
+    if int(np.prod(dims)) != len(data):
+        raise ReplicaError(f"{w.what}: a blob of shape {tuple(dims)} holds {len(data)} values (truncated?)")
+    return data.reshape(dims)
+
+
+def _lrn_param(w: _Wire, span) -> dict:
+    """LRNParameter: local_size 1, alpha 2, beta 3, norm_region 4 (0 = across channels), k 5."""
+    p = dict(local_size=5, alpha=1.0, beta=0.75, norm_region=0, k=1.0)  # caffe.proto's defaults
+    names = {1: "local_size", 2: "alpha", 3: "beta", 4: "norm_region", 5: "k"}
+    for f, wt, v in w.fields(*span):
+        if f in names:
+            p[names[f]] = v if wt == 0 else float(w.f32(wt, v)[0])
+    return p
+
+
+def read_caffemodel(path) -> dict:
+    """{"blobs": {layer: [W, b]}, "lrn": {layer: params}, "schema": "V2" or "V1"} of a
+    ``.caffemodel``: a NetParameter whose layers are ``layer = 100`` (LayerParameter: name 1,
+    type 2, blobs 7, lrn_param 118) or the 2014 ``layers = 2`` (V1LayerParameter: name 4, type 5,
+    blobs 6, lrn_param 18)."""
+    path = Path(path)
+    with open(path, "rb") as f:
+        try:
+            buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        except ValueError:  # an empty file
+            raise ReplicaError(f"{path}: empty file, not a caffemodel") from None
+    w = _Wire(buf, str(path))
+    blobs, lrn, schemas = {}, {}, set()
+    for field, wt, v in w.fields(0, len(buf)):
+        if wt != 2 or field not in (100, 2):
+            continue
+        v2 = field == 100
+        schemas.add("V2" if v2 else "V1")
+        name, layer_blobs, lrn_span = None, [], None
+        for f, fwt, fv in w.fields(*v):
+            if f == (1 if v2 else 4) and fwt == 2:
+                name = w.string(fv)
+            elif f == (7 if v2 else 6) and fwt == 2:
+                layer_blobs.append(_blob(w, fv))
+            elif f == (118 if v2 else 18) and fwt == 2:
+                lrn_span = fv
+        if name is None:
+            continue
+        if layer_blobs:
+            blobs[name] = layer_blobs
+        if lrn_span is not None:
+            lrn[name] = _lrn_param(w, lrn_span)
+    if not blobs:
+        raise ReplicaError(f"{path}: no layer with weights: not a caffemodel (a NetParameter of 'layer' or 'layers')")
+    return dict(blobs=blobs, lrn=lrn, schema="+".join(sorted(schemas)))
+
+
+def read_binaryproto(path) -> np.ndarray:
+    """A Caffe mean file (one BlobProto), as its array."""
+    data = Path(path).read_bytes()
+    return _blob(_Wire(data, str(path)), (0, len(data)))
+
+
+def read_onnx_zoo(path) -> dict:
+    """The same record as :func:`read_caffemodel`, from the ONNX zoo's ``bvlcalexnet-*.onnx``:
+    initializers ``conv1_w_0`` … ``fc8_b_0`` (else the weights of its 5 Conv and 3 Gemm nodes in
+    graph order), Gemm ``transB`` honoured, the nodes' attributes checked (group 2 in conv2/4/5,
+    LRN size 5, α 1e-4, β 0.75, bias 1)."""
+    try:
+        import onnx
+        from onnx import numpy_helper
+    except ImportError:
+        raise ReplicaError("reading an ONNX file needs the onnx package: pip install 'replica[onnx]'") from None
+    try:
+        model = onnx.load(str(path))
+    except Exception as e:  # onnx raises DecodeError and others
+        raise ReplicaError(f"{path}: not a readable ONNX file ({type(e).__name__}: {str(e)[:120]})") from None
+    init = {t.name: t for t in model.graph.initializer}
+    convs = [n for n in model.graph.node if n.op_type == "Conv"]
+    gemms = [n for n in model.graph.node if n.op_type in ("Gemm", "MatMul")]
+    if len(convs) != 5 or len(gemms) != 3:
+        raise ReplicaError(f"{path}: expected AlexNet's 5 Conv and 3 Gemm nodes, found {len(convs)} and {len(gemms)}")
+    blobs = {}
+    for name, node in zip(LAYERS, convs + gemms):
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        ins = [i for i in node.input[1:] if i in init]
+        if len(ins) != 2:
+            raise ReplicaError(f"{path}: node {node.name or node.op_type} ({name}) has no weight and bias initializers")
+        wt, b = (numpy_helper.to_array(init[i]).astype(np.float32) for i in ins)
+        if name.startswith("conv"):
+            group = int(attrs.get("group", 1))
+            if group != (2 if name in ("conv2", "conv4", "conv5") else 1):
+                raise ReplicaError(f"{path}: {name} has group={group}; bvlc_alexnet groups conv2, conv4 and conv5 in two")
+        elif node.op_type == "Gemm" and not attrs.get("transB", 0):
+            wt = wt.T  # (in, out) → (out, in)
+        elif node.op_type == "MatMul":
+            wt = wt.T
+        blobs[name] = [np.ascontiguousarray(wt), b]
+    lrn = {}
+    for i, node in enumerate(n for n in model.graph.node if n.op_type == "LRN"):
+        a = {x.name: onnx.helper.get_attribute_value(x) for x in node.attribute}
+        lrn[f"norm{i + 1}"] = dict(local_size=int(a.get("size", 0)), alpha=float(a.get("alpha", 1e-4)),
+                                   beta=float(a.get("beta", 0.75)), k=float(a.get("bias", 1.0)), norm_region=0)
+    return dict(blobs=blobs, lrn=lrn, schema=f"onnx opset {max((o.version for o in model.opset_import), default=0)}")
+
+
+# ----------------------------------------------------------------------------------------------
+# The mapping, both ways
+
+
+def _check_lrn(lrn: dict, what: str) -> None:
+    for name, p in lrn.items():
+        got = dict(local_size=int(p["local_size"]), alpha=p["alpha"], beta=p["beta"], k=p["k"])
+        if p.get("norm_region", 0) != 0 or got["local_size"] != LRN["local_size"] or \
+                any(not np.isclose(got[k], LRN[k], rtol=1e-5) for k in ("alpha", "beta", "k")):
+            raise ReplicaError(f"{what}: layer {name} is an LRN with {got} (region {p.get('norm_region', 0)}); "
+                               f"the caffe preset computes {LRN} across channels, as bvlc_alexnet")
+
+
+def caffe_to_state(blobs: dict, what: str = "weights") -> tuple[dict, float, int]:
+    """(replica state_dict, width, classes) of Caffe's conv1 … fc8 blobs (Caffe's shapes: grouped
+    convs (out, in/2, k, k), fc (out, in); legacy 4-D fc blobs (1, 1, out, in) are accepted)."""
+    missing = [n for n in LAYERS if n not in blobs]
+    if missing:
+        raise ReplicaError(f"{what}: no layer {', '.join(missing)}: not AlexNet (layers: {', '.join(blobs)})")
+    wb = {}
+    for n in LAYERS:
+        if len(blobs[n]) != 2:
+            raise ReplicaError(f"{what}: layer {n} holds {len(blobs[n])} blobs, expected weights and biases")
+        w, b = (np.asarray(x, np.float32) for x in blobs[n])
+        if n.startswith("fc") and w.ndim == 4 and w.shape[:2] == (1, 1):
+            w = w[0, 0]  # legacy (1, 1, out, in)
+        wb[n] = (w, b.reshape(-1))
+    width = wb["conv1"][0].shape[0] / FULL["conv1"]
+    classes = wb["fc8"][0].shape[0]
+    from .model import AlexNet  # the shapes replica expects at this width
+
+    try:
+        want = AlexNet.from_options(NetOptions(preset="caffe", width=width), classes, "cpu").state_dict()
+    except ReplicaError as e:
+        raise ReplicaError(f"{what}: conv1 has {wb['conv1'][0].shape[0]} filters: not AlexNet's 96 ({e})") from None
+    state = {}
+    for n, (w, b) in wb.items():
+        if n == "conv1":
+            w = w[:, ::-1]  # BGR → RGB
+        if n in DROPOUT_SCALED:
+            w = w * 2
+        if n == "fc8":
+            parts = {"fc8": (w, b)}
+        else:
+            h = w.shape[0] // 2
+            parts = {f"tower_a.{n}": (w[:h], b[:h]), f"tower_b.{n}": (w[h:], b[h:])}
+        for key, (pw, pb) in parts.items():
+            for suffix, t in (("weight", pw), ("bias", pb)):
+                k = f"{key}.{suffix}"
+                if k not in want or tuple(want[k].shape) != t.shape:
+                    expect = tuple(want[k].shape) if k in want else "none"
+                    raise ReplicaError(f"{what}: layer {n} gives {k} of shape {t.shape}; AlexNet at width "
+                                       f"{width:g} has {expect} (Caffe's {n}: {w.shape})")
+                state[k] = torch.from_numpy(np.ascontiguousarray(t, np.float32))
+    return {k: state[k] for k in want}, width, classes  # in the net's own order
+
+
+def state_to_caffe(state: dict) -> dict:
+    """The inverse of :func:`caffe_to_state`: Caffe's blobs {layer: [W, b]} of a two-tower state."""
+    out = {}
+    for n in LAYERS:
+        if n == "fc8":
+            w, b = state["fc8.weight"].numpy(), state["fc8.bias"].numpy()
+        else:
+            w = np.concatenate([state[f"tower_{t}.{n}.weight"].numpy() for t in "ab"])
+            b = np.concatenate([state[f"tower_{t}.{n}.bias"].numpy() for t in "ab"])
+        if n in DROPOUT_SCALED:
+            w = w / 2
+        if n == "conv1":
+            w = w[:, ::-1]
+        out[n] = [np.ascontiguousarray(w, np.float32), np.ascontiguousarray(b, np.float32)]
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Mean and classes
+
+
+def read_mean(spec: str, size: int = 256) -> tuple[np.ndarray, str]:
+    """(3×size×size RGB float32 mean image, what it came from) of ``--mean``: a Caffe
+    ``.binaryproto`` or ``.npy`` (BGR), three numbers B,G,R, or a replica store (its mean.npy, RGB)."""
+    p = Path(spec)
+    if p.is_dir():
+        if not (p / "mean.npy").exists():
+            raise ReplicaError(f"--mean {spec}: a folder without mean.npy (a store from 'replica prepare' has one)")
+        m, rgb, what = np.load(p / "mean.npy", allow_pickle=False), True, f"store {p}"
+    elif p.suffix == ".binaryproto":
+        m, rgb, what = read_binaryproto(p), False, f"{p.name} (BGR)"
+    elif p.suffix == ".npy":
+        try:
+            m = np.load(p, allow_pickle=False)
+        except (OSError, ValueError) as e:
+            raise ReplicaError(f"--mean {spec}: not a readable .npy array ({e})") from None
+        rgb, what = False, f"{p.name} (BGR)"
+    else:
+        try:
+            bgr = [float(v) for v in spec.split(",")]
+        except ValueError:
+            bgr = []
+        if len(bgr) != 3:
+            raise ReplicaError(f"--mean {spec!r}: expected a .binaryproto or .npy file, a store, or three numbers B,G,R "
+                               f"(e.g. 104,117,123)")
+        m, rgb, what = np.asarray(bgr, np.float32)[:, None, None] * np.ones((3, size, size), np.float32), False, \
+            f"B,G,R = {spec}"
+    m = np.asarray(m, np.float32)
+    if m.ndim == 4 and m.shape[0] == 1:
+        m = m[0]
+    if m.shape != (3, size, size):
+        raise ReplicaError(f"--mean {spec}: a mean image of shape {m.shape}; expected (3, {size}, {size})")
+    return np.ascontiguousarray(m if rgb else m[::-1]), what
+
+
+def read_classes(classes=None, data=None, n: int = 1000) -> tuple[list, list | None, str]:
+    """(class ids, names or None, where they came from), ``n`` of them, in fc8's order."""
+    if classes:
+        ids, names = [], []
+        for line in Path(classes).read_text().splitlines():
+            if line.strip():
+                wnid, _, name = line.strip().partition(" ")
+                ids.append(wnid)
+                names.append(name.strip() or wnid)
+        if len(ids) != n:
+            raise ReplicaError(f"--classes {classes}: {len(ids)} classes, but the net's fc8 has {n} outputs")
+        return ids, names, f"{Path(classes).name} (its order is fc8's)"
+    if data:
+        from .data.loaders import open_images
+
+        images = open_images(data, "train")
+        if len(images.classes) != n:
+            raise ReplicaError(f"--data {data}: {len(images.classes)} classes, but the net's fc8 has {n} outputs")
+        log.warning("warning: classes in the order of %s (sorted WNIDs): Caffe's order is assumed to be the same; "
+                    "give --classes synset_words.txt to be sure", data)
+        return list(images.classes), images.names, f"{data} (sorted; Caffe's order assumed)"
+    log.warning("warning: no --classes or --data: the classes are numbered 0-%d", n - 1)
+    return [str(i) for i in range(n)], None, "numbered"
+
+
+# ----------------------------------------------------------------------------------------------
+# replica import
+
+
+def sha1_of(path) -> str:
+    h = hashlib.sha1()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def import_weights(path, out, mean=None, classes=None, data=None, crop: int = 227, fmt: str = "auto",
+                   force: bool = False) -> dict:
+    """Read Caffe's AlexNet weights and write a run folder that eval, predict, filters, neighbors,
+    report and export read like any other. Returns the provenance recorded in it."""
+    path, out = Path(path), Path(out)
+    if not path.is_file():
+        raise ReplicaError(f"{path}: no such file")
+    if crop not in (224, 227):
+        raise ReplicaError(f"--crop: expected 227 (Caffe's) or 224 (the ONNX zoo graph's), got {crop}")
+    if (out / "last.pt").exists() and not force:
+        raise ReplicaError(f"{out} already holds a run; choose another --out (or --force to replace it)")
+    if fmt == "auto":
+        fmt = "onnx" if path.suffix == ".onnx" else "caffe"
+    if fmt not in ("caffe", "onnx"):
+        raise ReplicaError(f"--format: expected auto, caffe or onnx, got {fmt!r}")
+    record = read_onnx_zoo(path) if fmt == "onnx" else read_caffemodel(path)
+    _check_lrn(record["lrn"], str(path))
+    state, width, n = caffe_to_state(record["blobs"], str(path))
+    if mean is None and data is None:
+        raise ReplicaError("give --mean (a .binaryproto or .npy mean image, B,G,R values such as 104,117,123, or a "
+                           "store) or --data STORE (its mean): the net expects mean-subtracted input")
+    mean_image, mean_from = read_mean(mean if mean is not None else data)
+    ids, names, classes_from = read_classes(classes, data, n)
+    sha1 = sha1_of(path)
+    source = dict(file=str(path.resolve()), sha1=sha1, matches_bvlc=sha1 == BVLC_SHA1, format=fmt,
+                  schema=record["schema"], scaled={k: 2 for k in DROPOUT_SCALED}, conv1="BGR → RGB",
+                  mean_from=mean_from, classes_from=classes_from, width=width)
+    net = NetOptions(preset="caffe", width=width)
+    cfg = Config(data=str(data) if data else None, num_classes=n, crop=crop, preset="caffe", width=width,
+                 init="caffe")
+    ck = Checkpoint(net=net, classes=ids, names=names, dataset="ilsvrc2012" if n == 1000 else None, crop=crop,
+                    model=state, mean=torch.from_numpy(mean_image), config=cfg.to_dict(),
+                    progress=Progress(done=True), source=source)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write(out / "config.yaml", lambda f: f.write(dump_config(cfg).encode()))
+    atomic_write(out / "version.json", lambda f: f.write(json.dumps(code_version(), indent=1).encode()))
+    atomic_write(out / "import.json", lambda f: f.write(json.dumps(source, indent=1).encode()))
+    save_checkpoint(out / "last.pt", ck)
+    return source
