@@ -95,7 +95,21 @@ def _cmd_train(args) -> int:
     if not result.get("stopped") and os.environ.get("RANK", "0") == "0":
         kept = [n for n in ("metrics.jsonl", "last.pt", "best.pt") if (run / n).exists()]  # save_best=false: no best.pt
         print(f"finished: {run} ({', '.join(kept)})")
-    return 0
+    return stop_status(result.get("stopped"))
+
+
+# A run stopped by a signal (saved, resumable) is not a finished one: a shell's `&&` or a cluster's
+# requeue script must be able to tell. The codes a shell gives a process ended by the signal.
+STOP_STATUS = {"SIGINT": 130, "SIGTERM": 143}
+
+
+def stop_status(stopped) -> int:
+    """0 for a finished run; 130 after SIGINT, 143 after SIGTERM (or a signal another process of
+    the job got). Under torchrun only rank 0 says so: another rank's non-zero exit would make
+    torchrun end rank 0, perhaps before its checkpoint is written."""
+    if not stopped or os.environ.get("RANK", "0") != "0":
+        return 0
+    return STOP_STATUS.get(stopped, 143)
 
 
 def _cmd_eval(args) -> int:
@@ -126,7 +140,7 @@ def _cmd_demo(args) -> int:
     from .demo import demo
 
     result = demo(args.out, tiny=args.tiny, devices=args.devices, fp32=args.fp32)
-    return 1 if result.get("stopped") else 0
+    return stop_status(result.get("stopped"))
 
 
 def _cmd_filters(args) -> int:
@@ -179,6 +193,17 @@ def _cmd_neighbors(args) -> int:
     print(dest.with_suffix(".txt").read_text(), end="")
     print(f"wrote {dest} (rows: a validation image, then its nearest training images) and {dest.with_suffix('.txt')}")
     return 0
+
+
+TRAIN_EPILOG = """\
+Watching a run: RUN/curves.png and RUN/filters.png are redrawn at each epoch's end (live=false:
+not); with TensorBoard installed (pip install 'replica[tensorboard]'), RUN/tb/ holds the loss,
+learning rates, images/s, validation errors, each tower's colour specificity and conv1 kernels:
+tensorboard --logdir runs/ (tensorboard=false: not written). docs/training.md lists the tags.
+
+Exit status: 0 finished; 130 after Ctrl-C (SIGINT) and 143 after SIGTERM, once the checkpoint is
+saved (continue with --resume RUN); 2 an error, said in one line.
+"""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -237,7 +262,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--quality", type=int, default=90, help="JPEG quality of --format jpeg (default 90)")
     pr.set_defaults(func=_cmd_prepare)
 
-    t = sub.add_parser("train", help="train per a config: replica train CONFIG [key=value ...] [--out RUN_DIR]")
+    t = sub.add_parser("train", help="train per a config: replica train CONFIG [key=value ...] [--out RUN_DIR]",
+                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=TRAIN_EPILOG)
     t.add_argument("config", nargs="?", help="a YAML preset from configs/ (holds only its differences)")
     t.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. data=store epochs=10")
     t.add_argument("--out", help="run folder (default: runs/<config name>)")

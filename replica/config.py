@@ -167,6 +167,8 @@ class Config:
     compile: bool = False  # torch.compile the model
     fused_norms: bool | None = None  # the norms as compiled fused loops, same math; null: on for CUDA and for float32 on the CPU (measured faster there)
     tf32: bool = False  # CUDA: float32 convs/matmuls in TF32 (Ampere+; cuDNN's own default is on); false: true fp32, as in 2012
+    tensorboard: bool = True  # RUN/tb/ for TensorBoard, when it is installed (replica.live lists the tags)
+    live: bool = True  # RUN/curves.png and RUN/filters.png redrawn at each epoch's end
     deterministic: bool = False  # CUDA: deterministic cuDNN/cuBLAS algorithms (bit-equal resume on a GPU; slower, cost unmeasured)
 
     def __post_init__(self):

@@ -86,7 +86,7 @@ def _last_epoch(s: dict) -> str:
 # (and in their seed) are repeats of one config.
 NOT_THE_EXPERIMENT = {"seed", "workers", "devices", "devices_per_process", "checkpoint_minutes", "save_best",
                       "stall_steps", "compile", "fused_norms", "channels_last", "decode", "strict_data",
-                      "val_batches"}
+                      "val_batches", "tensorboard", "live"}
 
 # SPEC.md §5: the original runs' logged ten-view errors (top-1, top-5 %), and which pair of
 # them measured each of the paper's claims (ablation minus baseline, on the same data)

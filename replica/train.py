@@ -32,6 +32,7 @@ from .data.store import PreparedStore
 from .dist import StopSignals, setup_ranks
 from .errors import ReplicaError, TrainingStopped
 from .evaluate import evaluate, percent
+from .live import LiveViews, rate_text, stall_warning
 from .model import AlexNet
 from .optim import PaperSGD, Schedule, apply_lrs, param_groups
 from .runs import (Checkpoint, Progress, Tally, append_metrics, atomic_write, check_compatible, code_version,
@@ -98,6 +99,7 @@ class _Run:
         self.epoch, self.in_epoch, self.step, self.best = 0, 0, 0, math.inf
         self.records: list[dict] = []  # metrics.jsonl's lines, also kept in each checkpoint
         self.tally = Tally()  # this epoch's running sums (a resumed epoch's go on from the checkpoint's)
+        self.live = None  # TensorBoard and the pictures (process 0)
         self.pending: list[torch.Tensor] = []  # this process's losses not read yet (on the device)
         self.last_loss = None
         self.recent: list[float] = []
@@ -226,22 +228,16 @@ class _Run:
         if vals:
             self.last_loss = vals[-1]
             self.recent = (self.recent + vals)[-50:]
+            if self.live:
+                self.live.losses(self.step - len(vals) + 1, vals, self.sched.lrs(self.step - 1), self.tally.rate(),
+                                 self.dev0)
         self._check_stall()
 
     def _check_stall(self) -> None:
         cfg = self.cfg
-        if not (cfg.stall_steps and self.step >= cfg.stall_steps and not self.stall_warned and self.main
-                and self.recent):
-            return
-        self.stall_warned = True
-        ln_c = math.log(self.num_classes)
-        avg = sum(self.recent) / len(self.recent)
-        if avg > 0.97 * ln_c:
-            from tqdm import tqdm
-
-            tqdm.write(f"warning: after {self.step} steps the loss is still {avg:.3f} ≈ ln({self.num_classes}) = "
-                       f"{ln_c:.3f}: a stalled start. The paper's init (biases 1, σ 0.01) is known to sit there for "
-                       f"a long time; init=caffe (biases 0.1, fc6/fc7 σ 0.005) usually starts at once.")
+        if cfg.stall_steps and self.step >= cfg.stall_steps and not self.stall_warned and self.main and self.recent:
+            self.stall_warned = True
+            stall_warning(self.recent, self.num_classes, self.step)
 
     # -- one epoch -------------------------------------------------------------------------------
 
@@ -334,7 +330,7 @@ class _Run:
             self.read_losses()
         bar.update(1)
         if self.last_loss is not None:
-            bar.set_postfix(loss=f"{self.last_loss:.3f}", lr=f"{lrs['weight']:.0e}", img_s=f"{self.tally.rate():.0f}",
+            bar.set_postfix(loss=f"{self.last_loss:.3f}", lr=f"{lrs['weight']:.0e}", img_s=rate_text(self.tally.rate()),
                             refresh=False)
 
     # -- end of an epoch -------------------------------------------------------------------------
@@ -373,20 +369,25 @@ class _Run:
         self.last_save = time.time()
         if self.main:
             append_metrics(self.run, record)
+            self.live.epoch(record, self.records, self.model)
             loss_text = f"{record['train_loss']:.4f}" if t.loss_n else "n/a (no usable input)"
             msg = f"epoch {record['epoch']}: loss {loss_text}"
             if err is not None:
                 msg += (f", val top-1 {percent(record['val_top1_err'])} top-5 {percent(record['val_top5_err'])} "
                         f"(1 view, {record['val_images']:,} images)")
-            tqdm.write(msg + f", {record['images_per_s']:.0f} img/s")
+            tqdm.write(msg + f", {rate_text(record['images_per_s'])} img/s")
 
     # -- the whole run ---------------------------------------------------------------------------
 
     def loop(self) -> dict:
         from tqdm import tqdm
 
-        sched, ranks = self.sched, self.ranks
+        sched, ranks, cfg = self.sched, self.ranks, self.cfg
         self.last_save = time.time()
+        if self.main:  # a resumed run's TensorBoard curves go on from its checkpoint's step
+            self.live = LiveViews(self.run, cfg.tensorboard, cfg.live, resumed_at=self.step or None)
+            if self.step == 0:
+                self.live.config(dump_config(cfg))
         with StopSignals() as stop:
             stop.escalate = not ranks.distributed  # under torchrun the agent ends workers that do not stop
             while not sched.finished(self.step):
@@ -441,5 +442,7 @@ def train(cfg: Config, out, resume: bool = False, progress: bool = True) -> dict
         together = e.agreed  # a stop decided together (a NaN, a bad batch, a dead worker); else this
         raise  # process alone, where destroying the group could wait for the others for ever
     finally:
+        if r.live:
+            r.live.close()
         if together:
             r.ranks.close()

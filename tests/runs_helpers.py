@@ -9,13 +9,14 @@ NARROW = 0.0625
 
 # tiny()'s run on the command line (``replica train CONFIG *TINY_ARGS``)
 TINY_ARGS = ["batch_size=4", "epochs=2", "steps_per_epoch=3", "workers=0", "devices=cpu", "init=caffe",
+             "tensorboard=false", "live=false",
              f"width={NARROW}"]
 
 
 def tiny(store, **kw):
     """2 epochs × 3 steps of batch 4 on ``store``, on the CPU, no loader workers, the narrow net."""
     base = dict(data=str(store), batch_size=4, epochs=2, steps_per_epoch=3, workers=0, devices="cpu",
-                init="caffe", checkpoint_minutes=60, width=NARROW)
+                init="caffe", checkpoint_minutes=60, width=NARROW, tensorboard=False, live=False)
     base.update(kw)
     return load_config(None, base)
 

@@ -53,7 +53,7 @@ def numerics_restored():
     ("cpu", False), ("cpu,cpu", False),
     on_cuda("cuda:0", True), on_cuda("cuda:0", False), on_cuda("cuda:0,cpu", False)])
 def test_train_on_a_device_then_evaluate_on_cpu(store, tmp_path, devices, bf16):
-    cfg = load_config(None, dict(data=str(store), batch_size=8, epochs=2, steps_per_epoch=2, workers=2,
+    cfg = load_config(None, dict(tensorboard=False, live=False, data=str(store), batch_size=8, epochs=2, steps_per_epoch=2, workers=2,
                                  devices=devices, bf16=bf16, init="caffe", width=width_on(devices)))
     r = train(cfg, tmp_path / "run", progress=False)
     assert r["step"] == 4

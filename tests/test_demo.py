@@ -60,13 +60,13 @@ def test_demo_refuses_a_folder_left_by_another_recipe(fp32_demo, tmp_path, capsy
     # a new folder is not refused: it is written, prepared and trained (stopped at its first step
     # here; test_a_demo_stopped_in_training... runs one to the end)
     monkeypatch.setattr(train_mod, "StopSignals", lambda: StopAfter(1))
-    assert main(["demo", "--tiny", "--out", str(out / "other"), "--devices", "cpu", "--fp32"]) == 1
+    assert main(["demo", "--tiny", "--out", str(out / "other"), "--devices", "cpu", "--fp32"]) == 130  # a stop: SIGINT's 130
     text = capsys.readouterr().out
     assert "[1/4] dataset:" in text and "(written, " in text and "again to resume it" in text
 
 
 def test_a_demo_stopped_in_training_says_how_to_resume_and_evaluates_nothing(tmp_path, capsys, monkeypatch):
-    """Ctrl-C during the demo's training: saved, exit 1, no evaluation of a half-trained net; rerun
+    """Ctrl-C during the demo's training: saved, exit 130, no evaluation of a half-trained net; rerun
     resumes. Without --fp32: bf16 autocast where the CPU has native bf16, as a user's first demo."""
     import replica.train as train_mod
     from replica.runtime import fast_bf16
@@ -74,7 +74,7 @@ def test_a_demo_stopped_in_training_says_how_to_resume_and_evaluates_nothing(tmp
 
     out = tmp_path / "demo"
     monkeypatch.setattr(train_mod, "StopSignals", lambda: StopAfter(2))  # before the second step
-    assert main(["demo", "--tiny", "--out", str(out), "--devices", "cpu"]) == 1
+    assert main(["demo", "--tiny", "--out", str(out), "--devices", "cpu"]) == 130
     text = capsys.readouterr().out
     assert f"run `replica demo --out {out}` again to resume it" in text
     assert ("(bf16 autocast on)" if fast_bf16("cpu") else "(bf16 autocast off: no native bf16 on cpu)") in text

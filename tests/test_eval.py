@@ -56,7 +56,7 @@ def test_eval_refuses_to_stand_the_training_images_in_for_a_val_split(tmp_path, 
     shutil.rmtree(tmp_path / "s" / "val")
     prepare(tmp_path / "s", tmp_path / "st", workers=1, progress=False)
     run = tmp_path / "run"
-    train(load_config(None, dict(data=str(tmp_path / "st"), batch_size=4, epochs=1, steps_per_epoch=1, workers=0,
+    train(load_config(None, dict(tensorboard=False, live=False, data=str(tmp_path / "st"), batch_size=4, epochs=1, steps_per_epoch=1, workers=0,
                                  devices="cpu", init="caffe", width=NARROW)), run, progress=False)
     capsys.readouterr()
     assert main(["eval", str(run), "--devices", "cpu"]) == 2

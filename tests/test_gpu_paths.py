@@ -203,7 +203,7 @@ def test_train_leaves_the_job_at_the_end_and_on_an_agreed_stop(monkeypatch, stor
     but not after an error of this process alone (destroying could wait for the others)."""
     closed = []
     monkeypatch.setattr(D.Ranks, "close", lambda self: closed.append(True))
-    cfg = load_config(None, dict(data=str(store), batch_size=4, epochs=1, steps_per_epoch=1, workers=0,
+    cfg = load_config(None, dict(tensorboard=False, live=False, data=str(store), batch_size=4, epochs=1, steps_per_epoch=1, workers=0,
                                  devices="cpu", init="caffe", val_batches=1, width=NARROW))
     T.train(cfg, tmp_path / "run", progress=False)
     assert closed == [True]
@@ -265,7 +265,7 @@ def test_training_step_moves_every_input_through_to_device(monkeypatch, store, t
     moved = []
     real = T.to_device
     monkeypatch.setattr(T, "to_device", lambda t, d: moved.append(None if t is None else tuple(t.shape)) or real(t, d))
-    cfg = load_config(None, dict(data=str(store), batch_size=4, epochs=1, steps_per_epoch=1, workers=0,
+    cfg = load_config(None, dict(tensorboard=False, live=False, data=str(store), batch_size=4, epochs=1, steps_per_epoch=1, workers=0,
                                  devices="cpu", init="caffe", val_batches=1, width=NARROW))
     T.train(cfg, tmp_path / "run", progress=False)
     assert moved == [(4, 3, 224, 224), (4, 3), (4,)]  # crops, colour shifts, labels
@@ -419,7 +419,7 @@ def test_train_sets_cuda_numerics_explicitly(monkeypatch, store, tmp_path):
     seen = []
     real = runtime.set_cuda_numerics
     monkeypatch.setattr(T, "set_cuda_numerics", lambda *a, **k: seen.append((a, k)) or real(*a, **k))
-    cfg = load_config(None, dict(data=str(store), batch_size=4, epochs=1, steps_per_epoch=1, workers=0,
+    cfg = load_config(None, dict(tensorboard=False, live=False, data=str(store), batch_size=4, epochs=1, steps_per_epoch=1, workers=0,
                                  devices="cpu", init="caffe", val_batches=1, tf32=True, width=NARROW))
     T.train(cfg, tmp_path / "run", progress=False)
     assert seen == [((True, False), dict(benchmark=True))]
@@ -447,7 +447,7 @@ def test_eval_json_records_the_numerics(store, tmp_path):
 
     from replica.inference import describe_eval, run_eval
 
-    cfg = load_config(None, dict(data=str(store), batch_size=4, epochs=1, steps_per_epoch=1, workers=0,
+    cfg = load_config(None, dict(tensorboard=False, live=False, data=str(store), batch_size=4, epochs=1, steps_per_epoch=1, workers=0,
                                  devices="cpu", init="caffe", val_batches=1, width=NARROW))
     T.train(cfg, tmp_path / "run", progress=False)
     r = run_eval(tmp_path / "run", views=(1,), devices="cpu", progress=False, workers=0)

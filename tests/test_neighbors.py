@@ -28,7 +28,7 @@ def test_neighbors_command_draws_the_grid(tmp_path):
 
     synth(tmp_path / "s", classes=3, train_per_class=3, val_per_class=1, workers=1, progress=False)
     prepare(tmp_path / "s", tmp_path / "st", workers=1, progress=False)
-    cfg = load_config(None, dict(data=str(tmp_path / "st"), batch_size=3, epochs=1, steps_per_epoch=1, workers=0,
+    cfg = load_config(None, dict(tensorboard=False, live=False, data=str(tmp_path / "st"), batch_size=3, epochs=1, steps_per_epoch=1, workers=0,
                                  devices="cpu", init="caffe", width=NARROW))
     train(cfg, tmp_path / "run", progress=False)
     assert main(["neighbors", str(tmp_path / "run"), "--queries", "2", "--k", "3", "--devices", "cpu"]) == 0

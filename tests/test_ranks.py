@@ -115,7 +115,8 @@ def driver(tmp_path_factory):
 
 
 # the narrow net: the collectives, faults and resume are the same code at any width
-ARGS = ["batch_size=4", "workers=0", "devices=cpu", "init=caffe", "checkpoint_minutes=60", f"width={NARROW}"]
+ARGS = ["batch_size=4", "workers=0", "devices=cpu", "init=caffe", "checkpoint_minutes=60", f"width={NARROW}",
+        "tensorboard=false", "live=false"]
 
 
 def run_args(store):

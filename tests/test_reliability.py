@@ -295,7 +295,7 @@ def test_bad_files_in_an_image_folder_are_skipped_logged_and_counted(tiny_tree, 
         return out
 
     monkeypatch.setattr(train_mod, "open_training", open_then_delete)
-    cfg = load_config(None, dict(data=str(tiny_tree), batch_size=3, epochs=1, workers=0, devices="cpu",
+    cfg = load_config(None, dict(tensorboard=False, live=False, data=str(tiny_tree), batch_size=3, epochs=1, workers=0, devices="cpu",
                                  init="caffe", width=NARROW))
     train(cfg, tmp_path / "run", progress=False)
     m = read_metrics(tmp_path / "run")[0]

@@ -89,6 +89,20 @@ def test_reproduce_runs_baseline_and_every_ablation_in_tiny_mode(tmp_path):
     assert "- no-norm: seed 0 " in md and ", seed 1 " in md
 
 
+def test_reproduce_takes_overrides_in_any_position(tmp_path, monkeypatch, capsys):
+    """`--seeds 0 1 2 epochs=6`: argparse's nargs="+" took epochs=6 as a seed ("invalid int value")."""
+    import reproduce as rep
+
+    seen = []
+    monkeypatch.setattr(rep, "reproduce", lambda *a: seen.append(a) or tmp_path / "report.md")
+    for argv in (["--data", "st", "--seeds", "0", "1", "2", "epochs=6", "width=0.5"],
+                 ["--data", "st", "epochs=6", "--ablations", "no-norm", "width=0.5", "--seeds", "0", "1", "2"],
+                 ["--data", "runs/a=1", "--seeds", "0", "1", "2", "--ablations", "no-norm", "epochs=6", "width=0.5"]):
+        assert rep.main(argv) == 0
+    assert [a[3] for a in seen] == [[0, 1, 2]] * 3 and all(a[5] == ["epochs=6", "width=0.5"] for a in seen)
+    assert seen[1][4] == ["no-norm"] and seen[2][0] == "runs/a=1"  # a path holding "=" stays a path
+
+
 def test_report_across_seeds_means_paired_intervals_and_verdicts(tmp_path):
     """Hand-made eval.json/config.yaml with known numbers: grouping by config, mean and sample
     standard deviation, paired differences, Student's t intervals, every verdict, n = 1, a run

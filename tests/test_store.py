@@ -61,7 +61,7 @@ def test_auto_picks_jpeg_for_large_sets(synth_src, tmp_path, monkeypatch):
 
 def _cfg(data, **kw):
     base = dict(data=str(data), batch_size=4, epochs=2, steps_per_epoch=3, workers=1, devices="cpu", init="caffe",
-                width=NARROW)
+                width=NARROW, tensorboard=False, live=False)
     base.update(kw)
     return load_config(None, base)
 

@@ -13,6 +13,7 @@ errors beside the baseline's, with the paper's claimed differences and the origi
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
 
@@ -48,6 +49,9 @@ def reproduce(data, out, epochs=None, seeds=(0,), ablations=ABLATIONS, overrides
     return report(runs, out)
 
 
+OVERRIDE = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*=")  # a config override (a path such as runs/x=1 is not one)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", required=True, help="a prepared store (or image folder)")
@@ -56,8 +60,12 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--ablations", nargs="*", default=ABLATIONS, choices=ABLATIONS)
     p.add_argument("--tiny", action="store_true", help="one step per run: checks the whole path in seconds")
-    p.add_argument("overrides", nargs="*", metavar="key=value")
-    args = p.parse_args(argv)
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, in any position")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # key=value anywhere: after --seeds or --ablations too, whose nargs would otherwise take them
+    overrides = [a for a in argv if OVERRIDE.match(a)]
+    args = p.parse_args([a for a in argv if not OVERRIDE.match(a)])
+    args.overrides = overrides
     tune_cpu_allocator()
     try:
         path = reproduce(args.data, args.out, args.epochs, args.seeds, args.ablations, args.overrides, args.tiny)

@@ -1,0 +1,163 @@
+"""A run as it trains: pictures in the run folder and TensorBoard's event files (process 0 only).
+
+- ``curves.png`` and ``filters.png`` are redrawn at each epoch's end and replaced atomically, so
+  any image viewer shows the run as it stands (``live=false``: not drawn).
+- With TensorBoard installed (``pip install 'replica[tensorboard]'``; ``tensorboard=false``:
+  not written), ``RUN/tb/`` gets, under these tags:
+
+  ========================================  ================================================
+  ``train/loss``                            each training loss read (every step on the CPU,
+                                            every 20 on a GPU), at its step
+  ``train/lr/<group>``                      each parameter group's learning rate, same steps
+  ``train/images_per_s``                    the epoch's rate so far, same steps
+  ``train/peak_memory_gb``                  CUDA only: the peak allocated on device 0
+  ``val/top1_err``, ``val/top5_err``        each epoch's one-view validation error (0-1)
+  ``fig3/colour_specificity/tower_a`` (b)   each tower's median conv1 colour specificity
+  ``fig3/conv1_kernels``                    each tower's conv1 kernels, as ``replica filters``
+                                            draws them (a left, b right), each epoch
+  ``config``                                the resolved config, once (text)
+  ========================================  ================================================
+
+  Steps are training steps. A resumed run writes from the step after its checkpoint's with
+  ``purge_step``: TensorBoard drops what the stopped run wrote past that step, so no step is
+  plotted twice.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+
+import numpy as np
+
+from .colour import tower_medians
+from .fileio import atomic_write
+from .filters import filter_image, tower_kernels
+
+log = logging.getLogger("replica")
+
+TB_MISSING = ("TensorBoard is not installed, so RUN/tb/ is not written: pip install 'replica[tensorboard]' to "
+              "watch runs with tensorboard --logdir runs/ (tensorboard=false silences this)")
+
+
+def open_tensorboard(run: Path, purge_step: int | None):
+    """A SummaryWriter into ``run/tb``, or None (with one line saying why) if TensorBoard is missing."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # torch raises it when the tensorboard package is missing
+        from tqdm import tqdm
+
+        tqdm.write(f"note: {TB_MISSING}")
+        return None
+    return SummaryWriter(log_dir=str(run / "tb"), purge_step=purge_step)
+
+
+class LiveViews:
+    """What process 0 writes as the run goes: TensorBoard (if on and installed), the pictures (if on)."""
+
+    def __init__(self, run: Path, tensorboard: bool, pictures: bool, resumed_at: int | None = None):
+        self.run, self.pictures = Path(run), pictures
+        self.tb = open_tensorboard(self.run, resumed_at + 1 if resumed_at else None) if tensorboard else None
+
+    def config(self, text: str) -> None:
+        if self.tb is not None:
+            self.tb.add_text("config", "```\n" + text + "\n```", 0)
+
+    def losses(self, first_step: int, values: list, lrs: dict, images_per_s: float, device) -> None:
+        """``values``: the losses of steps first_step, first_step + 1, …"""
+        if self.tb is None or not values:
+            return
+        for i, v in enumerate(values):
+            self.tb.add_scalar("train/loss", v, first_step + i)
+        step = first_step + len(values) - 1
+        for group, lr in lrs.items():
+            self.tb.add_scalar(f"train/lr/{group}", lr, step)
+        self.tb.add_scalar("train/images_per_s", images_per_s, step)
+        if getattr(device, "type", None) == "cuda":
+            import torch
+
+            self.tb.add_scalar("train/peak_memory_gb", torch.cuda.max_memory_allocated(device) / 1e9, step)
+
+    def epoch(self, record: dict, records: list, model) -> None:
+        """At an epoch's end: its scalars and kernels to TensorBoard; the pictures redrawn."""
+        step = record["step"]
+        state = {k: v.detach().float().cpu() for k, v in model.state_dict().items() if k.endswith("conv1.weight")}
+        kernels = tower_kernels(state)
+        if self.tb is not None:
+            for k in ("val_top1_err", "val_top5_err"):
+                if record.get(k) is not None:
+                    self.tb.add_scalar(f"val/{k[4:]}", record[k], step)
+            for t, v in (record.get("colour_specificity") or tower_medians(model)).items():
+                self.tb.add_scalar(f"fig3/colour_specificity/tower_{t}", v, step)
+            self.tb.add_image("fig3/conv1_kernels", filter_image(kernels), step, dataformats="HWC")
+            self.tb.flush()
+        if self.pictures:
+            self._draw(records, state, kernels, step)
+
+    def _draw(self, records: list, state: dict, kernels: dict, step: int) -> None:
+        from PIL import Image
+
+        from .filters import captioned, filter_caption, tower_split
+
+        img = captioned(filter_image(kernels), filter_caption(step, tower_split(state)))
+        atomic_write(self.run / "filters.png", lambda f: Image.fromarray(img).save(f, format="PNG"))
+        _plot_curves(records, self.run / "curves.png")
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+            self.tb = None
+
+
+def rate_text(images_per_s: float) -> str:
+    """A rate as people read it: whole numbers from 10 up, two digits below (a short epoch's rate,
+    its first step's compile included, is a fraction of an image a second: not "0")."""
+    return f"{images_per_s:.0f}" if images_per_s >= 10 else f"{images_per_s:.2g}"
+
+
+def stall_warning(recent: list, num_classes: int, step: int) -> None:
+    """Say so if the recent losses still sit at ln(classes), where a start stalls."""
+    ln_c = math.log(num_classes)
+    avg = sum(recent) / len(recent)
+    if avg > 0.97 * ln_c:
+        from tqdm import tqdm
+
+        tqdm.write(f"warning: after {step} steps the loss is still {avg:.3f} ≈ ln({num_classes}) = {ln_c:.3f}: a "
+                   f"stalled start. The paper's init (biases 1, σ 0.01) is known to sit there for a long time; "
+                   f"init=caffe (biases 0.1, fc6/fc7 σ 0.005) usually starts at once.")
+
+
+def _plot_curves(records: list, dest: Path) -> None:
+    """The run's curves so far (training loss, one-view validation error, learning rate, each
+    tower's colour specificity), by epoch; written to a temporary file, then renamed over ``dest``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [r["epoch"] for r in records]
+    fig, ax = plt.subplots(1, 4, figsize=(18, 3.6))
+    ax[0].plot(epochs, [r.get("train_loss") for r in records], "o-")
+    for k, style in (("val_top1_err", "o-"), ("val_top5_err", "s--")):
+        ys = [100 * r[k] if r.get(k) is not None else np.nan for r in records]
+        if not all(np.isnan(ys)):
+            ax[1].plot(epochs, ys, style, label=k[4:8])
+    ax[2].plot(epochs, [(r.get("lr") or {}).get("weight") for r in records], "o-")
+    ax[2].set_yscale("log")
+    for t in ("a", "b"):
+        ys = [(r.get("colour_specificity") or {}).get(t, np.nan) for r in records]
+        if not all(np.isnan(ys)):
+            ax[3].plot(epochs, ys, "o-", label=f"tower {t}")
+    ax[3].set_ylim(0, 1)
+    for a, title in zip(ax, ("train loss", "validation error, one view (%)", "learning rate (weights)",
+                             "conv1 colour specificity, median")):
+        a.set_title(title)
+        a.set_xlabel("epoch")
+        a.grid(alpha=0.3)
+        if a.get_legend_handles_labels()[0]:
+            a.legend(fontsize=7)
+    fig.suptitle(f"{dest.parent.name}: {len(records)} epoch(s) so far", fontsize=9)
+    fig.tight_layout()
+    atomic_write(dest, lambda f: fig.savefig(f, format="png", dpi=90))
+    plt.close(fig)
+
