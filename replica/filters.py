@@ -109,6 +109,14 @@ def captioned(img: np.ndarray, lines: list[str]) -> np.ndarray:
     return np.asarray(canvas)
 
 
+def picture(state: dict, step: int, imported: str | None = None) -> tuple[np.ndarray, list[str], dict]:
+    """(the captioned filter picture as an RGB array, its caption, the towers' split) of a
+    state_dict's conv1 kernels: what ``replica filters`` draws and a run redraws each epoch."""
+    split = tower_split(state)
+    caption = filter_caption(step, split, imported)
+    return captioned(filter_image(tower_kernels(state)), caption), caption, split
+
+
 def filters(runs, out=None) -> list[dict]:
     """Write each run's filters.png (captioned: what it shows, and whether the run is long enough
     to show Fig. 3's split) and return its per-tower colour-specificity summary."""
@@ -118,16 +126,13 @@ def filters(runs, out=None) -> list[dict]:
     for r in runs:
         p = Path(r)
         ck = load_checkpoint(run_checkpoint(p))
-        kernels = tower_kernels(ck.model)
-        if not kernels:
+        if not tower_kernels(ck.model):
             raise ReplicaError(f"{r}: the checkpoint holds no conv1 kernels")
         dest = Path(out) / f"filters-{p.name if p.is_dir() else p.stem}.png" if out else \
             (p if p.is_dir() else p.parent) / "filters.png"
         dest.parent.mkdir(parents=True, exist_ok=True)
-        split = tower_split(ck.model)
-        imported = describe_source(ck.source) if ck.source else None
-        caption = filter_caption(ck.progress.step, split, imported)
-        Image.fromarray(captioned(filter_image(kernels), caption)).save(dest)
+        img, caption, split = picture(ck.model, ck.progress.step, describe_source(ck.source) if ck.source else None)
+        Image.fromarray(img).save(dest)
         results.append(dict(run=str(r), png=str(dest), caption=caption, step=ck.progress.step,
                             **split))
     return results

@@ -322,7 +322,8 @@ def _(x, size, alpha, beta, k):
     return torch.empty_like(x)
 
 
-def _exporting() -> bool:
+def exporting() -> bool:
+    """Whether torch is tracing for an export (``replica export``); False on torch < 2.5."""
     f = getattr(torch.compiler, "is_exporting", None)  # torch ≥ 2.5
     return bool(f and f())
 
@@ -346,7 +347,7 @@ def local_response_norm(
         raise ValueError(f"local_response_norm expects (N, C, H, W), got shape {tuple(x.shape)}")
     if x.shape[1] % groups:
         raise ValueError(f"{x.shape[1]} channels do not split into {groups} groups")
-    if groups == 1 and _exporting():
+    if groups == 1 and exporting():
         return torch.ops.replica.lrn(x, size, alpha, beta, k)
     return _WindowNorm.apply(x, "channel", size, groups, k, alpha / size, beta, fused)
 

@@ -28,11 +28,9 @@ import logging
 import math
 from pathlib import Path
 
-import numpy as np
-
-from .colour import tower_medians
 from .fileio import atomic_write
-from .filters import filter_image, tower_kernels
+from .filters import filter_image, picture, tower_kernels
+from .report import plot_curves
 
 log = logging.getLogger("replica")
 
@@ -82,26 +80,21 @@ class LiveViews:
         """At an epoch's end: its scalars and kernels to TensorBoard; the pictures redrawn."""
         step = record["step"]
         state = {k: v.detach().float().cpu() for k, v in model.state_dict().items() if k.endswith("conv1.weight")}
-        kernels = tower_kernels(state)
         if self.tb is not None:
             for k in ("val_top1_err", "val_top5_err"):
                 if record.get(k) is not None:
                     self.tb.add_scalar(f"val/{k[4:]}", record[k], step)
-            for t, v in (record.get("colour_specificity") or tower_medians(model)).items():
+            for t, v in record["colour_specificity"].items():
                 self.tb.add_scalar(f"fig3/colour_specificity/tower_{t}", v, step)
-            self.tb.add_image("fig3/conv1_kernels", filter_image(kernels), step, dataformats="HWC")
+            self.tb.add_image("fig3/conv1_kernels", filter_image(tower_kernels(state)), step, dataformats="HWC")
             self.tb.flush()
         if self.pictures:
-            self._draw(records, state, kernels, step)
+            from PIL import Image
 
-    def _draw(self, records: list, state: dict, kernels: dict, step: int) -> None:
-        from PIL import Image
-
-        from .filters import captioned, filter_caption, tower_split
-
-        img = captioned(filter_image(kernels), filter_caption(step, tower_split(state)))
-        atomic_write(self.run / "filters.png", lambda f: Image.fromarray(img).save(f, format="PNG"))
-        _plot_curves(records, self.run / "curves.png")
+            img, _, _ = picture(state, step)
+            atomic_write(self.run / "filters.png", lambda f: Image.fromarray(img).save(f, format="PNG"))
+            summary = dict(run=self.run, name=self.run.name, metrics=records, config={}, diff={})
+            plot_curves([summary], self.run / "curves.png", title=f"{self.run.name}: {len(records)} epoch(s) so far")
 
     def close(self) -> None:
         if self.tb is not None:
@@ -125,39 +118,3 @@ def stall_warning(recent: list, num_classes: int, step: int) -> None:
         tqdm.write(f"warning: after {step} steps the loss is still {avg:.3f} ≈ ln({num_classes}) = {ln_c:.3f}: a "
                    f"stalled start. The paper's init (biases 1, σ 0.01) is known to sit there for a long time; "
                    f"init=caffe (biases 0.1, fc6/fc7 σ 0.005) usually starts at once.")
-
-
-def _plot_curves(records: list, dest: Path) -> None:
-    """The run's curves so far (training loss, one-view validation error, learning rate, each
-    tower's colour specificity), by epoch; written to a temporary file, then renamed over ``dest``."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    epochs = [r["epoch"] for r in records]
-    fig, ax = plt.subplots(1, 4, figsize=(18, 3.6))
-    ax[0].plot(epochs, [r.get("train_loss") for r in records], "o-")
-    for k, style in (("val_top1_err", "o-"), ("val_top5_err", "s--")):
-        ys = [100 * r[k] if r.get(k) is not None else np.nan for r in records]
-        if not all(np.isnan(ys)):
-            ax[1].plot(epochs, ys, style, label=k[4:8])
-    ax[2].plot(epochs, [(r.get("lr") or {}).get("weight") for r in records], "o-")
-    ax[2].set_yscale("log")
-    for t in ("a", "b"):
-        ys = [(r.get("colour_specificity") or {}).get(t, np.nan) for r in records]
-        if not all(np.isnan(ys)):
-            ax[3].plot(epochs, ys, "o-", label=f"tower {t}")
-    ax[3].set_ylim(0, 1)
-    for a, title in zip(ax, ("train loss", "validation error, one view (%)", "learning rate (weights)",
-                             "conv1 colour specificity, median")):
-        a.set_title(title)
-        a.set_xlabel("epoch")
-        a.grid(alpha=0.3)
-        if a.get_legend_handles_labels()[0]:
-            a.legend(fontsize=7)
-    fig.suptitle(f"{dest.parent.name}: {len(records)} epoch(s) so far", fontsize=9)
-    fig.tight_layout()
-    atomic_write(dest, lambda f: fig.savefig(f, format="png", dpi=90))
-    plt.close(fig)
-

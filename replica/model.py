@@ -33,7 +33,7 @@ from torch import Tensor, nn
 
 from .config import NetOptions
 from .errors import ReplicaError
-from .layers import dropout_noninverted, local_response_norm, spatial_response_norm
+from .layers import dropout_noninverted, exporting, local_response_norm, spatial_response_norm
 
 log = logging.getLogger("replica")
 
@@ -292,7 +292,7 @@ class AlexNet(nn.Module):
         p = self.opts.input_pad
         if p == 0:
             return x.contiguous(memory_format=self.memory_format)
-        if torch.compiler.is_exporting():
+        if exporting():
             return F.pad(x, (0, p, 0, p))
         n, c, h, w = x.shape
         out = torch.empty((n, c, h + p, w + p), dtype=x.dtype, device=x.device,

@@ -8,6 +8,7 @@ import re
 from pathlib import Path
 
 from .errors import ReplicaError
+from .fileio import atomic_write
 from .filters import SEPARATION
 
 # SPEC.md §5: ILSVRC top-1 / top-5 error (%), 10 views, from the original run logs, and the
@@ -303,8 +304,9 @@ def _fig3_table(groups) -> list[str]:
     return lines if len(lines) > 4 else []
 
 
-def plot_curves(summaries, dest: Path, groups=None) -> None:
-    """Each config's mean curve over its seeds, with the spread (min to max) as a band."""
+def plot_curves(summaries, dest: Path, groups=None, title: str | None = None) -> None:
+    """Each config's mean curve over its seeds, with the spread (min to max) as a band; written to
+    a temporary file and renamed over ``dest`` (a run redraws its own each epoch: replica.live)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -349,9 +351,9 @@ def plot_curves(summaries, dest: Path, groups=None) -> None:
         if a.get_legend_handles_labels()[0]:
             a.legend(fontsize=7)
     ax[3].set_ylim(0, 1)
-    fig.suptitle("mean over seeds; band: lowest to highest seed", fontsize=9)
+    fig.suptitle(title or "mean over seeds; band: lowest to highest seed", fontsize=9)
     fig.tight_layout()
-    fig.savefig(dest, dpi=110)
+    atomic_write(Path(dest), lambda f: fig.savefig(f, format="png", dpi=110))
     plt.close(fig)
 
 

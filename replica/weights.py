@@ -203,7 +203,7 @@ def read_onnx_zoo(path) -> dict:
         raise ReplicaError(f"{path}: not a readable ONNX file ({type(e).__name__}: {str(e)[:120]})") from None
     init = {t.name: t for t in model.graph.initializer}
     convs = [n for n in model.graph.node if n.op_type == "Conv"]
-    gemms = [n for n in model.graph.node if n.op_type in ("Gemm", "MatMul")]
+    gemms = [n for n in model.graph.node if n.op_type == "Gemm"]
     if len(convs) != 5 or len(gemms) != 3:
         raise ReplicaError(f"{path}: expected AlexNet's 5 Conv and 3 Gemm nodes, found {len(convs)} and {len(gemms)}")
     blobs = {}
@@ -217,10 +217,8 @@ def read_onnx_zoo(path) -> dict:
             group = int(attrs.get("group", 1))
             if group != (2 if name in ("conv2", "conv4", "conv5") else 1):
                 raise ReplicaError(f"{path}: {name} has group={group}; bvlc_alexnet groups conv2, conv4 and conv5 in two")
-        elif node.op_type == "Gemm" and not attrs.get("transB", 0):
+        elif not attrs.get("transB", 0):
             wt = wt.T  # (in, out) → (out, in)
-        elif node.op_type == "MatMul":
-            wt = wt.T
         blobs[name] = [np.ascontiguousarray(wt), b]
     lrn = {}
     for i, node in enumerate(n for n in model.graph.node if n.op_type == "LRN"):

@@ -93,9 +93,16 @@ def test_the_caffe_preset_lrn_crosses_the_towers_and_the_reference_can_tell(monk
             p.normal_(0, (2 / p[0].numel()) ** 0.5) if p.dim() > 1 else p.zero_()
     x = torch.nn.functional.pad(images(2, dtype=torch.float64), (0, 3, 0, 3), mode="replicate")
     params = {k: v.detach() for k, v in m.named_parameters()}
+    calls, real = [], model_mod.cross
+    monkeypatch.setattr(model_mod, "cross", lambda t, d: calls.append(tuple(t.shape)) or real(t, d))
     with torch.no_grad():
         ref, out = grouped_reference(params, x, "caffe"), m(x)
         torch.testing.assert_close(out, ref)
+    # the boundary maps go through the one cross-device helper, 2 each way after conv1 and conv2
+    assert sorted(s for s in calls if s[2:] in ((55, 55), (27, 27))) == [(2, 2, 27, 27)] * 2 + [(2, 2, 55, 55)] * 2
+    assert len(calls) == 9 + 4  # the two-tower joins (input, conv3, fc6, fc7 both ways, fc8), and those 4
+    monkeypatch.setattr(model_mod, "cross", real)
+    with torch.no_grad():
         monkeypatch.setattr(type(m.opts), "lrn_across_towers", property(lambda self: False))
         inside = m(x)
     assert (inside - ref).abs().max() > 1e-3 * ref.abs().max()
