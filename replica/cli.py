@@ -166,6 +166,8 @@ def _cmd_import(args) -> int:
     same = "matches the BVLC readme's" if src["matches_bvlc"] else f"not the BVLC release's ({BVLC_SHA1[:12]}…)"
     print(f"imported {args.file} ({src['format']}, {src['schema']}) into {args.out}: sha1 {src['sha1']}, {same}; "
           f"mean from {src['mean_from']}; classes from {src['classes_from']}")
+    if src.get("removed"):
+        print(f"--force: removed the previous run's {', '.join(src['removed'])} from {args.out}")
     b1, b5 = BVLC_BAND["top1_err"], BVLC_BAND["top5_err"]
     print(f"next: replica eval {args.out} --data ILSVRC2012-STORE (bvlc_alexnet's one view: top-1 error "
           f"{b1[0]}-{b1[1]} %, top-5 {b5[0]}-{b5[1]} % expected; docs/analysis.md), replica filters {args.out}")
@@ -338,7 +340,7 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--checkpoint", default="last", choices=["last", "best"])
     ex.add_argument("--raw-net", action="store_true", help="input mean-subtracted crops (default: 0-255 RGB crops, "
                                                            "the mean subtracted inside)")
-    ex.add_argument("--opset", type=int, default=18)
+    ex.add_argument("--opset", type=int, default=18, help="the ONNX opset to write: 18 (default) or newer")
     ex.add_argument("--no-check", action="store_true", help="skip the check against onnxruntime")
     ex.set_defaults(func=_cmd_export)
 
@@ -387,3 +389,13 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("replica: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader of stdout has gone: entry() exits 141 as a shell tool does
+        raise
+    except OSError as e:  # a path mistake or the disk (read-only, a file where a folder goes, full): one line
+        if args.verbose:
+            logging.getLogger("replica").exception("replica: %s", e)
+        where = e.filename if e.filename is not None else ""
+        other = f" → {e.filename2}" if getattr(e, "filename2", None) else ""
+        why = e.strerror or str(e) or type(e).__name__
+        print(f"replica: error: {where}{other}{': ' if where else ''}{why}", file=sys.stderr)
+        return 2

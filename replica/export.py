@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 
 import numpy as np
@@ -20,12 +21,14 @@ from torch import nn
 
 from . import __version__, augment
 from .errors import ReplicaError
+from .fileio import atomic_write, fsync_dir
 from .model import AlexNet
 from .runs import load_checkpoint, run_checkpoint
 from .runtime import legacy_tf32_readable
 
 log = logging.getLogger("replica")
 
+MIN_OPSET = 18  # torch's dynamo exporter writes 18 at least (it raised 7 to 18 and said so, tried)
 TOLERANCE = 1e-4  # max |Δlogit| ≤ TOLERANCE · max(1, max |logit|)
 
 
@@ -58,17 +61,22 @@ def export_onnx(run, dest, checkpoint: str = "last", raw_net: bool = False, chec
     import onnx
     from onnxscript import opset18 as op
 
-    ck = load_checkpoint(run_checkpoint(Path(run), checkpoint))
-    net = AlexNet.from_options(ck.net, ck.num_classes, "cpu", channels_last=False)
-    net.load_state_dict(ck.model)
-    net.eval()
+    if opset < MIN_OPSET:
+        raise ReplicaError(f"--opset {opset}: the exporter writes opset {MIN_OPSET} or newer (ONNX's LRN and the "
+                           f"dynamic batch); give {MIN_OPSET} or more")
+    source = run_checkpoint(Path(run), checkpoint)
+    dest = _destination(Path(dest), source)
+    ck = load_checkpoint(source)
+    try:
+        net = AlexNet.with_weights(ck.net, ck.num_classes, ck.model, "cpu", channels_last=False).eval()
+    except ReplicaError as e:
+        raise ReplicaError(f"{ck.path}: {e}") from None
     crop = ck.crop
     model = _Exported(net, None if raw_net else augment.centre_crop_of(ck.mean, crop)).eval()
 
     def onnx_lrn(x, size: int, alpha: float, beta: float, k: float):
         return op.LRN(x, size=size, alpha=alpha, beta=beta, bias=k)
 
-    dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     x = _inputs(2, crop, raw_net, seed=1)
     try:
@@ -92,16 +100,52 @@ def export_onnx(run, dest, checkpoint: str = "last", raw_net: bool = False, chec
     for k, v in meta.items():
         p = proto.metadata_props.add()
         p.key, p.value = k, v
-    onnx.save_model(proto, str(dest), save_as_external_data=False)
+    data = serialize(proto)
+    written = max((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), default=opset)
+    # written beside the destination first: a failed write, a failed check or a stop leaves a
+    # previous file at dest as it was; a file that fails the check is kept as NAME.failed.onnx
+    trial = dest.with_name(f"{dest.stem}.failed{dest.suffix or '.onnx'}")
+    trial.unlink(missing_ok=True)
+    atomic_write(trial, lambda f: f.write(data))
     lrn_nodes = sum(n.op_type == "LRN" for n in proto.graph.node)
-    out = dict(path=str(dest), bytes=dest.stat().st_size, opset=opset, lrn_nodes=lrn_nodes, input=meta["input"])
+    out = dict(path=str(dest), bytes=len(data), opset=written, lrn_nodes=lrn_nodes, input=meta["input"])
     expected = (2 if ck.net.variant == "one-gpu-half" else 4) if ck.net.norm else 0
     if lrn_nodes != expected:
-        raise ReplicaError(f"{dest}: {lrn_nodes} LRN nodes, expected {expected}: the export did not keep the LRNs "
-                           f"as ONNX's operator (the file is kept)")
+        raise ReplicaError(f"{trial}: {lrn_nodes} LRN nodes, expected {expected}: the export did not keep the LRNs "
+                           f"as ONNX's operator (kept for inspection; {dest} untouched)")
     if check:
-        out["check"] = check_onnx(dest, model, crop, raw_net)
+        out["check"] = check_onnx(trial, model, crop, raw_net, keep=dest)
+    try:
+        os.replace(trial, dest)
+    except OSError as e:
+        trial.unlink(missing_ok=True)
+        raise ReplicaError(f"cannot write {dest}: {os.strerror(e.errno) if e.errno else e}") from None
+    fsync_dir(dest.parent)
     return out
+
+
+def serialize(proto) -> bytes:
+    """The ONNX file's bytes (one seam: a test alters the graph here behind the exporter's back)."""
+    return proto.SerializeToString()
+
+
+# A run folder's own files: an export never writes over one of them
+RUN_OWN = {"last.pt", "best.pt", "config.yaml", "version.json", "metrics.jsonl", "eval.json", "import.json",
+           "report.md", "stats.npz"}
+
+
+def _destination(dest: Path, source: Path) -> Path:
+    """``dest`` if an export may write it: not the checkpoint it reads, not any checkpoint or
+    record of a run folder, not a folder."""
+    if str(dest) in ("", "."):
+        raise ReplicaError("--onnx: give the path of the .onnx file to write")
+    if dest.is_dir():
+        raise ReplicaError(f"--onnx {dest}: a folder; give the path of the .onnx file to write")
+    d = dest.resolve()
+    if d == source.resolve() or d.suffix == ".pt" or (d.name in RUN_OWN and (d.parent / "config.yaml").exists()):
+        raise ReplicaError(f"--onnx {dest}: one of a run's own files (a checkpoint or a record); an export never "
+                           f"replaces it: write the .onnx elsewhere")
+    return dest
 
 
 def _inputs(n: int, crop: int, raw_net: bool, seed: int) -> torch.Tensor:
@@ -111,8 +155,9 @@ def _inputs(n: int, crop: int, raw_net: bool, seed: int) -> torch.Tensor:
     return torch.rand(n, 3, crop, crop, generator=g) * 255
 
 
-def check_onnx(path, model: nn.Module, crop: int, raw_net: bool) -> dict:
-    """onnxruntime's logits against ``model``'s on random images, batches of 4 and 1."""
+def check_onnx(path, model: nn.Module, crop: int, raw_net: bool, keep=None) -> dict:
+    """onnxruntime's logits against ``model``'s on random images, batches of 4 and 1. Any logit
+    that is not finite, on either side, fails it (NaN compares as nothing: it would "agree")."""
     try:
         import onnxruntime as ort
     except ImportError:
@@ -124,6 +169,10 @@ def check_onnx(path, model: nn.Module, crop: int, raw_net: bool) -> dict:
         with torch.no_grad():
             want = model(x).numpy()
         got = sess.run(None, {"image": x.numpy()})[0]
+        if not (np.isfinite(got).all() and np.isfinite(want).all()):
+            bad = "replica's" if not np.isfinite(want).all() else "onnxruntime's"
+            raise ReplicaError(f"{path}: {bad} logits are not finite (NaN or infinite): the net's weights or mean "
+                               f"are damaged (kept for inspection{f'; {keep} untouched' if keep else ''})")
         worst = max(worst, float(np.abs(got - want).max()))
         scale = max(scale, float(np.abs(want).max()))
         agree &= bool((got.argmax(1) == want.argmax(1)).all())
@@ -132,5 +181,6 @@ def check_onnx(path, model: nn.Module, crop: int, raw_net: bool) -> dict:
     r = dict(onnxruntime=ort.__version__, max_abs_diff=worst, tolerance=tol, top1_agree=agree, images=images)
     if worst > tol or not agree:
         raise ReplicaError(f"{path}: onnxruntime's logits differ from replica's: max |Δ| {worst:.3g} > {tol:.3g}, "
-                           f"top-1 agrees: {agree} (the file is kept for inspection)")
+                           f"top-1 agrees: {agree} (the file is kept for inspection"
+                           f"{f'; {keep} untouched' if keep else ''})")
     return r

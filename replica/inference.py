@@ -23,13 +23,12 @@ TRAIN_SPLIT_ONLY = "training images (the store has no val split)"
 
 
 def model_from_checkpoint(ck: Checkpoint, devices="auto") -> AlexNet:
-    """The net the checkpoint's options describe, with its weights, in eval mode."""
-    model = AlexNet.from_options(ck.net, ck.num_classes, devices)
+    """The net the checkpoint's options describe, with its weights, in eval mode (its shapes
+    checked before anything is allocated: :meth:`AlexNet.with_weights`)."""
     try:
-        model.load_state_dict(ck.model)
-    except RuntimeError as e:
-        raise ReplicaError(f"checkpoint weights do not fit the {ck.net.variant} model: {str(e).splitlines()[0]}") from None
-    return model.eval()
+        return AlexNet.with_weights(ck.net, ck.num_classes, ck.model, devices).eval()
+    except ReplicaError as e:
+        raise ReplicaError(f"{ck.path or 'checkpoint'}: {e}") from None
 
 
 def trained_precision_bf16(ck: Checkpoint, model: AlexNet) -> bool:

@@ -28,6 +28,7 @@ import logging
 import math
 from pathlib import Path
 
+from .errors import ReplicaError
 from .fileio import atomic_write
 from .filters import filter_image, picture, tower_kernels
 from .report import plot_curves
@@ -92,9 +93,15 @@ class LiveViews:
             from PIL import Image
 
             img, _, _ = picture(state, step)
-            atomic_write(self.run / "filters.png", lambda f: Image.fromarray(img).save(f, format="PNG"))
             summary = dict(run=self.run, name=self.run.name, metrics=records, config={}, diff={})
-            plot_curves([summary], self.run / "curves.png", title=f"{self.run.name}: {len(records)} epoch(s) so far")
+            try:
+                atomic_write(self.run / "filters.png", lambda f: Image.fromarray(img).save(f, format="PNG"))
+                plot_curves([summary], self.run / "curves.png", title=f"{self.run.name}: {len(records)} epoch(s) so far")
+            except ReplicaError as e:  # a picture is not worth a run: say so once, draw no more
+                from tqdm import tqdm
+
+                self.pictures = False
+                tqdm.write(f"warning: {e}; the live pictures are off for the rest of this run (training goes on)")
 
     def close(self) -> None:
         if self.tb is not None:

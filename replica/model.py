@@ -196,8 +196,48 @@ class AlexNet(nn.Module):
             self.tower_b = None
             fc8_in = fc
         self.fc8 = nn.Linear(fc8_in, num_classes)
-        self.reset_parameters()
-        self.place(devices)
+        if devices is not None:  # None: the shapes only, neither drawn nor placed (state_shapes)
+            self.reset_parameters()
+            self.place(devices)
+
+    @classmethod
+    def state_shapes(cls, net: NetOptions, num_classes: int) -> dict[str, tuple[int, ...]]:
+        """Each ``state_dict`` entry's shape of the net ``net`` describes, allocating nothing: built
+        on torch's ``meta`` device. What a file's declared shapes are checked against before any
+        tensor of that size exists (a small file must not make replica ask for gigabytes)."""
+        with torch.device("meta"):
+            m = cls(num_classes, None, net=net)
+        return {k: tuple(v.shape) for k, v in m.state_dict().items()}
+
+    @classmethod
+    def check_state(cls, net: NetOptions, num_classes: int, state) -> None:
+        """Refuse, in one line and before any tensor is made, a ``state`` (a checkpoint's weights)
+        whose names or shapes are not those of the net ``net`` describes: a record's width or class
+        list cannot make replica allocate what its weights do not hold."""
+        if not isinstance(num_classes, int) or num_classes < 1:
+            raise ReplicaError(f"num_classes: expected a positive integer, got {num_classes!r}")
+        want = cls.state_shapes(net, num_classes)
+        got = {k: tuple(v.shape) for k, v in state.items() if isinstance(v, Tensor)} if isinstance(state, dict) else {}
+        if got == want:
+            return
+        where = f"the {net.variant} net at width {net.width:g} with {num_classes} classes"
+        missing = [k for k in want if k not in got]
+        if missing:
+            raise ReplicaError(f"the weights do not fit {where}: no {missing[0]}"
+                               + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+        extra = [k for k in got if k not in want]
+        if extra:
+            raise ReplicaError(f"the weights do not fit {where}: an unexpected {extra[0]}")
+        k = next(k for k in want if got[k] != want[k])
+        raise ReplicaError(f"the weights do not fit {where}: {k} is {got[k]} in the file, {want[k]} in the net")
+
+    @classmethod
+    def with_weights(cls, net: NetOptions, num_classes: int, state, devices="auto", **how) -> "AlexNet":
+        """The net ``net`` describes with ``state`` loaded, checked first (:meth:`check_state`)."""
+        cls.check_state(net, num_classes, state)
+        model = cls.from_options(net, num_classes, devices, **how)
+        model.load_state_dict(state)
+        return model
 
     @classmethod
     def from_options(cls, net: NetOptions, num_classes: int, devices="auto", **how) -> "AlexNet":

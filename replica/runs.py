@@ -8,6 +8,7 @@ A run folder holds::
     last.pt          the newest checkpoint (atomically replaced)
     best.pt          the checkpoint with the lowest one-view validation top-1 error (on request)
     eval.json        what `replica eval` measured
+    .train.lock      held (flock) by the process writing the folder: one trainer per run
 
 A checkpoint is a :class:`Checkpoint`: what it holds is declared there, once, and every reader
 (train's resume, eval, predict, filters, neighbours, the demo) goes through it, never through raw
@@ -38,6 +39,7 @@ from .config import NetOptions
 from .errors import ReplicaError
 from .fileio import atomic_write
 
+TRAIN_LOCK = ".train.lock"  # held by the one process that writes a run folder (train's rank 0, import)
 CKPT_FORMAT = "replica-checkpoint"
 CKPT_VERSION = 2  # 2: the net's options as one record ("net"), the data's in "data"; 1: both in "meta"
 
@@ -210,6 +212,7 @@ def load_checkpoint(path) -> Checkpoint:
         raise ReplicaError(f"{path}: no such checkpoint")
     if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; anything else is damaged or foreign
         raise ReplicaError(f"{path}: not a readable checkpoint (truncated or corrupt: not a torch.save archive)")
+    _check_archive(path)
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
@@ -224,9 +227,56 @@ def load_checkpoint(path) -> Checkpoint:
     if ckpt.get("version", 0) > CKPT_VERSION:
         raise ReplicaError(f"{path}: written by a newer replica (checkpoint version {ckpt['version']})")
     try:
-        return Checkpoint.from_dict(ckpt, path)
+        ck = Checkpoint.from_dict(ckpt, path)
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise ReplicaError(f"{path}: a replica checkpoint with a damaged record ({type(e).__name__}: {e})") from None
+    problem = _damaged(ck)
+    if problem:
+        raise ReplicaError(f"{path}: a replica checkpoint with a damaged record ({problem})")
+    return ck
+
+
+def _check_archive(path: Path) -> None:
+    """torch.save writes its archive's members stored, not compressed: a compressed member (or
+    members larger than the file) is not replica's, and may inflate to gigabytes before the
+    record inside could be refused (a 1.9 MB file to 2 GB, tried)."""
+    size = path.stat().st_size
+    try:
+        with zipfile.ZipFile(path) as z:
+            members = z.infolist()
+    except (zipfile.BadZipFile, OSError, ValueError) as e:
+        raise ReplicaError(f"{path}: not a readable checkpoint (truncated or corrupt: {e})") from None
+    packed = [m.filename for m in members if m.compress_type != zipfile.ZIP_STORED]
+    if packed:
+        raise ReplicaError(f"{path}: not a replica checkpoint (member {packed[0]} is compressed; torch.save stores "
+                           f"its members as they are)")
+    if sum(m.file_size for m in members) > size:
+        raise ReplicaError(f"{path}: not a readable checkpoint (its members declare more bytes than the file holds)")
+
+
+MAX_CLASSES = 1_000_000  # ImageNet-21k has 21,841; a record naming more is damaged
+
+
+def _damaged(ck: Checkpoint) -> str | None:
+    """What is wrong with a loaded record's fields, each checked for type and range; None if nothing."""
+    if not isinstance(ck.model, dict) or not all(isinstance(v, torch.Tensor) for v in ck.model.values()):
+        return "model: not a dict of tensors"
+    if not ck.classes or len(ck.classes) > MAX_CLASSES:
+        return f"classes: {len(ck.classes)} (expected 1 to {MAX_CLASSES:,})"
+    if ck.names is not None and (not isinstance(ck.names, list) or len(ck.names) != len(ck.classes)):
+        return "names: not one per class"
+    m = ck.mean
+    if not isinstance(m, torch.Tensor) or m.ndim != 3 or m.shape[0] != 3 or m.shape[1] != m.shape[2]:
+        return f"mean: {'no mean image' if m is None else 'not a 3×S×S image'}"
+    if not torch.isfinite(m).all():
+        return "mean: not finite"
+    if isinstance(ck.crop, bool) or not isinstance(ck.crop, int) or not 0 < ck.crop <= m.shape[-1]:
+        return f"crop: {ck.crop!r} (expected a positive size up to the mean image's {m.shape[-1]})"
+    if ck.source is not None and not isinstance(ck.source, dict):
+        return "source: not a record"
+    if not isinstance(ck.config, dict) or not isinstance(ck.pca, dict):
+        return "config: not a record"
+    return None
 
 
 def check_compatible(ckpt: Checkpoint, net: NetOptions, classes, path) -> None:

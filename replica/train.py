@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import time
 from pathlib import Path
 
@@ -32,10 +33,11 @@ from .data.store import PreparedStore
 from .dist import StopSignals, setup_ranks
 from .errors import ReplicaError, TrainingStopped
 from .evaluate import evaluate, percent
+from .fileio import take_lock
 from .live import LiveViews, rate_text, stall_warning
 from .model import AlexNet
 from .optim import PaperSGD, Schedule, apply_lrs, param_groups
-from .runs import (Checkpoint, Progress, Tally, append_metrics, atomic_write, check_compatible, code_version,
+from .runs import (TRAIN_LOCK, Checkpoint, Progress, Tally, append_metrics, atomic_write, check_compatible, code_version,
                    load_checkpoint, log_bad_inputs, rng_state, save_checkpoint, set_rng_state, write_metrics)
 from .runtime import autocast, describe_numerics, fused_norms_for, set_cuda_numerics, to_device
 
@@ -67,9 +69,25 @@ class _Run:
         self.dev0 = self.devices[0]  # tower a's and fc8's device: where the batch goes
         self.main = self.ranks.main
         self.per_rank = cfg.batch_size // self.ranks.world
-        if self.main:
+        self.lock = None
+        if self.main:  # one trainer per run folder, before anything is written into it
             self.run.mkdir(parents=True, exist_ok=True)
+            self.lock, holder = take_lock(self.run, TRAIN_LOCK)
+            if self.lock is None:
+                raise ReplicaError(f"{self.run} is being trained by another process ({holder}); wait for it to end "
+                                   f"(or stop it), then continue with: replica train --resume {self.run}")
+        try:
+            self._setup(cfg)
+        except BaseException:
+            self.unlock()
+            raise
 
+    def unlock(self) -> None:
+        if self.lock is not None:
+            os.close(self.lock)
+            self.lock = None
+
+    def _setup(self, cfg: Config) -> None:
         self.train_images, self.val_images = open_training(cfg.data, cfg.val_data)
         classes = self.train_images.classes
         if cfg.num_classes is not None and cfg.num_classes != len(classes):
@@ -117,6 +135,10 @@ class _Run:
         """Load last.pt; False if the run finished already."""
         ck = load_checkpoint(self.run / "last.pt")
         check_compatible(ck, self.cfg.net, self.classes, self.run / "last.pt")
+        try:
+            AlexNet.check_state(self.cfg.net, self.num_classes, ck.model)
+        except ReplicaError as e:
+            raise ReplicaError(f"{self.run / 'last.pt'}: {e}") from None
         self.model.load_state_dict(ck.model)
         names = dict(self.model.named_parameters())
         if ck.momentum is not None:  # the optimizer's own buffers: bit for bit
@@ -446,3 +468,4 @@ def train(cfg: Config, out, resume: bool = False, progress: bool = True) -> dict
             r.live.close()
         if together:
             r.ranks.close()
+        r.unlock()

@@ -21,7 +21,13 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import mmap
+import os
+import shutil
+import stat
+import sys
+from array import array
 from pathlib import Path
 
 import numpy as np
@@ -29,8 +35,8 @@ import torch
 
 from .config import Config, NetOptions, dump_config
 from .errors import ReplicaError
-from .fileio import atomic_write
-from .runs import Checkpoint, Progress, code_version, save_checkpoint
+from .fileio import atomic_write, take_lock
+from .runs import TRAIN_LOCK, Checkpoint, Progress, code_version, save_checkpoint
 
 log = logging.getLogger("replica")
 
@@ -44,27 +50,65 @@ LAYERS = ("conv1", "conv2", "conv3", "conv4", "conv5", "fc6", "fc7", "fc8")
 FULL = dict(conv1=96, conv2=256, conv3=384, conv4=384, conv5=256, fc6=4096, fc7=4096)  # outputs, both towers
 DROPOUT_SCALED = ("fc7", "fc8")  # the layers that read a dropped-out input: weights ×2
 LRN = dict(local_size=5, alpha=1e-4, beta=0.75, k=1.0)  # what the caffe preset computes
+INSTALL_ONNX = "pip install 'replica[onnx]'"
 
 
 # ----------------------------------------------------------------------------------------------
 # The protobuf wire format, read directly
 
 
+MAX_FILE = 1 << 30  # bytes: bvlc_alexnet.caffemodel is 233 MB (its doubles would be twice that); no AlexNet reaches this
+MAX_MEAN_FILE = 64 << 20  # a mean image's file: 3×256×256 floats are 0.8 MB
+NET_FIELDS = frozenset({1, 2, 3, 4, 5, 6, 7, 8, 100})  # NetParameter's fields (caffe.proto): anything else is junk
+
+
+def _mapped(path: Path, limit: int, what: str):
+    """The file's bytes as a read-only mmap, refused in one line if it is not a regular file or
+    larger than ``limit``."""
+    if path.is_dir():
+        raise ReplicaError(f"{path}: a folder, not a {what} file")
+    try:
+        f = open(path, "rb")
+    except FileNotFoundError:
+        raise ReplicaError(f"{path}: no such file") from None
+    except OSError as e:
+        raise ReplicaError(f"{path}: cannot read ({os.strerror(e.errno) if e.errno else e})") from None
+    with f:
+        st = os.fstat(f.fileno())
+        if not stat.S_ISREG(st.st_mode):
+            raise ReplicaError(f"{path}: not a regular file (a {what} file is one)")
+        if st.st_size > limit:
+            raise ReplicaError(f"{path}: {st.st_size / 1e6:,.0f} MB, larger than any {what} of AlexNet "
+                               f"(at most {limit / 1e6:,.0f} MB): not one")
+        if st.st_size == 0:
+            raise ReplicaError(f"{path}: empty file, not a {what}")
+        return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+
+
 class _Wire:
-    """A read-only view of protobuf bytes (a file's mmap or a span of it)."""
+    """A read-only view of protobuf bytes (a file's mmap or a span of it). Every read is checked
+    against its span and its field's wire type: a malformed file is a one-line :class:`ReplicaError`."""
 
     def __init__(self, buf, what: str):
         self.buf, self.what = buf, what
 
-    def varint(self, i: int) -> tuple[int, int]:
+    def bad(self, why: str) -> ReplicaError:
+        return ReplicaError(f"{self.what}: not a valid caffemodel ({why})")
+
+    def varint(self, i: int, end: int | None = None) -> tuple[int, int]:
+        end = len(self.buf) if end is None else end
         value, shift = 0, 0
         while True:
-            if i >= len(self.buf) or shift > 63:
+            if i >= end:
                 raise ReplicaError(f"{self.what}: truncated or not a protobuf file (a varint runs past the end)")
+            if shift > 63:
+                raise self.bad("a varint longer than 10 bytes")
             b = self.buf[i]
             value |= (b & 0x7F) << shift
             i, shift = i + 1, shift + 7
             if b < 0x80:
+                if value >> 64:
+                    raise self.bad("a varint past 64 bits")
                 return value, i
 
     def fields(self, start: int, end: int):
@@ -72,19 +116,22 @@ class _Wire:
         end) span for type 2."""
         i = start
         while i < end:
-            key, i = self.varint(i)
+            at = i
+            key, i = self.varint(i, end)
             field, wt = key >> 3, key & 7
+            if field == 0:
+                raise self.bad(f"field number 0 at byte {at}")
             if wt == 0:
-                v, i = self.varint(i)
+                v, i = self.varint(i, end)
             elif wt == 1:
                 v, i = i, i + 8
             elif wt == 5:
                 v, i = i, i + 4
             elif wt == 2:
-                n, i = self.varint(i)
+                n, i = self.varint(i, end)
                 v, i = (i, i + n), i + n
             else:
-                raise ReplicaError(f"{self.what}: not a protobuf file (wire type {wt} at byte {i})")
+                raise ReplicaError(f"{self.what}: not a protobuf file (wire type {wt} at byte {at})")
             if i > end:
                 raise ReplicaError(f"{self.what}: truncated (a field runs past the end of its message)")
             yield field, wt, v
@@ -92,44 +139,66 @@ class _Wire:
     def string(self, span) -> str:
         return bytes(self.buf[span[0]:span[1]]).decode("utf-8", errors="replace")
 
-    def f32(self, wt: int, v) -> np.ndarray:
-        if wt == 2:  # packed
-            return np.frombuffer(self.buf, "<f4", (v[1] - v[0]) // 4, v[0])
-        return np.frombuffer(self.buf, "<f4", 1, v)
+    def packed(self, span, dtype: str, what: str) -> np.ndarray:
+        size = np.dtype(dtype).itemsize
+        n, rest = divmod(span[1] - span[0], size)
+        if rest:
+            raise self.bad(f"{what}: {span[1] - span[0]} bytes of packed {dtype}, not a whole number of values")
+        return np.frombuffer(self.buf, dtype, n, span[0])
 
-    def f64(self, wt: int, v) -> np.ndarray:
-        if wt == 2:
-            return np.frombuffer(self.buf, "<f8", (v[1] - v[0]) // 8, v[0])
-        return np.frombuffer(self.buf, "<f8", 1, v)
-
-    def ints(self, wt: int, v) -> list[int]:
+    def ints(self, wt: int, v, what: str) -> list[int]:
         if wt == 0:
             return [v]
+        if wt != 2:
+            raise self.bad(f"{what} of wire type {wt}")
         out, i = [], v[0]
         while i < v[1]:
-            x, i = self.varint(i)
+            x, i = self.varint(i, v[1])
             out.append(x)
         return out
 
 
+# A BlobProto's fields and the wire types each may have (packed repeated fields are type 2)
+_BLOB_TYPES = {1: (0,), 2: (0,), 3: (0,), 4: (0,), 5: (5, 2), 6: (5, 2), 7: (2,), 8: (1, 2), 9: (1, 2)}
+MAX_DIMS = 8
+
+
 def _blob(w: _Wire, span) -> np.ndarray:
     """A BlobProto: shape (field 7, BlobShape dim = 1) or the legacy num/channels/height/width
-    (1-4); data (5, float, packed or not) or double_data (8)."""
-    dims, legacy, parts, doubles = None, {}, [], []
+    (1-4); data (5, float, packed or not) or double_data (8). Unpacked values are gathered in
+    arrays, 4 or 8 bytes each (never a Python object a value)."""
+    dims, legacy, chunks, doubles = None, {}, [], []
     for f, wt, v in w.fields(*span):
-        if f == 7 and wt == 2:
-            dims = [d for g, gwt, gv in w.fields(*v) if g == 1 for d in w.ints(gwt, gv)]
-        elif f in (1, 2, 3, 4) and wt == 0:
+        if f in _BLOB_TYPES and wt not in _BLOB_TYPES[f]:
+            raise w.bad(f"blob field {f} of wire type {wt}")
+        if f == 7:
+            dims = []
+            for g, gwt, gv in w.fields(*v):
+                if g == 1:
+                    dims += w.ints(gwt, gv, "a blob's dims")
+        elif f in (1, 2, 3, 4):
             legacy[f] = v
-        elif f == 5:
-            parts.append(w.f32(wt, v))
-        elif f == 8:
-            doubles.append(w.f64(wt, v))
-    data = np.concatenate(parts) if parts else np.concatenate(doubles).astype(np.float32) if doubles else \
+        elif f == 5 or f == 8:
+            out, code = (chunks, "f") if f == 5 else (doubles, "d")
+            if wt == 2:
+                out.append(w.packed(v, "<f4" if f == 5 else "<f8", "blob data"))
+            else:
+                if not out or not isinstance(out[-1], array):
+                    out.append(array(code))
+                out[-1].frombytes(w.buf[v:v + (4 if f == 5 else 8)])
+    if sys.byteorder != "little":  # array's values are native; the file's are little-endian
+        for a in chunks + doubles:
+            if isinstance(a, array):
+                a.byteswap()
+    as_np = [np.frombuffer(c, np.float32) if isinstance(c, array) else c for c in chunks]
+    as_np_d = [np.frombuffer(c, np.float64) if isinstance(c, array) else c for c in doubles]
+    data = np.concatenate(as_np) if as_np else np.concatenate(as_np_d).astype(np.float32) if as_np_d else \
         np.zeros(0, np.float32)
     if dims is None:
         dims = [legacy.get(k, 1) for k in (1, 2, 3, 4)] if legacy else [len(data)]
-    if int(np.prod(dims)) != len(data):
+    if len(dims) > MAX_DIMS or any(d >= 1 << 62 for d in dims):
+        raise w.bad(f"a blob of shape {tuple(dims)}")
+    if math.prod(dims) != len(data):  # in Python's integers: no wrap-around
         raise ReplicaError(f"{w.what}: a blob of shape {tuple(dims)} holds {len(data)} values (truncated?)")
     return data.reshape(dims)
 
@@ -139,8 +208,11 @@ def _lrn_param(w: _Wire, span) -> dict:
     p = dict(local_size=5, alpha=1.0, beta=0.75, norm_region=0, k=1.0)  # caffe.proto's defaults
     names = {1: "local_size", 2: "alpha", 3: "beta", 4: "norm_region", 5: "k"}
     for f, wt, v in w.fields(*span):
-        if f in names:
-            p[names[f]] = v if wt == 0 else float(w.f32(wt, v)[0])
+        if f not in names:
+            continue
+        if wt != (0 if f in (1, 4) else 5):
+            raise w.bad(f"LRN parameter {names[f]} of wire type {wt}")
+        p[names[f]] = v if wt == 0 else float(np.frombuffer(w.buf, "<f4", 1, v)[0])
     return p
 
 
@@ -148,16 +220,16 @@ def read_caffemodel(path) -> dict:
     """{"blobs": {layer: [W, b]}, "lrn": {layer: params}, "schema": "V2" or "V1"} of a
     ``.caffemodel``: a NetParameter whose layers are ``layer = 100`` (LayerParameter: name 1,
     type 2, blobs 7, lrn_param 118) or the 2014 ``layers = 2`` (V1LayerParameter: name 4, type 5,
-    blobs 6, lrn_param 18)."""
+    blobs 6, lrn_param 18). A file larger than :data:`MAX_FILE`, or with a top-level field that no
+    NetParameter has, is refused before it is read through."""
     path = Path(path)
-    with open(path, "rb") as f:
-        try:
-            buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-        except ValueError:  # an empty file
-            raise ReplicaError(f"{path}: empty file, not a caffemodel") from None
+    buf = _mapped(path, MAX_FILE, "caffemodel")
     w = _Wire(buf, str(path))
     blobs, lrn, schemas = {}, {}, set()
     for field, wt, v in w.fields(0, len(buf)):
+        if field not in NET_FIELDS:
+            raise ReplicaError(f"{path}: not a caffemodel (field {field} at the top level; a NetParameter has "
+                               f"fields 1-8 and 100)")
         if wt != 2 or field not in (100, 2):
             continue
         v2 = field == 100
@@ -183,48 +255,69 @@ def read_caffemodel(path) -> dict:
 
 def read_binaryproto(path) -> np.ndarray:
     """A Caffe mean file (one BlobProto), as its array."""
-    data = Path(path).read_bytes()
-    return _blob(_Wire(data, str(path)), (0, len(data)))
+    buf = _mapped(Path(path), MAX_MEAN_FILE, "mean (.binaryproto)")
+    return _blob(_Wire(buf, str(path)), (0, len(buf)))
 
 
 def read_onnx_zoo(path) -> dict:
     """The same record as :func:`read_caffemodel`, from the ONNX zoo's ``bvlcalexnet-*.onnx``:
     initializers ``conv1_w_0`` … ``fc8_b_0`` (else the weights of its 5 Conv and 3 Gemm nodes in
     graph order), Gemm ``transB`` honoured, the nodes' attributes checked (group 2 in conv2/4/5,
-    LRN size 5, α 1e-4, β 0.75, bias 1)."""
+    LRN size 5, α 1e-4, β 0.75, bias 1).
+
+    The file must hold its weights itself (the zoo's do): external data is never loaded, so no
+    link or path in the file reaches another file, whatever the installed onnx's own checks."""
     try:
         import onnx
         from onnx import numpy_helper
     except ImportError:
-        raise ReplicaError("reading an ONNX file needs the onnx package: pip install 'replica[onnx]'") from None
+        raise ReplicaError(f"reading an ONNX file needs the onnx package: {INSTALL_ONNX}") from None
+    path = Path(path)
+    _mapped(path, MAX_FILE, "ONNX").close()  # a regular file of a size some AlexNet has
     try:
-        model = onnx.load(str(path))
+        model = onnx.load(str(path), load_external_data=False)
     except Exception as e:  # onnx raises DecodeError and others
         raise ReplicaError(f"{path}: not a readable ONNX file ({type(e).__name__}: {str(e)[:120]})") from None
     init = {t.name: t for t in model.graph.initializer}
+    external = [t.name for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
+    if external:
+        raise ReplicaError(f"{path}: initializer {external[0]} is stored outside the file (external data); replica "
+                           f"reads only self-contained ONNX files, as the model zoo's are")
     convs = [n for n in model.graph.node if n.op_type == "Conv"]
     gemms = [n for n in model.graph.node if n.op_type == "Gemm"]
     if len(convs) != 5 or len(gemms) != 3:
         raise ReplicaError(f"{path}: expected AlexNet's 5 Conv and 3 Gemm nodes, found {len(convs)} and {len(gemms)}")
-    blobs = {}
-    for name, node in zip(LAYERS, convs + gemms):
-        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
-        ins = [i for i in node.input[1:] if i in init]
-        if len(ins) != 2:
-            raise ReplicaError(f"{path}: node {node.name or node.op_type} ({name}) has no weight and bias initializers")
-        wt, b = (numpy_helper.to_array(init[i]).astype(np.float32) for i in ins)
-        if name.startswith("conv"):
-            group = int(attrs.get("group", 1))
-            if group != (2 if name in ("conv2", "conv4", "conv5") else 1):
-                raise ReplicaError(f"{path}: {name} has group={group}; bvlc_alexnet groups conv2, conv4 and conv5 in two")
-        elif not attrs.get("transB", 0):
-            wt = wt.T  # (in, out) → (out, in)
-        blobs[name] = [np.ascontiguousarray(wt), b]
-    lrn = {}
-    for i, node in enumerate(n for n in model.graph.node if n.op_type == "LRN"):
-        a = {x.name: onnx.helper.get_attribute_value(x) for x in node.attribute}
-        lrn[f"norm{i + 1}"] = dict(local_size=int(a.get("size", 0)), alpha=float(a.get("alpha", 1e-4)),
-                                   beta=float(a.get("beta", 0.75)), k=float(a.get("bias", 1.0)), norm_region=0)
+    blobs, lrn = {}, {}
+    try:
+        for name, node in zip(LAYERS, convs + gemms):
+            attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+            ins = [i for i in node.input[1:] if i in init]
+            if len(ins) != 2:
+                raise ReplicaError(f"{path}: node {node.name or node.op_type} ({name}) has no weight and bias "
+                                   f"initializers")
+            for i in ins:
+                if math.prod(init[i].dims) > MAX_FILE // 4:
+                    raise ReplicaError(f"{path}: initializer {i} declares {math.prod(init[i].dims):,} values, more "
+                                       f"than the file holds")
+            wt, b = (numpy_helper.to_array(init[i]).astype(np.float32) for i in ins)
+            if name.startswith("conv"):
+                group = int(attrs.get("group", 1))
+                if group != (2 if name in ("conv2", "conv4", "conv5") else 1):
+                    raise ReplicaError(f"{path}: {name} has group={group}; bvlc_alexnet groups conv2, conv4 and "
+                                       f"conv5 in two")
+            elif not attrs.get("transB", 0):
+                if wt.ndim != 2:
+                    raise ReplicaError(f"{path}: {name}'s weights are {wt.ndim}-D; a Gemm's are 2-D")
+                wt = wt.T  # (in, out) → (out, in)
+            blobs[name] = [np.ascontiguousarray(wt), b]
+        for i, node in enumerate(n for n in model.graph.node if n.op_type == "LRN"):
+            a = {x.name: onnx.helper.get_attribute_value(x) for x in node.attribute}
+            lrn[f"norm{i + 1}"] = dict(local_size=int(a.get("size", 0)), alpha=float(a.get("alpha", 1e-4)),
+                                       beta=float(a.get("beta", 0.75)), k=float(a.get("bias", 1.0)), norm_region=0)
+    except ReplicaError:
+        raise
+    except Exception as e:  # a wrong attribute type, an initializer whose bytes disagree with its dims, …
+        raise ReplicaError(f"{path}: a malformed AlexNet graph ({type(e).__name__}: {str(e)[:120]})") from None
     return dict(blobs=blobs, lrn=lrn, schema=f"onnx opset {max((o.version for o in model.opset_import), default=0)}")
 
 
@@ -243,7 +336,11 @@ def _check_lrn(lrn: dict, what: str) -> None:
 
 def caffe_to_state(blobs: dict, what: str = "weights") -> tuple[dict, float, int]:
     """(replica state_dict, width, classes) of Caffe's conv1 … fc8 blobs (Caffe's shapes: grouped
-    convs (out, in/2, k, k), fc (out, in); legacy 4-D fc blobs (1, 1, out, in) are accepted)."""
+    convs (out, in/2, k, k), fc (out, in); legacy 4-D fc blobs (1, 1, out, in) are accepted).
+
+    Every blob's shape is checked against the net it implies (conv1's filters give the width, at
+    most Caffe's own 1; fc8's rows the classes) on torch's ``meta`` device before any tensor of the
+    net is made, and every value must be finite."""
     missing = [n for n in LAYERS if n not in blobs]
     if missing:
         raise ReplicaError(f"{what}: no layer {', '.join(missing)}: not AlexNet (layers: {', '.join(blobs)})")
@@ -254,34 +351,48 @@ def caffe_to_state(blobs: dict, what: str = "weights") -> tuple[dict, float, int
         w, b = (np.asarray(x, np.float32) for x in blobs[n])
         if n.startswith("fc") and w.ndim == 4 and w.shape[:2] == (1, 1):
             w = w[0, 0]  # legacy (1, 1, out, in)
-        wb[n] = (w, b.reshape(-1))
-    width = wb["conv1"][0].shape[0] / FULL["conv1"]
-    classes = wb["fc8"][0].shape[0]
-    from .model import AlexNet  # the shapes replica expects at this width
+        if b.ndim == 4 and b.shape[:3] == (1, 1, 1):
+            b = b[0, 0, 0]  # legacy (1, 1, 1, out)
+        want_ndim = 4 if n.startswith("conv") else 2
+        if w.ndim != want_ndim or b.ndim != 1:
+            raise ReplicaError(f"{what}: layer {n}'s weights are {w.ndim}-D and its biases {b.ndim}-D; AlexNet's "
+                               f"{n} has {want_ndim}-D weights and 1-D biases")
+        wb[n] = (w, b)
+    filters, classes = wb["conv1"][0].shape[0], wb["fc8"][0].shape[0]
+    if classes < 1:
+        raise ReplicaError(f"{what}: fc8 has no outputs (shape {wb['fc8'][0].shape})")
+    width = filters / FULL["conv1"]
+    if not 0 < width <= 1:
+        raise ReplicaError(f"{what}: conv1 has {filters} filters: not AlexNet's 96 (nor a narrower test net)")
+    from .model import AlexNet  # the shapes replica expects at this width, allocating nothing
 
     try:
-        want = AlexNet.from_options(NetOptions(preset="caffe", width=width), classes, "cpu").state_dict()
+        want = AlexNet.state_shapes(NetOptions(preset="caffe", width=width), classes)
     except ReplicaError as e:
-        raise ReplicaError(f"{what}: conv1 has {wb['conv1'][0].shape[0]} filters: not AlexNet's 96 ({e})") from None
-    state = {}
+        raise ReplicaError(f"{what}: conv1 has {filters} filters: not AlexNet's 96 ({e})") from None
+    parts = {}
     for n, (w, b) in wb.items():
-        if n == "conv1":
-            w = w[:, ::-1]  # BGR → RGB
-        if n in DROPOUT_SCALED:
-            w = w * 2
-        if n == "fc8":
-            parts = {"fc8": (w, b)}
-        else:
-            h = w.shape[0] // 2
-            parts = {f"tower_a.{n}": (w[:h], b[:h]), f"tower_b.{n}": (w[h:], b[h:])}
-        for key, (pw, pb) in parts.items():
+        h = w.shape[0] // 2
+        split = {"fc8": (w, b)} if n == "fc8" else {f"tower_a.{n}": (w[:h], b[:h]), f"tower_b.{n}": (w[h:], b[h:])}
+        for key, (pw, pb) in split.items():
             for suffix, t in (("weight", pw), ("bias", pb)):
                 k = f"{key}.{suffix}"
-                if k not in want or tuple(want[k].shape) != t.shape:
-                    expect = tuple(want[k].shape) if k in want else "none"
+                if k not in want or tuple(want[k]) != t.shape:
+                    expect = tuple(want[k]) if k in want else "none"
                     raise ReplicaError(f"{what}: layer {n} gives {k} of shape {t.shape}; AlexNet at width "
                                        f"{width:g} has {expect} (Caffe's {n}: {w.shape})")
-                state[k] = torch.from_numpy(np.ascontiguousarray(t, np.float32))
+        if not (np.isfinite(w).all() and np.isfinite(b).all()):
+            raise ReplicaError(f"{what}: layer {n} holds a value that is not finite (NaN or infinite): damaged")
+        parts[n] = split
+    state = {}
+    for n, split in parts.items():
+        for key, (pw, pb) in split.items():
+            if n == "conv1":
+                pw = pw[:, ::-1]  # BGR → RGB
+            if n in DROPOUT_SCALED:
+                pw = pw * 2
+            state[f"{key}.weight"] = torch.from_numpy(np.ascontiguousarray(pw, np.float32))
+            state[f"{key}.bias"] = torch.from_numpy(np.ascontiguousarray(pb, np.float32))
     return {k: state[k] for k in want}, width, classes  # in the net's own order
 
 
@@ -306,22 +417,32 @@ def state_to_caffe(state: dict) -> dict:
 # Mean and classes
 
 
-def read_mean(spec: str, size: int = 256) -> tuple[np.ndarray, str]:
+def _npy(p: Path, option: str, spec) -> np.ndarray:
+    """A .npy array read through a memory map: a header declaring more than the file holds is an
+    error, not an allocation."""
+    if p.is_file() and p.stat().st_size > MAX_MEAN_FILE:
+        raise ReplicaError(f"{option} {spec}: {p.stat().st_size / 1e6:,.0f} MB, not a mean image")
+    try:
+        return np.array(np.load(p, mmap_mode="r", allow_pickle=False), np.float32)
+    except (OSError, ValueError, TypeError) as e:
+        raise ReplicaError(f"{option} {spec}: not a readable .npy array ({e})") from None
+
+
+def read_mean(spec: str, size: int = 256, option: str = "--mean") -> tuple[np.ndarray, str]:
     """(3×size×size RGB float32 mean image, what it came from) of ``--mean``: a Caffe
-    ``.binaryproto`` or ``.npy`` (BGR), three numbers B,G,R, or a replica store (its mean.npy, RGB)."""
+    ``.binaryproto`` or ``.npy`` (BGR), three numbers B,G,R, or a replica store (its mean.npy, RGB).
+    ``option``: the option it came from, for the messages (``--data`` gives its store's mean)."""
     p = Path(spec)
     if p.is_dir():
         if not (p / "mean.npy").exists():
-            raise ReplicaError(f"--mean {spec}: a folder without mean.npy (a store from 'replica prepare' has one)")
-        m, rgb, what = np.load(p / "mean.npy", allow_pickle=False), True, f"store {p}"
+            raise ReplicaError(f"{option} {spec}: a folder without mean.npy (a store from 'replica prepare' has one)")
+        m, rgb, what = _npy(p / "mean.npy", option, spec), True, f"store {p}"
+    elif option != "--mean":
+        raise ReplicaError(f"{option} {spec}: no such store (a folder from 'replica prepare')")
     elif p.suffix == ".binaryproto":
         m, rgb, what = read_binaryproto(p), False, f"{p.name} (BGR)"
     elif p.suffix == ".npy":
-        try:
-            m = np.load(p, allow_pickle=False)
-        except (OSError, ValueError) as e:
-            raise ReplicaError(f"--mean {spec}: not a readable .npy array ({e})") from None
-        rgb, what = False, f"{p.name} (BGR)"
+        m, rgb, what = _npy(p, option, spec), False, f"{p.name} (BGR)"
     else:
         try:
             bgr = [float(v) for v in spec.split(",")]
@@ -336,7 +457,9 @@ def read_mean(spec: str, size: int = 256) -> tuple[np.ndarray, str]:
     if m.ndim == 4 and m.shape[0] == 1:
         m = m[0]
     if m.shape != (3, size, size):
-        raise ReplicaError(f"--mean {spec}: a mean image of shape {m.shape}; expected (3, {size}, {size})")
+        raise ReplicaError(f"{option} {spec}: a mean image of shape {m.shape}; expected (3, {size}, {size})")
+    if not np.isfinite(m).all():
+        raise ReplicaError(f"{option} {spec}: the mean holds a value that is not finite (NaN or infinite)")
     return np.ascontiguousarray(m if rgb else m[::-1]), what
 
 
@@ -344,7 +467,13 @@ def read_classes(classes=None, data=None, n: int = 1000) -> tuple[list, list | N
     """(class ids, names or None, where they came from), ``n`` of them, in fc8's order."""
     if classes:
         ids, names = [], []
-        for line in Path(classes).read_text().splitlines():
+        try:
+            text = Path(classes).read_text(encoding="utf-8")
+        except OSError as e:
+            raise ReplicaError(f"--classes {classes}: {os.strerror(e.errno) if e.errno else e}") from None
+        except UnicodeDecodeError:
+            raise ReplicaError(f"--classes {classes}: not a UTF-8 text file (one 'WNID name' line per class)") from None
+        for line in text.splitlines():
             if line.strip():
                 wnid, _, name = line.strip().partition(" ")
                 ids.append(wnid)
@@ -377,15 +506,31 @@ def sha1_of(path) -> str:
     return h.hexdigest()
 
 
+# What a run folder may hold besides what import writes: another run's, so --force removes them
+RUN_FILES = ("best.pt", "metrics.jsonl", "eval.json", "report.md", "curves.png", "filters.png", "neighbors.png",
+             "neighbors.txt", "bad_inputs.tsv", "tb", "stats.npz")
+WRITTEN = ("config.yaml", "version.json", "import.json", "last.pt")  # in this order; last.pt makes it a run
+
+
 def import_weights(path, out, mean=None, classes=None, data=None, crop: int = 227, fmt: str = "auto",
                    force: bool = False) -> dict:
     """Read Caffe's AlexNet weights and write a run folder that eval, predict, filters, neighbors,
-    report and export read like any other. Returns the provenance recorded in it."""
+    report and export read like any other. Returns the provenance recorded in it (``removed``:
+    what ``force`` took out of a run folder that was there).
+
+    All or nothing: the files are written into a folder beside ``out`` and moved in once all are
+    written, so a full disk or a stop leaves ``out`` as it was. ``force`` replaces a run, and
+    removes what the old run had beside it (best.pt, metrics, eval.json, TensorBoard, pictures)
+    that would otherwise be shown as the imported weights'."""
     path, out = Path(path), Path(out)
-    if not path.is_file():
+    if path.is_dir():
+        raise ReplicaError(f"{path}: a folder; give the .caffemodel or .onnx file itself")
+    if not path.exists():
         raise ReplicaError(f"{path}: no such file")
     if crop not in (224, 227):
         raise ReplicaError(f"--crop: expected 227 (Caffe's) or 224 (the ONNX zoo graph's), got {crop}")
+    if out.exists() and not out.is_dir():
+        raise ReplicaError(f"--out {out}: a file, not a folder")
     if (out / "last.pt").exists() and not force:
         raise ReplicaError(f"{out} already holds a run; choose another --out (or --force to replace it)")
     if fmt == "auto":
@@ -398,7 +543,7 @@ def import_weights(path, out, mean=None, classes=None, data=None, crop: int = 22
     if mean is None and data is None:
         raise ReplicaError("give --mean (a .binaryproto or .npy mean image, B,G,R values such as 104,117,123, or a "
                            "store) or --data STORE (its mean): the net expects mean-subtracted input")
-    mean_image, mean_from = read_mean(mean if mean is not None else data)
+    mean_image, mean_from = read_mean(mean, option="--mean") if mean is not None else read_mean(data, option="--data")
     ids, names, classes_from = read_classes(classes, data, n)
     sha1 = sha1_of(path)
     source = dict(file=str(path.resolve()), sha1=sha1, matches_bvlc=sha1 == BVLC_SHA1, format=fmt,
@@ -410,9 +555,50 @@ def import_weights(path, out, mean=None, classes=None, data=None, crop: int = 22
     ck = Checkpoint(net=net, classes=ids, names=names, dataset="ilsvrc2012" if n == 1000 else None, crop=crop,
                     model=state, mean=torch.from_numpy(mean_image), config=cfg.to_dict(),
                     progress=Progress(done=True), source=source)
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write(out / "config.yaml", lambda f: f.write(dump_config(cfg).encode()))
-    atomic_write(out / "version.json", lambda f: f.write(json.dumps(code_version(), indent=1).encode()))
-    atomic_write(out / "import.json", lambda f: f.write(json.dumps(source, indent=1).encode()))
-    save_checkpoint(out / "last.pt", ck)
-    return source
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = out.parent / f".{out.name}.import.tmp"
+    shutil.rmtree(staging, ignore_errors=True)  # a stopped import's
+    try:
+        staging.mkdir()
+        atomic_write(staging / "config.yaml", lambda f: f.write(dump_config(cfg).encode()))
+        atomic_write(staging / "version.json", lambda f: f.write(json.dumps(code_version(), indent=1).encode()))
+        atomic_write(staging / "import.json", lambda f: f.write(json.dumps(source, indent=1).encode()))
+        save_checkpoint(staging / "last.pt", ck)
+        removed = _move_in(staging, out)
+    except OSError as e:
+        raise ReplicaError(f"cannot write {out}: {os.strerror(e.errno) if e.errno else e}") from None
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return dict(source, removed=removed)
+
+
+def _move_in(staging: Path, out: Path) -> list[str]:
+    """The staged run into ``out``: a rename when ``out`` is new; else the old run's files out
+    (named in the result) and the new ones in, renames on one filesystem, last.pt last."""
+    if not out.exists():
+        os.rename(staging, out)
+        return []
+    fd, holder = take_lock(out, TRAIN_LOCK)
+    if fd is None:
+        raise ReplicaError(f"{out} is being trained by another process ({holder}): not replaced")
+    try:
+        return _replace_run(staging, out)
+    finally:
+        os.close(fd)
+
+
+def _replace_run(staging: Path, out: Path) -> list[str]:
+    removed = []
+    for name in RUN_FILES + ("import.json",):
+        p = out / name
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        elif p.exists() or p.is_symlink():
+            p.unlink()
+        else:
+            continue
+        if name not in WRITTEN:
+            removed.append(name)
+    for name in WRITTEN:
+        os.replace(staging / name, out / name)
+    return removed

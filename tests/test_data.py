@@ -343,7 +343,13 @@ def test_a_dead_loader_worker_is_reported_by_the_next_batch_not_in_the_middle_of
     ``worker_deaths_at_next_batch`` it surfaces in ``next()``, where the loop can agree to stop.
     A real worker, really SIGKILLed while the main thread runs a "step" (plain Python work) that
     lasts until the worker is seen dead: ordered by a file and the worker's state, not by time.
-    In a process of its own, with and without the call (torch's handler is set once per process)."""
+    In a process of its own (torch's handler is set once per process).
+
+    Only what replica guarantees is asserted: with the call, the step is never interrupted and
+    the next batch says the worker died. Without it, whether torch's handler raises mid-step
+    depends on when the kernel delivers SIGCHLD (mid-step 9 runs in 10 here, 5 in 8 on a 2-core
+    EPYC; the rest in next()), so torch's own behaviour is not a test: with the call taken out,
+    this test fails whenever the signal lands inside the step, as it usually does."""
     import os
     import subprocess
     import sys
@@ -392,10 +398,9 @@ except RuntimeError as e:
     print("NEXT BATCH:", str(e).splitlines()[0])
 """
     out = {}
-    for mode in ("torch", "fixed"):
+    for mode in ("fixed",):  # "torch" (any other word) runs without the call: torch's own handler
         (tmp_path / mode).mkdir()
         r = subprocess.run([sys.executable, "-c", code, mode, str(tmp_path / mode)], capture_output=True, text=True,
                            timeout=120, env=dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1])))
         out[mode] = r.stdout.strip() or r.stderr[-1500:]
-    assert out["torch"].startswith("MID-STEP: DataLoader worker"), out  # what the fix is for
     assert out["fixed"].startswith("NEXT BATCH: DataLoader worker") and "exited unexpectedly" in out["fixed"], out

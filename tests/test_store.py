@@ -317,7 +317,7 @@ def test_a_second_prepare_into_the_same_out_is_refused(synth_src, tmp_path, caps
         assert holder.stdout.readline().strip() == "held"
         assert main(["prepare", str(synth_src), str(out), "--workers", "1"]) == 2
         err = capsys.readouterr().err
-        assert f"another 'replica prepare' is writing this store (pid {holder.pid})" in err and "Traceback" not in err
+        assert f"another 'replica prepare' is writing this store (pid {holder.pid} on " in err and "Traceback" not in err
     finally:
         holder.stdin.close()
         holder.wait(timeout=30)

@@ -399,19 +399,23 @@ def test_an_export_that_computes_something_else_is_refused(tmp_path, monkeypatch
             p.normal_(0, (2 / p[0].numel()) ** 0.5) if p.dim() > 1 else p.zero_()
     save_checkpoint(tmp_path / "c.pt", Checkpoint(net=net, classes=list("abcdefghij"), model=model.state_dict(),
                                                   mean=torch.zeros(3, 256, 256)))
-    real_save = onnx.save_model
+    real = export_mod.serialize
 
-    def tampered(proto, path, **kw):
+    def tampered(proto):
         for n in proto.graph.node:
             if n.op_type == "LRN":
                 for a in n.attribute:
                     if a.name == "alpha":
                         a.f = 1e-2
-        return real_save(proto, path, **kw)
+        return real(proto)
 
-    monkeypatch.setattr(onnx, "save_model", tampered)
-    with pytest.raises(ReplicaError, match="onnxruntime's logits differ from replica's"):
+    (tmp_path / "m.onnx").write_bytes(b"a previous export")
+    monkeypatch.setattr(export_mod, "serialize", tampered)
+    with pytest.raises(ReplicaError, match="onnxruntime's logits differ from replica's") as e:
         export_mod.export_onnx(tmp_path / "c.pt", tmp_path / "m.onnx")
+    assert f"{tmp_path / 'm.onnx'} untouched" in str(e.value)
+    assert (tmp_path / "m.onnx").read_bytes() == b"a previous export"  # all or nothing
+    assert onnx.load(str(tmp_path / "m.failed.onnx")).graph.node  # the failing file, kept beside it
 
 
 def test_a_missing_onnx_package_is_one_line_naming_the_extra(tmp_path, monkeypatch, capsys):

@@ -117,13 +117,45 @@ def _index_classes(path: Path, labels: list[int]) -> list[str]:
     return [str(i) for i in range(max(labels) + 1)]
 
 
+# What CIFAR-10's python batches are made of, and all an unpickler of them may build: numpy
+# arrays (reconstructed, or from a buffer under pickle protocol 5), their dtypes and scalars, and
+# Python 2's byte strings (``_codecs.encode(text, "latin1")``). A pickle names any callable it
+# likes; these files are downloaded, so anything else is refused, never called.
+_CIFAR_ALLOWED = {(m, n) for m in ("numpy.core.multiarray", "numpy._core.multiarray")
+                  for n in ("_reconstruct", "scalar")} | \
+    {(m, "_frombuffer") for m in ("numpy.core.numeric", "numpy._core.numeric")} | \
+    {("numpy", "ndarray"), ("numpy", "dtype")}
+
+
+def _latin1(text, encoding="utf-8", errors="strict"):
+    if str(encoding).lower().replace("_", "-") not in ("latin1", "latin-1", "iso-8859-1"):
+        raise pickle.UnpicklingError(f"a byte string in encoding {encoding!r}, not latin1")
+    return text.encode("latin1", errors)
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    def find_class(self, module, name):
+        if (module, name) == ("_codecs", "encode"):
+            return _latin1
+        if (module, name) in _CIFAR_ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"it asks for {module}.{name}, which CIFAR-10's batches never hold; "
+                                     f"refused, nothing was run")
+
+
+def read_cifar_pickle(path: Path):
+    """A CIFAR-10 python file (a batch or batches.meta), read with :class:`_CifarUnpickler`."""
+    with open(path, "rb") as f:
+        return _CifarUnpickler(f, encoding="bytes").load()
+
+
 def _load_cifar_batch(path: Path):
     try:
-        with open(path, "rb") as f:
-            d = pickle.load(f, encoding="bytes")  # the CIFAR-10 python format is a pickle
+        d = read_cifar_pickle(path)
         data = np.asarray(d[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
         return data, [int(v) for v in d[b"labels"]]
-    except (OSError, pickle.UnpicklingError, KeyError, ValueError, EOFError) as e:
+    except (OSError, pickle.UnpicklingError, KeyError, ValueError, EOFError, TypeError, IndexError,
+            AttributeError) as e:
         raise ReplicaError(f"{path}: not a CIFAR-10 python batch ({e})") from None
 
 
@@ -134,8 +166,11 @@ def _cifar(root: Path) -> Source:
     classes = [f"class{i}" for i in range(10)]
     meta = root / "batches.meta"
     if meta.exists():
-        with open(meta, "rb") as f:
-            classes = [n.decode() for n in pickle.load(f, encoding="bytes")[b"label_names"]]
+        try:
+            classes = [n.decode() for n in read_cifar_pickle(meta)[b"label_names"]]
+        except (OSError, pickle.UnpicklingError, KeyError, ValueError, EOFError, TypeError, IndexError,
+                AttributeError) as e:
+            raise ReplicaError(f"{meta}: not CIFAR-10's batches.meta ({e})") from None
     src = Source("cifar10", str(root), classes, {"train": tr})
     if (root / "test_batch").exists():
         a, lab = _load_cifar_batch(root / "test_batch")

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ReplicaError
-from ..fileio import atomic_write
+from ..fileio import atomic_write, take_lock
 from .imageio import DEFAULT_MAX_PIXELS, BadImage, prepared_from_array, read_prepared
 from .imageio import Member
 from .sources import Source, find_source
@@ -186,18 +186,11 @@ def _locked(out: Path):
     """One prepare at a time into ``out``: a second one would interleave its writes with the
     first's (tried: the first then died on its vanished state file). An advisory lock on
     ``out/.prepare.lock``, released by the kernel when the process ends, however it ends."""
-    import fcntl
-
-    fd = os.open(out / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    fd, holder = take_lock(out, LOCK)
+    if fd is None:
+        raise ReplicaError(f"{out}: another 'replica prepare' is writing this store ({holder}); wait for it "
+                           f"to finish (or stop it), then run this one again to resume")
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "another process"
-            raise ReplicaError(f"{out}: another 'replica prepare' is writing this store ({holder}); wait for it "
-                               f"to finish (or stop it), then run this one again to resume") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()}".encode(), 0)
         yield
     finally:
         os.close(fd)
