@@ -199,7 +199,7 @@ def _cmd_neighbors(args) -> int:
 
 TRAIN_EPILOG = """\
 Watching a run: RUN/curves.png and RUN/filters.png are redrawn at each epoch's end (live=false:
-not); with TensorBoard installed (pip install 'replica[tensorboard]'), RUN/tb/ holds the loss,
+not); with TensorBoard installed (pip install -e '.[tensorboard]' in replica's folder), RUN/tb/ holds the loss,
 learning rates, images/s, validation errors, each tower's colour specificity and conv1 kernels:
 tensorboard --logdir runs/ (tensorboard=false: not written). docs/training.md lists the tags.
 

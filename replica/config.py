@@ -307,6 +307,28 @@ def parse_overrides(items) -> dict:
     return out
 
 
+# Keys that change how a run is carried out, not what it computes: runs differing only in these
+# (and in their seed) are repeats of one config (the report groups them so).
+NOT_THE_EXPERIMENT = frozenset({"seed", "workers", "devices", "devices_per_process", "checkpoint_minutes", "save_best",
+                                "stall_steps", "compile", "fused_norms", "channels_last", "decode", "strict_data",
+                                "val_batches", "tensorboard", "live"})
+
+
+def departures(cfg: "Config") -> dict:
+    """What ``cfg`` computes differently from its preset as run 145 ran it (an ablation, a shorter
+    schedule, a narrower net): each key whose value is not the default, leaving out the data and
+    the keys of :data:`NOT_THE_EXPERIMENT`. A run's header names them; a report's "differences"
+    are the same keys."""
+    defaults = Config().to_dict()
+    return {k: v for k, v in cfg.to_dict().items()
+            if k in defaults and v != defaults[k] and k not in NOT_THE_EXPERIMENT | {"data", "val_data", "preset"}}
+
+
+def show(value) -> str:
+    """A config value as a user writes it on the command line (false, null, [25, 51, 79])."""
+    return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
+
+
 def load_config(path=None, overrides=(), base: dict | None = None) -> Config:
     """Defaults → YAML file → ``key=value`` overrides → validated, frozen :class:`Config`."""
     values = dict(base or {})

@@ -1,5 +1,14 @@
 """User-facing errors: the command line prints these as one line, never as a traceback."""
 
+# The distribution is "replica-alexnet" (the import name and the command stay "replica"): an
+# unrelated "replica" exists on the package index, so no hint names an extra of that name. From a
+# clone, the editable install with the extra is what a user can paste safely.
+
+
+def install_hint(extra: str) -> str:
+    """The command that installs an optional extra, safe to paste in a clone of replica."""
+    return f"pip install -e '.[{extra}]' in replica's folder (the distribution replica-alexnet)"
+
 
 class ReplicaError(Exception):
     """A mistake in what the user asked for (config, devices, paths, files).

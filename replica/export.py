@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from . import __version__, augment
-from .errors import ReplicaError
+from .errors import ReplicaError, install_hint
 from .fileio import atomic_write, fsync_dir
 from .model import AlexNet
 from .runs import load_checkpoint, run_checkpoint
@@ -50,7 +50,7 @@ def _needs():
     missing = [m for m in ("onnx", "onnxscript", "onnxruntime") if importlib.util.find_spec(m) is None]
     if missing:
         raise ReplicaError(f"replica export needs onnx, onnxruntime and onnxscript ({', '.join(missing)} missing): "
-                           f"pip install 'replica[onnx]'")
+                           f"{install_hint('onnx')}")
 
 
 def export_onnx(run, dest, checkpoint: str = "last", raw_net: bool = False, check: bool = True,
@@ -161,7 +161,7 @@ def check_onnx(path, model: nn.Module, crop: int, raw_net: bool, keep=None) -> d
     try:
         import onnxruntime as ort
     except ImportError:
-        raise ReplicaError("checking the export needs onnxruntime: pip install 'replica[onnx]' (or --no-check)") from None
+        raise ReplicaError(f"checking the export needs onnxruntime: {install_hint('onnx')} (or --no-check)") from None
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     worst, scale, agree, images = 0.0, 1.0, True, 0
     for n, seed in ((4, 2), (1, 3)):

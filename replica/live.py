@@ -2,7 +2,7 @@
 
 - ``curves.png`` and ``filters.png`` are redrawn at each epoch's end and replaced atomically, so
   any image viewer shows the run as it stands (``live=false``: not drawn).
-- With TensorBoard installed (``pip install 'replica[tensorboard]'``; ``tensorboard=false``:
+- With TensorBoard installed (``pip install -e '.[tensorboard]'``; ``tensorboard=false``:
   not written), ``RUN/tb/`` gets, under these tags:
 
   ========================================  ================================================
@@ -28,14 +28,14 @@ import logging
 import math
 from pathlib import Path
 
-from .errors import ReplicaError
+from .errors import ReplicaError, install_hint
 from .fileio import atomic_write
 from .filters import filter_image, picture, tower_kernels
 from .report import plot_curves
 
 log = logging.getLogger("replica")
 
-TB_MISSING = ("TensorBoard is not installed, so RUN/tb/ is not written: pip install 'replica[tensorboard]' to "
+TB_MISSING = ("TensorBoard is not installed, so RUN/tb/ is not written: " + install_hint("tensorboard") + " to "
               "watch runs with tensorboard --logdir runs/ (tensorboard=false silences this)")
 
 

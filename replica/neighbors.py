@@ -95,14 +95,18 @@ def neighbors(run, queries: int = 8, k: int = 6, data=None, out=None, devices="a
         top.add(feats, positions)  # streamed: memory is one batch of features, not the training set's
     idx = top.best_i
     size = 96
-    names = ck.names or ck.classes
-    name = lambda lab: str(names[int(lab)]).split(",")[0]  # noqa: E731  ("tench, Tinca tinca" → tench)
+
+    def namer(images):  # an image's label indexes ITS data's class list, never the run's
+        names = getattr(images, "names", None) or images.classes
+        return lambda lab: str(names[int(lab)]).split(",")[0]  # "tench, Tinca tinca" → tench
+
+    vname, tname = namer(val), namer(train)
     sheet = np.full((len(picks) * (size + 4), (k + 1) * (size + 4) + 8, 3), 255, np.uint8)
     legend = []
     for r, p in enumerate(picks):
         (q, ql, _), found = val.batch([p]), [train.batch([int(i)]) for i in idx[r]]
         row = [q[0]] + [f[0][0] for f in found]
-        legend.append(f"row {r + 1}: {name(ql[0])} → " + ", ".join(name(f[1][0]) for f in found))
+        legend.append(f"row {r + 1}: {vname(ql[0])} → " + ", ".join(tname(f[1][0]) for f in found))
         for c, img in enumerate(row):
             t = np.asarray(Image.fromarray(img.transpose(1, 2, 0)).resize((size, size), Image.BILINEAR))
             x0 = c * (size + 4) + (8 if c else 0)  # a gap after the query column
@@ -110,7 +114,10 @@ def neighbors(run, queries: int = 8, k: int = 6, data=None, out=None, devices="a
     dest = Path(out) if out else (run / "neighbors.png")
     dest.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(sheet).save(dest)
-    dest.with_suffix(".txt").write_text("\n".join(legend) + "\n")  # each row's classes, by name
+    same = list(ck.classes) == list(train.classes)
+    head = (f"classes: {data}'s" + ("" if same else f" (the run was trained on other classes: {len(ck.classes)} of its "
+                                                  f"own; these names are the data's, not the net's outputs)"))
+    dest.with_suffix(".txt").write_text(head + "\n" + "\n".join(legend) + "\n")  # each row's classes, by name
     return dest
 
 

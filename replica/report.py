@@ -7,6 +7,7 @@ import math
 import re
 from pathlib import Path
 
+from .config import NOT_THE_EXPERIMENT
 from .errors import ReplicaError
 from .fileio import atomic_write
 from .filters import SEPARATION
@@ -82,12 +83,6 @@ def _last_epoch(s: dict) -> str:
 
 
 # -- runs grouped by config, across seeds ------------------------------------------------------
-
-# Keys that change how a run is carried out, not what it computes: runs differing only in these
-# (and in their seed) are repeats of one config.
-NOT_THE_EXPERIMENT = {"seed", "workers", "devices", "devices_per_process", "checkpoint_minutes", "save_best",
-                      "stall_steps", "compile", "fused_norms", "channels_last", "decode", "strict_data",
-                      "val_batches", "tensorboard", "live"}
 
 # SPEC.md §5: the original runs' logged ten-view errors (top-1, top-5 %), and which pair of
 # them measured each of the paper's claims (ablation minus baseline, on the same data)

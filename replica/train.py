@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from . import augment
 from .colour import tower_medians
-from .config import Config, dump_config
+from .config import Config, departures, dump_config, show
 from .data.loaders import (TrainBatches, check_stats_feasible, data_stats, decode_if_encoded, loader,
                            open_training, worker_deaths_at_next_batch)
 from .data.store import PreparedStore
@@ -52,6 +52,14 @@ LOSS_READ_STEPS = {"cpu": 1, "cuda": 20}
 # Setup
 
 
+def describe_departures(cfg: Config) -> str:
+    """One line: every way this run departs from its preset as run 145 ran it (an ablation shows here)."""
+    d = departures(cfg)
+    if not d:
+        return f"the {cfg.preset} recipe, unchanged"
+    return f"departs from the {cfg.preset} recipe in: " + ", ".join(f"{k}={show(v)}" for k, v in d.items())
+
+
 def build_model(cfg: Config, num_classes: int, devices) -> AlexNet:
     return AlexNet.from_options(cfg.net, num_classes, devices, channels_last=cfg.channels_last)
 
@@ -70,6 +78,7 @@ class _Run:
         self.main = self.ranks.main
         self.per_rank = cfg.batch_size // self.ranks.world
         self.lock = None
+        created = not self.run.exists()
         if self.main:  # one trainer per run folder, before anything is written into it
             self.run.mkdir(parents=True, exist_ok=True)
             self.lock, holder = take_lock(self.run, TRAIN_LOCK)
@@ -80,6 +89,9 @@ class _Run:
             self._setup(cfg)
         except BaseException:
             self.unlock()
+            if self.main and created and {p.name for p in self.run.iterdir()} <= {TRAIN_LOCK}:
+                (self.run / TRAIN_LOCK).unlink(missing_ok=True)  # a failed start leaves no empty run folder
+                self.run.rmdir()
             raise
 
     def unlock(self) -> None:
@@ -161,8 +173,8 @@ class _Run:
         states = ck.rng  # one per process that saved it
         set_rng_state(states[self.ranks.rank] if self.ranks.rank < len(states) else states[0])
         if self.main:
-            log.info("resumed %s at epoch %d, step %d of the epoch (%d in all)", self.run, self.epoch + 1,
-                     self.in_epoch, self.step)
+            log.info("resumed %s at epoch %d, step %d of the epoch (%d in all); %s", self.run, self.epoch + 1,
+                     self.in_epoch, self.step, describe_departures(self.cfg))
         return True
 
     def start(self) -> None:
@@ -177,6 +189,7 @@ class _Run:
                  self.num_classes, len(self.train_images), cfg.batch_size, self.sched.total_steps,
                  self.steps_per_epoch, " + ".join(map(str, self.devices)), "bf16 autocast" if cfg.bf16 else "float32",
                  f" ({describe_numerics(self.numerics)})" if any(d.type == "cuda" for d in self.devices) else "")
+        log.info("%s", describe_departures(cfg))
 
     def prepare_step_function(self) -> None:
         model, cfg = self.model, self.cfg

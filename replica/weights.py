@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from .config import Config, NetOptions, dump_config
-from .errors import ReplicaError
+from .errors import ReplicaError, install_hint
 from .fileio import atomic_write, take_lock
 from .runs import TRAIN_LOCK, Checkpoint, Progress, code_version, save_checkpoint
 
@@ -50,7 +50,7 @@ LAYERS = ("conv1", "conv2", "conv3", "conv4", "conv5", "fc6", "fc7", "fc8")
 FULL = dict(conv1=96, conv2=256, conv3=384, conv4=384, conv5=256, fc6=4096, fc7=4096)  # outputs, both towers
 DROPOUT_SCALED = ("fc7", "fc8")  # the layers that read a dropped-out input: weights ×2
 LRN = dict(local_size=5, alpha=1e-4, beta=0.75, k=1.0)  # what the caffe preset computes
-INSTALL_ONNX = "pip install 'replica[onnx]'"
+INSTALL_ONNX = install_hint("onnx")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -608,3 +608,11 @@ def test_a_live_picture_that_cannot_be_written_warns_once_and_training_goes_on(s
     assert r["epochs"] == 2 and load_checkpoint(run).progress.done
     assert out.count("the live pictures are off for the rest of this run") == 1, out
     assert f"cannot write {run / 'curves.png'}" in out
+
+
+def test_a_failed_start_leaves_no_empty_run_folder(tmp_path, capsys):
+    run = tmp_path / "runs" / "x"
+    assert main(["train", str(ROOT / "configs" / "alexnet-2gpu.yaml"), f"data={tmp_path / 'nothing'}",
+                 "devices=cpu", "--out", str(run)]) == 2
+    assert "no such file or folder" in one_line_error(capsys)
+    assert not run.exists()

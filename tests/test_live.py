@@ -71,7 +71,7 @@ def test_without_tensorboard_the_run_goes_on_and_says_so_once(store, tmp_path, m
     train(tiny(store, tensorboard=True), tmp_path / "run", progress=False)
     out = capsys.readouterr()
     said = (out.out + out.err).count("TensorBoard is not installed")
-    assert said == 1 and "pip install 'replica[tensorboard]'" in out.out + out.err
+    assert said == 1 and "pip install -e '.[tensorboard]'" in out.out + out.err
     assert not (tmp_path / "run" / "tb").exists() and (tmp_path / "run" / "last.pt").exists()
     train(tiny(store), tmp_path / "off", progress=False)  # tensorboard=false: not a word
     assert "TensorBoard" not in "".join(capsys.readouterr())

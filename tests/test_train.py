@@ -504,3 +504,21 @@ def test_fused_norms_default_is_on_on_a_gpu_and_for_float32_on_the_cpu(monkeypat
     assert fused_norms_for(auto, cpu) is False
     with pytest.raises(ReplicaError, match="fused_norms: expected true or false"):
         load_config(None, ["fused_norms=maybe"])
+
+
+def test_the_header_names_every_departure_from_the_preset(store, tmp_path):
+    """An ablation shows in a run's first lines, not only "as-run" (a real process: what a user reads)."""
+    from runs_helpers import TINY_ARGS
+
+    cfg = str(Path(__file__).resolve().parents[1] / "configs" / "alexnet-2gpu.yaml")
+    r = subprocess.run([sys.executable, "-m", "replica", "train", cfg, f"data={store}", *TINY_ARGS, "epochs=1",
+                        "norm=false", "overlap=false", "pca_noise=false", "--out", str(tmp_path / "run")],
+                       capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1])))
+    assert r.returncode == 0, r.stderr[-2000:]
+    head = r.stderr.splitlines()[:3]
+    line = next(h for h in head if "departs from the as-run recipe in:" in h)
+    for words in ("norm=false", "overlap=false", "pca_noise=false", "width=0.0625", "epochs=1", "batch_size=4",
+                  "init=caffe"):
+        assert words in line, (words, line)
+    assert "devices" not in line and "workers" not in line  # how it runs, not what it computes

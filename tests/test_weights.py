@@ -425,4 +425,4 @@ def test_a_missing_onnx_package_is_one_line_naming_the_extra(tmp_path, monkeypat
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnxscript" else real(name, *a))
     assert main(["export", str(tmp_path), "--onnx", str(tmp_path / "m.onnx")]) == 2
     err = capsys.readouterr().err
-    assert "pip install 'replica[onnx]'" in err and "onnxscript missing" in err and err.count("\n") == 1
+    assert "pip install -e '.[onnx]'" in err and "onnxscript missing" in err and err.count("\n") == 1
