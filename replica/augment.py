@@ -1,4 +1,4 @@
-"""The paper's augmentation and test views as batched tensor operations (SPEC.md §4).
+"""The paper's augmentation and test views as batched tensor operations (docs/spec.md §4).
 
 Pure functions of (uint8 images, parameters, generator). They run wherever the batch lives:
 in CPU loader workers, or on the GPU after a uint8 transfer. The random draws are made on the

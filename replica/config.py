@@ -32,7 +32,7 @@ class NetOptions:
     :class:`Config`, its use in :mod:`replica.model`, a YAML file and a test.
     """
 
-    preset: str = "as-run"  # or "paper-text" (SPEC.md §1-3), or "caffe" (bvlc_alexnet's forward)
+    preset: str = "as-run"  # or "paper-text" (docs/spec.md §1-3), or "caffe" (bvlc_alexnet's forward)
     variant: str = "two-tower"  # "one-gpu-half" = run 145-half
     width: float = 1.0  # every layer's filters and units × width (at least 1 each); 1: the paper's net
     norm: bool = True  # False = run 148: no LRN and no spatial norm
@@ -130,7 +130,7 @@ class Config:
     decode: str = "auto"  # JPEG store: "workers" (CPU, libjpeg-turbo), "device" (the batch, nvJPEG on CUDA); auto: workers (faster on an H200 with 16 cores, docs/performance.md)
     strict_data: bool = False  # a bad or missing input stops the run (default: skip it, log it, count it)
     # -- model: the fields of NetOptions, each with its default there ------------------------------
-    preset: str = "as-run"  # or "paper-text" (SPEC.md §1-3)
+    preset: str = "as-run"  # or "paper-text" (docs/spec.md §1-3)
     variant: str = "two-tower"  # or "one-gpu-half" (run 145-half)
     width: float = 1.0  # every layer's filters and units × width (at least 1 each); 1: the paper's net; less: quick trials (the test suite's mechanics tests run 1/16)
     norm: bool = True  # False: run 148, no LRN and no spatial norm
@@ -139,7 +139,7 @@ class Config:
     init: str | None = None  # None: the preset's; "caffe": biases 0.1, fc6/fc7 σ 0.005
     devices: str = "auto"  # "auto", "cpu", "cuda:0", or "cuda:0,cuda:1" (towers a, b)
     devices_per_process: int = 2  # under torchrun: each process owns this many GPUs (1 or 2)
-    # -- optimization (SPEC.md §3) ---------------------------------------------------------------
+    # -- optimization (docs/spec.md §3) ---------------------------------------------------------------
     batch_size: int = 128  # §5
     epochs: float = 91  # run 145 was killed after epoch 91 (layer-params-145.cfg:182)
     lr: float = 0.01  # ε, §5

@@ -72,7 +72,7 @@ def filter_image(kernels: dict[str, np.ndarray], scale: int = 4, cols: int = 8) 
     return blocks[0]
 
 
-PAPER_STEPS = 450_000  # run 145: about 90 epochs of 1.28 M images at batch 128 (SPEC.md §5)
+PAPER_STEPS = 450_000  # run 145: about 90 epochs of 1.28 M images at batch 128 (docs/spec.md §5)
 NEAR_START_STEPS = 5_000  # below this many steps conv1 is still close to its random draw (the demo: 222)
 
 

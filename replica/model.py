@@ -2,7 +2,7 @@
 
 Read top to bottom: placement, the one cross-device helper, a tower's layers, the model.
 
-Topology per tower (SPEC.md §1; layers-145.cfg):
+Topology per tower (docs/spec.md §1; layers-145.cfg):
 
     input 3×224×224 ──pad (0,3,0,3)──▶ 3×227×227
     conv1 48 11/4     ─▶ 48×55×55   ─ layer 1 (order per preset) ─▶ 48×27×27
@@ -84,7 +84,7 @@ def cross(x: Tensor, device: torch.device) -> Tensor:
 
     Forward it is a copy ``y = x`` onto ``device``; backward autograd copies ``∂L/∂y`` back.
     Per image in fp32 this carries 28,288 floats each way (conv3 21,632, fc6 4,608, fc7 2,048)
-    plus 2,048 into fc8 (SPEC.md §7). On the same device it returns ``x`` itself.
+    plus 2,048 into fc8 (docs/spec.md §7). On the same device it returns ``x`` itself.
 
     Non-blocking only onto a CUDA device: there the copy is queued on the destination's stream,
     ahead of every kernel that reads it. A non-blocking copy from a GPU onto the CPU returns
@@ -125,7 +125,7 @@ class Tower(nn.Module):
 
 
 # (weight σ, bias) per layer and init scheme. as-run: layers-145.cfg initW/initB lines (§2.2 of
-# research/original-2012-code.md). paper-text: §5 "zero-mean Gaussian with standard deviation
+# the 2012 code). paper-text: §5 "zero-mean Gaussian with standard deviation
 # 0.01", biases 1 in conv2/4/5 and the hidden fc layers. caffe: bvlc_alexnet's variant.
 INIT_TABLE = {
     "as-run": dict(conv1=(0.01, 0), conv2=(0.01, 1), conv3=(0.03, 0), conv4=(0.03, 1), conv5=(0.03, 1),
@@ -143,7 +143,7 @@ class AlexNet(nn.Module):
     Args:
         num_classes: outputs of fc8 (1000 for ImageNet).
         devices: ``"auto"``, one device (``"cpu"``, ``"cuda:0"``) or two (``("cuda:0", "cuda:1")``).
-            Tower a lives on the first, tower b and fc8 placement follow SPEC.md §1.
+            Tower a lives on the first, tower b and fc8 placement follow docs/spec.md §1.
         preset: ``"as-run"`` (what run 145 computed; default) or ``"paper-text"``.
         width, norm, overlap, variant, dropout, init: the other fields of
             :class:`replica.config.NetOptions`; or ``net=`` a whole NetOptions
@@ -256,7 +256,7 @@ class AlexNet(nn.Module):
         return [t for t in (self.tower_a, self.tower_b) if t is not None]
 
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
-        """Draw weights ~ N(0, σ²) and set constant biases, per the init scheme (SPEC.md §2)."""
+        """Draw weights ~ N(0, σ²) and set constant biases, per the init scheme (docs/spec.md §2)."""
         table = INIT_TABLE[self.opts.init_scheme]
         layers = [(name, getattr(t, name)) for t in self.towers for name in
                   ("conv1", "conv2", "conv3", "conv4", "conv5", "fc6", "fc7")] + [("fc8", self.fc8)]

@@ -1,4 +1,4 @@
-"""The paper's update rule, its parameter groups, and the learning-rate schedule (SPEC.md §3).
+"""The paper's update rule, its parameter groups, and the learning-rate schedule (docs/spec.md §3).
 
     v ← μ·v − ε·λ·w − ε·ḡ        w ← w + v                       (§5; src/weights.cu:151-195)
 

@@ -12,7 +12,7 @@ from .errors import ReplicaError
 from .fileio import atomic_write
 from .filters import SEPARATION
 
-# SPEC.md §5: ILSVRC top-1 / top-5 error (%), 10 views, from the original run logs, and the
+# docs/spec.md §5: ILSVRC top-1 / top-5 error (%), 10 views, from the original run logs, and the
 # paper's claimed effect of each ablation (how much better the baseline is).
 PAPER = [  # (dataset, config, original run log, paper)
     ("ilsvrc2012", "baseline, run 145 (ILSVRC-2012 val)", "40.66 / 18.21", "Table 2 '1 CNN' 40.7 / 18.2"),
@@ -84,7 +84,7 @@ def _last_epoch(s: dict) -> str:
 
 # -- runs grouped by config, across seeds ------------------------------------------------------
 
-# SPEC.md §5: the original runs' logged ten-view errors (top-1, top-5 %), and which pair of
+# docs/spec.md §5: the original runs' logged ten-view errors (top-1, top-5 %), and which pair of
 # them measured each of the paper's claims (ablation minus baseline, on the same data)
 ORIGINAL = {"145": (40.66, 18.21), "145-2010": (37.47, 17.00), "145-half": (39.17, 18.23), "148": (42.03, 19.36),
             "147": (41.06, 18.51)}
@@ -412,14 +412,14 @@ def report(runs, out=None) -> Path:
 
 
 def _paper_table(summaries) -> list[str]:
-    """SPEC.md §5's figures for the datasets these runs were evaluated on, and only those."""
+    """docs/spec.md §5's figures for the datasets these runs were evaluated on, and only those."""
     present = [d for d in DATASETS if any(s["eval"].get("dataset") == d for s in summaries)]
     if not present:
         return ["", "## The paper and the original run", "",
                 "Not shown: no run here was evaluated on ILSVRC-2012 or ILSVRC-2010 (eval.json names no such "
                 "dataset), so their figures would not compare. `replica prepare` records the dataset when it "
                 "reads ImageNet's archives or the Kaggle layout with all 1,000 classes."]
-    lines = ["", f"## The paper and the original run (SPEC.md §5, {' and '.join(DATASETS[d] for d in present)}, "
+    lines = ["", f"## The paper and the original run (docs/spec.md §5, {' and '.join(DATASETS[d] for d in present)}, "
                  f"ten views)", "", "| config | original run log | paper |", "|---|---|---|"]
     lines += [f"| {a} | {b} | {c} |" for d, a, b, c in PAPER if d in present]
     return lines

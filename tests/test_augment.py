@@ -1,4 +1,4 @@
-"""Crops, flips, PCA colour noise, mean subtraction and the ten test views (SPEC.md §4)."""
+"""Crops, flips, PCA colour noise, mean subtraction and the ten test views (docs/spec.md §4)."""
 import numpy as np
 import pytest
 import torch

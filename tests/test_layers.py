@@ -130,7 +130,7 @@ def test_spatial_norm_matches_formula_and_avg_pool(fmt):
     x = (torch.randn(2, 4, 8, 7, dtype=torch.float64) * 50).contiguous(memory_format=fmt)
     got = spatial_response_norm(x)
     torch.testing.assert_close(got, spatial_by_formula(x))
-    pooled = x * (1 + 1e-3 * F.avg_pool2d(x * x, 5, 1, 2, count_include_pad=True)) ** -0.75  # SPEC.md §1
+    pooled = x * (1 + 1e-3 * F.avg_pool2d(x * x, 5, 1, 2, count_include_pad=True)) ** -0.75  # docs/spec.md §1
     torch.testing.assert_close(got, pooled)
 
 

@@ -165,7 +165,7 @@ def test_verdicts_and_intervals():
     assert (m, n) == (1.5, 2) and abs(hi - 1.5 - 12.706204736 * 0.5 ** 0.5 / 2 ** 0.5) < 1e-6
     m, lo, hi, n = t_interval([1.0, 2.0, 3.0])  # sd 1; t(0.975, 2 df) = 4.3027 from the tables
     assert (m, n) == (2.0, 3) and abs(hi - 2.0 - 4.3027 / 3 ** 0.5) < 1e-4 and abs(2.0 - lo - (hi - 2.0)) < 1e-12
-    # SPEC.md §5: 148 − 145, 147 − 145, 145-half − 145-2010
+    # docs/spec.md §5: 148 − 145, 147 − 145, 145-half − 145-2010
     assert original_difference(("norm", False)) == (1.37, 1.15, "148 − 145")
     assert original_difference(("overlap", False)) == (0.40, 0.30, "147 − 145")
     assert original_difference(("variant", "one-gpu-half")) == (1.70, 1.23, "145-half − 145-2010")

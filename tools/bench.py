@@ -83,7 +83,7 @@ from replica.data.writer import prepare  # noqa: E402
 from replica.data.synth import synth  # noqa: E402
 from replica.runtime import to_device  # noqa: E402
 
-MAC_FORWARD = 724_406_816  # SPEC.md §7, per 224×224 image
+MAC_FORWARD = 724_406_816  # docs/spec.md §7, per 224×224 image
 FLOP_TRAIN = 3 * 2 * MAC_FORWARD
 FLOP_FORWARD = 2 * MAC_FORWARD
 ILSVRC_TRAIN = 1_281_167
