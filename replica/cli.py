@@ -7,6 +7,7 @@ import os
 import sys
 from pathlib import Path
 
+from . import __version__
 from .config import INITS, PRESETS, VARIANTS
 from .errors import ReplicaError
 
@@ -126,8 +127,19 @@ def _cmd_eval(args) -> int:
 def _cmd_predict(args) -> int:
     from .inference import predict
 
+    from .data.imageio import is_image_name
+
+    images = []
+    for item in args.images:  # a folder means every image in it (sorted, its subfolders too)
+        if Path(item).is_dir():
+            found = sorted(str(f) for f in Path(item).rglob("*") if f.is_file() and is_image_name(f.name))
+            if not found:
+                raise ReplicaError(f"{item}: a folder with no image files in it")
+            images += found
+        else:
+            images.append(item)
     failed = 0
-    for path, result in predict(args.checkpoint, args.images, args.topk, args.views, _devices(args.devices)):
+    for path, result in predict(args.checkpoint, images, args.topk, args.views, _devices(args.devices)):
         if isinstance(result, str):
             print(f"replica: error: {path}: {result}", file=sys.stderr)
             failed += 1
@@ -213,13 +225,15 @@ def build_parser() -> argparse.ArgumentParser:
         prog="replica",
         description="A faithful PyTorch replication of the two-GPU AlexNet (Krizhevsky et al., 2012).",
     )
-    p.add_argument("-v", "--verbose", action="store_true", help="log more detail")
+    p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                   help="log more detail (before or after the command)")
+    p.add_argument("--version", action="version", version=f"replica {__version__} (the distribution replica-alexnet)")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
     d = sub.add_parser("demo", help="the whole loop on a synthetic dataset: make, prepare, train, evaluate")
     d.add_argument("--out", default="replica-demo", help="folder for the dataset, store and run")
     d.add_argument("--tiny", action="store_true", help="a seconds-long version (what the tests run)")
-    d.add_argument("--devices", default="auto")
+    d.add_argument("--devices", default="auto", help="auto (two GPUs, else one, else the CPU), cpu, cuda:0, or a pair such as cuda:0,cuda:1")
     d.add_argument("--fp32", action="store_true",
                    help="train in float32 even where the CPU has native bf16 (as most CPUs train)")
     d.set_defaults(func=_cmd_demo)
@@ -230,13 +244,13 @@ def build_parser() -> argparse.ArgumentParser:
                                    "preset=paper-text width=0.5); the flags below are the same switches.")
     m.add_argument("settings", nargs="*", metavar="[CONFIG] [key=value]",
                    help="a YAML config and/or overrides, as for train; only the net's keys matter here")
-    m.add_argument("--preset", default=None, choices=list(PRESETS))
-    m.add_argument("--variant", default=None, choices=list(VARIANTS))
+    m.add_argument("--preset", default=None, choices=list(PRESETS), help="what the net computes (default as-run: run 145)")
+    m.add_argument("--variant", default=None, choices=list(VARIANTS), help="two towers (default) or run 145-half's one")
     m.add_argument("--init", default=None, choices=list(INITS), help="weight init scheme (default: the preset's)")
     m.add_argument("--no-norm", action="store_true", help="ablation 148: no LRN, no spatial norm")
     m.add_argument("--no-overlap", action="store_true", help="ablation 147: non-overlapping pooling")
     m.add_argument("--no-dropout", action="store_true", help="ablation: dropout off")
-    m.add_argument("--classes", type=int, default=1000)
+    m.add_argument("--classes", type=int, default=1000, help="fc8's outputs (default 1000)")
     m.add_argument("--width", type=float, default=None, help="every layer's filters and units × this (1: the paper's net)")
     m.add_argument("--devices", default="auto", help="auto, cpu, cuda:0, or a pair such as cuda:0,cuda:1")
     m.add_argument("--batch", type=int, default=8, help="batch for the timed train step (0 to skip)")
@@ -244,10 +258,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("synth", help="write the deterministic synthetic dataset (shape × colour classes)")
     s.add_argument("out", help="output folder (gets train/ and val/ class folders)")
-    s.add_argument("--classes", type=int, default=10)
-    s.add_argument("--train-per-class", type=int, default=100)
-    s.add_argument("--val-per-class", type=int, default=20)
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--classes", type=int, default=10, help="shape × colour classes (default 10)")
+    s.add_argument("--train-per-class", type=int, default=100, help="training images per class (default 100)")
+    s.add_argument("--val-per-class", type=int, default=20, help="validation images per class (default 20)")
+    s.add_argument("--seed", type=int, default=0, help="the same seed writes the same images")
     s.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
     s.set_defaults(func=_cmd_synth)
 
@@ -283,9 +297,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "the paper's Table 1) or train (reported as training images)")
     e.add_argument("--views", type=int, choices=[1, 10], default=None,
                    help="only this many views (default: both, from one pass of ten views)")
-    e.add_argument("--batch", type=int, default=32)
+    e.add_argument("--batch", type=int, default=32, help="images per forward pass (each gives ten views)")
     e.add_argument("--workers", type=int, default=2, help="loader processes reading the images")
-    e.add_argument("--devices", default="auto")
+    e.add_argument("--devices", default="auto", help="auto (two GPUs, else one, else the CPU), cpu, cuda:0, or a pair such as cuda:0,cuda:1")
     e.add_argument("--fp32", action="store_true",
                    help="evaluate in float32 even if the run trained with bf16=true (default: as it trained, "
                         "where the device has native bf16)")
@@ -293,10 +307,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     pd = sub.add_parser("predict", help="top-k classes of images, in any format PIL reads")
     pd.add_argument("checkpoint", help="a checkpoint file or a run folder")
-    pd.add_argument("images", nargs="+")
-    pd.add_argument("--topk", type=int, default=5)
-    pd.add_argument("--views", type=int, choices=[1, 10], default=1)
-    pd.add_argument("--devices", default="auto")
+    pd.add_argument("images", nargs="+", help="image files, or folders: every image in them")
+    pd.add_argument("--topk", type=int, default=5, help="classes to print per image (default 5)")
+    pd.add_argument("--views", type=int, choices=[1, 10], default=1, help="1: the centre crop; 10: the paper's ten views, averaged")
+    pd.add_argument("--devices", default="auto", help="auto (two GPUs, else one, else the CPU), cpu, cuda:0, or a pair such as cuda:0,cuda:1")
     pd.set_defaults(func=_cmd_predict)
 
     rp = sub.add_parser("report", help="Markdown + curves: final errors, config differences, the paper's numbers")
@@ -311,11 +325,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     nb = sub.add_parser("neighbors", help="Fig. 4: validation images and their nearest training images by fc7")
     nb.add_argument("run", help="a run folder (last.pt) or a checkpoint")
-    nb.add_argument("--queries", type=int, default=8)
-    nb.add_argument("--k", type=int, default=6)
+    nb.add_argument("--queries", type=int, default=8, help="validation images, one row each (default 8)")
+    nb.add_argument("--k", type=int, default=6, help="nearest training images per row (default 6)")
     nb.add_argument("--data", help="store or image folder (default: the run's data)")
     nb.add_argument("--out", help="PNG path (default: RUN/neighbors.png)")
-    nb.add_argument("--devices", default="auto")
+    nb.add_argument("--devices", default="auto", help="auto (two GPUs, else one, else the CPU), cpu, cuda:0, or a pair such as cuda:0,cuda:1")
     nb.set_defaults(func=_cmd_neighbors)
 
     im = sub.add_parser("import", help="Caffe's trained bvlc_alexnet (caffemodel or ONNX zoo) into a run folder",
@@ -330,14 +344,14 @@ def build_parser() -> argparse.ArgumentParser:
     im.add_argument("--data", help="a store: its classes (sorted WNIDs, Caffe's order assumed) and mean")
     im.add_argument("--crop", type=int, default=227, choices=[227, 224],
                     help="227: Caffe's; 224: the ONNX zoo graph's geometry")
-    im.add_argument("--format", default="auto", choices=["auto", "caffe", "onnx"])
+    im.add_argument("--format", default="auto", choices=["auto", "caffe", "onnx"], help="auto: by the file's suffix")
     im.add_argument("--force", action="store_true", help="replace a run already in --out")
     im.set_defaults(func=_cmd_import)
 
     ex = sub.add_parser("export", help="a run's net as one ONNX file, checked by onnxruntime")
     ex.add_argument("run", help="a run folder (last.pt) or a checkpoint")
     ex.add_argument("--onnx", required=True, help="the .onnx file to write")
-    ex.add_argument("--checkpoint", default="last", choices=["last", "best"])
+    ex.add_argument("--checkpoint", default="last", choices=["last", "best"], help="of a run folder: last.pt (default) or best.pt")
     ex.add_argument("--raw-net", action="store_true", help="input mean-subtracted crops (default: 0-255 RGB crops, "
                                                            "the mean subtracted inside)")
     ex.add_argument("--opset", type=int, default=18, help="the ONNX opset to write: 18 (default) or newer")
@@ -345,8 +359,10 @@ def build_parser() -> argparse.ArgumentParser:
     ex.set_defaults(func=_cmd_export)
 
     st = sub.add_parser("stats", help="print a store's counts, mean image and RGB eigen-system")
-    st.add_argument("store")
+    st.add_argument("store", help="a store folder written by replica prepare")
     st.set_defaults(func=_cmd_stats)
+    for sp in sub.choices.values():  # -v after the command too: replica train … -v
+        sp.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="log more detail")
     return p
 
 
@@ -372,7 +388,11 @@ def entry(argv=None) -> None:
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
+    args.verbose = getattr(args, "verbose", False)
+    # replica's own lines at INFO (-v: DEBUG); the libraries' at WARNING (-v: INFO): the ONNX
+    # exporter's optimizer alone logs some fifty INFO lines per export
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    logging.getLogger("replica").setLevel(logging.DEBUG if args.verbose else logging.INFO)
     if not getattr(args, "func", None):
         parser.print_help()
         return 0

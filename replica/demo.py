@@ -97,8 +97,10 @@ def summary(out: Path, run: Path, rep: Path, fil: dict, seconds: float, precisio
         f"  replica report {run}          the report again (add more runs to compare them)",
         f"  replica filters {run}         conv1's kernels and each tower's colour specificity",
         f"  replica predict {run} {_example(out)}   the top classes of any image",
-        "  replica prepare MY_IMAGES/ MY_STORE/ && replica train configs/alexnet-2gpu.yaml data=MY_STORE --out runs/mine",
-        "                                   your own data: class folders with train/ and val/ (docs/imagenet.md)",
+        "  replica prepare MY_IMAGES/ MY_STORE/ && replica train configs/demo.yaml data=MY_STORE --out runs/mine",
+        "                                   your own data (class folders with train/ and val/) with the demo's",
+        "                                   CPU-sized recipe; configs/alexnet-2gpu.yaml is the paper's 91 epochs at",
+        "                                   full width: days on GPUs, not a CPU (docs/imagenet.md)",
     ])
 
 

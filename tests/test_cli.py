@@ -106,3 +106,54 @@ def test_train_names_only_the_files_it_left(store, tmp_path, capsys):
         named = line.split("(")[1].rstrip(")").split(", ")
         assert line.startswith(f"finished: {out} (") and all((out / n).exists() for n in named), line
         assert ("best.pt" in named) == (best == "true")
+
+
+def test_papercuts_version_verbose_anywhere_and_help_for_every_option(capsys):
+    from replica import __version__
+    from replica.cli import build_parser
+
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0 and f"replica {__version__}" in capsys.readouterr().out
+    p = build_parser()
+    assert p.parse_args(["stats", "x", "-v"]).verbose and p.parse_args(["-v", "stats", "x"]).verbose
+    bare = [f"{name} {a.option_strings or a.dest}" for name, sp in p._subparsers._group_actions[0].choices.items()
+            for a in sp._actions if not a.help and a.dest != "help"]
+    assert bare == []
+
+
+def test_predict_takes_a_folder_and_a_flat_folder_says_labels_are_missing(store, tmp_path, capsys):
+    from runs_helpers import tiny
+
+    from replica.train import train
+
+    run = tmp_path / "run"
+    train(tiny(store, epochs=1, steps_per_epoch=1), run, progress=False)
+    capsys.readouterr()
+    val = store.parent / "synth" / "val"
+    n = len(list(val.rglob("*.jpg")))
+    assert main(["predict", str(run), str(val), "--devices", "cpu"]) == 0
+    assert len(capsys.readouterr().out.splitlines()) == n  # every image in the folder and its subfolders
+    (tmp_path / "empty").mkdir()
+    assert main(["predict", str(run), str(tmp_path / "empty")]) == 2
+    assert "a folder with no image files" in capsys.readouterr().err
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for f in sorted(val.rglob("*.jpg"))[:3]:
+        (flat / f"{f.parent.name}-{f.name}").write_bytes(f.read_bytes())
+    assert main(["prepare", str(flat), str(tmp_path / "st")]) == 2
+    assert "3 image files but no labels" in capsys.readouterr().err
+
+
+def test_an_export_prints_its_result_not_the_exporters_chatter(tmp_path):
+    pytest.importorskip("onnxscript")
+    sys.path.insert(0, str(ROOT / "tests"))
+    from test_weights import caffe_blobs, caffemodel
+
+    (tmp_path / "ok.caffemodel").write_bytes(caffemodel(caffe_blobs()))
+    assert main(["import", str(tmp_path / "ok.caffemodel"), "--out", str(tmp_path / "run"), "--mean", "1,2,3"]) == 0
+    r = subprocess.run([sys.executable, "-m", "replica", "export", str(tmp_path / "run"), "--onnx",
+                        str(tmp_path / "m.onnx")], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    lines = (r.stdout + r.stderr).strip().splitlines()
+    assert len(lines) == 2 and lines[0].startswith("wrote ") and lines[1].startswith("checked with onnxruntime")

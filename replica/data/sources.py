@@ -227,6 +227,10 @@ def find_source(src, val=None) -> Source:
     if (src / "train.txt").exists():
         other = next((src / n for n in ("val.txt", "test.txt") if (src / n).exists()), None)
         return find_source(src / "train.txt", val or other)
+    flat = sum(1 for e in os.scandir(src) if e.is_file() and is_image_name(e.name))
+    if flat:  # the labels are what is missing, not the images
+        raise ReplicaError(f"{src}: {flat:,} image files but no labels: put each class's images in a folder named "
+                           f"after the class ({src}/<class>/<image>), or give a 'path label' txt index")
     raise ReplicaError(f"{src}: found no images: expected class folders, train/ and val/ folders, "
                        "a txt index or CIFAR-10 batches")
 
