@@ -181,8 +181,9 @@ def _cmd_import(args) -> int:
     if src.get("removed"):
         print(f"--force: removed the previous run's {', '.join(src['removed'])} from {args.out}")
     b1, b5 = BVLC_BAND["top1_err"], BVLC_BAND["top5_err"]
-    print(f"next: replica eval {args.out} --data ILSVRC2012-STORE (bvlc_alexnet's one view: top-1 error "
-          f"{b1[0]}-{b1[1]} %, top-5 {b5[0]}-{b5[1]} % expected; docs/analysis.md), replica filters {args.out}")
+    expect = (f" (bvlc_alexnet's one view on ILSVRC-2012 val: top-1 error {b1[0]}-{b1[1]} %, top-5 {b5[0]}-{b5[1]} % "
+              f"expected; docs/analysis.md)") if src["matches_bvlc"] else ""
+    print(f"next: replica eval {args.out} --data STORE{expect}, replica filters {args.out}")
     return 0
 
 

@@ -142,7 +142,8 @@ def _destination(dest: Path, source: Path) -> Path:
     if dest.is_dir():
         raise ReplicaError(f"--onnx {dest}: a folder; give the path of the .onnx file to write")
     d = dest.resolve()
-    if d == source.resolve() or d.suffix == ".pt" or (d.name in RUN_OWN and (d.parent / "config.yaml").exists()):
+    own = d.name in RUN_OWN or (d.name.startswith("eval-") and d.suffix == ".json")
+    if d == source.resolve() or d.suffix == ".pt" or (own and (d.parent / "config.yaml").exists()):
         raise ReplicaError(f"--onnx {dest}: one of a run's own files (a checkpoint or a record); an export never "
                            f"replaces it: write the .onnx elsewhere")
     return dest

@@ -105,8 +105,35 @@ def run_eval(target, data=None, views=(1, 10), devices="auto", batch: int = 32, 
         out.update(imported=describe_source(ckpt.source), epoch=None, step=None)
     run = target if target.is_dir() else target.parent
     if (run / "config.yaml").exists():
-        atomic_write(run / "eval.json", lambda f: f.write(json.dumps(out, indent=1).encode()))
+        name = eval_record_name(out["network"], split, views)
+        atomic_write(run / name, lambda f: f.write(json.dumps(out, indent=1).encode()))
+        out["record"] = str(run / name)
     return out
+
+
+def eval_record_name(network: str, split: str, views) -> str:
+    """The file a run folder keeps an eval in, one per way of measuring: ``eval.json`` for the
+    paper's way (the final network, the validation split, one and ten views), else
+    ``eval-NETWORK-SPLIT-VIEWS.json`` (e.g. ``eval-best-val-1view.json``), so that another way
+    never replaces the paper's figures behind the report's back."""
+    views = tuple(sorted(views))
+    if network in ("last", "file") and split == "val" and views == (1, 10):
+        return "eval.json"
+    return f"eval-{network}-{split}-{'+'.join(f'{v}view' for v in views)}.json"
+
+
+def read_eval(run) -> dict:
+    """A run folder's eval record for a report: the paper's way (eval.json) when there is one,
+    else the newest other way's (its ``network``, ``split`` and views say which)."""
+    run = Path(run)
+    records = [run / "eval.json"] if (run / "eval.json").exists() else \
+        sorted(run.glob("eval-*.json"), key=lambda p: p.stat().st_mtime, reverse=True)
+    for p in records:
+        try:
+            return json.loads(p.read_text())
+        except (OSError, ValueError):
+            continue
+    return {}
 
 
 def describe_eval(r: dict) -> str:

@@ -589,7 +589,7 @@ def _move_in(staging: Path, out: Path) -> list[str]:
 
 def _replace_run(staging: Path, out: Path) -> list[str]:
     removed = []
-    for name in RUN_FILES + ("import.json",):
+    for name in RUN_FILES + ("import.json",) + tuple(sorted(p.name for p in out.glob("eval-*.json"))):
         p = out / name
         if p.is_dir() and not p.is_symlink():
             shutil.rmtree(p)

@@ -73,8 +73,9 @@ def test_eval_refuses_to_stand_the_training_images_in_for_a_val_split(tmp_path, 
     assert main(["eval", str(run), "--devices", "cpu", "--split", "train", "--workers", "0"]) == 0
     out = capsys.readouterr().out
     assert "training images" in out.splitlines()[0] and "measured on the TRAINING images" in out
-    ev = json.loads((run / "eval.json").read_text())
+    ev = json.loads((run / "eval-last-train-1view+10view.json").read_text())  # its own record: one per way
     assert ev["split"] == "train" and ev["images_of"] == "training images" and ev["1-view"]["images"] == 12
+    assert json.loads((run / "eval.json").read_text())["split"] == "val"  # the paper's way, kept
 
 
 def test_val_data_classes_are_matched_by_name(tiny_tree, tmp_path):
@@ -120,10 +121,16 @@ def test_eval_reports_the_final_network_unless_asked_and_records_how(store, tmp_
     assert ev["data"] == str(store) and ev["classes"] == 4 and ev["precision"] == "fp32" and ev["split"] == "val"
     assert ev["1-view"]["images"] == ev["10-view"]["images"] == 8 and ev["1-view"]["skipped"] == 0
     assert "final network (last.pt), epoch 2, step 6; 8 validation images" in capsys.readouterr().out
+    paper_way = (run / "eval.json").read_bytes()
     assert main(["eval", str(run), "--devices", "cpu", "--checkpoint", "best", "--workers", "0"]) == 0
-    ev = json.loads((run / "eval.json").read_text())
+    ev = json.loads((run / "eval-best-val-1view+10view.json").read_text())  # one record per way of measuring
     assert ev["checkpoint"] == str(run / "best.pt") and ev["network"] == "best"
+    assert (run / "eval.json").read_bytes() == paper_way  # never replaced by another way
     assert main(["report", str(run)]) == 0
+    md = (run / "report.md").read_text()
+    assert "final network (last.pt)" in md and "best-on-validation network" not in md  # the paper's way first
+    (run / "eval.json").unlink()
+    assert main(["report", str(run)]) == 0  # without it, the way that was measured, said as such
     assert "best-on-validation network (best.pt)" in (run / "report.md").read_text()
 
 

@@ -451,7 +451,7 @@ def test_eval_json_records_the_numerics(store, tmp_path):
                                  devices="cpu", init="caffe", val_batches=1, width=NARROW))
     T.train(cfg, tmp_path / "run", progress=False)
     r = run_eval(tmp_path / "run", views=(1,), devices="cpu", progress=False, workers=0)
-    saved = json.loads((tmp_path / "run" / "eval.json").read_text())
+    saved = json.loads((tmp_path / "run" / "eval-last-val-1view.json").read_text())
     assert saved["device"] == "cpu" and saved["tf32"] is None  # TF32 means nothing on the CPU
     assert describe_eval(dict(r, tf32=False, device="cuda:0")).endswith("fp32 (TF32 off) on cuda:0")
 

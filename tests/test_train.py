@@ -448,7 +448,7 @@ def test_eval_precision_follows_the_run(store, tmp_path, monkeypatch):
         monkeypatch.setattr(predict_mod, "fast_bf16", lambda dev, native=native: native)
         dtypes.clear()
         assert main(["eval", str(run), "--batch", "4", "--views", "1", *args]) == 0
-        assert json.loads((run / "eval.json").read_text())["precision"] == want
+        assert json.loads((run / "eval-last-val-1view.json").read_text())["precision"] == want
         assert set(dtypes) == {torch.bfloat16 if want == "bf16" else torch.float32}
     ck = load_checkpoint(run)
     model = real(ck, "cpu")

@@ -346,7 +346,16 @@ def test_import_then_eval_filters_predict_neighbors_report_export(store, tmp_pat
     assert (run / "neighbors.png").exists()
     assert main(["report", str(run), "--out", str(tmp_path / "report")]) == 0
     md = (tmp_path / "report" / "report.md").read_text()
-    assert "## Imported weights beside their published figures" in md and "| 42.90 / 19.80 |" in md
+    assert "## Imported weights beside their published figures" in md and "42.90 / 19.80" not in md
+    assert "| — | — |" in md and "only for the BVLC release itself" in md  # not BVLC's file, nor its data
+    from replica.report import _imported_table
+
+    bvlc = dict(name="bvlc", imported=dict(file="bvlc_alexnet.caffemodel", matches_bvlc=True),
+                eval={"split": "val", "classes": 1000, "1-view": dict(images=50_000, skipped=0, top1_err=0.43,
+                                                                      top5_err=0.2)})
+    assert "| 42.90 / 19.80 |" in "\n".join(_imported_table([bvlc]))
+    bvlc["eval"]["1-view"]["images"] = 8
+    assert "| 42.90 / 19.80 |" not in "\n".join(_imported_table([bvlc]))
     capsys.readouterr()
     assert main(["export", str(run), "--onnx", str(tmp_path / "bvlc.onnx")]) == 0
     assert "checked with onnxruntime" in capsys.readouterr().out
