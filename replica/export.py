@@ -29,7 +29,8 @@ from .runtime import legacy_tf32_readable
 log = logging.getLogger("replica")
 
 MIN_OPSET = 18  # torch's dynamo exporter writes 18 at least (it raised 7 to 18 and said so, tried)
-TOLERANCE = 1e-4  # max |Δlogit| ≤ TOLERANCE · max(1, max |logit|)
+TOLERANCE = 1e-4
+CONSTANT = 1e-3  # logits spread across the random images ≤ CONSTANT · their scale: a net that ignores its input  # max |Δlogit| ≤ TOLERANCE · max(1, max |logit|)
 
 
 class _Exported(nn.Module):
@@ -164,7 +165,7 @@ def check_onnx(path, model: nn.Module, crop: int, raw_net: bool, keep=None) -> d
     except ImportError:
         raise ReplicaError(f"checking the export needs onnxruntime: {install_hint('onnx')} (or --no-check)") from None
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    worst, scale, agree, images = 0.0, 1.0, True, 0
+    worst, scale, agree, images, seen = 0.0, 1.0, True, 0, []
     for n, seed in ((4, 2), (1, 3)):
         x = _inputs(n, crop, raw_net, seed)
         with torch.no_grad():
@@ -175,10 +176,17 @@ def check_onnx(path, model: nn.Module, crop: int, raw_net: bool, keep=None) -> d
             raise ReplicaError(f"{path}: {bad} logits are not finite (NaN or infinite): the net's weights or mean "
                                f"are damaged (kept for inspection{f'; {keep} untouched' if keep else ''})")
         worst = max(worst, float(np.abs(got - want).max()))
+        seen.append(want)
         scale = max(scale, float(np.abs(want).max()))
         agree &= bool((got.argmax(1) == want.argmax(1)).all())
         images += n
     tol = TOLERANCE * scale
+    every = np.concatenate(seen)
+    spread = float((every.max(0) - every.min(0)).max())
+    if spread <= CONSTANT * scale:  # an untrained narrow net: any file that outputs a constant would "agree"
+        raise ReplicaError(f"{path}: replica's logits are the same for every image (spread {spread:.2g} against "
+                           f"{scale:.2g}): a degenerate net, so agreeing with it proves nothing; the check fails "
+                           f"(kept for inspection{f'; {keep} untouched' if keep else ''}; --no-check writes it)")
     r = dict(onnxruntime=ort.__version__, max_abs_diff=worst, tolerance=tol, top1_agree=agree, images=images)
     if worst > tol or not agree:
         raise ReplicaError(f"{path}: onnxruntime's logits differ from replica's: max |Δ| {worst:.3g} > {tol:.3g}, "

@@ -7,7 +7,8 @@ A run folder holds::
     metrics.jsonl    one line per epoch
     last.pt          the newest checkpoint (atomically replaced)
     best.pt          the checkpoint with the lowest one-view validation top-1 error (on request)
-    eval.json        what `replica eval` measured
+    eval.json        what `replica eval` measured the paper's way (last.pt, val, one and ten views)
+    eval-*.json      each other way (e.g. eval-best-val-1view.json), one file per way
     .train.lock      held (flock) by the process writing the folder: one trainer per run
 
 A checkpoint is a :class:`Checkpoint`: what it holds is declared there, once, and every reader

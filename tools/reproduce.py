@@ -3,7 +3,7 @@
 
     python tools/reproduce.py --data STORE [--epochs 91] [--seeds 0] [--out runs/reproduce]
                               [--ablations no-norm no-overlap ...] [key=value ...]
-    python tools/reproduce.py --tiny --data STORE     # seconds per run: a check that it all runs
+    python tools/reproduce.py --tiny --data STORE     # seconds per run, 1/16 width: a check that it all runs
 
 Each run is ``configs/<name>.yaml`` plus the given overrides, in ``OUT/<name>-seed<S>``; a run
 that exists is resumed (or reused if finished), so the script can be stopped and restarted.
@@ -28,7 +28,10 @@ from replica.runtime import tune_cpu_allocator  # noqa: E402
 from replica.train import train  # noqa: E402
 
 ABLATIONS = ["one-gpu-half", "no-norm", "no-overlap", "no-pca", "no-dropout"]
-TINY = dict(batch_size=4, epochs=1, steps_per_epoch=1, workers=0, val_batches=1, save_best=False)  # eval reads last.pt
+# --tiny: the plumbing, not the figures: one step of the net at 1/16 of its width (a 2 MB checkpoint
+# a run, not 456 MB: six runs took 2.6 GB at full width), no best.pt (eval reads last.pt)
+TINY = dict(batch_size=4, epochs=1, steps_per_epoch=1, workers=0, val_batches=1, save_best=False, width=0.0625,
+            tensorboard=False, live=False)
 
 
 def reproduce(data, out, epochs=None, seeds=(0,), ablations=ABLATIONS, overrides=(), tiny=False, progress=True):
@@ -59,7 +62,7 @@ def main(argv=None) -> int:
     p.add_argument("--epochs", type=float, default=None)
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--ablations", nargs="*", default=ABLATIONS, choices=ABLATIONS)
-    p.add_argument("--tiny", action="store_true", help="one step per run: checks the whole path in seconds")
+    p.add_argument("--tiny", action="store_true", help="one step per run of the net at 1/16 width: checks the whole path in seconds")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, in any position")
     argv = list(sys.argv[1:] if argv is None else argv)
     # key=value anywhere: after --seeds or --ablations too, whose nargs would otherwise take them
