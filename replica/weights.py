@@ -67,6 +67,8 @@ def _mapped(path: Path, limit: int, what: str):
     larger than ``limit``."""
     if path.is_dir():
         raise ReplicaError(f"{path}: a folder, not a {what} file")
+    if path.exists() and not path.is_file():  # a FIFO would block open() for ever, a device read for ever
+        raise ReplicaError(f"{path}: not a regular file (a {what} file is one)")
     try:
         f = open(path, "rb")
     except FileNotFoundError:
@@ -420,6 +422,8 @@ def state_to_caffe(state: dict) -> dict:
 def _npy(p: Path, option: str, spec) -> np.ndarray:
     """A .npy array read through a memory map: a header declaring more than the file holds is an
     error, not an allocation."""
+    if p.exists() and not p.is_file():
+        raise ReplicaError(f"{option} {spec}: not a regular file")
     if p.is_file() and p.stat().st_size > MAX_MEAN_FILE:
         raise ReplicaError(f"{option} {spec}: {p.stat().st_size / 1e6:,.0f} MB, not a mean image")
     try:

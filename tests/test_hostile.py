@@ -517,6 +517,9 @@ def test_other_import_mistakes_blame_the_right_thing(caffe_file, tmp_path, capsy
         (["import", str(caffe_file), "--out", str(tmp_path / "afile"), *MEAN], "a file, not a folder"),
         (["import", str(caffe_file), "--out", str(tmp_path / "afile" / "sub"), *MEAN], "afile"),
     ]
+    os.mkfifo(tmp_path / "fifo.caffemodel")  # nobody writes it: opening it would wait for ever
+    cases.append((["import", str(tmp_path / "fifo.caffemodel"), "--out", str(tmp_path / "o"), *MEAN],
+                  "not a regular file"))
     for argv, words in cases:
         assert main(argv) == 2, argv
         msg = one_line_error(capsys)
