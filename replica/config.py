@@ -17,7 +17,7 @@ from .errors import ReplicaError
 
 PRESETS = ("as-run", "paper-text", "caffe")  # caffe: evaluating Caffe's bvlc_alexnet (replica import)
 VARIANTS = ("two-tower", "one-gpu-half")
-INITS = ("as-run", "paper-text", "caffe")
+INITS = ("as-run", "paper-text", "caffe", "he")  # he: not the paper's; for narrow trial nets (replica.model.INIT_TABLE)
 
 
 @dataclass(frozen=True)
@@ -136,7 +136,7 @@ class Config:
     norm: bool = True  # False: run 148, no LRN and no spatial norm
     overlap: bool = True  # False: run 147, pool 2/2
     dropout: bool = True
-    init: str | None = None  # None: the preset's; "caffe": biases 0.1, fc6/fc7 σ 0.005
+    init: str | None = None  # None: the preset's; "caffe": biases 0.1, fc6/fc7 σ 0.005; "he": σ = √(2/fan-in), biases 0 (narrow trial nets)
     devices: str = "auto"  # "auto", "cpu", "cuda:0", or "cuda:0,cuda:1" (towers a, b)
     devices_per_process: int = 2  # under torchrun: each process owns this many GPUs (1 or 2)
     # -- optimization (docs/spec.md §3) ---------------------------------------------------------------

@@ -481,3 +481,25 @@ def test_auto_gives_a_one_tower_net_one_device(monkeypatch):
     monkeypatch.setattr(torch.nn.Linear, "to", lambda self, d, **kw: self)
     m = AlexNet(10, devices="auto", variant="one-gpu-half")  # raised "give it one device" before
     assert m.devices == (torch.device("cuda", 0),) and placed == [torch.device("cuda", 0)]
+
+
+def test_at_1_16_width_only_hes_init_gives_each_image_its_own_output():
+    """Why tools/reproduce.py --tiny uses init=he: with the paper's σ (and Caffe's) the narrow
+    net's logits are the same for every image, so its predictions and verdicts say nothing."""
+    import math
+
+    from replica.config import NetOptions
+
+    x = torch.randn(8, 3, 224, 224, generator=torch.Generator().manual_seed(0)) * 50
+    spread = {}
+    for init in ("as-run", "caffe", "he"):
+        torch.manual_seed(0)
+        m = AlexNet.from_options(NetOptions(width=0.0625, init=init), 10, "cpu").eval()
+        with torch.no_grad():
+            y = m(x)
+        spread[init] = float((y.max(0).values - y.min(0).values).max() / y.abs().max())
+    assert spread["as-run"] < 1e-3 and spread["caffe"] < 1e-3 and spread["he"] > 0.05, spread
+    m = AlexNet.from_options(NetOptions(width=0.0625, init="he"), 10, "cpu")
+    w = m.tower_a.conv3.weight  # σ = √(2 / fan-in), biases 0
+    assert abs(float(w.std()) - math.sqrt(2 / w[0].numel())) < 0.1 * math.sqrt(2 / w[0].numel())
+    assert float(m.tower_a.conv3.bias.abs().max()) == 0

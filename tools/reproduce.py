@@ -29,9 +29,10 @@ from replica.train import train  # noqa: E402
 
 ABLATIONS = ["one-gpu-half", "no-norm", "no-overlap", "no-pca", "no-dropout"]
 # --tiny: the plumbing, not the figures: one step of the net at 1/16 of its width (a 2 MB checkpoint
-# a run, not 456 MB: six runs took 2.6 GB at full width), no best.pt (eval reads last.pt)
+# a run, not 456 MB: six runs took 2.6 GB at full width), He's init scale (at that width the paper's
+# gives every image the same output: predictions and verdicts would say nothing), no best.pt
 TINY = dict(batch_size=4, epochs=1, steps_per_epoch=1, workers=0, val_batches=1, save_best=False, width=0.0625,
-            tensorboard=False, live=False)
+            init="he", tensorboard=False, live=False)
 
 
 def reproduce(data, out, epochs=None, seeds=(0,), ablations=ABLATIONS, overrides=(), tiny=False, progress=True):
