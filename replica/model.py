@@ -136,8 +136,9 @@ INIT_TABLE = {
                   fc6=(0.005, 0.1), fc7=(0.005, 0.1), fc8=(0.01, 0)),
     # Not the paper's: σ = √(2 / fan-in) (He et al., 2015), biases 0. For narrow trial nets: at 1/16
     # width the paper's and Caffe's σ give every image the same logits (their spread across 8
-    # images 9e-5 and 1e-5 of their largest; He's 0.36: tests/test_model.py), so predictions, export checks and verdicts say nothing;
-    # with this scale they differ by image (tools/reproduce.py --tiny uses it).
+    # images 9e-5 and 1e-5 of their largest; He's 0.36: tests/test_model.py), so predictions,
+    # export checks and verdicts say nothing; with this scale they differ by image
+    # (tools/reproduce.py --tiny uses it).
     "he": {name: (None, 0) for name in ("conv1", "conv2", "conv3", "conv4", "conv5", "fc6", "fc7", "fc8")},
 }
 
