@@ -632,3 +632,14 @@ def test_the_export_check_fails_on_a_net_that_ignores_its_input(tmp_path, capsys
     assert main(["export", str(tmp_path / "c.pt"), "--onnx", str(tmp_path / "m.onnx")]) == 2
     assert "logits are the same for every image" in one_line_error(capsys)
     assert main(["export", str(tmp_path / "c.pt"), "--onnx", str(tmp_path / "m.onnx"), "--no-check"]) == 0
+
+
+def test_a_file_larger_than_any_alexnet_is_refused_before_it_is_read(tmp_path, capsys):
+    """A 200 GB sparse file ran for hours through the field reader; a 2 GiB one is now one line."""
+    big = tmp_path / "huge.caffemodel"
+    with open(big, "wb") as f:
+        f.truncate(2 << 30)  # sparse: no space taken
+    t = time.perf_counter()
+    assert main(["import", str(big), "--out", str(tmp_path / "o"), *MEAN]) == 2
+    assert "larger than any caffemodel of AlexNet" in one_line_error(capsys)
+    assert time.perf_counter() - t < 30  # a hang guard: it reads nothing
