@@ -87,6 +87,13 @@ def take_lock(folder: Path, name: str) -> tuple[int | None, str]:
         holder = os.pread(fd, 128, 0).decode(errors="replace").strip() or "another process"
         os.close(fd)
         return None, holder
+    except OSError as e:  # a filesystem without flock (some Lustre and NFS mounts): go on, unguarded
+        import logging
+
+        logging.getLogger("replica").warning(
+            "warning: cannot lock %s (%s): a second process writing the same folder would not be stopped",
+            Path(folder) / name, os.strerror(e.errno) if e.errno else e)
+        return fd, ""
     except BaseException:
         os.close(fd)
         raise

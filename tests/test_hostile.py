@@ -643,3 +643,17 @@ def test_a_file_larger_than_any_alexnet_is_refused_before_it_is_read(tmp_path, c
     assert main(["import", str(big), "--out", str(tmp_path / "o"), *MEAN]) == 2
     assert "larger than any caffemodel of AlexNet" in one_line_error(capsys)
     assert time.perf_counter() - t < 30  # a hang guard: it reads nothing
+
+
+def test_a_filesystem_without_locks_warns_and_goes_on(tmp_path, monkeypatch, caplog):
+    """Some Lustre and NFS mounts answer flock with ENOSYS or ENOLCK: training there must not stop."""
+    import errno
+    import fcntl
+
+    def no_locks(fd, op):
+        raise OSError(errno.ENOSYS, os.strerror(errno.ENOSYS))
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    fd, holder = take_lock(tmp_path, TRAIN_LOCK)
+    assert fd is not None and holder == "" and "cannot lock" in caplog.text and "Function not implemented" in caplog.text
+    os.close(fd)
