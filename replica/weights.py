@@ -25,9 +25,6 @@ import math
 import mmap
 import os
 import shutil
-import stat
-import sys
-from array import array
 from pathlib import Path
 
 import numpy as np
@@ -50,7 +47,6 @@ LAYERS = ("conv1", "conv2", "conv3", "conv4", "conv5", "fc6", "fc7", "fc8")
 FULL = dict(conv1=96, conv2=256, conv3=384, conv4=384, conv5=256, fc6=4096, fc7=4096)  # outputs, both towers
 DROPOUT_SCALED = ("fc7", "fc8")  # the layers that read a dropped-out input: weights ×2
 LRN = dict(local_size=5, alpha=1e-4, beta=0.75, k=1.0)  # what the caffe preset computes
-INSTALL_ONNX = install_hint("onnx")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -77,8 +73,6 @@ def _mapped(path: Path, limit: int, what: str):
         raise ReplicaError(f"{path}: cannot read ({os.strerror(e.errno) if e.errno else e})") from None
     with f:
         st = os.fstat(f.fileno())
-        if not stat.S_ISREG(st.st_mode):
-            raise ReplicaError(f"{path}: not a regular file (a {what} file is one)")
         if st.st_size > limit:
             raise ReplicaError(f"{path}: {st.st_size / 1e6:,.0f} MB, larger than any {what} of AlexNet "
                                f"(at most {limit / 1e6:,.0f} MB): not one")
@@ -167,9 +161,9 @@ MAX_DIMS = 8
 
 def _blob(w: _Wire, span) -> np.ndarray:
     """A BlobProto: shape (field 7, BlobShape dim = 1) or the legacy num/channels/height/width
-    (1-4); data (5, float, packed or not) or double_data (8). Unpacked values are gathered in
-    arrays, 4 or 8 bytes each (never a Python object a value)."""
-    dims, legacy, chunks, doubles = None, {}, [], []
+    (1-4); data (5, float, packed or not) or double_data (8). Unpacked values are gathered as
+    bytes, 4 or 8 a value (never a Python object a value)."""
+    dims, legacy, values = None, {}, {"<f4": [], "<f8": []}  # data (5) and double_data (8), in file order
     for f, wt, v in w.fields(*span):
         if f in _BLOB_TYPES and wt not in _BLOB_TYPES[f]:
             raise w.bad(f"blob field {f} of wire type {wt}")
@@ -180,21 +174,18 @@ def _blob(w: _Wire, span) -> np.ndarray:
                     dims += w.ints(gwt, gv, "a blob's dims")
         elif f in (1, 2, 3, 4):
             legacy[f] = v
-        elif f == 5 or f == 8:
-            out, code = (chunks, "f") if f == 5 else (doubles, "d")
+        elif f in (5, 8):
+            dt = "<f4" if f == 5 else "<f8"
+            out = values[dt]
             if wt == 2:
-                out.append(w.packed(v, "<f4" if f == 5 else "<f8", "blob data"))
-            else:
-                if not out or not isinstance(out[-1], array):
-                    out.append(array(code))
-                out[-1].frombytes(w.buf[v:v + (4 if f == 5 else 8)])
-    if sys.byteorder != "little":  # array's values are native; the file's are little-endian
-        for a in chunks + doubles:
-            if isinstance(a, array):
-                a.byteswap()
-    as_np = [np.frombuffer(c, np.float32) if isinstance(c, array) else c for c in chunks]
-    as_np_d = [np.frombuffer(c, np.float64) if isinstance(c, array) else c for c in doubles]
-    data = np.concatenate(as_np) if as_np else np.concatenate(as_np_d).astype(np.float32) if as_np_d else \
+                out.append(w.packed(v, dt, "blob data"))
+            else:  # unpacked: one field a value, gathered as the file's bytes
+                if not out or not isinstance(out[-1], bytearray):
+                    out.append(bytearray())
+                out[-1] += w.buf[v:v + np.dtype(dt).itemsize]
+    floats, doubles = ([np.frombuffer(c, dt) if isinstance(c, bytearray) else c for c in values[dt]]
+                       for dt in ("<f4", "<f8"))
+    data = np.concatenate(floats) if floats else np.concatenate(doubles).astype(np.float32) if doubles else \
         np.zeros(0, np.float32)
     if dims is None:
         dims = [legacy.get(k, 1) for k in (1, 2, 3, 4)] if legacy else [len(data)]
@@ -273,7 +264,7 @@ def read_onnx_zoo(path) -> dict:
         import onnx
         from onnx import numpy_helper
     except ImportError:
-        raise ReplicaError(f"reading an ONNX file needs the onnx package: {INSTALL_ONNX}") from None
+        raise ReplicaError(f"reading an ONNX file needs the onnx package: {install_hint('onnx')}") from None
     path = Path(path)
     _mapped(path, MAX_FILE, "ONNX").close()  # a regular file of a size some AlexNet has
     try:
@@ -372,8 +363,10 @@ def caffe_to_state(blobs: dict, what: str = "weights") -> tuple[dict, float, int
         want = AlexNet.state_shapes(NetOptions(preset="caffe", width=width), classes)
     except ReplicaError as e:
         raise ReplicaError(f"{what}: conv1 has {filters} filters: not AlexNet's 96 ({e})") from None
-    parts = {}
+    state = {}
     for n, (w, b) in wb.items():
+        if not (np.isfinite(w).all() and np.isfinite(b).all()):
+            raise ReplicaError(f"{what}: layer {n} holds a value that is not finite (NaN or infinite): damaged")
         h = w.shape[0] // 2
         split = {"fc8": (w, b)} if n == "fc8" else {f"tower_a.{n}": (w[:h], b[:h]), f"tower_b.{n}": (w[h:], b[h:])}
         for key, (pw, pb) in split.items():
@@ -383,12 +376,6 @@ def caffe_to_state(blobs: dict, what: str = "weights") -> tuple[dict, float, int
                     expect = tuple(want[k]) if k in want else "none"
                     raise ReplicaError(f"{what}: layer {n} gives {k} of shape {t.shape}; AlexNet at width "
                                        f"{width:g} has {expect} (Caffe's {n}: {w.shape})")
-        if not (np.isfinite(w).all() and np.isfinite(b).all()):
-            raise ReplicaError(f"{what}: layer {n} holds a value that is not finite (NaN or infinite): damaged")
-        parts[n] = split
-    state = {}
-    for n, split in parts.items():
-        for key, (pw, pb) in split.items():
             if n == "conv1":
                 pw = pw[:, ::-1]  # BGR → RGB
             if n in DROPOUT_SCALED:
@@ -510,7 +497,7 @@ def sha1_of(path) -> str:
     return h.hexdigest()
 
 
-# What a run folder may hold besides what import writes: another run's, so --force removes them
+# What a run folder may hold besides what import writes (WRITTEN): another run's, so --force removes them
 RUN_FILES = ("best.pt", "metrics.jsonl", "eval.json", "report.md", "curves.png", "filters.png", "neighbors.png",
              "neighbors.txt", "bad_inputs.tsv", "tb", "stats.npz")
 WRITTEN = ("config.yaml", "version.json", "import.json", "last.pt")  # in this order; last.pt makes it a run
@@ -593,7 +580,7 @@ def _move_in(staging: Path, out: Path) -> list[str]:
 
 def _replace_run(staging: Path, out: Path) -> list[str]:
     removed = []
-    for name in RUN_FILES + ("import.json",) + tuple(sorted(p.name for p in out.glob("eval-*.json"))):
+    for name in RUN_FILES + tuple(sorted(p.name for p in out.glob("eval-*.json"))):
         p = out / name
         if p.is_dir() and not p.is_symlink():
             shutil.rmtree(p)
@@ -601,8 +588,7 @@ def _replace_run(staging: Path, out: Path) -> list[str]:
             p.unlink()
         else:
             continue
-        if name not in WRITTEN:
-            removed.append(name)
-    for name in WRITTEN:
+        removed.append(name)
+    for name in WRITTEN:  # over the old run's own
         os.replace(staging / name, out / name)
     return removed
