@@ -12,6 +12,9 @@ from .config import INITS, PRESETS, VARIANTS
 from .errors import ReplicaError
 
 
+DEVICES_HELP = "auto (two GPUs, else one, else the CPU), cpu, cuda:0, or a pair such as cuda:0,cuda:1"
+
+
 def _devices(text: str):
     """``auto``, ``cpu``, ``cuda:0`` or a pair ``cuda:0,cuda:1``."""
     parts = [p.strip() for p in text.split(",") if p.strip()]
@@ -234,7 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="the whole loop on a synthetic dataset: make, prepare, train, evaluate")
     d.add_argument("--out", default="replica-demo", help="folder for the dataset, store and run")
     d.add_argument("--tiny", action="store_true", help="a seconds-long version (what the tests run)")
-    d.add_argument("--devices", default="auto", help="auto (two GPUs, else one, else the CPU), cpu, cuda:0, or a pair such as cuda:0,cuda:1")
+    d.add_argument("--devices", default="auto", help=DEVICES_HELP)
     d.add_argument("--fp32", action="store_true",
                    help="train in float32 even where the CPU has native bf16 (as most CPUs train)")
     d.set_defaults(func=_cmd_demo)
@@ -300,7 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="only this many views (default: both, from one pass of ten views)")
     e.add_argument("--batch", type=int, default=32, help="images per forward pass (each gives ten views)")
     e.add_argument("--workers", type=int, default=2, help="loader processes reading the images")
-    e.add_argument("--devices", default="auto", help="auto (two GPUs, else one, else the CPU), cpu, cuda:0, or a pair such as cuda:0,cuda:1")
+    e.add_argument("--devices", default="auto", help=DEVICES_HELP)
     e.add_argument("--fp32", action="store_true",
                    help="evaluate in float32 even if the run trained with bf16=true (default: as it trained, "
                         "where the device has native bf16)")
@@ -311,7 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
     pd.add_argument("images", nargs="+", help="image files, or folders: every image in them")
     pd.add_argument("--topk", type=int, default=5, help="classes to print per image (default 5)")
     pd.add_argument("--views", type=int, choices=[1, 10], default=1, help="1: the centre crop; 10: the paper's ten views, averaged")
-    pd.add_argument("--devices", default="auto", help="auto (two GPUs, else one, else the CPU), cpu, cuda:0, or a pair such as cuda:0,cuda:1")
+    pd.add_argument("--devices", default="auto", help=DEVICES_HELP)
     pd.set_defaults(func=_cmd_predict)
 
     rp = sub.add_parser("report", help="Markdown + curves: final errors, config differences, the paper's numbers")
@@ -330,7 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
     nb.add_argument("--k", type=int, default=6, help="nearest training images per row (default 6)")
     nb.add_argument("--data", help="store or image folder (default: the run's data)")
     nb.add_argument("--out", help="PNG path (default: RUN/neighbors.png)")
-    nb.add_argument("--devices", default="auto", help="auto (two GPUs, else one, else the CPU), cpu, cuda:0, or a pair such as cuda:0,cuda:1")
+    nb.add_argument("--devices", default="auto", help=DEVICES_HELP)
     nb.set_defaults(func=_cmd_neighbors)
 
     im = sub.add_parser("import", help="Caffe's trained bvlc_alexnet (caffemodel or ONNX zoo) into a run folder",

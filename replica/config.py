@@ -315,13 +315,12 @@ NOT_THE_EXPERIMENT = frozenset({"seed", "workers", "devices", "devices_per_proce
 
 
 def departures(cfg: "Config") -> dict:
-    """What ``cfg`` computes differently from its preset as run 145 ran it (an ablation, a shorter
-    schedule, a narrower net): each key whose value is not the default, leaving out the data and
-    the keys of :data:`NOT_THE_EXPERIMENT`. A run's header names them; a report's "differences"
-    are the same keys."""
+    """What ``cfg`` computes differently from run 145 as run (the defaults, preset as-run): each
+    key whose value is not the default, the preset among them, leaving out the data and the keys
+    of :data:`NOT_THE_EXPERIMENT`. A run's header names them, so an ablation shows at once."""
     defaults = Config().to_dict()
     return {k: v for k, v in cfg.to_dict().items()
-            if k in defaults and v != defaults[k] and k not in NOT_THE_EXPERIMENT | {"data", "val_data", "preset"}}
+            if k in defaults and v != defaults[k] and k not in NOT_THE_EXPERIMENT | {"data", "val_data"}}
 
 
 def show(value) -> str:

@@ -29,8 +29,8 @@ from .runtime import legacy_tf32_readable
 log = logging.getLogger("replica")
 
 MIN_OPSET = 18  # torch's dynamo exporter writes 18 at least (it raised 7 to 18 and said so, tried)
-TOLERANCE = 1e-4
-CONSTANT = 1e-3  # logits spread across the random images ≤ CONSTANT · their scale: a net that ignores its input  # max |Δlogit| ≤ TOLERANCE · max(1, max |logit|)
+TOLERANCE = 1e-4  # max |Δlogit| ≤ TOLERANCE · max(1, max |logit|)
+CONSTANT = 1e-3  # logits spread across the random images ≤ CONSTANT · their scale: a net that ignores its input
 
 
 class _Exported(nn.Module):

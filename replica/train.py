@@ -53,11 +53,11 @@ LOSS_READ_STEPS = {"cpu": 1, "cuda": 20}
 
 
 def describe_departures(cfg: Config) -> str:
-    """One line: every way this run departs from its preset as run 145 ran it (an ablation shows here)."""
+    """One line: every way this run departs from run 145's recipe (an ablation shows here)."""
     d = departures(cfg)
     if not d:
-        return f"the {cfg.preset} recipe, unchanged"
-    return f"departs from the {cfg.preset} recipe in: " + ", ".join(f"{k}={show(v)}" for k, v in d.items())
+        return "run 145's recipe (preset as-run), unchanged"
+    return "departs from run 145's recipe (preset as-run) in: " + ", ".join(f"{k}={show(v)}" for k, v in d.items())
 
 
 def build_model(cfg: Config, num_classes: int, devices) -> AlexNet:

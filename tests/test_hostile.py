@@ -246,8 +246,8 @@ def test_declared_shapes_allocate_nothing_under_a_4_gib_limit(tmp_path, caffe_fi
 
 
 def test_unpacked_floats_cost_their_size_not_seventy_times(tmp_path):
-    """8 M unpacked floats (a 40 MB file): read in arrays (4 bytes a value), then refused for
-    their shape, under the 4 GiB limit; before, 3.5 GB of Python objects, then MemoryError."""
+    """8 M unpacked floats (a 40 MB file) read as the file's bytes, 4 a value, under the 4 GiB
+    limit; before, one Python object a value: 3.5 GB, then MemoryError."""
     n = 8_000_000
     body = ld(7, ld(1, varint(n))) + (varint(5 << 3 | 5) + struct.pack("<f", 0.5)) * n
     p = tmp_path / "unpacked.caffemodel"

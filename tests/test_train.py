@@ -517,8 +517,8 @@ def test_the_header_names_every_departure_from_the_preset(store, tmp_path):
                        env=dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1])))
     assert r.returncode == 0, r.stderr[-2000:]
     head = r.stderr.splitlines()[:3]
-    line = next(h for h in head if "departs from the as-run recipe in:" in h)
+    line = next(h for h in head if "departs from run 145's recipe (preset as-run) in:" in h)
     for words in ("norm=false", "overlap=false", "pca_noise=false", "width=0.0625", "epochs=1", "batch_size=4",
-                  "init=caffe"):
+                  "init=caffe"):  # (a preset=paper-text run would name preset first)
         assert words in line, (words, line)
     assert "devices" not in line and "workers" not in line  # how it runs, not what it computes

@@ -143,6 +143,10 @@ class _CifarUnpickler(pickle.Unpickler):
                                      f"refused, nothing was run")
 
 
+# what a damaged or foreign file raises on its way through the unpickler and the lookups after it
+_NOT_CIFAR = (OSError, pickle.UnpicklingError, KeyError, ValueError, EOFError, TypeError, IndexError, AttributeError)
+
+
 def read_cifar_pickle(path: Path):
     """A CIFAR-10 python file (a batch or batches.meta), read with :class:`_CifarUnpickler`."""
     with open(path, "rb") as f:
@@ -154,8 +158,7 @@ def _load_cifar_batch(path: Path):
         d = read_cifar_pickle(path)
         data = np.asarray(d[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
         return data, [int(v) for v in d[b"labels"]]
-    except (OSError, pickle.UnpicklingError, KeyError, ValueError, EOFError, TypeError, IndexError,
-            AttributeError) as e:
+    except _NOT_CIFAR as e:
         raise ReplicaError(f"{path}: not a CIFAR-10 python batch ({e})") from None
 
 
@@ -168,8 +171,7 @@ def _cifar(root: Path) -> Source:
     if meta.exists():
         try:
             classes = [n.decode() for n in read_cifar_pickle(meta)[b"label_names"]]
-        except (OSError, pickle.UnpicklingError, KeyError, ValueError, EOFError, TypeError, IndexError,
-                AttributeError) as e:
+        except _NOT_CIFAR as e:
             raise ReplicaError(f"{meta}: not CIFAR-10's batches.meta ({e})") from None
     src = Source("cifar10", str(root), classes, {"train": tr})
     if (root / "test_batch").exists():
@@ -227,7 +229,7 @@ def find_source(src, val=None) -> Source:
     if (src / "train.txt").exists():
         other = next((src / n for n in ("val.txt", "test.txt") if (src / n).exists()), None)
         return find_source(src / "train.txt", val or other)
-    flat = sum(1 for e in os.scandir(src) if e.is_file() and is_image_name(e.name))
+    flat = _flat_images(src)
     if flat:  # the labels are what is missing, not the images
         raise ReplicaError(f"{src}: {flat:,} image files but no labels: put each class's images in a folder named "
                            f"after the class ({src}/<class>/<image>), or give a 'path label' txt index")
@@ -269,12 +271,17 @@ def _imagenet(src: Path, kind: str, classes, names, splits, notes, year: str) ->
     return _nonempty(out)
 
 
+def _flat_images(folder: Path) -> int:
+    """Image files directly in ``folder``, not in class folders: images without labels."""
+    return sum(1 for e in os.scandir(folder) if e.is_file() and is_image_name(e.name))
+
+
 def _labelled(split: Split, folder: Path) -> Split:
     """A held-out folder that yields no labelled image is an error, not an empty split (a flat
     folder of JPEGs, as ILSVRC-2012's val tar unpacks, would otherwise score 0.00% error)."""
     if split.items:
         return split
-    flat = sum(1 for e in os.scandir(folder) if e.is_file() and is_image_name(e.name))
+    flat = _flat_images(folder)
     found = f"{flat:,} image files directly in it but no class folders" if flat else "no image files"
     raise ReplicaError(f"{folder}: this split has no labelled image ({found}); expected one folder per "
                        f"class holding its images ({folder}/<class>/<image>), named as the training classes "
