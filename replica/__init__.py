@@ -9,7 +9,7 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "AlexNet": "model", "NetOptions": "config", "count_parameters": "model", "cross": "model",
-    "resolve_devices": "model", "LocalResponseNorm": "layers", "SpatialResponseNorm": "layers",
+    "resolve_devices": "devices", "LocalResponseNorm": "layers", "SpatialResponseNorm": "layers",
     "NonInvertedDropout": "layers", "ReplicaError": "errors",
 }
 __all__ = sorted(_EXPORTS)

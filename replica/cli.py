@@ -15,12 +15,6 @@ from .errors import ReplicaError
 DEVICES_HELP = "auto (two GPUs, else one, else the CPU), cpu, cuda:0, or a pair such as cuda:0,cuda:1"
 
 
-def _devices(text: str):
-    """``auto``, ``cpu``, ``cuda:0`` or a pair ``cuda:0,cuda:1``."""
-    parts = [p.strip() for p in text.split(",") if p.strip()]
-    return parts[0] if len(parts) == 1 else tuple(parts)
-
-
 def _split_settings(items) -> tuple[str | None, list[str]]:
     """``[CONFIG] [key=value ...]``: an argument with ``=`` is an override, the first other one a config."""
     config = [a for a in items if "=" not in a]
@@ -38,7 +32,7 @@ def _cmd_model(args) -> int:
     flags = [f"{k}={getattr(args, k)}" for k in ("preset", "variant", "init", "width") if getattr(args, k) is not None]
     flags += [f"{k}=false" for k in ("norm", "overlap", "dropout") if getattr(args, f"no_{k}")]
     net = load_config(config, flags + overrides).net  # the net a training config describes, key=value as in train
-    model = AlexNet.from_options(net, args.classes, devices=_devices(args.devices))
+    model = AlexNet.from_options(net, args.classes, devices=args.devices)
     print(summary(model, batch=args.batch))
     return 0
 
@@ -120,7 +114,7 @@ def _cmd_eval(args) -> int:
     from .inference import format_eval, run_eval
 
     views = (1, 10) if args.views is None else (args.views,)
-    r = run_eval(args.target, args.data, views, _devices(args.devices), args.batch,
+    r = run_eval(args.target, args.data, views, args.devices, args.batch,
                  bf16=False if args.fp32 else None, checkpoint=args.checkpoint, split=args.split,
                  workers=args.workers)
     print(format_eval(r))
@@ -142,7 +136,7 @@ def _cmd_predict(args) -> int:
         else:
             images.append(item)
     failed = 0
-    for path, result in predict(args.checkpoint, images, args.topk, args.views, _devices(args.devices)):
+    for path, result in predict(args.checkpoint, images, args.topk, args.views, args.devices):
         if isinstance(result, str):
             print(f"replica: error: {path}: {result}", file=sys.stderr)
             failed += 1
@@ -207,7 +201,7 @@ def _cmd_export(args) -> int:
 def _cmd_neighbors(args) -> int:
     from .neighbors import neighbors
 
-    dest = neighbors(args.run, args.queries, args.k, args.data, args.out, _devices(args.devices))
+    dest = neighbors(args.run, args.queries, args.k, args.data, args.out, args.devices)
     print(dest.with_suffix(".txt").read_text(), end="")
     print(f"wrote {dest} (rows: a validation image, then its nearest training images) and {dest.with_suffix('.txt')}")
     return 0

@@ -17,7 +17,7 @@ import time
 import torch
 
 from .errors import ReplicaError
-from .model import resolve_devices
+from .devices import parse_devices, resolve_devices
 
 log = logging.getLogger("replica")
 
@@ -97,7 +97,7 @@ def process_devices(devices: str, per_process: int, local_rank: int, world: int,
     no two processes landed on the same GPU.
     """
     if world == 1:  # one process (under torchrun too): the devices given, "auto" as anywhere
-        return devices if "," not in devices else tuple(devices.split(","))
+        return parse_devices(devices)
     if devices == "cpu" or not torch.cuda.is_available():
         return "cpu"
     k = per_process

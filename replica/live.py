@@ -30,8 +30,7 @@ from pathlib import Path
 
 from .errors import ReplicaError, install_hint
 from .fileio import atomic_write
-from .filters import filter_image, picture, tower_kernels
-from .report import plot_curves
+from .pictures import filter_image, picture, plot_curves, tower_kernels
 
 log = logging.getLogger("replica")
 
@@ -93,10 +92,10 @@ class LiveViews:
             from PIL import Image
 
             img, _, _ = picture(state, step)
-            summary = dict(run=self.run, name=self.run.name, metrics=records, config={}, diff={})
+            this_run = [dict(name=self.run.name, runs=[dict(metrics=records)])]
             try:
                 atomic_write(self.run / "filters.png", lambda f: Image.fromarray(img).save(f, format="PNG"))
-                plot_curves([summary], self.run / "curves.png", title=f"{self.run.name}: {len(records)} epoch(s) so far")
+                plot_curves(this_run, self.run / "curves.png", title=f"{self.run.name}: {len(records)} epoch(s) so far")
             except ReplicaError as e:  # a picture is not worth a run: say so once, draw no more
                 from tqdm import tqdm
 

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import NetOptions
+from .devices import resolve_devices
 from .errors import ReplicaError
 from .layers import dropout_noninverted, exporting, local_response_norm, spatial_response_norm
 
@@ -39,44 +40,6 @@ log = logging.getLogger("replica")
 
 # ----------------------------------------------------------------------------------------------
 # Placement
-
-
-def available_devices() -> list[str]:
-    return ["cpu"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]
-
-
-def _check_device(spec) -> torch.device:
-    try:
-        dev = torch.device(spec)
-    except (RuntimeError, TypeError) as e:
-        raise ReplicaError(f"not a device: {spec!r} (available: {', '.join(available_devices())})") from e
-    if dev.type == "cuda":
-        index = 0 if dev.index is None else dev.index
-        if index >= torch.cuda.device_count():
-            raise ReplicaError(f"device {spec!r} does not exist (available: {', '.join(available_devices())})")
-        return torch.device("cuda", index)
-    if dev.type != "cpu":
-        raise ReplicaError(f"device {spec!r} is not supported (available: {', '.join(available_devices())})")
-    return dev
-
-
-def resolve_devices(devices="auto", towers: int = 2) -> tuple[torch.device, ...]:
-    """One or two devices from ``"auto"``, a device, or a pair of devices.
-
-    ``"auto"`` picks two GPUs, else one GPU, else the CPU, and logs the choice; for a net of
-    one tower (``towers=1``: variant one-gpu-half) it picks one GPU, else the CPU.
-    """
-    if isinstance(devices, str) and devices == "auto":
-        n = torch.cuda.device_count()
-        chosen = ("cuda:0", "cuda:1") if n >= 2 and towers == 2 else ("cuda:0",) if n >= 1 else ("cpu",)
-        log.info("devices=auto: %s (%d CUDA device(s) visible)", " + ".join(chosen), n)
-        devices = chosen
-    if isinstance(devices, (str, torch.device)):
-        devices = (devices,)
-    devices = tuple(devices)
-    if len(devices) not in (1, 2):
-        raise ReplicaError(f"devices: expected one device or two, got {len(devices)}: {devices}")
-    return tuple(_check_device(d) for d in devices)
 
 
 def cross(x: Tensor, device: torch.device) -> Tensor:

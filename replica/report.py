@@ -9,8 +9,7 @@ from pathlib import Path
 
 from .config import NOT_THE_EXPERIMENT
 from .errors import ReplicaError
-from .fileio import atomic_write
-from .filters import SEPARATION
+from .pictures import SEPARATION, plot_curves
 
 # docs/spec.md §5: ILSVRC top-1 / top-5 error (%), 10 views, from the original run logs, and the
 # paper's claimed effect of each ablation (how much better the baseline is).
@@ -300,59 +299,6 @@ def _fig3_table(groups) -> list[str]:
     return lines if len(lines) > 4 else []
 
 
-def plot_curves(summaries, dest: Path, groups=None, title: str | None = None) -> None:
-    """Each config's mean curve over its seeds, with the spread (min to max) as a band; written to
-    a temporary file and renamed over ``dest`` (a run redraws its own each epoch: replica.live)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    groups = groups or group_runs(summaries)
-    fig, ax = plt.subplots(1, 4, figsize=(20, 4))
-
-    def band(a, per_run, label, style="-"):
-        rows = [r for r in per_run if any(v is not None for v in r.values())]
-        if not rows:
-            return
-        xs = sorted({e for r in rows for e in r})
-        vals = [[r.get(e) for r in rows if r.get(e) is not None] for e in xs]
-        keep = [(x, v) for x, v in zip(xs, vals) if v]
-        xs, vals = [x for x, _ in keep], [v for _, v in keep]
-        mean = [sum(v) / len(v) for v in vals]
-        (line,) = a.plot(xs, mean, style, label=f"{label} (n={len(rows)})")
-        if len(rows) > 1:
-            a.fill_between(xs, [min(v) for v in vals], [max(v) for v in vals], color=line.get_color(), alpha=0.2)
-
-    for g in groups:
-        runs = [s["metrics"] for s in g["runs"] if s["metrics"]]
-        if not runs:
-            continue
-        series = lambda f: [{r["epoch"]: f(r) for r in m} for m in runs]  # noqa: E731
-        band(ax[0], series(lambda r: r.get("train_loss")), g["name"])
-        band(ax[1], series(lambda r: 100 * r["val_top1_err"] if r.get("val_top1_err") is not None else None),
-             f"{g['name']} top-1")
-        band(ax[2], series(lambda r: (r.get("lr") or {}).get("weight")), g["name"])
-        spec = lambda r, f: f((r.get("colour_specificity") or {}).values()) if len(  # noqa: E731
-            (r.get("colour_specificity") or {})) == 2 else None
-        band(ax[3], series(lambda r: spec(r, max)), f"{g['name']} colour-specific tower")
-        band(ax[3], series(lambda r: spec(r, min)), f"{g['name']} other tower", "--")
-    ax[2].set_yscale("log")
-    titles = ("train loss", "validation error, one view (%)", "learning rate (weights)",
-              "conv1 colour specificity, median per tower")
-    for a, t in zip(ax, titles):
-        a.set_title(t)
-        a.set_xlabel("epoch")
-        a.grid(alpha=0.3)
-        if a.get_legend_handles_labels()[0]:
-            a.legend(fontsize=7)
-    ax[3].set_ylim(0, 1)
-    fig.suptitle(title or "mean over seeds; band: lowest to highest seed", fontsize=9)
-    fig.tight_layout()
-    atomic_write(Path(dest), lambda f: fig.savefig(f, format="png", dpi=110))
-    plt.close(fig)
-
-
 def report(runs, out=None) -> Path:
     """Markdown + PNG: runs grouped by config across seeds, ablations paired by seed with
     intervals and a verdict for each of the paper's claims, Fig. 3 across seeds, each run's
@@ -375,7 +321,7 @@ def report(runs, out=None) -> Path:
     out = Path(out) if out else summaries[0]["run"]
     out.mkdir(parents=True, exist_ok=True)
     groups = group_runs(summaries)
-    plot_curves(summaries, out / "curves.png", groups)
+    plot_curves(groups, out / "curves.png")
     lines = ["# replica report", "", "![learning curves and conv1 colour specificity, mean over seeds](curves.png)",
              ""]
     lines += _config_table(groups)

@@ -9,8 +9,8 @@ import imports  # tools/imports.py (conftest puts tools/ on the path)
 LAYERS = [
     ["replica", "replica.errors", "replica.runtime", "replica.augment", "replica.colour", "replica.layers",
      "replica.optim", "replica.data"],
-    ["replica.fileio", "replica.config"],
-    ["replica.data.imageio", "replica.data.jpeg", "replica.data.synth"],
+    ["replica.fileio", "replica.config", "replica.devices"],
+    ["replica.data.imageio", "replica.data.jpeg", "replica.data.synth", "replica.pictures"],
     ["replica.data.tars", "replica.data.store"],
     ["replica.data.imagenet", "replica.data.chunks"],
     ["replica.data.sources"],
@@ -44,3 +44,49 @@ def test_every_module_has_a_layer_and_imports_only_below_it():
     upward = [f"{m} (layer {layer[m]}) imports {d} (layer {layer[d]})" for m in g for d in g[m]
               if layer[d] >= layer[m]]
     assert upward == []
+
+
+# What a module never reaches, through any chain of imports (at module level or inside a function):
+# training never reaches the reports (it draws with replica.pictures, which both share), and the
+# launcher never reaches the net (devices are resolved in replica.devices, below both).
+NEVER = {
+    "replica.train": {"replica.report", "replica.filters", "replica.neighbors"},
+    "replica.live": {"replica.report", "replica.filters"},
+    "replica.dist": {"replica.model"},
+}
+
+
+def reach(g, start):
+    seen, todo = set(), [start]
+    while todo:
+        for d in g.get(todo.pop(), ()):
+            if d not in seen:
+                seen.add(d)
+                todo.append(d)
+    return seen
+
+
+def test_what_a_module_never_reaches():
+    g = imports.graph()
+    found = {m: sorted(reach(g, m) & never) for m, never in NEVER.items()}
+    assert found == {m: [] for m in NEVER}
+
+
+def test_never_can_fail():
+    """The reach is transitive: a → b → c reaches c."""
+    assert reach({"a": {"b"}, "b": {"c"}, "c": set()}, "a") == {"b", "c"}
+
+
+def test_importing_the_loop_loads_no_report_and_the_launcher_no_net():
+    """What Python really loads (the graph above also counts imports inside functions)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, replica.train, replica.dist; "
+            "print(sorted(m for m in ('replica.report', 'replica.filters', 'replica.model') if m in sys.modules))")
+    train_loads = subprocess.run([sys.executable, "-c", code.replace(", replica.dist", "")], capture_output=True,
+                                 text=True, check=True).stdout.split("\n")[0]
+    assert train_loads == "['replica.model']"  # the loop builds the net; nothing of the reports
+    code = "import sys, replica.dist; print('replica.model' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == \
+        "False"
