@@ -13,11 +13,13 @@ Topology per tower (docs/spec.md §1; layers-145.cfg):
     fc7 2048  reads both towers' fc6 (4096)    → ReLU → dropout
     fc8 = one Linear(4096 → classes) on device 0, reading both towers' fc7
 
-Placement: with two devices each tower is a column on its own device and every join goes
-through :func:`cross`. With one device both columns run there and :func:`cross` returns its
-input: the same code, the same ``state_dict`` keys, the same math. The grouped single-device
-formulation (conv2/4/5 ``groups=2``, conv3 and the fc layers dense, as Caffe writes it) is
-written independently in ``tests/test_model.py`` and checked against this module, logits and
+Placement: with two devices each tower is a column on its own device and every join is one of
+four named functions over :func:`cross`, each with its backward stated: :func:`broadcast` (the
+input to both), :func:`exchange` (a layer that reads both towers), :func:`gather` (both towers
+onto device 0) and :func:`boundary` (the caffe preset's LRN). With one device both columns run
+there and :func:`cross` returns its input: the same code, the same ``state_dict`` keys, the
+same math. The grouped single-device formulation (conv2/4/5 ``groups=2``, conv3 and the fc
+layers dense, as Caffe writes it) is written independently in ``tests/test_model.py`` and checked against this module, logits and
 gradients. The module runs columns rather than groups: that is what two devices need, and in
 channels_last oneDNN ran grouped and per-tower convolutions at the same speed
 (``tools/bench.py model --grouped`` prints both).
@@ -55,6 +57,46 @@ def cross(x: Tensor, device: torch.device) -> Tensor:
     ``cuda:0,cpu`` split); onto the CPU it blocks until the data is there.
     """
     return x.to(device, non_blocking=device.type == "cuda")  # (N, …) on x.device → (N, …) on device
+
+
+def broadcast(x: Tensor, da: torch.device, db: torch.device) -> tuple[Tensor, Tensor]:
+    """The input on each tower's device: both towers see the whole image.
+
+    Forward: one copy onto each device (none onto the device it is on). Backward: the gradients
+    of the two copies come back and add up (the input's gradient, which training does not use).
+    """
+    return cross(x, da), cross(x, db)
+
+
+def exchange(ha: Tensor, hb: Tensor) -> tuple[Tensor, Tensor]:
+    """Each tower's input to a layer that reads both towers (conv3, fc6, fc7): a's maps then b's,
+    once on a's device and once on b's.
+
+    Forward: ``(cat[ha, cross(hb → a)], cat[cross(ha → b), hb])`` along channels. Backward: each
+    tower keeps the gradient of its own half, and the gradient of the other's half crosses back
+    (through :func:`cross`) and is added to that tower's; two copies each way per join.
+    """
+    return torch.cat([ha, cross(hb, ha.device)], 1), torch.cat([cross(ha, hb.device), hb], 1)
+
+
+def gather(ha: Tensor, hb: Tensor) -> Tensor:
+    """Both towers side by side (a then b) on tower a's device: fc8's input, Fig. 4's features.
+
+    Forward: ``cat[ha, cross(hb → a)]``. Backward: b's half of the gradient crosses back to b's
+    device; one copy each way.
+    """
+    return torch.cat([ha, cross(hb, ha.device)], 1)
+
+
+def boundary(ha: Tensor, hb: Tensor, r: int) -> tuple[Tensor, Tensor]:
+    """The caffe preset's LRN window across the tower boundary: a's maps then b's first ``r``, on
+    a's device; a's last ``r`` then b's maps, on b's (Caffe normalizes all 96 / 256 maps together,
+    replica.config.NetOptions.lrn_across_towers).
+
+    Forward: ``r`` maps cross each way. Backward: their gradients cross back and add to the
+    other tower's; ``r`` maps each way.
+    """
+    return torch.cat([ha, cross(hb[:, :r], ha.device)], 1), torch.cat([cross(ha[:, -r:], hb.device), hb], 1)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -255,8 +297,7 @@ class AlexNet(nn.Module):
 
     def _lrn(self, h: list) -> list:
         """LRN of each tower's maps. The caffe preset's window also reads the other tower's
-        LRN_SIZE // 2 maps nearest the boundary, as Caffe normalizes all 96 / 256 maps together:
-        a small exchange through :func:`cross` (on one device the same code)."""
+        LRN_SIZE // 2 maps nearest the boundary (:func:`boundary`; on one device the same code)."""
         o = self.opts
 
         def norm(t):
@@ -264,11 +305,9 @@ class AlexNet(nn.Module):
 
         if not (o.lrn_across_towers and len(h) == 2):
             return [norm(t) for t in h]
-        a, b = h
-        r, c = LRN_SIZE // 2, a.shape[1]
-        a2 = norm(torch.cat([a, cross(b[:, :r], a.device)], 1))[:, :c]  # a's maps, then b's first 2
-        b2 = norm(torch.cat([cross(a[:, -r:], b.device), b], 1))[:, r:]  # a's last 2, then b's maps
-        return [a2, b2]
+        r, c = LRN_SIZE // 2, h[0].shape[1]
+        a, b = boundary(*h, r)  # a's maps then b's first 2; a's last 2 then b's maps
+        return [norm(a)[:, :c], norm(b)[:, r:]]
 
     def _layer1(self, h: list) -> list:
         o = self.opts
@@ -333,29 +372,26 @@ class AlexNet(nn.Module):
         a, b = self.tower_a, self.tower_b
         d0, d1 = self.devices[0], self.devices[-1]
         x = self._pad(x)
-        xa, xb = cross(x, d0), cross(x, d1)  # each tower sees the whole image
+        xa, xb = broadcast(x, d0, d1)  # each tower sees the whole image
         ha, hb = self._layer1([a.conv1(xa), b.conv1(xb)])  # (N, 48, 27, 27) on d0 and on d1
         ha, hb = self._layer2([a.conv2(ha), b.conv2(hb)])  # (N, 128, 13, 13)
-        ha, hb = (torch.cat([ha, cross(hb, d0)], 1),  # (N, 256, 13, 13): a then b
-                  torch.cat([cross(ha, d1), hb], 1))
+        ha, hb = exchange(ha, hb)  # (N, 256, 13, 13): a then b, on each device
         ha = F.relu_(a.conv3(ha))  # (N, 192, 13, 13)
         hb = F.relu_(b.conv3(hb))
         ha = F.relu_(a.conv4(ha))
         hb = F.relu_(b.conv4(hb))
         ha = F.max_pool2d(F.relu_(a.conv5(ha)), *self._pool()).flatten(1)  # (N, 4608)
         hb = F.max_pool2d(F.relu_(b.conv5(hb)), *self._pool()).flatten(1)
-        ha, hb = (torch.cat([ha, cross(hb, d0)], 1),  # (N, 9216): a then b
-                  torch.cat([cross(ha, d1), hb], 1))
+        ha, hb = exchange(ha, hb)  # (N, 9216)
         ha = self._dropout(F.relu_(a.fc6(ha)))  # (N, 2048)
         hb = self._dropout(F.relu_(b.fc6(hb)))
-        ha, hb = (torch.cat([ha, cross(hb, d0)], 1),  # (N, 4096)
-                  torch.cat([cross(ha, d1), hb], 1))
+        ha, hb = exchange(ha, hb)  # (N, 4096)
         ha = F.relu_(a.fc7(ha))  # (N, 2048)
         hb = F.relu_(b.fc7(hb))
         if upto == "fc7":
-            return torch.cat([ha, cross(hb, d0)], 1)  # (N, 4096) on d0
+            return gather(ha, hb)  # (N, 4096) on d0
         ha, hb = self._dropout(ha), self._dropout(hb)
-        return self.fc8(torch.cat([ha, cross(hb, d0)], 1))  # (N, 4096) → (N, classes) on d0
+        return self.fc8(gather(ha, hb))  # (N, 4096) → (N, classes) on d0
 
     def _forward_half(self, x: Tensor, upto: str = "fc8") -> Tensor:
         a = self.tower_a

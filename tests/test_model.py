@@ -503,3 +503,25 @@ def test_at_1_16_width_only_hes_init_gives_each_image_its_own_output():
     w = m.tower_a.conv3.weight.detach()  # σ = √(2 / fan-in), biases 0
     assert abs(float(w.std()) - math.sqrt(2 / w[0].numel())) < 0.1 * math.sqrt(2 / w[0].numel())
     assert float(m.tower_a.conv3.bias.detach().abs().max()) == 0
+
+
+def test_every_join_is_a_named_function(monkeypatch):
+    """The forward joins the towers only through broadcast, exchange, gather and boundary (the
+    places a one-device grouped form plugs in): counted per call, with the shapes they carry."""
+    seen = []
+    for name in ("broadcast", "exchange", "gather", "boundary"):
+        real = getattr(model_mod, name)
+        monkeypatch.setattr(model_mod, name, lambda *a, _n=name, _f=real: seen.append(
+            (_n, tuple(a[0].shape[1:]))) or _f(*a))
+    with torch.no_grad():
+        AlexNet(10, devices=("cpu", "cpu"), width=0.25).eval()(images(2))
+        assert seen == [("broadcast", (3, 227, 227)), ("exchange", (32, 13, 13)), ("exchange", (1152,)),
+                        ("exchange", (512,)), ("gather", (512,))]
+        seen.clear()
+        AlexNet(10, devices=("cpu", "cpu"), width=0.25).eval().features(images(2))
+        assert [n for n, _ in seen] == ["broadcast", "exchange", "exchange", "exchange", "gather"]
+        seen.clear()
+        x = torch.nn.functional.pad(images(2), (0, 3, 0, 3))
+        AlexNet(10, devices=("cpu", "cpu"), preset="caffe", width=0.25).eval()(x)
+        assert [n for n, _ in seen] == ["broadcast", "boundary", "boundary", "exchange", "exchange", "exchange",
+                                        "gather"]
