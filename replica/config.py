@@ -95,10 +95,27 @@ class NetOptions:
         # cuda-convnet zero-extends 224 to 227 (layer.py:1004); Caffe crops 227 and pads nothing
         return 0 if self.preset == "caffe" else 3
 
+    # -- each switch's geometry, declared here once and read by the model, its sizes and the export
+
     @property
-    def pool_ceil(self) -> bool:
-        # Caffe's pools round up (pooling_layer.cpp:92-103): at 55, 27, 13 the same as rounding down
-        return self.preset == "caffe" or not self.overlap
+    def pool(self) -> tuple[int, int, bool]:
+        """(window, stride, round up) of the three max-pools. Overlapping 3/2 (§3.4); run 147
+        (``overlap=false``): 2/2, rounding up as cuda-convnet does; Caffe's pools round up
+        (pooling_layer.cpp:92-103), at 55, 27, 13 the same as rounding down."""
+        return (3 if self.overlap else 2), 2, self.preset == "caffe" or not self.overlap
+
+    @property
+    def conv_pads(self) -> tuple[int, int]:
+        """(conv2's, conv5's) zero padding: 2 and 1; run 147's 1 and 0 (docs/spec.md §5), which
+        bring its 2/2 pools' maps to 6 × 6 into fc6 as well (55→28→26→13→13→11→6:
+        replica.model.output_sizes)."""
+        return (2, 1) if self.overlap else (1, 0)
+
+    @property
+    def lrn_layers(self) -> int:
+        """How many LRNs the net computes: after conv1 and conv2, in each tower; none with
+        ``norm=false`` (run 148)."""
+        return 2 * self.towers if self.norm else 0
 
     @property
     def lrn_before_relu(self) -> bool:

@@ -110,7 +110,7 @@ def export_onnx(run, dest, checkpoint: str = "last", raw_net: bool = False, chec
     atomic_write(trial, lambda f: f.write(data))
     lrn_nodes = sum(n.op_type == "LRN" for n in proto.graph.node)
     out = dict(path=str(dest), bytes=len(data), opset=written, lrn_nodes=lrn_nodes, input=meta["input"])
-    expected = (2 if ck.net.variant == "one-gpu-half" else 4) if ck.net.norm else 0
+    expected = ck.net.lrn_layers
     if lrn_nodes != expected:
         raise ReplicaError(f"{trial}: {lrn_nodes} LRN nodes, expected {expected}: the export did not keep the LRNs "
                            f"as ONNX's operator (kept for inspection; {dest} untouched)")

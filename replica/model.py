@@ -186,8 +186,8 @@ class AlexNet(nn.Module):
         self.opts = net if net is not None else NetOptions(preset=preset, **options)
         self.num_classes = num_classes
         self.width = float(self.opts.width)
-        conv2_pad, conv5_pad = (2, 1) if self.opts.overlap else (1, 0)
-        pool5 = output_sizes(self.opts.overlap)["pool5"] ** 2  # 6×6 positions
+        conv2_pad, conv5_pad = self.opts.conv_pads
+        pool5 = output_sizes(self.opts)["pool5"] ** 2  # 6×6 positions
 
         def w(n):  # a layer's filters or units at this width (1: the paper's)
             return max(1, round(n * self.width))
@@ -327,8 +327,9 @@ class AlexNet(nn.Module):
         return [F.max_pool2d(t, *self._pool()) for t in h]
 
     def _pool(self):
-        # (kernel, stride, padding, dilation, ceil_mode). Overlapping 3/2 (§3.4); run 147: 2/2 ceil.
-        return (3 if self.opts.overlap else 2, 2, 0, 1, self.opts.pool_ceil)
+        # F.max_pool2d's (kernel, stride, padding, dilation, ceil_mode), from NetOptions.pool
+        window, stride, ceil = self.opts.pool
+        return window, stride, 0, 1, ceil
 
     def _dropout(self, x: Tensor) -> Tensor:
         return dropout_noninverted(x, DROPOUT_KEEP, self.training) if self.opts.dropout else x
@@ -410,21 +411,24 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def output_sizes(overlap: bool = True, image: int = 224) -> dict[str, int]:
-    """Spatial size after each stage, by cuda-convnet's formulas (layer.py:1004, 1139)."""
+def output_sizes(net: NetOptions | bool = True, image: int = 224) -> dict[str, int]:
+    """Spatial size after each stage of the net ``net`` describes (or ``overlap`` as a bool), by
+    cuda-convnet's formulas (layer.py:1004, 1139), from the geometry NetOptions declares."""
+    net = net if isinstance(net, NetOptions) else NetOptions(overlap=net)
+
     def conv(n, k, s, p):
         return 1 + math.ceil((2 * p + n - k) / s)
 
-    def pool(n, k, s):
-        return math.ceil((n - k) / s) + 1
+    def pool(n):
+        return math.ceil((n - k) / stride) + 1
 
-    k, p2, p5 = (3, 2, 1) if overlap else (2, 1, 0)
+    (k, stride, _), (p2, p5) = net.pool, net.conv_pads
     s = {"conv1": conv(image, 11, 4, 0)}
-    s["pool1"] = pool(s["conv1"], k, 2)
+    s["pool1"] = pool(s["conv1"])
     s["conv2"] = conv(s["pool1"], 5, 1, p2)
-    s["pool2"] = pool(s["conv2"], k, 2)
+    s["pool2"] = pool(s["conv2"])
     s["conv3"] = conv(s["pool2"], 3, 1, 1)
     s["conv4"] = conv(s["conv3"], 3, 1, 1)
     s["conv5"] = conv(s["conv4"], 3, 1, p5)
-    s["pool5"] = pool(s["conv5"], k, 2)
+    s["pool5"] = pool(s["conv5"])
     return s

@@ -91,3 +91,16 @@ def test_resume_refuses_a_checkpoint_of_another_net_whichever_option_differs(cha
         check_compatible(ck, NetOptions(), list("abc"), "last.pt")
     with pytest.raises(ReplicaError, match="other classes"):
         check_compatible(ck, NetOptions(), list("abdc"), "last.pt")
+
+
+def test_each_switch_geometry_is_declared_once_on_net_options():
+    """overlap's pools and pads, and the LRN count the export checks, come from NetOptions: the
+    model's pools and output sizes and the export all read these properties."""
+    from replica.model import output_sizes
+
+    on, off = NetOptions(), NetOptions(overlap=False)
+    assert (on.pool, on.conv_pads, off.pool, off.conv_pads) == ((3, 2, False), (2, 1), (2, 2, True), (1, 0))
+    assert output_sizes(off) == output_sizes(False) and output_sizes(off)["pool5"] == output_sizes(on)["pool5"] == 6
+    assert [NetOptions(**kw).lrn_layers for kw in ({}, dict(variant="one-gpu-half"), dict(norm=False))] == [4, 2, 0]
+    m = AlexNet.from_options(NetOptions(overlap=False, width=NARROW), 10, "cpu")
+    assert m._pool() == (2, 2, 0, 1, True) and m.tower_a.conv2.padding == (1, 1) and m.tower_a.conv5.padding == (0, 0)
