@@ -1,4 +1,6 @@
-"""A run as it trains: pictures in the run folder and TensorBoard's event files (process 0 only).
+"""A run as it trains: :class:`RunLog`, the one place its numbers leave (the console,
+metrics.jsonl, bad_inputs.tsv, and the views below), and the views: pictures in the run folder
+and TensorBoard's event files (process 0 only).
 
 - ``curves.png`` and ``filters.png`` are redrawn at each epoch's end and replaced atomically, so
   any image viewer shows the run as it stands (``live=false``: not drawn).
@@ -24,13 +26,16 @@
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from pathlib import Path
 
 from .errors import ReplicaError, install_hint
+from .evaluate import percent
 from .fileio import atomic_write
 from .pictures import filter_image, picture, plot_curves, tower_kernels
+from .runs import append_metrics, log_bad_inputs, write_metrics
 
 log = logging.getLogger("replica")
 
@@ -76,6 +81,11 @@ class LiveViews:
 
             self.tb.add_scalar("train/peak_memory_gb", torch.cuda.max_memory_allocated(device) / 1e9, step)
 
+    def restore(self, records: list) -> None:
+        """A resumed run's metrics.jsonl rewritten from its checkpoint's records."""
+        if self.main:
+            write_metrics(self.run, records)
+
     def epoch(self, record: dict, records: list, model) -> None:
         """At an epoch's end: its scalars and kernels to TensorBoard; the pictures redrawn."""
         step = record["step"]
@@ -114,13 +124,103 @@ def rate_text(images_per_s: float) -> str:
     return f"{images_per_s:.0f}" if images_per_s >= 10 else f"{images_per_s:.2g}"
 
 
-def stall_warning(recent: list, num_classes: int, step: int) -> None:
-    """Say so if the recent losses still sit at ln(classes), where a start stalls."""
+def stall_warning(recent: list, num_classes: int, step: int) -> str | None:
+    """The warning, if the recent losses still sit at ln(classes), where a start stalls."""
     ln_c = math.log(num_classes)
     avg = sum(recent) / len(recent)
     if avg > 0.97 * ln_c:
+        return (f"warning: after {step} steps the loss is still {avg:.3f} ≈ ln({num_classes}) = {ln_c:.3f}: a "
+                f"stalled start. The paper's init (biases 1, σ 0.01) is known to sit there for a long time; "
+                f"init=caffe (biases 0.1, fc6/fc7 σ 0.005) usually starts at once.")
+    return None
+
+
+class RunLog:
+    """Where every number and word of a training run leaves it: the console (messages, the epoch's
+    progress bar and line), metrics.jsonl, TensorBoard and the live pictures, bad_inputs.tsv.
+    Process 0 writes; another process only names its own bad inputs on the console.
+
+    The calls: :meth:`info` (the header, to the log), :meth:`say` (a line on the console),
+    :meth:`epoch_bar` and :meth:`stepped` (the bar), :meth:`losses` (each loss read),
+    :meth:`bad_inputs`, :meth:`epoch` (an epoch's record; :meth:`restore` on a resume), :meth:`close`.
+    """
+
+    def __init__(self, run: Path, rank: int = 0, progress: bool = True):
+        self.run, self.rank, self.main, self.progress = Path(run), rank, rank == 0, progress
+        self.views: LiveViews | None = None
+        self.bar = None
+        self.bad_named = 0  # the first 10 bad inputs are named on the console; all go to bad_inputs.tsv
+
+    def open_views(self, tensorboard: bool, pictures: bool, resumed_at: int | None, config_text: str) -> None:
+        """TensorBoard and the pictures, from the step after ``resumed_at`` (a new run: the config too)."""
+        if self.main:
+            self.views = LiveViews(self.run, tensorboard, pictures, resumed_at=resumed_at)
+            if not resumed_at:
+                self.views.config(config_text)
+
+    def info(self, fmt: str, *args) -> None:
+        if self.main:
+            log.info(fmt, *args)
+
+    def say(self, text: str | None) -> None:
         from tqdm import tqdm
 
-        tqdm.write(f"warning: after {step} steps the loss is still {avg:.3f} ≈ ln({num_classes}) = {ln_c:.3f}: a "
-                   f"stalled start. The paper's init (biases 1, σ 0.01) is known to sit there for a long time; "
-                   f"init=caffe (biases 0.1, fc6/fc7 σ 0.005) usually starts at once.")
+        if self.main and text:
+            tqdm.write(text)
+
+    @contextlib.contextmanager
+    def epoch_bar(self, epoch: int, done: int, total: int):
+        """The epoch's progress bar (process 0, with progress on), closed however the epoch ends."""
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=total, initial=done, desc=f"epoch {epoch + 1}", unit="step",
+                        disable=not (self.progress and self.main), dynamic_ncols=True, leave=False)
+        try:
+            yield self.bar
+        finally:
+            self.bar.close()
+            self.bar = None
+
+    def stepped(self, loss: float | None, lr: float, images_per_s: float) -> None:
+        """One step done: the bar moves, with the last loss read (None: none to show)."""
+        self.bar.update(1)
+        if loss is not None:
+            self.bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.0e}", img_s=rate_text(images_per_s), refresh=False)
+
+    def losses(self, first_step: int, values: list, lrs: dict, images_per_s: float, device) -> None:
+        if self.views is not None:
+            self.views.losses(first_step, values, lrs, images_per_s, device)
+
+    def bad_inputs(self, epoch: int, batch: int, bad: list) -> None:
+        """Process 0 appends them to bad_inputs.tsv (naming the first 10 on the console); another
+        process names its own on the console."""
+        if self.main:
+            log_bad_inputs(self.run, epoch, batch, bad, warn=10 - self.bad_named)
+            self.bad_named += len(bad)
+            return
+        from tqdm import tqdm
+
+        for what, why, _ in bad:
+            tqdm.write(f"warning: process {self.rank} skipped {what}: {why}")
+
+    def restore(self, records: list) -> None:
+        """A resumed run's metrics.jsonl rewritten from its checkpoint's records."""
+        if self.main:
+            write_metrics(self.run, records)
+
+    def epoch(self, record: dict, records: list, model) -> None:
+        """An epoch's record: its metrics.jsonl line, its scalars and pictures, its console line."""
+        if not self.main:
+            return
+        append_metrics(self.run, record)
+        self.views.epoch(record, records, model)
+        loss = f"{record['train_loss']:.4f}" if record["train_loss"] is not None else "n/a (no usable input)"
+        msg = f"epoch {record['epoch']}: loss {loss}"
+        if record.get("val_top1_err") is not None:
+            msg += (f", val top-1 {percent(record['val_top1_err'])} top-5 {percent(record['val_top5_err'])} "
+                    f"(1 view, {record['val_images']:,} images)")
+        self.say(msg + f", {rate_text(record['images_per_s'])} img/s")
+
+    def close(self) -> None:
+        if self.views is not None:
+            self.views.close()

@@ -1,4 +1,14 @@
-"""One plain loop: train_one_epoch → end of epoch (validate, schedule, checkpoint, metrics).
+"""The training loop as plain functions, read top to bottom (torchvision's
+``references/classification/train.py`` is the model):
+
+    train ─ setup ─ resume_run | start ─ train_epochs ─┬─ train_one_epoch: next_batch → agree → train_step
+                                                       └─ end_of_epoch: validate, schedule, checkpoint, record
+
+- :func:`train_step` is one update with every input an argument: what tools and tests patch (never
+  a private method), and the function a CUDA graph would capture.
+- :class:`Run` holds what :func:`setup` built; where the run stands is ``run.progress`` and
+  ``run.tally`` (replica.runs' own records, the checkpoint's); :class:`LossWatch` the losses still
+  on the device; every number leaves through one :class:`replica.live.RunLog`.
 
 Everything random is either derived from (seed, epoch, batch) — data order, crops, flips,
 colour noise — or kept in the checkpoint — the dropout RNG — so a run stopped anywhere and
@@ -14,11 +24,13 @@ all-reduce.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
-import logging
 import math
 import os
 import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -30,18 +42,16 @@ from .config import Config, departures, dump_config, show
 from .data.loaders import (TrainBatches, check_stats_feasible, data_stats, decode_if_encoded, loader,
                            open_training, worker_deaths_at_next_batch)
 from .data.store import PreparedStore
-from .dist import StopSignals, setup_ranks
+from .dist import Ranks, StopSignals, setup_ranks
 from .errors import ReplicaError, TrainingStopped
-from .evaluate import evaluate, percent
+from .evaluate import evaluate
 from .fileio import take_lock
-from .live import LiveViews, rate_text, stall_warning
+from .live import RunLog, stall_warning
 from .model import AlexNet
 from .optim import PaperSGD, Schedule, apply_lrs, param_groups
-from .runs import (TRAIN_LOCK, Checkpoint, Progress, Tally, append_metrics, atomic_write, check_compatible, code_version,
-                   load_checkpoint, log_bad_inputs, rng_state, save_checkpoint, set_rng_state, write_metrics)
+from .runs import (TRAIN_LOCK, Checkpoint, Progress, Tally, atomic_write, check_compatible, code_version,
+                   load_checkpoint, rng_state, save_checkpoint, set_rng_state)
 from .runtime import autocast, describe_numerics, fused_norms_for, set_cuda_numerics, to_device
-
-log = logging.getLogger("replica")
 
 # Losses stay on the device and are read (and checked for NaN) every this many steps, and
 # before every save: reading one makes the CPU wait for the GPU. On the CPU there is no wait.
@@ -49,7 +59,281 @@ LOSS_READ_STEPS = {"cpu": 1, "cuda": 20}
 
 
 # ----------------------------------------------------------------------------------------------
-# Setup
+# What a run is made of
+
+
+@dataclass
+class Run:
+    """What :func:`setup` builds, once; the loop replaces none of it. Where the run stands is
+    ``progress`` (the checkpoint's own record, :class:`replica.runs.Progress`) and the epoch's
+    running sums ``tally``: held here, never copied into anything else."""
+
+    cfg: Config
+    folder: Path
+    ranks: Ranks
+    devices: tuple  # tower a's (and fc8's) device first: where each batch goes
+    images: object  # the training set
+    val_images: object | None
+    classes: list
+    names: list | None
+    mean: object  # the mean image (3×256×256)
+    pca: dict | None  # the colour noise's eigenvectors
+    mean_crop: torch.Tensor  # the mean's centre crop, once on device 0 (finish() would copy it each step)
+    model: AlexNet
+    optimizer: PaperSGD
+    schedule: Schedule
+    steps_per_epoch: int
+    numerics: dict
+    forward: object = None  # what a step calls: the model, in DDP and compiled as configured (step_forward)
+    progress: Progress = field(default_factory=Progress)
+    tally: Tally = field(default_factory=Tally)
+
+    @property
+    def main(self) -> bool:
+        return self.ranks.main
+
+    @property
+    def last(self) -> Path:
+        return self.folder / "last.pt"
+
+
+class LossWatch:
+    """The losses as they stay on the device: read every few steps (one wait for the device a
+    read), added to the epoch's sums and to the log, a NaN decided by every process together, a
+    stalled start warned about once."""
+
+    def __init__(self, ranks: Ranks, every: int, stall_steps: int | None, num_classes: int):
+        self.ranks, self.every, self.stall_steps, self.num_classes = ranks, every, stall_steps, num_classes
+        self.pending: list[torch.Tensor] = []  # this process's losses not read yet (on the device)
+        self.last: float | None = None  # the last loss read
+        self.recent: list[float] = []
+        self.stall_warned = False
+
+    def add(self, loss: torch.Tensor) -> bool:
+        """Keep a step's loss; True when it is time to read them."""
+        self.pending.append(loss)
+        return len(self.pending) >= self.every
+
+    def read(self, run: Run, out: RunLog) -> None:
+        """Bring the pending losses to the host, add them to the epoch's sums, and stop every
+        process if any of them saw a NaN since the last read."""
+        vals = torch.stack(self.pending).tolist() if self.pending else []
+        self.pending = []
+        p = run.progress
+        bad = next((i for i, v in enumerate(vals) if not math.isfinite(v)), None)
+        if self.ranks.agree(nan=bad is not None)["nan"]:
+            msg = None
+            if bad is not None:
+                in_epoch = p.in_epoch - len(vals) + bad + 1  # the step of the epoch (1-based) that saw it
+                msg = f"loss is {vals[bad]} at epoch {p.epoch + 1}, step {in_epoch}"
+            msg = self.ranks.first_message(msg)
+            raise TrainingStopped(f"{msg}: stopped. The last good checkpoint is kept in {run.last}. "
+                                  f"Try a lower lr or init=caffe.", quiet=not run.main, agreed=True)
+        for v in vals:
+            run.tally.add_loss(v)
+        if vals:
+            self.last = vals[-1]
+            self.recent = (self.recent + vals)[-50:]
+            out.losses(p.step - len(vals) + 1, vals, run.schedule.lrs(p.step - 1), run.tally.rate(), run.devices[0])
+        if self.stall_steps and p.step >= self.stall_steps and not self.stall_warned and run.main and self.recent:
+            self.stall_warned = True
+            out.say(stall_warning(self.recent, self.num_classes, p.step))
+
+
+class Every:
+    """A clock that is due once ``seconds`` have passed since it was last reset."""
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+        self.reset()
+
+    def reset(self) -> None:
+        self.since = time.time()
+
+    def due(self) -> bool:
+        return time.time() - self.since > self.seconds
+
+
+# ----------------------------------------------------------------------------------------------
+# One step
+
+
+def train_step(net, optimizer, images: torch.Tensor, labels: torch.Tensor, lrs: dict, *, devices,
+               bf16: bool) -> torch.Tensor:
+    """One update: the forward (under bf16 autocast on ``devices`` if asked), the loss, the
+    backward and the optimizer's step at the learning rates ``lrs``. Every input is an argument;
+    returns the loss, detached and still on the device (reading it would wait for the device)."""
+    apply_lrs(optimizer, lrs)
+    with autocast(devices, bf16):
+        logits = net(images)
+    loss = F.cross_entropy(logits.float(), labels)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss.detach()
+
+
+def model_input(run: Run, crops, shift, labels, noise: bool):
+    """(images, labels) on device 0: the crops mean-subtracted, with the colour noise when on;
+    (B, 3, 224, 224) float32 and (B,)."""
+    dev = run.devices[0]
+    x = augment.finish(to_device(crops, dev), run.mean_crop, to_device(shift if noise else None, dev),
+                       run.cfg.pca_kind)
+    return x, to_device(labels, dev)
+
+
+def next_batch(it, run: Run, out: RunLog):
+    """(batch or None, this process's reason to stop the run or None). Bad inputs are counted,
+    logged, and with ``strict_data`` a reason to stop."""
+    cfg, p = run.cfg, run.progress
+    try:
+        batch = next(it)
+    except RuntimeError as e:
+        if "DataLoader worker" not in str(e):
+            raise
+        return None, (f"a data-loader worker died at epoch {p.epoch + 1}, batch {p.in_epoch + 1} "
+                      f"({str(e).strip().splitlines()[0][:160]}). Out of memory is the usual cause: lower "
+                      f"workers={cfg.workers} or batch_size={cfg.batch_size}")
+    crops, shift, labels, b, bad = batch
+    crops, shift, labels, more = decode_if_encoded(crops, shift, labels, run.devices[0])
+    bad = list(bad) + more  # entries the decoder refused are bad inputs like any other
+    batch = (crops, shift, labels, b, bad)
+    if bad:
+        run.tally.skipped += len(bad)
+        out.bad_inputs(p.epoch, b, bad)
+        if cfg.strict_data:
+            what, why, _ = bad[0]
+            return batch, f"bad input {what}: {why} (strict_data=true; set strict_data=false to skip and count such inputs)"
+    if len(labels) == 0 and run.ranks.world > 1:  # the others would wait in all-reduce for this one
+        return batch, f"every input of batch {p.in_epoch + 1} was bad; see {run.folder / 'bad_inputs.tsv'}"
+    return batch, None
+
+
+# ----------------------------------------------------------------------------------------------
+# One epoch
+
+
+def train_one_epoch(run: Run, watch: LossWatch, out: RunLog, stop, clock: Every) -> bool:
+    """The epoch's remaining steps; False if a stop was decided (saved already)."""
+    cfg, ranks, p = run.cfg, run.ranks, run.progress
+    decode = cfg.decode if cfg.decode != "auto" else "workers"  # auto: measured faster (docs/performance.md)
+    ds = TrainBatches(run.images, cfg.batch_size // ranks.world, run.mean, run.pca, seed=cfg.seed, epoch=p.epoch,
+                      start=p.in_epoch, pca_mode=cfg.pca_kind, noise=cfg.pca_noise, chunk=cfg.flip_chunk,
+                      rank=ranks.rank, world=ranks.world, crop=cfg.crop, decode=decode)
+    todo = min(run.steps_per_epoch - p.in_epoch, run.schedule.total_steps - p.step)
+    run.model.train()
+    cpu = run.devices[0].type == "cpu"
+    it = iter(loader(ds, cfg.workers, pin_memory=not cpu, background=cpu))
+    worker_deaths_at_next_batch()  # a dead worker is seen in next_batch, where the processes can agree
+    try:
+        for _ in range(todo):
+            batch, problem = next_batch(it, run, out)
+            # The one place where the processes decide together, once a step, before anything that
+            # waits on the others (DDP's all-reduce in the step, a save's gather): a process that
+            # stopped, failed or saved alone would leave the others waiting for it for ever.
+            d = ranks.agree(stop=stop.requested is not None, error=problem is not None,
+                            save=run.main and clock.due())
+            if d["error"]:
+                stop_with_save(run, watch, out, ranks.first_message(problem))
+            if d["stop"]:
+                save_last(run, watch, out)
+                return False
+            if d["save"]:
+                save_last(run, watch, out)
+                clock.reset()
+            crops, shift, labels, _, _ = batch
+            lrs = run.schedule.lrs(p.step)
+            loss = None
+            if len(labels):  # (one process alone may have none: every input of its batch was bad)
+                x, y = model_input(run, crops, shift, labels, noise=run.schedule.noise_on(p.step))
+                loss = train_step(run.forward, run.optimizer, x, y, lrs, devices=run.devices, bf16=cfg.bf16)
+                run.tally.seen += len(y) * ranks.world
+            p.step, p.in_epoch = p.step + 1, p.in_epoch + 1
+            if loss is not None and watch.add(loss):
+                watch.read(run, out)
+            out.stepped(watch.last if loss is not None else None, lrs["weight"], run.tally.rate())
+    finally:
+        del it
+    return True
+
+
+def end_of_epoch(run: Run, watch: LossWatch, out: RunLog, clock: Every) -> None:
+    """Validate (process 0), schedule, checkpoint (best, then last), the epoch's record."""
+    cfg, ranks, p, t = run.cfg, run.ranks, run.progress, run.tally
+    watch.read(run, out)
+    step = p.step
+    record = dict(epoch=p.epoch + 1, step=step, train_loss=t.mean_loss(),
+                  lr={k: v for k, v in run.schedule.lrs(step - 1).items()}, noise=run.schedule.noise_on(step - 1),
+                  seconds=t.elapsed(), images_per_s=t.rate(), skipped_files=t.skipped,
+                  colour_specificity=tower_medians(run.model))  # Fig. 3's split, epoch by epoch
+    err = None
+    if run.val_images is not None and run.main:
+        r = evaluate(run.model, run.val_images, run.mean, views=1, batch=min(cfg.batch_size, 128),
+                     max_batches=cfg.val_batches, crop=cfg.crop, bf16=cfg.bf16, workers=min(cfg.workers, 2))
+        record.update(val_top1_err=r["top1_err"], val_top5_err=r["top5_err"], val_images=r["images"])
+        err = r["top1_err"]
+    err = ranks.broadcast(err)
+    if err is not None and run.schedule.on_validation(err):
+        out.say(f"validation error stopped improving: learning rate ÷10 (drop {run.schedule.plateau_drops})")
+    p.epoch, p.in_epoch = p.epoch + 1, 0
+    improved = err is not None and err < p.best
+    if improved:
+        p.best = err
+    p.records.append(record)
+    # best, then last, then the metrics line: a kill between any two is repaired on resume
+    # (the epoch is redone from the older last.pt, or metrics.jsonl is rewritten from it)
+    if improved and cfg.save_best:
+        checkpoint(run, run.folder / "best.pt")
+    checkpoint(run, run.last)
+    clock.reset()
+    out.epoch(record, p.records, run.model)
+
+
+# ----------------------------------------------------------------------------------------------
+# Saving
+
+
+def checkpoint(run: Run, path: Path) -> None:
+    """Every process's RNG state, and process 0 writes (a collective: every process calls it)."""
+    states = run.ranks.gather(rng_state())
+    if not run.main:
+        return
+    cfg, model, p = run.cfg, run.model, run.progress
+    ckpt = Checkpoint(net=cfg.net, classes=run.classes, names=list(run.names) if run.names else None,
+                      dataset=getattr(run.images, "dataset", None), crop=cfg.crop, config=cfg.to_dict(),
+                      model={k: v.detach().cpu() for k, v in model.state_dict().items()},
+                      momentum=run.optimizer.state_for_checkpoint(model.named_parameters()),  # v = −ε·b (PaperSGD)
+                      schedule=run.schedule.state_dict(),
+                      progress=dataclasses.replace(p, done=run.schedule.finished(p.step) and p.in_epoch == 0,
+                                                   partial=run.tally.partial()),
+                      rng=states, mean=torch.as_tensor(run.mean, dtype=torch.float32),
+                      pca=dict(run.pca) if run.pca else {})
+    try:
+        save_checkpoint(path, ckpt)
+    except ReplicaError as e:  # disk full, read-only, quota: the previous file is untouched
+        kept = "; the previous checkpoint is intact" if path.exists() else ""
+        raise ReplicaError(f"{e}{kept}. Free space or fix permissions, then resume with: "
+                           f"replica train --resume {run.folder}") from None
+
+
+def save_last(run: Run, watch: LossWatch, out: RunLog) -> None:
+    """last.pt, after every process has checked its losses since the last read."""
+    watch.read(run, out)
+    checkpoint(run, run.last)
+
+
+def stop_with_save(run: Run, watch: LossWatch, out: RunLog, message: str):
+    """Save what the steps so far have done, then stop every process with ``message``."""
+    save_last(run, watch, out)
+    run.ranks.barrier()  # no process leaves before process 0's file is complete
+    p = run.progress
+    raise ReplicaError(f"{message}. Progress is saved in {run.last} (epoch {p.epoch + 1}, step {p.in_epoch} of "
+                       f"{run.steps_per_epoch}); resume with: replica train --resume {run.folder}",
+                       quiet=not run.main, agreed=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# Setting up: the folder, the data and the net, a resume
 
 
 def describe_departures(cfg: Config) -> str:
@@ -64,391 +348,147 @@ def build_model(cfg: Config, num_classes: int, devices) -> AlexNet:
     return AlexNet.from_options(cfg.net, num_classes, devices, channels_last=cfg.channels_last)
 
 
+@contextmanager
+def run_folder(folder: Path, main: bool):
+    """One trainer per run folder: process 0 holds its lock until the run ends, and a start that
+    fails leaves no empty folder behind."""
+    created, lock = not folder.exists(), None
+    if main:  # before anything is written into it
+        folder.mkdir(parents=True, exist_ok=True)
+        lock, holder = take_lock(folder, TRAIN_LOCK)
+        if lock is None:
+            raise ReplicaError(f"{folder} is being trained by another process ({holder}); wait for it to end "
+                               f"(or stop it), then continue with: replica train --resume {folder}")
+    try:
+        yield
+    except BaseException:
+        if main and created and {q.name for q in folder.iterdir()} <= {TRAIN_LOCK}:
+            (folder / TRAIN_LOCK).unlink(missing_ok=True)
+            folder.rmdir()
+        raise
+    finally:
+        if lock is not None:
+            os.close(lock)
+
+
+def setup(cfg: Config, folder: Path, ranks: Ranks, devices: tuple) -> Run:
+    """The data, its statistics, the net, the optimizer and the schedule of a run (not started)."""
+    images, val_images = open_training(cfg.data, cfg.val_data)
+    classes = images.classes
+    if cfg.num_classes is not None and cfg.num_classes != len(classes):
+        raise ReplicaError(f"num_classes={cfg.num_classes}, but {cfg.data} has {len(classes)} classes")
+    check_stats_feasible(images, folder)
+    ranks.barrier()  # the run folder exists for every process
+    store = isinstance(images, PreparedStore)
+    mean, pca = data_stats(images, folder) if ranks.main or store else (None, None)
+    if not store:
+        mean, pca = ranks.broadcast((mean, pca))
+    torch.manual_seed(cfg.seed)  # the same initial weights in every process
+    # explicit, never cuDNN's defaults: float32 there is TF32 unless told, and fixed shapes
+    # make cudnn.benchmark's one-time search pay (docs/training.md)
+    numerics = set_cuda_numerics(cfg.tf32, cfg.deterministic, benchmark=True)
+    model = build_model(cfg, len(classes), devices)
+    optimizer = PaperSGD(param_groups(model, cfg.lr, cfg.weight_decay, cfg.bias_lr), momentum=cfg.momentum)
+    n = len(TrainBatches(images, cfg.batch_size // ranks.world, mean, None, world=ranks.world, rank=ranks.rank,
+                         crop=cfg.crop))
+    steps = min(n, cfg.steps_per_epoch) if cfg.steps_per_epoch else n
+    run = Run(cfg, folder, ranks, devices, images, val_images, list(classes), getattr(images, "names", None), mean,
+              pca, augment.centre_crop_of(torch.as_tensor(mean), cfg.crop).to(devices[0]), model, optimizer,
+              Schedule(cfg, steps), steps, numerics)
+    torch.manual_seed(cfg.seed * 1000 + ranks.rank + 1)  # dropout masks: one stream per process
+    return run
+
+
+def resume_run(run: Run, out: RunLog) -> bool:
+    """Load last.pt into the run; False if the run finished already."""
+    ck = load_checkpoint(run.last)
+    check_compatible(ck, run.cfg.net, run.classes, run.last)
+    try:
+        AlexNet.check_state(run.cfg.net, len(run.classes), ck.model)
+    except ReplicaError as e:
+        raise ReplicaError(f"{run.last}: {e}") from None
+    run.model.load_state_dict(ck.model)
+    names = dict(run.model.named_parameters())
+    if ck.momentum is not None:  # the optimizer's own buffers: bit for bit
+        run.optimizer.load_checkpoint_state(names, ck.momentum)
+    else:  # a checkpoint from before the fused optimizer: velocities only
+        for name, v in ck.velocity.items():
+            run.optimizer.set_velocity(names[name], v.to(names[name].device))
+    run.schedule.load_state_dict(ck.schedule)
+    p = run.progress = dataclasses.replace(ck.progress, records=list(ck.progress.records))
+    if p.in_epoch and p.partial:
+        run.tally = Tally.from_partial(p.partial)
+    out.restore(p.records)  # metrics.jsonl says what the checkpoint says: no epoch lost, none counted twice
+    if p.done:
+        out.say(f"{run.folder} finished already ({p.step} steps); nothing to resume")
+        return False
+    states = ck.rng  # one per process that saved it
+    set_rng_state(states[run.ranks.rank] if run.ranks.rank < len(states) else states[0])
+    out.info("resumed %s at epoch %d, step %d of the epoch (%d in all); %s", run.folder, p.epoch + 1, p.in_epoch,
+             p.step, describe_departures(run.cfg))
+    return True
+
+
+def start(run: Run, out: RunLog) -> None:
+    """A new run's config.yaml and version.json, and its header."""
+    if not run.main:
+        return
+    cfg, folder = run.cfg, run.folder
+    atomic_write(folder / "config.yaml", lambda f: f.write(dump_config(cfg).encode()))
+    atomic_write(folder / "version.json", lambda f: f.write(json.dumps(code_version(), indent=1).encode()))
+    (folder / "metrics.jsonl").unlink(missing_ok=True)
+    out.info("run %s: %s%s, %d classes, %d training images, batch %d, %d steps (%d per epoch), devices %s, %s%s",
+             folder, cfg.preset, "" if cfg.width == 1 else f", width {cfg.width:g} (not the paper's net)",
+             len(run.classes), len(run.images), cfg.batch_size, run.schedule.total_steps, run.steps_per_epoch,
+             " + ".join(map(str, run.devices)), "bf16 autocast" if cfg.bf16 else "float32",
+             f" ({describe_numerics(run.numerics)})" if any(d.type == "cuda" for d in run.devices) else "")
+    out.info("%s", describe_departures(cfg))
+
+
+def step_forward(run: Run, out: RunLog):
+    """What a training step calls: the model, in DDP within a job, compiled with ``compile``."""
+    model, cfg, dev0 = run.model, run.cfg, run.devices[0]
+    net = model
+    if run.ranks.distributed:
+        one_gpu = len(run.devices) == 1 and dev0.type == "cuda"
+        # a module spanning two devices takes device_ids=None
+        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[dev0] if one_gpu else None)
+    model.fused_norms = fused_norms_for(cfg, dev0)  # this run's model only; eval afterwards is eager
+    if model.fused_norms:
+        out.info("fused norms: the first step compiles them (about half a minute the first time, seconds from the "
+                 "cache); fused_norms=false runs the eager ones")
+    return torch.compile(net) if cfg.compile else net
+
+
 # ----------------------------------------------------------------------------------------------
-# The loop
+# The whole run
 
 
-class _Run:
-    """One training run's state and its three phases: setup, train_one_epoch, end_of_epoch."""
-
-    def __init__(self, cfg: Config, out, progress: bool):
-        self.cfg, self.run, self.progress = cfg, Path(out), progress
-        self.ranks, self.devices = setup_ranks(cfg.devices, cfg.net.towers, cfg.devices_per_process, cfg.batch_size)
-        self.dev0 = self.devices[0]  # tower a's and fc8's device: where the batch goes
-        self.main = self.ranks.main
-        self.per_rank = cfg.batch_size // self.ranks.world
-        self.lock = None
-        created = not self.run.exists()
-        if self.main:  # one trainer per run folder, before anything is written into it
-            self.run.mkdir(parents=True, exist_ok=True)
-            self.lock, holder = take_lock(self.run, TRAIN_LOCK)
-            if self.lock is None:
-                raise ReplicaError(f"{self.run} is being trained by another process ({holder}); wait for it to end "
-                                   f"(or stop it), then continue with: replica train --resume {self.run}")
-        try:
-            self._setup(cfg)
-        except BaseException:
-            self.unlock()
-            if self.main and created and {p.name for p in self.run.iterdir()} <= {TRAIN_LOCK}:
-                (self.run / TRAIN_LOCK).unlink(missing_ok=True)  # a failed start leaves no empty run folder
-                self.run.rmdir()
-            raise
-
-    def unlock(self) -> None:
-        if self.lock is not None:
-            os.close(self.lock)
-            self.lock = None
-
-    def _setup(self, cfg: Config) -> None:
-        self.train_images, self.val_images = open_training(cfg.data, cfg.val_data)
-        classes = self.train_images.classes
-        if cfg.num_classes is not None and cfg.num_classes != len(classes):
-            raise ReplicaError(f"num_classes={cfg.num_classes}, but {cfg.data} has {len(classes)} classes")
-        self.num_classes = len(classes)
-        check_stats_feasible(self.train_images, self.run)
-        self.ranks.barrier()  # the run folder exists for every process
-        store = isinstance(self.train_images, PreparedStore)
-        mean, pca = data_stats(self.train_images, self.run) if self.main or store else (None, None)
-        if not store:
-            mean, pca = self.ranks.broadcast((mean, pca))
-        self.mean, self.pca = mean, pca
-
-        torch.manual_seed(cfg.seed)  # the same initial weights in every process
-        # explicit, never cuDNN's defaults: float32 there is TF32 unless told, and fixed shapes
-        # make cudnn.benchmark's one-time search pay (docs/training.md)
-        self.numerics = set_cuda_numerics(cfg.tf32, cfg.deterministic, benchmark=True)
-        self.model = build_model(cfg, self.num_classes, self.devices)
-        self.classes, self.names = list(classes), getattr(self.train_images, "names", None)
-        self.opt = PaperSGD(param_groups(self.model, cfg.lr, cfg.weight_decay, cfg.bias_lr), momentum=cfg.momentum)
-        r, w = self.ranks.rank, self.ranks.world
-        n = len(TrainBatches(self.train_images, self.per_rank, mean, None, world=w, rank=r, crop=cfg.crop))
-        self.steps_per_epoch = min(n, cfg.steps_per_epoch) if cfg.steps_per_epoch else n
-        self.sched = Schedule(cfg, self.steps_per_epoch)
-        # the mean crop, once on the device (finish() would otherwise copy it every step)
-        self.mean_crop = augment.centre_crop_of(torch.as_tensor(mean), cfg.crop).to(self.dev0)
-        self.epoch, self.in_epoch, self.step, self.best = 0, 0, 0, math.inf
-        self.records: list[dict] = []  # metrics.jsonl's lines, also kept in each checkpoint
-        self.tally = Tally()  # this epoch's running sums (a resumed epoch's go on from the checkpoint's)
-        self.live = None  # TensorBoard and the pictures (process 0)
-        self.pending: list[torch.Tensor] = []  # this process's losses not read yet (on the device)
-        self.last_loss = None
-        self.recent: list[float] = []
-        self.stall_warned = False
-        self.bad_warned = 0  # the first 10 bad inputs are named on the console; all go to bad_inputs.tsv
-        self.read_every = LOSS_READ_STEPS.get(self.dev0.type, 20)
-        # a JPEG store's batches: decoded by the workers (CPU; auto: measured faster on an H200 with 8
-        # workers on 16 cores, docs/performance.md), or as a batch where the model is (nvJPEG)
-        self.decode = cfg.decode if cfg.decode != "auto" else "workers"
-        torch.manual_seed(cfg.seed * 1000 + r + 1)  # dropout masks: one stream per process
-
-    # -- resume / start ------------------------------------------------------------------------
-
-    def resume(self) -> bool:
-        """Load last.pt; False if the run finished already."""
-        ck = load_checkpoint(self.run / "last.pt")
-        check_compatible(ck, self.cfg.net, self.classes, self.run / "last.pt")
-        try:
-            AlexNet.check_state(self.cfg.net, self.num_classes, ck.model)
-        except ReplicaError as e:
-            raise ReplicaError(f"{self.run / 'last.pt'}: {e}") from None
-        self.model.load_state_dict(ck.model)
-        names = dict(self.model.named_parameters())
-        if ck.momentum is not None:  # the optimizer's own buffers: bit for bit
-            self.opt.load_checkpoint_state(names, ck.momentum)
-        else:  # a checkpoint from before the fused optimizer: velocities only
-            for name, v in ck.velocity.items():
-                self.opt.set_velocity(names[name], v.to(names[name].device))
-        self.sched.load_state_dict(ck.schedule)
-        prog = ck.progress
-        self.epoch, self.in_epoch, self.step, self.best = prog.epoch, prog.in_epoch, prog.step, prog.best
-        self.records = list(prog.records)
-        if self.in_epoch and prog.partial:
-            self.tally = Tally.from_partial(prog.partial)
-        if self.main:  # metrics.jsonl says what the checkpoint says: no epoch lost, none counted twice
-            write_metrics(self.run, self.records)
-        if prog.done:
-            if self.main:
-                print(f"{self.run} finished already ({self.step} steps); nothing to resume")
-            return False
-        states = ck.rng  # one per process that saved it
-        set_rng_state(states[self.ranks.rank] if self.ranks.rank < len(states) else states[0])
-        if self.main:
-            log.info("resumed %s at epoch %d, step %d of the epoch (%d in all); %s", self.run, self.epoch + 1,
-                     self.in_epoch, self.step, describe_departures(self.cfg))
-        return True
-
-    def start(self) -> None:
-        if not self.main:
-            return
-        cfg, run = self.cfg, self.run
-        atomic_write(run / "config.yaml", lambda f: f.write(dump_config(cfg).encode()))
-        atomic_write(run / "version.json", lambda f: f.write(json.dumps(code_version(), indent=1).encode()))
-        (run / "metrics.jsonl").unlink(missing_ok=True)
-        log.info("run %s: %s%s, %d classes, %d training images, batch %d, %d steps (%d per epoch), devices %s, %s%s",
-                 run, cfg.preset, "" if cfg.width == 1 else f", width {cfg.width:g} (not the paper's net)",
-                 self.num_classes, len(self.train_images), cfg.batch_size, self.sched.total_steps,
-                 self.steps_per_epoch, " + ".join(map(str, self.devices)), "bf16 autocast" if cfg.bf16 else "float32",
-                 f" ({describe_numerics(self.numerics)})" if any(d.type == "cuda" for d in self.devices) else "")
-        log.info("%s", describe_departures(cfg))
-
-    def prepare_step_function(self) -> None:
-        model, cfg = self.model, self.cfg
-        net = model
-        if self.ranks.distributed:
-            one_gpu = len(self.devices) == 1 and self.dev0.type == "cuda"
-            # a module spanning two devices takes device_ids=None
-            net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[self.dev0] if one_gpu else None)
-        self.fwd = torch.compile(net) if cfg.compile else net
-        model.fused_norms = fused_norms_for(cfg, self.dev0)  # this run's model only; eval afterwards is eager
-        if self.main and model.fused_norms:
-            log.info("fused norms: the first step compiles them (about half a minute the first time, "
-                     "seconds from the cache); fused_norms=false runs the eager ones")
-
-    # -- saving ----------------------------------------------------------------------------------
-
-    def checkpoint(self, path: Path) -> None:
-        """Every process's RNG state, and rank 0 writes (a collective: every process calls it)."""
-        states = self.ranks.gather(rng_state())
-        if not self.main:
-            return
-        cfg, model, train = self.cfg, self.model, self.train_images
-        ckpt = Checkpoint(net=cfg.net, classes=self.classes, names=list(self.names) if self.names else None,
-                          dataset=getattr(train, "dataset", None), crop=cfg.crop, config=cfg.to_dict(),
-                          model={k: v.detach().cpu() for k, v in model.state_dict().items()},
-                          momentum=self.opt.state_for_checkpoint(model.named_parameters()),  # v = −ε·b (PaperSGD)
-                          schedule=self.sched.state_dict(),
-                          progress=Progress(epoch=self.epoch, in_epoch=self.in_epoch, step=self.step, best=self.best,
-                                            done=self.sched.finished(self.step) and self.in_epoch == 0,
-                                            records=self.records, partial=self.tally.partial()),
-                          rng=states, mean=torch.as_tensor(self.mean, dtype=torch.float32),
-                          pca=dict(self.pca) if self.pca else {})
-        try:
-            save_checkpoint(path, ckpt)
-        except ReplicaError as e:  # disk full, read-only, quota: the previous file is untouched
-            kept = "; the previous checkpoint is intact" if path.exists() else ""
-            raise ReplicaError(f"{e}{kept}. Free space or fix permissions, then resume with: "
-                               f"replica train --resume {self.run}") from None
-
-    def save_last(self) -> None:
-        """last.pt, after every process has checked its losses since the last read."""
-        self.read_losses()
-        self.checkpoint(self.run / "last.pt")
-
-    def stop_with_save(self, message: str):
-        """Save what the steps so far have done, then stop every process with ``message``."""
-        self.save_last()
-        self.ranks.barrier()  # no process leaves before rank 0's file is complete
-        raise ReplicaError(f"{message}. Progress is saved in {self.run / 'last.pt'} (epoch {self.epoch + 1}, step "
-                           f"{self.in_epoch} of {self.steps_per_epoch}); resume with: replica train --resume "
-                           f"{self.run}", quiet=not self.main, agreed=True)
-
-    # -- losses ----------------------------------------------------------------------------------
-
-    def read_losses(self) -> None:
-        """Bring this process's pending losses to the host (one wait for the device), add them to the
-        epoch's sums, and stop every process if any of them saw a NaN since the last read."""
-        vals = torch.stack(self.pending).tolist() if self.pending else []
-        self.pending = []
-        bad = next((i for i, v in enumerate(vals) if not math.isfinite(v)), None)
-        if self.ranks.agree(nan=bad is not None)["nan"]:
-            msg = None
-            if bad is not None:
-                in_epoch = self.in_epoch - len(vals) + bad + 1  # the step of the epoch (1-based) that saw it
-                msg = f"loss is {vals[bad]} at epoch {self.epoch + 1}, step {in_epoch}"
-            msg = self.ranks.first_message(msg)
-            raise TrainingStopped(f"{msg}: stopped. The last good checkpoint is kept in {self.run / 'last.pt'}. "
-                                  f"Try a lower lr or init=caffe.", quiet=not self.main, agreed=True)
-        for v in vals:
-            self.tally.add_loss(v)
-        if vals:
-            self.last_loss = vals[-1]
-            self.recent = (self.recent + vals)[-50:]
-            if self.live:
-                self.live.losses(self.step - len(vals) + 1, vals, self.sched.lrs(self.step - 1), self.tally.rate(),
-                                 self.dev0)
-        self._check_stall()
-
-    def _check_stall(self) -> None:
-        cfg = self.cfg
-        if cfg.stall_steps and self.step >= cfg.stall_steps and not self.stall_warned and self.main and self.recent:
-            self.stall_warned = True
-            stall_warning(self.recent, self.num_classes, self.step)
-
-    # -- one epoch -------------------------------------------------------------------------------
-
-    def _next_batch(self, it):
-        """(batch or None, this process's reason to stop the run or None)."""
-        cfg = self.cfg
-        try:
-            batch = next(it)
-        except RuntimeError as e:
-            if "DataLoader worker" not in str(e):
-                raise
-            return None, (f"a data-loader worker died at epoch {self.epoch + 1}, batch {self.in_epoch + 1} "
-                          f"({str(e).strip().splitlines()[0][:160]}). Out of memory is the usual cause: lower "
-                          f"workers={cfg.workers} or batch_size={cfg.batch_size}")
-        crops, shift, labels, b, bad = batch
-        crops, shift, labels, more = decode_if_encoded(crops, shift, labels, self.dev0)
-        bad = list(bad) + more  # entries the decoder refused are bad inputs like any other
-        batch = (crops, shift, labels, b, bad)
-        if bad:
-            self.tally.skipped += len(bad)
-            if self.main:
-                log_bad_inputs(self.run, self.epoch, b, bad, warn=10 - self.bad_warned)
-                self.bad_warned += len(bad)
-            else:  # rank 0 writes the file; the others name theirs on the console
-                from tqdm import tqdm
-
-                for what, why, _ in bad:
-                    tqdm.write(f"warning: process {self.ranks.rank} skipped {what}: {why}")
-            if cfg.strict_data:
-                what, why, _ = bad[0]
-                return batch, (f"bad input {what}: {why} (strict_data=true; set strict_data=false to skip and "
-                               f"count such inputs)")
-        if len(labels) == 0 and self.ranks.world > 1:  # the others would wait in all-reduce for this one
-            return batch, f"every input of batch {self.in_epoch + 1} was bad; see {self.run / 'bad_inputs.tsv'}"
-        return batch, None
-
-    def train_one_epoch(self, stop, bar) -> bool:
-        """The epoch's remaining steps; False if a stop was decided (saved already)."""
-        cfg, sched, ranks = self.cfg, self.sched, self.ranks
-        ds = TrainBatches(self.train_images, self.per_rank, self.mean, self.pca, seed=cfg.seed, epoch=self.epoch,
-                          start=self.in_epoch, pca_mode=cfg.pca_kind, noise=cfg.pca_noise, chunk=cfg.flip_chunk,
-                          rank=ranks.rank, world=ranks.world, crop=cfg.crop, decode=self.decode)
-        todo = min(self.steps_per_epoch - self.in_epoch, sched.total_steps - self.step)
-        self.model.train()
-        cpu = self.dev0.type == "cpu"
-        it = iter(loader(ds, cfg.workers, pin_memory=self.dev0.type == "cuda", background=cpu))
-        worker_deaths_at_next_batch()  # a dead worker is seen in _next_batch, where the processes can agree
-        try:
-            for _ in range(todo):
-                batch, problem = self._next_batch(it)
-                # the one place where the processes decide together, before anything that waits on the others
-                d = ranks.agree(stop=stop.requested is not None, error=problem is not None,
-                                save=self.main and time.time() - self.last_save > cfg.checkpoint_minutes * 60)
-                if d["error"]:
-                    self.stop_with_save(ranks.first_message(problem))
-                if d["stop"]:
-                    self.save_last()
-                    return False
-                if d["save"]:
-                    self.save_last()
-                    self.last_save = time.time()
-                self._step(ds, batch, bar)
-        finally:
-            del it
-        return True
-
-    def _step(self, ds, batch, bar) -> None:
-        crops, shift, labels, _, _ = batch
-        sched = self.sched
-        lrs = sched.lrs(self.step)
-        apply_lrs(self.opt, lrs)
-        if len(labels) == 0:  # one process only: every input of this batch was bad, nothing to learn from
-            self.step, self.in_epoch = self.step + 1, self.in_epoch + 1
-            bar.update(1)
-            return
-        noise = shift if sched.noise_on(self.step) else None
-        x = augment.finish(to_device(crops, self.dev0), self.mean_crop, to_device(noise, self.dev0),
-                           self.cfg.pca_kind)  # (B, 3, 224, 224) float32 on dev0
-        y = to_device(labels, self.dev0)
-        with autocast(self.devices, self.cfg.bf16):
-            logits = self.fwd(x)
-        loss = F.cross_entropy(logits.float(), y)
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        self.opt.step()
-        self.step, self.in_epoch = self.step + 1, self.in_epoch + 1
-        self.pending.append(loss.detach())
-        self.tally.seen += len(y) * self.ranks.world
-        if len(self.pending) >= self.read_every:
-            self.read_losses()
-        bar.update(1)
-        if self.last_loss is not None:
-            bar.set_postfix(loss=f"{self.last_loss:.3f}", lr=f"{lrs['weight']:.0e}", img_s=rate_text(self.tally.rate()),
-                            refresh=False)
-
-    # -- end of an epoch -------------------------------------------------------------------------
-
-    def end_of_epoch(self) -> None:
-        """Validate (rank 0), schedule, checkpoint (best, then last), metrics line."""
-        from tqdm import tqdm
-
-        cfg, sched, ranks = self.cfg, self.sched, self.ranks
-        self.read_losses()
-        step = self.step
-        t = self.tally
-        record = dict(epoch=self.epoch + 1, step=step, train_loss=t.mean_loss(),
-                      lr={k: v for k, v in sched.lrs(step - 1).items()}, noise=sched.noise_on(step - 1),
-                      seconds=t.elapsed(), images_per_s=t.rate(), skipped_files=t.skipped,
-                      colour_specificity=tower_medians(self.model))  # Fig. 3's split, epoch by epoch
-        err = None
-        if self.val_images is not None and self.main:
-            r = evaluate(self.model, self.val_images, self.mean, views=1, batch=min(cfg.batch_size, 128),
-                         max_batches=cfg.val_batches, crop=cfg.crop, bf16=cfg.bf16, workers=min(cfg.workers, 2))
-            record.update(val_top1_err=r["top1_err"], val_top5_err=r["top5_err"], val_images=r["images"])
-            err = r["top1_err"]
-        err = ranks.broadcast(err)
-        if err is not None and sched.on_validation(err) and self.main:
-            tqdm.write(f"validation error stopped improving: learning rate ÷10 (drop {sched.plateau_drops})")
-        self.epoch, self.in_epoch = self.epoch + 1, 0
-        improved = err is not None and err < self.best
-        if improved:
-            self.best = err
-        self.records.append(record)
-        # best, then last, then the metrics line: a kill between any two is repaired on resume
-        # (the epoch is redone from the older last.pt, or metrics.jsonl is rewritten from it)
-        if improved and cfg.save_best:
-            self.checkpoint(self.run / "best.pt")
-        self.checkpoint(self.run / "last.pt")
-        self.last_save = time.time()
-        if self.main:
-            append_metrics(self.run, record)
-            self.live.epoch(record, self.records, self.model)
-            loss_text = f"{record['train_loss']:.4f}" if t.loss_n else "n/a (no usable input)"
-            msg = f"epoch {record['epoch']}: loss {loss_text}"
-            if err is not None:
-                msg += (f", val top-1 {percent(record['val_top1_err'])} top-5 {percent(record['val_top5_err'])} "
-                        f"(1 view, {record['val_images']:,} images)")
-            tqdm.write(msg + f", {rate_text(record['images_per_s'])} img/s")
-
-    # -- the whole run ---------------------------------------------------------------------------
-
-    def loop(self) -> dict:
-        from tqdm import tqdm
-
-        sched, ranks, cfg = self.sched, self.ranks, self.cfg
-        self.last_save = time.time()
-        if self.main:  # a resumed run's TensorBoard curves go on from its checkpoint's step
-            self.live = LiveViews(self.run, cfg.tensorboard, cfg.live, resumed_at=self.step or None)
-            if self.step == 0:
-                self.live.config(dump_config(cfg))
-        with StopSignals() as stop:
-            stop.escalate = not ranks.distributed  # under torchrun the agent ends workers that do not stop
-            while not sched.finished(self.step):
-                if self.in_epoch == 0:
-                    self.tally = Tally()
-                bar = tqdm(total=self.steps_per_epoch, initial=self.in_epoch, desc=f"epoch {self.epoch + 1}",
-                           unit="step", disable=not (self.progress and self.main), dynamic_ncols=True, leave=False)
-                try:
-                    finished = self.train_one_epoch(stop, bar)
-                    # once more before validating: a stop asked for during the last step need not wait for it
-                    if finished and ranks.agree(stop=stop.requested is not None)["stop"]:
-                        self.save_last()
-                        finished = False
-                finally:
-                    bar.close()
-                if not finished:
-                    if self.main:
-                        print(f"stopped by {stop.requested or 'a signal to another process'} at epoch "
-                              f"{self.epoch + 1}, step {self.in_epoch} of {self.steps_per_epoch}; saved "
-                              f"{self.run / 'last.pt'}. Resume with: replica train --resume {self.run}")
-                    return dict(stopped=stop.requested or "signal", step=self.step)
-                if self.in_epoch < self.steps_per_epoch and not sched.finished(self.step):
-                    continue
-                self.end_of_epoch()
-        ranks.barrier()
-        return dict(stopped=None, step=self.step, epochs=self.epoch, best_val_top1_err=self.best)
+def train_epochs(run: Run, watch: LossWatch, out: RunLog) -> dict:
+    """Epochs until the schedule ends or a stop (Ctrl-C, SIGTERM) is decided."""
+    p, ranks = run.progress, run.ranks
+    clock = Every(run.cfg.checkpoint_minutes * 60)
+    with StopSignals() as stop:
+        stop.escalate = not ranks.distributed  # under torchrun the agent ends workers that do not stop
+        while not run.schedule.finished(p.step):
+            if p.in_epoch == 0:
+                run.tally = Tally()
+            with out.epoch_bar(p.epoch, p.in_epoch, run.steps_per_epoch):
+                finished = train_one_epoch(run, watch, out, stop, clock)
+                # once more before validating: a stop asked for during the last step need not wait for it
+                if finished and ranks.agree(stop=stop.requested is not None)["stop"]:
+                    save_last(run, watch, out)
+                    finished = False
+            if not finished:
+                out.say(f"stopped by {stop.requested or 'a signal to another process'} at epoch {p.epoch + 1}, "
+                        f"step {p.in_epoch} of {run.steps_per_epoch}; saved {run.last}. Resume with: "
+                        f"replica train --resume {run.folder}")
+                return dict(stopped=stop.requested or "signal", step=p.step)
+            if p.in_epoch < run.steps_per_epoch and not run.schedule.finished(p.step):
+                continue
+            end_of_epoch(run, watch, out, clock)
+    ranks.barrier()
+    return dict(stopped=None, step=p.step, epochs=p.epoch, best_val_top1_err=p.best)
 
 
 def train(cfg: Config, out, resume: bool = False, progress: bool = True) -> dict:
@@ -457,28 +497,32 @@ def train(cfg: Config, out, resume: bool = False, progress: bool = True) -> dict
         raise ReplicaError("preset caffe evaluates Caffe's bvlc_alexnet (replica import); Caffe's solver is not "
                            "modelled: train with preset as-run or paper-text"
                            + (f" ({out} holds imported weights)" if resume else ""))
-    r = _Run(cfg, out, progress)
+    folder = Path(out)
+    ranks, devices = setup_ranks(cfg.devices, cfg.net.towers, cfg.devices_per_process, cfg.batch_size)
+    console = RunLog(folder, ranks.rank, progress)
     together = False  # whether every process of the job gets to the end of this call at once
     try:
-        if resume and not (r.run / "last.pt").exists():  # stopped before its first checkpoint: nothing to keep
-            if r.main:
-                print(f"{r.run} has no checkpoint yet: starting from the beginning")
-            resume = False
-        if resume and not r.resume():
+        with run_folder(folder, ranks.main):
+            run = setup(cfg, folder, ranks, devices)
+            if resume and not run.last.exists():  # stopped before its first checkpoint: nothing to keep
+                console.say(f"{folder} has no checkpoint yet: starting from the beginning")
+                resume = False
+            if resume and not resume_run(run, console):
+                together = True
+                p = run.progress
+                return dict(stopped=None, step=p.step, epochs=p.epoch, best_val_top1_err=p.best)
+            if not resume:
+                start(run, console)
+            run.forward = step_forward(run, console)
+            console.open_views(cfg.tensorboard, cfg.live, run.progress.step or None, dump_config(cfg))
+            watch = LossWatch(ranks, LOSS_READ_STEPS.get(devices[0].type, 20), cfg.stall_steps, len(run.classes))
+            result = train_epochs(run, watch, console)
             together = True
-            return dict(stopped=None, step=r.step, epochs=r.epoch, best_val_top1_err=r.best)
-        if not resume:
-            r.start()
-        r.prepare_step_function()
-        result = r.loop()
-        together = True
-        return result
+            return result
     except ReplicaError as e:
         together = e.agreed  # a stop decided together (a NaN, a bad batch, a dead worker); else this
         raise  # process alone, where destroying the group could wait for the others for ever
     finally:
-        if r.live:
-            r.live.close()
+        console.close()
         if together:
-            r.ranks.close()
-        r.unlock()
+            ranks.close()

@@ -208,11 +208,11 @@ def test_train_leaves_the_job_at_the_end_and_on_an_agreed_stop(monkeypatch, stor
     T.train(cfg, tmp_path / "run", progress=False)
     assert closed == [True]
 
-    def fail(self, *a, agreed):
+    def fail(*a, agreed):
         raise ReplicaError("stop", agreed=agreed)
 
     for agreed, want in ((True, [True, True]), (False, [True, True])):
-        monkeypatch.setattr(T._Run, "loop", lambda self, agreed=agreed: fail(self, agreed=agreed))
+        monkeypatch.setattr(T, "train_epochs", lambda *a, agreed=agreed: fail(*a, agreed=agreed))
         with pytest.raises(ReplicaError):
             T.train(cfg, tmp_path / f"run-{agreed}", progress=False)
         assert closed == want  # the agreed stop closed once more; the lone error did not
@@ -465,11 +465,11 @@ def test_gpu_check_names_what_it_needs_and_fails_on_a_missing_one():
     assert gpu_check.verify_needs() == []
     broken = {k: list(v) for k, v in gpu_check.NEEDS.items()}
     broken["files"].append("tools/no-such-file.py")
-    broken["functions"].append("replica.train:_Run._no_such_step")
+    broken["functions"].append("replica.train:no_such_step")
     broken["config_keys"].append("no_such_key")
     broken["bench_args"] = ["all", "--no-such-flag"]
     missing = gpu_check.verify_needs(broken)
-    assert missing == ["file tools/no-such-file.py", "function replica.train:_Run._no_such_step",
+    assert missing == ["file tools/no-such-file.py", "function replica.train:no_such_step",
                        "config key no_such_key", "bench.py arguments all --no-such-flag"]
 
 

@@ -47,14 +47,14 @@ def test_tensorboard_holds_the_documented_tags_and_a_resumed_run_no_step_twice(s
 
     # a run killed in epoch 2 after its events were written, its last checkpoint epoch 1's: the resume
     # redoes steps 4-6 and writes their events again, which TensorBoard must show once
-    real = train_mod._Run.end_of_epoch
+    real = train_mod.end_of_epoch
 
-    def keep_epoch_1(self):
-        real(self)
-        if self.epoch == 1:
-            shutil.copy(self.run / "last.pt", tmp_path / "epoch1.pt")
+    def keep_epoch_1(run, *a):
+        real(run, *a)
+        if run.progress.epoch == 1:
+            shutil.copy(run.last, tmp_path / "epoch1.pt")
 
-    monkeypatch.setattr(train_mod._Run, "end_of_epoch", keep_epoch_1)
+    monkeypatch.setattr(train_mod, "end_of_epoch", keep_epoch_1)
     train(tiny(store, tensorboard=True), cut, progress=False)
     monkeypatch.undo()
     shutil.copy(tmp_path / "epoch1.pt", cut / "last.pt")
@@ -80,11 +80,11 @@ def test_without_tensorboard_the_run_goes_on_and_says_so_once(store, tmp_path, m
 KILL_AFTER_EPOCH_1 = r"""
 import os, signal, sys
 import replica.train as t
-real = t._Run.end_of_epoch
-def end_then_die(self):
-    real(self)
+real = t.end_of_epoch
+def end_then_die(*a):
+    real(*a)
     os.kill(os.getpid(), signal.SIGKILL)  # as the OOM killer would, right after epoch 1's end
-t._Run.end_of_epoch = end_then_die
+t.end_of_epoch = end_then_die
 from replica.cli import entry
 entry(sys.argv[1:])
 """

@@ -48,13 +48,14 @@ if os.environ.get("SLOW_SAVE") and rank == 0:  # rank 0's writes take seconds
     runs.atomic_write = slow
 
 if os.environ.get("STEP_SLEEP"):  # slow steps (from step STEP_SLEEP_FROM on), so that a signal lands mid-epoch
-    real_step = train_mod._Run._step
-    def sleepy(self, *a):
-        if self.step + 1 >= int(os.environ.get("STEP_SLEEP_FROM", 1)):
+    real_step, steps = train_mod.train_step, []
+    def sleepy(*a, **k):
+        steps.append(1)  # a first run's steps: the run's step number
+        if len(steps) >= int(os.environ.get("STEP_SLEEP_FROM", 1)):
             time.sleep(float(os.environ["STEP_SLEEP"]))
-        print(f"STEP {self.step + 1} rank {rank}", file=sys.stderr, flush=True)
-        return real_step(self, *a)
-    train_mod._Run._step = sleepy
+        print(f"STEP {len(steps)} rank {rank}", file=sys.stderr, flush=True)
+        return real_step(*a, **k)
+    train_mod.train_step = sleepy
 
 if fault == "nan" and mine:  # rank 1's 8th loss (epoch 2, step 2) is NaN
     real_ce, calls = train_mod.F.cross_entropy, []

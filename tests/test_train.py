@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 import replica.train as train_mod
 from replica import augment
@@ -522,3 +523,27 @@ def test_the_header_names_every_departure_from_the_preset(store, tmp_path):
                   "init=caffe"):  # (a preset=paper-text run would name preset first)
         assert words in line, (words, line)
     assert "devices" not in line and "workers" not in line  # how it runs, not what it computes
+
+
+def test_the_step_is_a_function_of_its_arguments():
+    """train_step alone, on a net, an optimizer and a batch: its loss and its update are the
+    paper's rule written out (first step: v = −ε·(λ·w + g), w ← w + v), per parameter group."""
+    import copy
+
+    from replica.model import AlexNet
+    from replica.optim import PaperSGD, param_groups
+
+    torch.manual_seed(0)
+    net = AlexNet.from_options(NetOptions(width=NARROW, init="he"), 5, "cpu").eval()  # eval: no dropout draw
+    before = copy.deepcopy(net)
+    opt = PaperSGD(param_groups(net, 0.01, 5e-4, 0.02), momentum=0.9)
+    x, y = torch.randn(4, 3, 224, 224) * 50, torch.tensor([0, 1, 2, 3])
+    lrs = {"weight": 0.01, "bias": 0.02, "conv1.weight": 0.01, "conv1.bias": 0.02}
+    loss = train_mod.train_step(net, opt, x, y, lrs, devices=(torch.device("cpu"),), bf16=False)
+    want = F.cross_entropy(before(x), y)
+    want.backward()
+    assert not loss.requires_grad and torch.equal(loss, want.detach())
+    for (name, p), q in zip(net.named_parameters(), before.parameters()):
+        decay, lr = (0.0, 0.02) if name.endswith("bias") else (5e-4, 0.01)
+        torch.testing.assert_close(p.detach(), q.detach() - lr * (decay * q.detach() + q.grad), msg=name)
+    assert any(not torch.equal(p, q) for p, q in zip(net.parameters(), before.parameters()))

@@ -1028,28 +1028,28 @@ def cmd_host(b: Bench):
     cfg = load_config(None, dict(data=str(root / "st"), batch_size=4, epochs=1, steps_per_epoch=a.steps, workers=0,
                                  devices="cpu", init="caffe", width=0.0625, fused_norms=False, checkpoint_minutes=60,
                                  val_batches=1, save_best=False))
-    spent = {"_next_batch": [], "_step": []}
-    real = {k: getattr(T._Run, k) for k in spent}
+    spent = {"next_batch": [], "train_step": []}
+    real = {k: getattr(T, k) for k in spent}
 
     def timed(name):
-        def call(self, *args):
+        def call(*args, **kw):
             t0 = time.perf_counter()
             try:
-                return real[name](self, *args)
+                return real[name](*args, **kw)
             finally:
                 spent[name].append(time.perf_counter() - t0)
         return call
 
     T.train(cfg, root / "warm", progress=False)
     for k in spent:
-        setattr(T._Run, k, timed(k))
+        setattr(T, k, timed(k))
     try:
         t0 = time.perf_counter()
         T.train(cfg, root / "run", progress=False)
         wall = time.perf_counter() - t0
     finally:
         for k, f in real.items():
-            setattr(T._Run, k, f)
+            setattr(T, k, f)
     (root / "agree.py").write_text(_AGREE)
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                         str(root / "agree.py"), "2000"], capture_output=True, text=True,

@@ -67,7 +67,7 @@ NEEDS = dict(
     modules=["replica.train", "replica.data.loaders", "replica.data.jpeg", "replica.model", "replica.data.store",
              "replica.data.synth",
              "torch.distributed.run"],
-    functions=["replica.train:_Run._step", "replica.train:_Run._next_batch", "replica.dist:setup_ranks",
+    functions=["replica.train:train_step", "replica.train:next_batch", "replica.dist:setup_ranks",
                "replica.data.jpeg:on_decode_stream", "replica.data.loaders:JpegBatch.decode", "replica.runtime:set_tf32",
                "torch.cuda:set_sync_debug_mode", "torchvision.io:decode_jpeg"],
     config_keys=["devices", "devices_per_process", "decode", "bf16", "tf32", "deterministic", "steps_per_epoch",
@@ -330,28 +330,28 @@ def check_c(work: Path, dry: bool) -> str:
     for fmt, mode in (("raw", "error"), ("jpeg", "warn")):
         store = stores(work, fmt, dry)
         steps = []
-        real_step, real_next = T._Run._step, T._Run._next_batch
+        real_step, real_next = T.train_step, T.next_batch
 
         def debug(fn):
-            def wrapped(self, *a):
-                on = not dry and self.step >= 1  # the first step: cuDNN's search, first allocations
+            def wrapped(*a, **k):
+                on = not dry and len(steps) >= 1  # the first step: cuDNN's search, first allocations
                 if on:
                     torch.cuda.set_sync_debug_mode(mode)
                 try:
-                    return fn(self, *a)
+                    return fn(*a, **k)
                 finally:
                     if on:
                         torch.cuda.set_sync_debug_mode(0)
             return wrapped
 
-        def counted(self, *a):
+        def counted(*a, **k):
             t0 = time.perf_counter()
             try:
-                return debug(real_step)(self, *a)
+                return debug(real_step)(*a, **k)
             finally:  # the step's host time: what the CPU spends queueing it (no sync inside)
-                steps.append((self.step, t0, time.perf_counter() - t0))
+                steps.append((len(steps), t0, time.perf_counter() - t0))
 
-        T._Run._step, T._Run._next_batch = counted, debug(real_next)
+        T.train_step, T.next_batch = counted, debug(real_next)
         try:
             with warnings.catch_warnings(record=True) as w:
                 warnings.simplefilter("always")
@@ -359,7 +359,7 @@ def check_c(work: Path, dry: bool) -> str:
                                 decode="device" if fmt == "jpeg" else "auto")  # the nvJPEG path (auto: workers)
                 T.train(cfg, work / f"sync-{fmt}", progress=False)
         finally:
-            T._Run._step, T._Run._next_batch = real_step, real_next
+            T.train_step, T.next_batch = real_step, real_next
         # the flagged syncs (torch also warns once that the debug mode itself is a prototype: not a sync)
         syncs = [str(x.message).splitlines()[0][:120] for x in w
                  if "synchronizing" in str(x.message) and "prototype feature" not in str(x.message)]
