@@ -5,32 +5,105 @@ from __future__ import annotations
 
 import math
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 from .config import NOT_THE_EXPERIMENT
 from .errors import ReplicaError
 from .pictures import SEPARATION, plot_curves
 
-# docs/spec.md §5: ILSVRC top-1 / top-5 error (%), 10 views, from the original run logs, and the
-# paper's claimed effect of each ablation (how much better the baseline is).
-PAPER = [  # (dataset, config, original run log, paper)
-    ("ilsvrc2012", "baseline, run 145 (ILSVRC-2012 val)", "40.66 / 18.21", "Table 2 '1 CNN' 40.7 / 18.2"),
-    ("ilsvrc2010", "baseline, run 145-2010 (ILSVRC-2010 test)", "37.47 / 17.00; centre view 39.02 / 18.30",
-     "Table 1 37.5 / 17.0"),
-    ("ilsvrc2010", "one-gpu-half, run 145-half (ILSVRC-2010 test)", "39.17 / 18.23", "two GPUs better by 1.7 / 1.2"),
-    ("ilsvrc2012", "no-norm, run 148 (ILSVRC-2012 val)", "42.03 / 19.36", "LRN better by 1.4 / 1.2"),
-    ("ilsvrc2012", "no-overlap, run 147 (ILSVRC-2012 val)", "41.06 / 18.51", "overlap better by 0.4 / 0.3"),
-    ("ilsvrc2012", "no-pca", "—", "PCA better by > 1 top-1"),
-    ("ilsvrc2012", "no-dropout", "—", "'substantial overfitting'"),
-]
-DATASETS = {"ilsvrc2012": "ILSVRC-2012", "ilsvrc2010": "ILSVRC-2010"}
-CLAIMS = {  # config change → the paper's claimed (top-1, top-5) gain of the baseline over it
-    ("variant", "one-gpu-half"): ("two GPUs", 1.7, 1.2),
-    ("norm", False): ("LRN", 1.4, 1.2),
-    ("overlap", False): ("overlapping pooling", 0.4, 0.3),
-    ("pca_noise", False): ("PCA noise", 1.0, None),
-    ("dropout", False): ("dropout", None, None),
-}
+# -- the evidence: the original runs' logs, and one record per claim of the paper ----------------
+
+@dataclass(frozen=True)
+class OriginalRun:
+    """One of the 2012 runs as its log ends (docs/spec.md §5): ten-view top-1 / top-5 error (%)."""
+
+    name: str
+    dataset: str  # the data it was measured on: ilsvrc2012 (val) or ilsvrc2010 (test)
+    top1: float
+    top5: float
+    also: str = ""  # more from the same log
+    paper: str = ""  # where the paper prints it
+
+
+ORIGINAL = {r.name: r for r in (
+    OriginalRun("145", "ilsvrc2012", 40.66, 18.21, paper="Table 2 '1 CNN' 40.7 / 18.2"),
+    OriginalRun("145-2010", "ilsvrc2010", 37.47, 17.00, also="centre view 39.02 / 18.30", paper="Table 1 37.5 / 17.0"),
+    OriginalRun("145-half", "ilsvrc2010", 39.17, 18.23),
+    OriginalRun("148", "ilsvrc2012", 42.03, 19.36),
+    OriginalRun("147", "ilsvrc2012", 41.06, 18.51),
+)}
+DATASETS = {"ilsvrc2012": "ILSVRC-2012 val", "ilsvrc2010": "ILSVRC-2010 test"}
+
+
+@dataclass(frozen=True)
+class Claim:
+    """One of the paper's claims that an ablation tests, with all its evidence: the config change
+    (``configs/<config>.yaml``), the baseline recipe it is measured against
+    (``configs/<baseline>.yaml``: ``tools/reproduce.py`` trains the ablation as that baseline plus
+    the change), how much better the paper says the baseline is (top-1, top-5 points; None where
+    it gives no number), and the original runs that measured it, ablation and baseline."""
+
+    name: str
+    key: str
+    value: object
+    config: str
+    baseline: str = "alexnet-2gpu"
+    gain: tuple = (None, None)
+    words: str = ""  # the paper's words where it gives no number
+    run: str | None = None
+    baseline_run: str = "145"
+
+    @property
+    def change(self) -> tuple:
+        return self.key, self.value
+
+    def paper_text(self) -> str:
+        c1, c5 = self.gain
+        if c1 is None and c5 is None:
+            return self.words
+        return f"{self.name} better by {c1 if c1 is not None else '?'} / {c5 if c5 is not None else '?'}" + (
+            f" ({self.words})" if self.words else "")
+
+    def original_difference(self) -> tuple | None:
+        """(top-1, top-5, 'run − run') of the original runs, or None where none measured it."""
+        if self.run is None:
+            return None
+        a, b = ORIGINAL[self.run], ORIGINAL[self.baseline_run]
+        return round(a.top1 - b.top1, 2), round(a.top5 - b.top5, 2), f"{a.name} − {b.name}"
+
+
+CLAIMS = (
+    Claim("two GPUs", "variant", "one-gpu-half", "one-gpu-half", baseline="alexnet-2010", gain=(1.7, 1.2),
+          run="145-half", baseline_run="145-2010"),
+    Claim("LRN", "norm", False, "no-norm", gain=(1.4, 1.2), run="148"),
+    Claim("overlapping pooling", "overlap", False, "no-overlap", gain=(0.4, 0.3), run="147"),
+    Claim("PCA noise", "pca_noise", False, "no-pca", gain=(1.0, None), words="'over 1%' top-1"),
+    Claim("dropout", "dropout", False, "no-dropout", words="'substantial overfitting' without it"),
+)
+
+
+def claim_of(diff: dict) -> Claim | None:
+    """The paper's claim an ablation's config differences test, or None."""
+    return next((c for c in CLAIMS if c.key in diff and diff[c.key] == c.value), None)
+
+
+def original_difference(change) -> tuple | None:
+    """(top-1, top-5, 'run − run') of the original runs for a config change, or None."""
+    c = next((c for c in CLAIMS if c.change == change), None)
+    return c.original_difference() if c else None
+
+
+# The verdict on a claim from the paired interval [low, high] of n seeds; each rule once, and the
+# report's legend is written from this list.
+VERDICTS = (
+    ("no number claimed", "the paper gives none"),
+    ("one seed: no interval", "n = 1"),
+    ("not distinguishable from seed noise", "the interval contains 0"),
+    ("reproduced", "it excludes 0 on the claimed side and contains the claimed difference, or lies above it"),
+    ("smaller than claimed", "it excludes 0 but lies below the claim"),
+    ("reversed: the ablation is better", "it excludes 0 on the other side"),
+)
 
 
 def _run_summary(run: Path) -> dict:
@@ -84,23 +157,6 @@ def _last_epoch(s: dict) -> str:
 
 # -- runs grouped by config, across seeds ------------------------------------------------------
 
-# docs/spec.md §5: the original runs' logged ten-view errors (top-1, top-5 %), and which pair of
-# them measured each of the paper's claims (ablation minus baseline, on the same data)
-ORIGINAL = {"145": (40.66, 18.21), "145-2010": (37.47, 17.00), "145-half": (39.17, 18.23), "148": (42.03, 19.36),
-            "147": (41.06, 18.51)}
-ORIGINAL_PAIRS = {("variant", "one-gpu-half"): ("145-half", "145-2010"), ("norm", False): ("148", "145"),
-                  ("overlap", False): ("147", "145")}
-
-
-def original_difference(change) -> tuple | None:
-    """(top-1, top-5, 'run − run') of the original runs for a config change, or None."""
-    pair = ORIGINAL_PAIRS.get(change)
-    if pair is None:
-        return None
-    (a1, a5), (b1, b5) = ORIGINAL[pair[0]], ORIGINAL[pair[1]]
-    return round(a1 - b1, 2), round(a5 - b5, 2), f"{pair[0]} − {pair[1]}"
-
-
 def _seed(s: dict) -> int:
     return int(s["config"].get("seed", 0) or 0)
 
@@ -118,8 +174,40 @@ def group_runs(summaries) -> list[dict]:
         stems = {re.sub(r"-seed\d+$", "", s["name"]) for s in runs}
         diff = {k: v for k, v in runs[0]["diff"].items() if k not in NOT_THE_EXPERIMENT}
         name = stems.pop() if len(stems) == 1 else (", ".join(f"{k}={v}" for k, v in diff.items()) or "as-run")
-        out.append(dict(name=name, diff=diff, runs=runs))
+        cfg = {k: v for k, v in runs[0]["config"].items() if k not in NOT_THE_EXPERIMENT}
+        out.append(dict(name=name, diff=diff, runs=runs, cfg=cfg))
     return out
+
+
+def recipe_departures(cfg: dict, recipe: str) -> list[str]:
+    """The keys that ``configs/<recipe>.yaml`` sets (the recipe: a schedule, say) in which ``cfg``
+    departs from it; the length of training (``epochs``) and how a run ran are the user's."""
+    import yaml
+
+    from .config import load_config
+
+    path = Path(__file__).resolve().parents[1] / "configs" / f"{recipe}.yaml"
+    if not path.exists():
+        return []
+    keys = set(yaml.safe_load(path.read_text()) or {}) - NOT_THE_EXPERIMENT - {"epochs", "data", "val_data"}
+    want = load_config(path).to_dict()
+    return [k for k in sorted(keys) if cfg.get(k) != want[k]]
+
+
+def baseline_of(g: dict, groups: list) -> dict | None:
+    """The group an ablation is paired with: for one of the paper's claims, the group whose config
+    is this one's with the claim's switch back at its default (the claim's own baseline recipe,
+    whichever that is: run 145's, or run 145-2010's for two GPUs); otherwise, or where there is
+    none, the first group (the report's first run)."""
+    from .config import load_config
+
+    c = claim_of(g["diff"])
+    if c is not None:
+        want = dict(g["cfg"], **{c.key: load_config(None, {}).to_dict()[c.key]})
+        found = next((b for b in groups if b is not g and b["cfg"] == want), None)
+        if found is not None:
+            return found
+    return groups[0] if groups[0] is not g else None
 
 
 def mean_sd(values) -> tuple:
@@ -146,16 +234,20 @@ def t_interval(diffs, level: float = 0.95) -> tuple:
 
 def verdict(n: int, low, high, claim) -> str:
     """The paper's claim (the baseline better by ``claim``, in the interval's units) against the
-    paired interval [low, high] of n seeds."""
+    paired interval [low, high] of n seeds: one of :data:`VERDICTS`, tried in their order."""
     if claim is None:
-        return "no number claimed"
+        return VERDICTS[0][0]
     if n < 2:
-        return "one seed: no interval"
+        return VERDICTS[1][0]
     if low <= 0 <= high:
-        return "not distinguishable from seed noise"
+        return VERDICTS[2][0]
     if low > 0:
-        return "reproduced" if high >= claim else "smaller than claimed"
-    return "reversed: the ablation is better"
+        return VERDICTS[3][0] if high >= claim else VERDICTS[4][0]
+    return VERDICTS[5][0]
+
+
+def verdict_legend() -> str:
+    return "Verdicts: " + "; ".join(f"*{name}*: {rule}" for name, rule in VERDICTS) + "."
 
 
 def _fmt_ms(m, sd, n) -> str:
@@ -212,14 +304,6 @@ def paired(base: dict, group: dict, views: int) -> dict:
     return dict(diffs=diffs, left_out=left_out)
 
 
-def _claim_of(diff: dict):
-    """(the config change, the paper's claim about it) for an ablation's diff, or (None, None)."""
-    for (k, v), claim in CLAIMS.items():
-        if diff.get(k) == v:
-            return (k, v), claim
-    return None, None
-
-
 def _interval_text(m, lo, hi) -> str:
     if m is None:
         return "n/a"
@@ -227,26 +311,27 @@ def _interval_text(m, lo, hi) -> str:
 
 
 def _ablation_table(groups) -> list[str]:
-    base = groups[0]
-    views = _views_of(base)
-    lines = ["", f"## Ablations against {base['name']}, paired by seed ({'ten views' if views == 10 else 'one view'})",
-             "", "Each difference is the ablation's error minus the baseline's of the same seed, in points: "
-             "positive means the baseline is better. Mean over seeds and its 95% confidence interval (Student's t, "
-             "n − 1 degrees of freedom).", "",
+    pairs = [(g, baseline_of(g, groups)) for g in groups[1:]]
+    bases = {id(b) for g, b in pairs if claim_of(g["diff"]) is not None}
+    pairs = [(g, b) for g, b in pairs if b is not None and id(g) not in bases]  # a claim's baseline is no row
+    lines = ["", "## Ablations, each paired by seed with its baseline", "",
+             "Each difference is the ablation's error minus its baseline's of the same seed, in points: positive "
+             "means the baseline is better. Mean over seeds and its 95% confidence interval (Student's t, n − 1 "
+             "degrees of freedom). Each ablation is paired with the config that differs from it only in the claim's "
+             "switch (its own baseline recipe: run 145's, or run 145-2010's for two GPUs), else with the first "
+             "config; the last column names it, and says where it is not the claim's recipe.", "",
              "| ablation | n | top-1 diff [95% CI] | top-5 diff [95% CI] | the paper's claim | original runs | "
-             "verdict top-1; top-5 |", "|---|---|---|---|---|---|---|"]
+             "verdict top-1; top-5 | paired with |", "|---|---|---|---|---|---|---|---|"]
     notes, per_seed = [], []
-    for g in groups[1:]:
-        change, claim = _claim_of(g["diff"])
+    for g, base in pairs:
+        views = _views_of(base)
+        claim = claim_of(g["diff"])
         p = paired(base, g, views)
         d1 = t_interval([d[0] for d in p["diffs"].values()])
         d5 = t_interval([d[1] for d in p["diffs"].values() if d[1] is not None])
-        if claim:
-            cname, c1, c5 = claim
-            claim_text = f"{cname}: {c1 if c1 is not None else '?'} / {c5 if c5 is not None else '?'}"
-        else:
-            cname, c1, c5, claim_text = None, None, None, "—"
-        orig = original_difference(change)
+        c1, c5 = claim.gain if claim else (None, None)
+        claim_text = f"{claim.name}: {c1 if c1 is not None else '?'} / {c5 if c5 is not None else '?'}" if claim else "—"
+        orig = claim.original_difference() if claim else None
         orig_text = f"{orig[0]:.2f} / {orig[1]:.2f} ({orig[2]})" if orig else "—"
         if not p["diffs"]:
             v_text = "no pair of comparable runs"
@@ -257,8 +342,12 @@ def _ablation_table(groups) -> list[str]:
             v1 = verdict(d1[3], d1[1], d1[2], pts(c1))
             v5 = verdict(d5[3], d5[1], d5[2], pts(c5)) if d5[3] else "n/a"
             v_text = f"{v1} (n={d1[3]}); {v5}"
+        off = recipe_departures(base["cfg"], claim.baseline) if claim else []
+        own = f" (not the claim's recipe, configs/{claim.baseline}.yaml of run {claim.baseline_run}: " \
+              f"{', '.join(off)} differ)" if off else ""
         lines.append(f"| {g['name']} | {d1[3]} | {_interval_text(*d1[:3])} | {_interval_text(*d5[:3])} | "
-                     f"{claim_text} | {orig_text} | {v_text} |")
+                     f"{claim_text} | {orig_text} | {v_text} | {base['name']}, {'ten views' if views == 10 else 'one view'}"
+                     f"{own} |")
         if p["diffs"]:
             per_seed.append(f"- {g['name']}: " + ", ".join(
                 f"seed {k} {100 * a:+.2f} / {'n/a' if b is None else f'{100 * b:+.2f}'}"
@@ -267,10 +356,7 @@ def _ablation_table(groups) -> list[str]:
     lines += ["", "Per seed (top-1 / top-5 difference):", ""] + per_seed if per_seed else []
     if notes:
         lines += ["", "Not paired:", ""] + notes
-    lines += ["", "Verdicts: *reproduced*: the interval excludes 0 on the claimed side and contains the claimed "
-              "difference, or lies above it; *smaller than claimed*: it excludes 0 but lies below the claim; "
-              "*not distinguishable from seed noise*: it contains 0; *reversed*: it excludes 0 on the other side; "
-              "*one seed: no interval*: n = 1; *no number claimed*: the paper gives none."]
+    lines += ["", verdict_legend()]
     return lines
 
 
@@ -359,7 +445,8 @@ def report(runs, out=None) -> Path:
 
 
 def _paper_table(summaries) -> list[str]:
-    """docs/spec.md §5's figures for the datasets these runs were evaluated on, and only those."""
+    """The original runs and the paper's figures (docs/spec.md §5) for the datasets these runs were
+    evaluated on, and only those: each baseline run, then each claim with its pair of runs."""
     present = [d for d in DATASETS if any(s["eval"].get("dataset") == d for s in summaries)]
     if not present:
         return ["", "## The paper and the original run", "",
@@ -368,9 +455,19 @@ def _paper_table(summaries) -> list[str]:
                 "reads ImageNet's archives or the Kaggle layout with all 1,000 classes."]
     lines = ["", f"## The paper and the original run (docs/spec.md §5, {' and '.join(DATASETS[d] for d in present)}, "
                  f"ten views)", "", "| config | original run log | paper |", "|---|---|---|"]
-    lines += [f"| {a} | {b} | {c} |" for d, a, b, c in PAPER if d in present]
+    for r in ORIGINAL.values():
+        if r.paper and r.dataset in present:
+            lines.append(f"| baseline, run {r.name} ({DATASETS[r.dataset]}) | {r.top1:.2f} / {r.top5:.2f}"
+                         f"{'; ' + r.also if r.also else ''} | {r.paper} |")
+    for c in CLAIMS:
+        base = ORIGINAL[c.baseline_run]
+        if base.dataset not in present:
+            continue
+        run = ORIGINAL.get(c.run)
+        what = f"{c.config}, run {run.name} ({DATASETS[run.dataset]})" if run else c.config
+        log = f"{run.top1:.2f} / {run.top5:.2f}" if run else "—"
+        lines.append(f"| {what} | {log} | {c.paper_text()} |")
     return lines
-
 
 
 def bvlc_on_its_data(s: dict) -> bool:

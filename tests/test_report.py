@@ -44,9 +44,9 @@ def test_report_tables_curves_config_difference_and_ablation_deltas(tmp_path, ca
     assert ("| baseline | 42.00 / 20.00 | 40.00 / 18.00 | final, epoch 3 | 1,000 validation images | "
             "50.00 / 20.00 (epoch 3, 64 images) |") in md
     assert "- no-norm (1 run): `norm=False`" in md and "- baseline (1 run): none" in md
-    assert "## Ablations against baseline, paired by seed (ten views)" in md
+    assert "## Ablations, each paired by seed with its baseline" in md
     assert "| no-norm | 1 | +1.37 | +1.15 | LRN: 1.4 / 1.2 | 1.37 / 1.15 (148 − 145) | one seed: no interval (n=1); " \
-           "one seed: no interval |" in md
+           "one seed: no interval | baseline, ten views |" in md
     # unlike figures are never set against the baseline's: other images, another checkpoint rule, none
     assert "- no-overlap, seed 0: left out, not comparable (images differ)" in md
     assert "- no-pca, seed 0: left out, not comparable (network differ)" in md
@@ -79,10 +79,17 @@ def test_reproduce_runs_baseline_and_every_ablation_in_tiny_mode(tmp_path):
     size = sum(f.stat().st_size for f in (tmp_path / "out").rglob("*") if f.is_file())
     assert size < 100e6, f"{size / 1e6:.0f} MB for one seed of --tiny"
     assert load_checkpoint(tmp_path / "out" / "no-norm-seed0").net.width == NARROW
-    for name in ["alexnet-2gpu", *ABLATIONS]:
+    for name in ["alexnet-2gpu", "alexnet-2010", *ABLATIONS]:
         assert f"| {name}-seed0 |" in md
         assert (tmp_path / "out" / f"{name}-seed0" / "eval.json").exists()
     assert "LRN: 1.4 / 1.2" in md and "two GPUs: 1.7 / 1.2" in md and "overlapping pooling: 0.4 / 0.3" in md
+    # each claim against its own baseline recipe: two GPUs against run 145-2010's, the rest run 145's
+    rows = {ln.split(" | ")[0][2:]: ln for ln in md.split("## Ablations")[1].split("\n## ")[0].splitlines()
+            if ln.startswith("| ") and " | " in ln and not ln.startswith("| ablation")}
+    assert sorted(rows) == sorted(ABLATIONS)  # the 2010 baseline is paired with, not a row
+    assert rows["one-gpu-half"].endswith("| alexnet-2010, ten views |")
+    assert all(rows[a].endswith("| alexnet-2gpu, ten views |") for a in ABLATIONS if a != "one-gpu-half")
+    assert load_checkpoint(tmp_path / "out" / "one-gpu-half-seed0").config["lr_drops"] == [23, 51, 78]
     # a second seed (seed 0's runs are reused): the report groups the seeds and pairs them
     path = reproduce(tmp_path / "st", tmp_path / "out", seeds=(0, 1), ablations=["no-norm"], tiny=True,
                      progress=False, overrides=narrow)
@@ -98,13 +105,20 @@ def test_reproduce_takes_overrides_in_any_position(tmp_path, monkeypatch, capsys
     import reproduce as rep
 
     seen = []
-    monkeypatch.setattr(rep, "reproduce", lambda *a: seen.append(a) or tmp_path / "report.md")
+    monkeypatch.setattr(rep, "reproduce", lambda *a, **kw: seen.append(a + (kw,)) or tmp_path / "report.md")
     for argv in (["--data", "st", "--seeds", "0", "1", "2", "epochs=6", "width=0.5"],
                  ["--data", "st", "epochs=6", "--ablations", "no-norm", "width=0.5", "--seeds", "0", "1", "2"],
                  ["--data", "runs/a=1", "--seeds", "0", "1", "2", "--ablations", "no-norm", "epochs=6", "width=0.5"]):
         assert rep.main(argv) == 0
     assert [a[3] for a in seen] == [[0, 1, 2]] * 3 and all(a[5] == ["epochs=6", "width=0.5"] for a in seen)
     assert seen[1][4] == ["no-norm"] and seen[2][0] == "runs/a=1"  # a path holding "=" stays a path
+    assert [a[-1] for a in seen] == [dict(baseline=None)] * 3  # each claim against its own baseline recipe
+    assert rep.main(["--data", "st", "--baseline", "alexnet-2gpu", "width=0.5"]) == 0
+    assert seen[-1][-1] == dict(baseline="alexnet-2gpu") and seen[-1][5] == ["width=0.5"]
+    assert [(n, b) for n, b, _ in rep.plan(["one-gpu-half", "no-norm"])] == [
+        ("alexnet-2gpu", "alexnet-2gpu"), ("alexnet-2010", "alexnet-2010"), ("one-gpu-half", "alexnet-2010"),
+        ("no-norm", "alexnet-2gpu")]
+    assert [b for _, b, _ in rep.plan(["one-gpu-half"], baseline="alexnet-2gpu")] == ["alexnet-2gpu"] * 2
 
 
 def test_report_across_seeds_means_paired_intervals_and_verdicts(tmp_path):
@@ -144,6 +158,10 @@ def test_report_across_seeds_means_paired_intervals_and_verdicts(tmp_path):
             and "| 0.40 / 0.30 (147 − 145) | smaller than claimed (n=3);" in md)
     assert "| one-gpu-half | 3 | +0.50 [" in md and "1.70 / 1.23 (145-half − 145-2010) | not distinguishable from " \
                                                     "seed noise (n=3);" in md
+    # paired with the only baseline here, which is not the claim's recipe: the row says so
+    assert ("| alexnet-2gpu, ten views (not the claim's recipe, configs/alexnet-2010.yaml of run 145-2010: "
+            "conv1_drop_epoch, lr_drops, pca_off_epoch, schedule_epochs differ) |") in md
+    assert md.split("## Ablations")[1].split("| no-norm | 3 |")[1].split("\n")[0].endswith("| alexnet-2gpu, ten views |")
     assert "| no-pca | 1 | +2.00 | +1.00 | PCA noise: 1.0 / ? | — | one seed: no interval (n=1); no number claimed |" in md
     assert "| no-dropout | 1 | +5.00 | +2.50 | dropout: ? / ? | — | no number claimed (n=1); no number claimed |" in md
     assert "- no-dropout, seed 1: left out, not comparable (images differ)" in md
@@ -173,3 +191,21 @@ def test_verdicts_and_intervals():
     assert original_difference(("norm", False)) == (1.37, 1.15, "148 − 145")
     assert original_difference(("overlap", False)) == (0.40, 0.30, "147 − 145")
     assert original_difference(("variant", "one-gpu-half")) == (1.70, 1.23, "145-half − 145-2010")
+
+
+def test_one_evidence_record_per_claim_and_the_legend_from_the_verdict_rules():
+    """Each claim's record names a config that makes its change, a baseline recipe that exists, and
+    original runs that are in the logs; the legend lists exactly the verdicts verdict() gives."""
+    import itertools
+
+    from replica.config import load_config
+    from replica.report import CLAIMS, ORIGINAL, VERDICTS, verdict, verdict_legend
+
+    for c in CLAIMS:
+        assert getattr(load_config(c.config), c.key) == c.value != getattr(load_config(c.baseline), c.key), c.name
+        assert c.baseline_run in ORIGINAL and (c.run is None or c.run in ORIGINAL)
+    given = {verdict(n, lo, hi, claim) for n, (lo, hi), claim in itertools.product(
+        (1, 3), ((-0.5, -0.1), (-0.1, 0.3), (0.1, 0.3), (0.9, 1.9)), (0.4, None))}
+    assert given == {name for name, _ in VERDICTS}
+    legend = verdict_legend()
+    assert all(f"*{name}*" in legend for name in given) and legend.count("*") == 2 * len(VERDICTS)
