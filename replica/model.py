@@ -420,9 +420,9 @@ def output_sizes(net: NetOptions | bool = True, image: int = 224) -> dict[str, i
         return 1 + math.ceil((2 * p + n - k) / s)
 
     def pool(n):
-        return math.ceil((n - k) / stride) + 1
+        return (math.ceil if up else math.floor)((n - k) / stride) + 1
 
-    (k, stride, _), (p2, p5) = net.pool, net.conv_pads
+    (k, stride, up), (p2, p5) = net.pool, net.conv_pads
     s = {"conv1": conv(image, 11, 4, 0)}
     s["pool1"] = pool(s["conv1"])
     s["conv2"] = conv(s["pool1"], 5, 1, p2)

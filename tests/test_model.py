@@ -186,6 +186,30 @@ def _shapes(m, x):
     return seen
 
 
+@pytest.mark.parametrize("overlap", [True, False])
+@pytest.mark.parametrize("image", [224, 228])
+def test_output_sizes_are_what_torchs_layers_give(overlap, image):
+    """output_sizes reads NetOptions' pools and pads, rounding as the pools do: against torch's
+    own convolutions and pools on the zero-extended input. At 228 the first map is 56, where
+    rounding up and down differ (the sizes once rounded up whatever the pool did)."""
+    from replica.config import NetOptions
+
+    net = NetOptions(overlap=overlap)
+    (k, stride, up), (p2, p5) = net.pool, net.conv_pads
+    pool = lambda t: F.max_pool2d(t, k, stride, ceil_mode=up)  # noqa: E731
+    conv = lambda t, f, p: F.conv2d(t, torch.zeros(1, 1, f, f), padding=p)  # noqa: E731
+    x, got = torch.zeros(1, 1, image + net.input_pad, image + net.input_pad), {}
+    got["conv1"] = x = F.conv2d(x, torch.zeros(1, 1, 11, 11), stride=4)
+    got["pool1"] = x = pool(x)
+    got["conv2"] = x = conv(x, 5, p2)
+    got["pool2"] = x = pool(x)
+    got["conv3"] = x = conv(x, 3, 1)
+    got["conv4"] = x = conv(x, 3, 1)
+    got["conv5"] = x = conv(x, 3, p5)
+    got["pool5"] = pool(x)
+    assert output_sizes(net, image) == {name: t.shape[-1] for name, t in got.items()}
+
+
 @pytest.mark.parametrize("overlap,sizes", [
     (True, [55, 27, 27, 13, 13, 13, 13, 6]),
     (False, [55, 28, 26, 13, 13, 13, 11, 6]),  # run 147: 55→28→26→13→13→11→6
