@@ -100,3 +100,16 @@ def take_lock(folder: Path, name: str) -> tuple[int | None, str]:
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode(), 0)
     return fd, ""
+
+
+@contextlib.contextmanager
+def locked(folder: Path, name: str, busy):
+    """:func:`take_lock` held for the block; ``busy(holder)``: the one-line error when another
+    process holds it."""
+    fd, holder = take_lock(folder, name)
+    if fd is None:
+        raise ReplicaError(busy(holder))
+    try:
+        yield
+    finally:
+        os.close(fd)

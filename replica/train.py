@@ -27,7 +27,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -45,7 +44,7 @@ from .data.store import PreparedStore
 from .dist import Ranks, StopSignals, setup_ranks
 from .errors import ReplicaError, TrainingStopped
 from .evaluate import evaluate
-from .fileio import take_lock
+from .fileio import locked
 from .live import RunLog, stall_warning
 from .model import AlexNet
 from .optim import PaperSGD, Schedule, apply_lrs, param_groups
@@ -352,23 +351,20 @@ def build_model(cfg: Config, num_classes: int, devices) -> AlexNet:
 def run_folder(folder: Path, main: bool):
     """One trainer per run folder: process 0 holds its lock until the run ends, and a start that
     fails leaves no empty folder behind."""
-    created, lock = not folder.exists(), None
-    if main:  # before anything is written into it
-        folder.mkdir(parents=True, exist_ok=True)
-        lock, holder = take_lock(folder, TRAIN_LOCK)
-        if lock is None:
-            raise ReplicaError(f"{folder} is being trained by another process ({holder}); wait for it to end "
-                               f"(or stop it), then continue with: replica train --resume {folder}")
-    try:
+    created = not folder.exists()
+    if not main:
         yield
-    except BaseException:
-        if main and created and {q.name for q in folder.iterdir()} <= {TRAIN_LOCK}:
-            (folder / TRAIN_LOCK).unlink(missing_ok=True)
-            folder.rmdir()
-        raise
-    finally:
-        if lock is not None:
-            os.close(lock)
+        return
+    folder.mkdir(parents=True, exist_ok=True)  # and locked before anything is written into it
+    with locked(folder, TRAIN_LOCK, lambda holder: f"{folder} is being trained by another process ({holder}); wait "
+                f"for it to end (or stop it), then continue with: replica train --resume {folder}"):
+        try:
+            yield
+        except BaseException:
+            if created and {q.name for q in folder.iterdir()} <= {TRAIN_LOCK}:
+                (folder / TRAIN_LOCK).unlink(missing_ok=True)
+                folder.rmdir()
+            raise
 
 
 def setup(cfg: Config, folder: Path, ranks: Ranks, devices: tuple) -> Run:

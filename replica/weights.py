@@ -32,7 +32,7 @@ import torch
 
 from .config import Config, NetOptions, dump_config
 from .errors import ReplicaError, install_hint
-from .fileio import atomic_write, take_lock
+from .fileio import atomic_write, locked
 from .runs import TRAIN_LOCK, Checkpoint, Progress, code_version, save_checkpoint
 
 log = logging.getLogger("replica")
@@ -569,13 +569,8 @@ def _move_in(staging: Path, out: Path) -> list[str]:
     if not out.exists():
         os.rename(staging, out)
         return []
-    fd, holder = take_lock(out, TRAIN_LOCK)
-    if fd is None:
-        raise ReplicaError(f"{out} is being trained by another process ({holder}): not replaced")
-    try:
+    with locked(out, TRAIN_LOCK, lambda holder: f"{out} is being trained by another process ({holder}): not replaced"):
         return _replace_run(staging, out)
-    finally:
-        os.close(fd)
 
 
 def _replace_run(staging: Path, out: Path) -> list[str]:

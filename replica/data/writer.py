@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ReplicaError
-from ..fileio import atomic_write, take_lock
+from ..fileio import atomic_write, locked
 from .imageio import DEFAULT_MAX_PIXELS, BadImage, prepared_from_array, read_prepared
 from .imageio import Member
 from .sources import Source, find_source
@@ -186,14 +186,9 @@ def _locked(out: Path):
     """One prepare at a time into ``out``: a second one would interleave its writes with the
     first's (tried: the first then died on its vanished state file). An advisory lock on
     ``out/.prepare.lock``, released by the kernel when the process ends, however it ends."""
-    fd, holder = take_lock(out, LOCK)
-    if fd is None:
-        raise ReplicaError(f"{out}: another 'replica prepare' is writing this store ({holder}); wait for it "
-                           f"to finish (or stop it), then run this one again to resume")
-    try:
+    with locked(out, LOCK, lambda holder: f"{out}: another 'replica prepare' is writing this store ({holder}); "
+                                          f"wait for it to finish (or stop it), then run this one again to resume"):
         yield
-    finally:
-        os.close(fd)
 
 
 class PrepareState:
