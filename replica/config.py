@@ -183,6 +183,7 @@ class Config:
     channels_last: bool = True  # layout only; faster max-pooling on CPU
     compile: bool = False  # torch.compile the model
     fused_norms: bool | None = None  # the norms as compiled fused loops, same math; null: on for CUDA and for float32 on the CPU (measured faster there)
+    grouped: bool | None = None  # both towers on one device as the grouped network (same parameters and math, half the kernels); null/auto: on one CUDA device only
     tf32: bool = False  # CUDA: float32 convs/matmuls in TF32 (Ampere+; cuDNN's own default is on); false: true fp32, as in 2012
     tensorboard: bool = True  # RUN/tb/ for TensorBoard, when it is installed (replica.live lists the tags)
     live: bool = True  # RUN/curves.png and RUN/filters.png redrawn at each epoch's end
@@ -262,6 +263,8 @@ def _coerce(name: str, value):
     args = typing.get_args(t)
     optional = type(None) in args
     base = next((a for a in args if a is not type(None)), t) if args else t
+    if optional and base is bool and isinstance(value, str) and value.lower() == "auto":
+        return None  # an on/off key whose null means "decided by the device": auto is its name
     if value is None or (isinstance(value, str) and value.lower() in ("null", "none", "~")):
         if optional:
             return None
@@ -327,7 +330,7 @@ def parse_overrides(items) -> dict:
 # Keys that change how a run is carried out, not what it computes: runs differing only in these
 # (and in their seed) are repeats of one config (the report groups them so).
 NOT_THE_EXPERIMENT = frozenset({"seed", "workers", "devices", "devices_per_process", "checkpoint_minutes", "save_best",
-                                "stall_steps", "compile", "fused_norms", "channels_last", "decode", "strict_data",
+                                "stall_steps", "compile", "fused_norms", "grouped", "channels_last", "decode", "strict_data",
                                 "val_batches", "tensorboard", "live"})
 
 

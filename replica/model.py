@@ -16,13 +16,15 @@ Topology per tower (docs/spec.md §1; layers-145.cfg):
 Placement: with two devices each tower is a column on its own device and every join is one of
 four named functions over :func:`cross`, each with its backward stated: :func:`broadcast` (the
 input to both), :func:`exchange` (a layer that reads both towers), :func:`gather` (both towers
-onto device 0) and :func:`boundary` (the caffe preset's LRN). With one device both columns run
-there and :func:`cross` returns its input: the same code, the same ``state_dict`` keys, the
-same math. The grouped single-device formulation (conv2/4/5 ``groups=2``, conv3 and the fc
-layers dense, as Caffe writes it) is written independently in ``tests/test_model.py`` and checked against this module, logits and
-gradients. The module runs columns rather than groups: that is what two devices need, and in
-channels_last oneDNN ran grouped and per-tower convolutions at the same speed
-(``tools/bench.py model --grouped`` prints both).
+onto device 0) and :func:`boundary` (the caffe preset's LRN). With one device the columns can
+run there as they are (:func:`cross` returns its input: the same code, the same ``state_dict``
+keys, the same math), or as the grouped network (``grouped``; Caffe's form: one 96-filter
+conv1, conv2/4/5 ``groups=2``, conv3 and the fc layers dense) over the same parameters, packed
+side by side (:meth:`AlexNet.pack_parameters`, :func:`merge`). ``tests/test_model.py`` holds an
+independent grouped formulation and checks both forms against it and each other, logits and
+gradients. ``grouped=None`` (auto) takes the grouped form on one CUDA device (half the kernels a
+step) and the columns on the CPU, where oneDNN ran grouped and per-tower convolutions at the
+same speed (``tools/bench.py model`` prints both forms).
 """
 from __future__ import annotations
 
@@ -99,6 +101,36 @@ def boundary(ha: Tensor, hb: Tensor, r: int) -> tuple[Tensor, Tensor]:
     return torch.cat([ha, cross(hb[:, :r], ha.device)], 1), torch.cat([cross(ha[:, -r:], hb.device), hb], 1)
 
 
+class _Merge(torch.autograd.Function):
+    """``cat([a, b])`` along dim 0 of a parameter pair: a view of their one buffer when the two
+    halves are adjacent in it (:meth:`AlexNet.pack_parameters`), else a copy. Backward: the two
+    halves of the gradient, as views."""
+
+    @staticmethod
+    def forward(ctx, a: Tensor, b: Tensor) -> Tensor:
+        ctx.n = a.shape[0]
+        if packed_pair(a, b):
+            return a.as_strided((a.shape[0] + b.shape[0], *a.shape[1:]), a.stride(), a.storage_offset())
+        return torch.cat([a, b])
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        return g[:ctx.n], g[ctx.n:]
+
+
+def packed_pair(a: Tensor, b: Tensor) -> bool:
+    """Whether ``b`` follows ``a`` in one storage, dim 0 outermost, with the same strides: then
+    ``cat([a, b])`` along dim 0 is a view."""
+    return (a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr() and a.stride() == b.stride()
+            and a.shape[1:] == b.shape[1:] and a.stride(0) * a.shape[0] == a.numel()
+            and b.storage_offset() == a.storage_offset() + a.numel())
+
+
+def merge(a: Tensor, b: Tensor) -> Tensor:
+    """Towers a's and b's parameters of one layer as the grouped layer's (a's rows, then b's)."""
+    return _Merge.apply(a, b)
+
+
 # ----------------------------------------------------------------------------------------------
 # Constants (the net's options are replica.config.NetOptions)
 
@@ -159,8 +191,10 @@ class AlexNet(nn.Module):
         width, norm, overlap, variant, dropout, init: the other fields of
             :class:`replica.config.NetOptions`; or ``net=`` a whole NetOptions
             (:meth:`from_options`), as training and a checkpoint give it.
-        channels_last, fused_norms: how it runs, not what it computes: activations' memory
-            layout, and the norms as compiled loops (settable later as ``model.fused_norms``).
+        channels_last, fused_norms, grouped: how it runs, not what it computes: activations'
+            memory layout, the norms as compiled loops (settable later as ``model.fused_norms``),
+            and, where both towers share one device, the grouped form (None, auto: on one CUDA
+            device; :meth:`place`).
 
     Departures from ``torchvision.models.alexnet``: 96 conv1 filters split 48/48, per-tower
     conv2/4/5 and LRN, the spatial norm after layer 2 (as-run), non-inverted dropout, input
@@ -168,8 +202,12 @@ class AlexNet(nn.Module):
     """
 
     def __init__(self, num_classes: int = 1000, devices="auto", preset: str = "as-run", *,
-                 channels_last: bool = True, fused_norms: bool = False, net: NetOptions | None = None, **options):
+                 channels_last: bool = True, fused_norms: bool = False, grouped: bool | None = None,
+                 net: NetOptions | None = None, **options):
         super().__init__()
+        if grouped not in (None, True, False):
+            raise ReplicaError(f"grouped: expected true, false or null (auto), got {grouped!r}")
+        self.grouped_setting, self.grouped = grouped, False  # resolved by place()
         # Layout only, not math. On CPU, torch's NCHW max-pooling is slow and its channels_last
         # kernel is not; tools/bench.py model times the train step in both layouts.
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
@@ -291,37 +329,63 @@ class AlexNet(nn.Module):
         if self.tower_b is not None:
             self.tower_b.to(d1, memory_format=self.memory_format)
         self.fc8.to(d0)
+        together = self.tower_b is not None and d0 == d1
+        self.grouped = together and (self.grouped_setting if self.grouped_setting is not None else d0.type == "cuda")
+        if self.grouped:
+            self.pack_parameters()
         return self
 
-    # -- the layers: each takes and returns the towers' activations (a list of one or two) ---------
+    def pack_parameters(self) -> None:
+        """Each pair of the towers' parameters into one buffer, a's half then b's, so that the
+        grouped form reads them as one tensor without a copy (:func:`merge`). The Parameters stay
+        the same objects, with the same names, values and ``state_dict``; ``load_state_dict`` copies
+        into them in place and keeps the packing. A ``.to()`` or ``.double()`` after it undoes the
+        packing: the grouped form then copies (the same result, slower)."""
+        if self.tower_b is None:
+            return
+        with torch.no_grad():
+            for name, pa in self.tower_a.named_parameters():
+                pb = self.tower_b.get_parameter(name)
+                fmt = torch.channels_last if pa.dim() == 4 and pa.is_contiguous(
+                    memory_format=torch.channels_last) else torch.contiguous_format
+                buf = torch.empty((pa.shape[0] + pb.shape[0], *pa.shape[1:]), dtype=pa.dtype, device=pa.device,
+                                  memory_format=fmt)
+                buf[:pa.shape[0]].copy_(pa)
+                buf[pa.shape[0]:].copy_(pb)
+                pa.data, pb.data = buf[:pa.shape[0]], buf[pa.shape[0]:]
 
-    def _lrn(self, h: list) -> list:
+    # -- the layers: each takes and returns the towers' activations (a list of one or two; with
+    # groups=2 one tensor that holds both towers' maps, a's then b's: the grouped form) -----------
+
+    def _lrn(self, h: list, groups: int = 1) -> list:
         """LRN of each tower's maps. The caffe preset's window also reads the other tower's
         LRN_SIZE // 2 maps nearest the boundary (:func:`boundary`; on one device the same code)."""
         o = self.opts
 
-        def norm(t):
-            return local_response_norm(t, LRN_SIZE, o.lrn_alpha, LRN_BETA, o.lrn_k, fused=self.fused_norms)
+        def norm(t, g=1):
+            return local_response_norm(t, LRN_SIZE, o.lrn_alpha, LRN_BETA, o.lrn_k, groups=g, fused=self.fused_norms)
 
+        if groups == 2:  # both towers' maps in one tensor (the grouped form): per tower, or across (caffe)
+            return [norm(h[0], 1 if o.lrn_across_towers else 2)]
         if not (o.lrn_across_towers and len(h) == 2):
             return [norm(t) for t in h]
         r, c = LRN_SIZE // 2, h[0].shape[1]
         a, b = boundary(*h, r)  # a's maps then b's first 2; a's last 2 then b's maps
         return [norm(a)[:, :c], norm(b)[:, r:]]
 
-    def _layer1(self, h: list) -> list:
+    def _layer1(self, h: list, groups: int = 1) -> list:
         o = self.opts
         if not o.norm:
             return [F.max_pool2d(F.relu_(t), *self._pool()) for t in h]
         if o.lrn_before_relu:  # as-run: conv1 → LRN (pre-ReLU) → maxpool → ReLU
-            return [F.relu_(F.max_pool2d(t, *self._pool())) for t in self._lrn(h)]
-        return [F.max_pool2d(t, *self._pool()) for t in self._lrn([F.relu_(t) for t in h])]  # paper-text, caffe
+            return [F.relu_(F.max_pool2d(t, *self._pool())) for t in self._lrn(h, groups)]
+        return [F.max_pool2d(t, *self._pool()) for t in self._lrn([F.relu_(t) for t in h], groups)]  # paper-text, caffe
 
-    def _layer2(self, h: list) -> list:
+    def _layer2(self, h: list, groups: int = 1) -> list:
         o = self.opts
         h = [F.relu_(t) for t in h]
         if o.norm:
-            h = self._lrn(h)
+            h = self._lrn(h, groups)
         if o.spatial_norm:  # layer-params-145.cfg:157-163
             h = [spatial_response_norm(t, 5, 1e-3, 0.75, fused=self.fused_norms) for t in h]
         return [F.max_pool2d(t, *self._pool()) for t in h]
@@ -367,6 +431,8 @@ class AlexNet(nn.Module):
             raise ReplicaError(f"AlexNet expects (N, 3, H, W) images, got shape {tuple(x.shape)}")
         if self.tower_b is None:
             return self._forward_half(x, upto)
+        if self.grouped and not exporting():
+            return self._forward_grouped(x, upto)
         return self._forward_towers(x, upto)
 
     def _forward_towers(self, x: Tensor, upto: str = "fc8") -> Tensor:
@@ -393,6 +459,41 @@ class AlexNet(nn.Module):
             return gather(ha, hb)  # (N, 4096) on d0
         ha, hb = self._dropout(ha), self._dropout(hb)
         return self.fc8(gather(ha, hb))  # (N, 4096) → (N, classes) on d0
+
+    def _forward_grouped(self, x: Tensor, upto: str = "fc8") -> Tensor:
+        """Both towers on one device as the paper's grouped network (Caffe writes it so): one
+        96-filter conv1, conv2/4/5 with ``groups=2``, conv3, fc6 and fc7 dense over both towers'
+        maps, each LRN within its tower (the caffe preset: across). The same parameters, the same
+        math and the same dropout draws as :meth:`_forward_towers` (tests/test_model.py), in
+        half the kernels: no joins to make."""
+        o = self.opts
+        pair = self._merged
+        (p2, p5), pool = o.conv_pads, self._pool()
+        h = F.conv2d(self._pad(x.to(self.devices[0])), *pair("conv1"), stride=4)  # (N, 96, 55, 55): a then b
+        h, = self._layer1([h], groups=2)  # (N, 96, 27, 27)
+        h, = self._layer2([F.conv2d(h, *pair("conv2"), padding=p2, groups=2)], groups=2)  # (N, 256, 13, 13)
+        h = F.relu_(F.conv2d(h, *pair("conv3"), padding=1))  # (N, 384, 13, 13): each reads both towers
+        h = F.relu_(F.conv2d(h, *pair("conv4"), padding=1, groups=2))
+        h = F.max_pool2d(F.relu_(F.conv2d(h, *pair("conv5"), padding=p5, groups=2)), *pool).flatten(1)  # (N, 9216)
+        h = self._dropout_pair(F.relu_(F.linear(h, *pair("fc6"))))  # (N, 4096): a's 2048 then b's
+        h = F.relu_(F.linear(h, *pair("fc7")))
+        if upto == "fc7":
+            return h
+        return self.fc8(self._dropout_pair(h))
+
+    def _merged(self, layer: str) -> tuple[Tensor, Tensor]:
+        a, b = getattr(self.tower_a, layer), getattr(self.tower_b, layer)
+        return merge(a.weight, b.weight), merge(a.bias, b.bias)
+
+    def _dropout_pair(self, x: Tensor) -> Tensor:
+        """Dropout of both towers' units, drawn a's half then b's as two draws: the masks of
+        :meth:`_forward_towers`, from the same random numbers."""
+        if not (self.opts.dropout and self.training):
+            return self._dropout(x)
+        n, c = x.shape
+        mask = torch.cat([torch.empty((n, c // 2), dtype=x.dtype, device=x.device).bernoulli_(DROPOUT_KEEP)
+                          for _ in range(2)], 1)
+        return x * mask
 
     def _forward_half(self, x: Tensor, upto: str = "fc8") -> Tensor:
         a = self.tower_a

@@ -344,7 +344,7 @@ def describe_departures(cfg: Config) -> str:
 
 
 def build_model(cfg: Config, num_classes: int, devices) -> AlexNet:
-    return AlexNet.from_options(cfg.net, num_classes, devices, channels_last=cfg.channels_last)
+    return AlexNet.from_options(cfg.net, num_classes, devices, channels_last=cfg.channels_last, grouped=cfg.grouped)
 
 
 @contextmanager

@@ -549,3 +549,161 @@ def test_every_join_is_a_named_function(monkeypatch):
         AlexNet(10, devices=("cpu", "cpu"), preset="caffe", width=0.25).eval()(x)
         assert [n for n, _ in seen] == ["broadcast", "boundary", "boundary", "exchange", "exchange", "exchange",
                                         "gather"]
+
+
+# -- the grouped form: both towers on one device as one grouped network ---------------------------
+
+GROUPED_CASES = [dict(preset="as-run"), dict(preset="paper-text"), dict(norm=False), dict(overlap=False),
+                 dict(preset="caffe")]
+
+
+def _pair(grouped_first=True, **opts):
+    """A tower-form net and a grouped one with the same weights, both float64 on the CPU."""
+    torch.manual_seed(0)
+    towers = AlexNet(10, devices="cpu", width=0.125, grouped=False, **opts).double()
+    grouped = AlexNet(10, devices="cpu", width=0.125, grouped=True, **opts).double()
+    grouped.load_state_dict(towers.state_dict())
+    grouped.pack_parameters()  # .double() undid the packing; load_state_dict keeps it
+    return towers, grouped
+
+
+def _input(opts, n=3):
+    x = images(n, dtype=torch.float64)
+    return F.pad(x, (0, 3, 0, 3), mode="replicate") * 4 if opts.get("preset") == "caffe" else x
+
+
+@pytest.mark.parametrize("opts", GROUPED_CASES, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()))
+def test_the_grouped_form_is_the_towers_logits_gradients_and_dropout(opts):
+    """Train mode (dropout drawn from the same seed), float64: logits and every gradient equal to
+    the towers' form; eval mode equal to the independent grouped reference."""
+    towers, grouped = _pair(**opts)
+    assert grouped.grouped and not towers.grouped
+    x, y = _input(opts), torch.tensor([1, 2, 3])
+    outs = []
+    for m in (towers, grouped):
+        torch.manual_seed(7)
+        out = m(x)
+        F.cross_entropy(out, y).backward()
+        outs.append(out)
+    torch.testing.assert_close(outs[1], outs[0], rtol=0, atol=1e-12)
+    for (name, p), q in zip(towers.named_parameters(), grouped.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-10, atol=1e-14, msg=lambda s: f"{name}: {s}")
+    grouped.eval()
+    params = {k: v.detach() for k, v in grouped.named_parameters()}
+    ref = grouped_reference(params, x, opts.get("preset", "as-run"), opts.get("norm", True), opts.get("overlap", True))
+    with torch.no_grad():
+        torch.testing.assert_close(grouped(x), ref)
+        torch.testing.assert_close(grouped.features(x), towers.eval().features(x), rtol=0, atol=1e-12)
+
+
+class _Ops(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the ops dispatched (views and metadata left out): what a step costs in launches."""
+
+    VIEWS = {"view", "_unsafe_view", "as_strided", "t", "transpose", "permute", "expand", "slice", "select",
+             "alias", "detach", "unsqueeze", "squeeze", "reshape", "split", "unbind", "flatten", "_reshape_alias"}
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if name not in self.VIEWS:
+            self.ops.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+def test_packed_parameters_are_the_same_parameters_and_merge_copies_nothing():
+    from replica.model import merge, packed_pair
+
+    torch.manual_seed(0)
+    m = AlexNet(10, devices="cpu", width=0.125, grouped=False)
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    ids = {n: id(p) for n, p in m.named_parameters()}
+    m.pack_parameters()
+    assert {n: id(p) for n, p in m.named_parameters()} == ids  # the optimizer's and the checkpoint's keys hold
+    assert all(torch.equal(v, before[k]) for k, v in m.state_dict().items())
+    a, b = m.tower_a.conv2.weight, m.tower_b.conv2.weight
+    assert packed_pair(a, b) and merge(a, b).data_ptr() == a.data_ptr()  # a view of the one buffer
+    m.grouped = True
+    with _Ops() as ops:
+        m.eval()(images(2))
+    assert ops.ops.count("cat") == 0  # no join and no weight copied (eval: no dropout masks)
+    m.train()
+    with _Ops() as ops:
+        F.cross_entropy(m(images(2)), torch.tensor([0, 1])).backward()
+    assert ops.ops.count("cat") == 2  # the two dropout masks, a's half then b's
+    assert m.tower_a.fc6.weight.grad.untyped_storage().data_ptr() == m.tower_b.fc6.weight.grad.untyped_storage().data_ptr()
+    unpacked = AlexNet(10, devices="cpu", width=0.125, grouped=False)  # merge's fallback: a copy, the same values
+    assert not packed_pair(unpacked.tower_a.conv2.weight, unpacked.tower_b.conv2.weight)
+    torch.testing.assert_close(merge(unpacked.tower_a.conv2.weight, unpacked.tower_b.conv2.weight),
+                               torch.cat([unpacked.tower_a.conv2.weight, unpacked.tower_b.conv2.weight]), rtol=0, atol=0)
+
+
+def test_the_grouped_step_dispatches_about_half_the_ops():
+    """One training step at width 1/16 (forward, loss, backward, the paper's update): the grouped
+    form's ops against the towers', the count a GPU pays in launches (fp32, eager norms)."""
+    from replica.optim import PaperSGD, param_groups
+
+    counts = {}
+    for grouped in (False, True):
+        torch.manual_seed(0)
+        m = AlexNet(10, devices="cpu", width=0.0625, grouped=grouped)
+        opt = PaperSGD(param_groups(m, 0.01, 5e-4, 0.02))
+        x, y = images(4), torch.tensor([0, 1, 2, 3])
+        for _ in range(2):  # warm-up: momentum buffers exist
+            F.cross_entropy(m(x), y).backward()
+            opt.step()
+            opt.zero_grad()
+        with _Ops() as ops:
+            F.cross_entropy(m(x), y).backward()
+            opt.step()
+            opt.zero_grad()
+        counts[grouped] = len(ops.ops)
+    print(f"\nops in one step: towers {counts[False]}, grouped {counts[True]}")
+    assert counts[True] <= 0.65 * counts[False]
+
+
+def test_a_three_step_trajectory_and_checkpoints_are_the_same_in_either_form():
+    """float64, the paper's update with an lr change and conv1 frozen at step 3: the towers' and
+    the grouped form's losses and parameters agree, and each form's state loads into the other."""
+    from replica.optim import PaperSGD, apply_lrs, param_groups
+
+    towers, grouped = _pair()
+    runs = {}
+    for name, m in (("towers", towers), ("grouped", grouped)):
+        opt = PaperSGD(param_groups(m, 0.01, 5e-4, 0.02))
+        losses = []
+        for step in range(3):
+            apply_lrs(opt, {"weight": 0.01 if step < 2 else 0.001, "bias": 0.02,
+                            "conv1.weight": 0.01 if step < 2 else 0.0, "conv1.bias": 0.02 if step < 2 else 0.0})
+            torch.manual_seed(100 + step)
+            loss = F.cross_entropy(m(images(3, seed=step, dtype=torch.float64)), torch.tensor([0, 1, 2]))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+        runs[name] = (losses, {k: v.clone() for k, v in m.state_dict().items()},
+                      opt.state_for_checkpoint(m.named_parameters()))
+    (l1, s1, v1), (l2, s2, v2) = runs["towers"], runs["grouped"]
+    assert max(abs(a - b) for a, b in zip(l1, l2)) < 1e-12 and l1[0] != l1[2]
+    assert s1.keys() == s2.keys() and v1.keys() == v2.keys()
+    for k in s1:
+        torch.testing.assert_close(s2[k], s1[k], rtol=1e-10, atol=1e-12, msg=lambda s: f"{k}: {s}")
+    for k in v1:
+        torch.testing.assert_close(v2[k][0], v1[k][0], rtol=1e-10, atol=1e-12, msg=lambda s: f"{k}: {s}")
+    towers.load_state_dict(s2)
+    grouped.load_state_dict(s1)
+    assert model_mod.packed_pair(grouped.tower_a.fc6.weight, grouped.tower_b.fc6.weight)  # still packed
+    x = images(2, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(grouped.eval()(x), towers.eval()(x), rtol=1e-10, atol=1e-12)
+
+
+def test_grouped_is_chosen_by_the_device_and_the_setting():
+    assert not AlexNet(10, devices="cpu", width=0.0625).grouped  # auto: the towers on the CPU
+    assert AlexNet(10, devices="cpu", width=0.0625, grouped=True).grouped
+    assert not AlexNet(10, devices=("cpu", "cpu"), width=0.0625, grouped=False).grouped
+    assert not AlexNet(10, devices="cpu", width=0.0625, grouped=True, variant="one-gpu-half").grouped  # one tower
+    with pytest.raises(ReplicaError, match="grouped: expected"):
+        AlexNet(10, devices="cpu", grouped="yes")

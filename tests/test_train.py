@@ -333,12 +333,13 @@ def test_eval_and_predict_commands(store, tmp_path, capsys):
 
 
 def test_ddp_two_processes_equal_one_process_on_the_combined_batch(store, tmp_path):
-    """gloo, 2 processes × batch 2 against 1 process × batch 4: the same parameters after 3 steps."""
+    """gloo, 2 processes × batch 2 against 1 process × batch 4: the same parameters after 3 steps.
+    The job runs the grouped form (its packed parameters under DDP), the one process the towers."""
     args = ["data=" + str(store), "batch_size=4", "epochs=1", "steps_per_epoch=3", "workers=0", "devices=cpu",
             "init=caffe", "dropout=false", "val_batches=1", "save_best=false"]  # one 456 MB write a run, not two
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "replica",
-           "train", str(ROOT / "configs" / "alexnet-2gpu.yaml"), *args, "--out", str(tmp_path / "ddp")]
+           "train", str(ROOT / "configs" / "alexnet-2gpu.yaml"), *args, "grouped=true", "--out", str(tmp_path / "ddp")]
     # side by side: the two jobs are mostly process start-ups
     runs = [subprocess.Popen(c, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
             for c in (cmd, [sys.executable, "-m", "replica", "train", str(ROOT / "configs" / "alexnet-2gpu.yaml"),
@@ -547,3 +548,21 @@ def test_the_step_is_a_function_of_its_arguments():
         decay, lr = (0.0, 0.02) if name.endswith("bias") else (5e-4, 0.01)
         torch.testing.assert_close(p.detach(), q.detach() - lr * (decay * q.detach() + q.grad), msg=name)
     assert any(not torch.equal(p, q) for p, q in zip(net.parameters(), before.parameters()))
+
+
+def test_grouped_key_trains_like_the_towers_and_resumes_in_either_form(store, whole_run, tmp_path, monkeypatch):
+    """grouped=true on the CPU (auto would keep the towers here): the same losses as the towers'
+    run to float32 rounding; a run stopped in one form resumes in the other."""
+    assert load_config(None, ["grouped=auto"]).grouped is None and load_config(None, ["grouped=true"]).grouped
+    with pytest.raises(ReplicaError, match="grouped: expected true or false"):
+        load_config(None, ["grouped=maybe"])
+    every_dir, _ = whole_run
+    train(tiny(store, grouped=True), tmp_path / "grouped", progress=False)
+    want = [m["train_loss"] for m in read_metrics(every_dir)]
+    got = [m["train_loss"] for m in read_metrics(tmp_path / "grouped")]
+    np.testing.assert_allclose(got, want, rtol=1e-4)
+    monkeypatch.setattr(train_mod, "StopSignals", lambda: StopAfter(5))  # inside epoch 2
+    assert train(tiny(store, grouped=True), tmp_path / "cut", progress=False)["stopped"]
+    monkeypatch.undo()
+    assert train(tiny(store, grouped=False), tmp_path / "cut", resume=True, progress=False)["step"] == 6
+    np.testing.assert_allclose([m["train_loss"] for m in read_metrics(tmp_path / "cut")], want, rtol=1e-4)

@@ -241,7 +241,7 @@ class Bench:
         self.stores = None
         self.tmp = tempfile.TemporaryDirectory()
         self.bf16 = lambda: torch.autocast(self.device.type, dtype=torch.bfloat16)
-        self.default_norms = "eager norms" if self.cuda else "fused norms"  # what `replica train` runs here
+        self.default_norms = "fused norms"  # what `replica train` runs in float32 here (runtime.fused_norms_for)
 
     def alone_note(self, in_workers: bool = True) -> str:
         """The note of a "data alone" row. A pipeline whose work is done in the loader workers
@@ -353,7 +353,8 @@ def cmd_model(b: Bench):
         return fast_paths(b)
     x, y = b.batch()
     xn = x.contiguous()
-    ours = AlexNet(devices=str(device))
+    ours = AlexNet(devices=str(device), grouped=False)  # the towers' form; the grouped form has rows of its own
+    grouped = AlexNet(devices=str(device), grouped=True)
     models = {
         "replica as-run, eager norms": (ours, x),
         "torchvision alexnet": (torchvision.models.alexnet().to(device), xn),
@@ -363,11 +364,16 @@ def cmd_model(b: Bench):
     }
     fns = {k: on(stepper(m), xb, y) for k, (m, xb) in models.items()}
     fns["replica as-run, fused norms"] = fused(ours, on(stepper(ours), x, y))
+    fns["replica as-run, grouped form, eager norms"] = on(stepper(grouped), x, y)
+    fns["replica as-run, grouped form, fused norms"] = fused(grouped, on(stepper(grouped), x, y))
     print("\n[model] train step, random input")
     t = race(fns, a.steps, a.warmup, device)
     for k, v in t.items():
         b.add(f"model step: {k}", n / v, FLOP_TRAIN)
     tv = t["torchvision alexnet"]
+    for norms in ("eager norms", "fused norms"):  # grouped=auto decides by these (replica.model.AlexNet.place)
+        b.ratios[f"grouped form / towers, {norms} (towers s / grouped s)"] = \
+            t[f"replica as-run, {norms}"] / t[f"replica as-run, grouped form, {norms}"]
     b.ratios[f"model step, {b.default_norms} (replica train's default here; torchvision s / replica s, "
              f"≥ 1.0 = replica at least as fast)"] = tv / t[f"replica as-run, {b.default_norms}"]
     other = "eager norms" if not b.cuda else "fused norms"
@@ -379,7 +385,7 @@ def cmd_model(b: Bench):
         b.add("model step, bf16 autocast: replica, eager norms", n / t["ours"], FLOP_TRAIN, "bf16")
         b.add("model step, bf16 autocast: torchvision", n / t["tv"], FLOP_TRAIN, "bf16")
         b.ratios["model step bf16 (torchvision s / replica s)"] = t["tv"] / t["ours"]
-    del models, fns, ours
+    del models, fns, ours, grouped
 
     act = (torch.randn(n, 48, 55, 55, device=device) * 40).requires_grad_()
     g = torch.randn_like(act)
@@ -830,10 +836,11 @@ def cmd_core(b: Bench):
     x, y = b.batch()
     xn = x.contiguous()
     ours, tv = AlexNet(devices=str(device)), torchvision.models.alexnet().to(device)
-    print("\n[core] model train step, random input; host = the CPU's time to queue one step")
+    form = "grouped form" if ours.grouped else "towers"  # as replica train runs it here (grouped=auto)
+    print(f"\n[core] model train step, random input; host = the CPU's time to queue one step; replica's {form}")
     host = {}
     t = race({"ours": on(stepper(ours), x, y), "tv": on(stepper(tv), xn, y)}, a.steps, a.warmup, device, host)
-    b.add("model step fp32: replica as-run, eager norms", n / t["ours"], FLOP_TRAIN,
+    b.add(f"model step fp32: replica as-run, {form}, eager norms", n / t["ours"], FLOP_TRAIN,
           note=f"host {1e3 * host['ours']:.1f} of {1e3 * t['ours']:.1f} ms")
     b.add("model step fp32: torchvision alexnet", n / t["tv"], FLOP_TRAIN,
           note=f"host {1e3 * host['tv']:.1f} of {1e3 * t['tv']:.1f} ms")
@@ -845,10 +852,13 @@ def cmd_core(b: Bench):
         print(f"  fused norms: first step (compiles them) {first_call(s_f, device):.1f} s; "
               f"{'compiled' if layers.fused_norms_available() else 'FAILED, eager: ' + str(layers._BROKEN['why'])}")
         fns["fused"] = s_f
+    other = AlexNet(devices=str(device), grouped=not ours.grouped)  # the other form, beside it
+    fns["other"] = on(stepper(other, b.bf16()), x, y)
     host = {}
     t = race(fns, a.steps, a.warmup, device, host)
-    for k, name in (("ours", "replica as-run, eager norms"), ("fused", "replica as-run, fused norms"),
-                    ("tv", "torchvision alexnet")):
+    other_form = "towers" if ours.grouped else "grouped form"
+    for k, name in (("ours", f"replica as-run, {form}, eager norms"), ("fused", f"replica as-run, {form}, fused norms"),
+                    ("other", f"replica as-run, {other_form}, eager norms"), ("tv", "torchvision alexnet")):
         if k in t:
             b.add(f"model step bf16: {name}", n / t[k], FLOP_TRAIN, "bf16",
                   note=f"host {1e3 * host[k]:.1f} of {1e3 * t[k]:.1f} ms")
@@ -857,6 +867,8 @@ def cmd_core(b: Bench):
     if "fused" in t:
         b.ratios["model step bf16, fused norms (torchvision s / replica s)"] = t["tv"] / t["fused"]
         b.ratios["fused norms against eager, bf16 (eager s / fused s, > 1 = fused faster)"] = t["ours"] / t["fused"]
+    b.ratios[f"{form} against {other_form}, bf16 eager norms ({other_form} s / {form} s)"] = t["other"] / t["ours"]
+    del other
     model_alone = n / t["ours"]
     if a.profile:
         profile_step(on(s_bf, x, y), device)
