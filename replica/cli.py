@@ -31,9 +31,9 @@ def _cmd_model(args) -> int:
     config, overrides = _split_settings(args.settings)
     flags = [f"{k}={getattr(args, k)}" for k in ("preset", "variant", "init", "width") if getattr(args, k) is not None]
     flags += [f"{k}=false" for k in ("norm", "overlap", "dropout") if getattr(args, f"no_{k}")]
-    net = load_config(config, flags + overrides).net  # the net a training config describes, key=value as in train
-    model = AlexNet.from_options(net, args.classes, devices=args.devices)
-    print(summary(model, batch=args.batch))
+    cfg = load_config(config, flags + overrides)  # the net a training config describes, key=value as in train
+    model = AlexNet.from_options(cfg.net, args.classes, devices=args.devices, grouped=cfg.grouped)
+    print(summary(model, batch=args.batch, bf16=cfg.bf16))
     return 0
 
 
@@ -251,7 +251,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--classes", type=int, default=1000, help="fc8's outputs (default 1000)")
     m.add_argument("--width", type=float, default=None, help="every layer's filters and units × this (1: the paper's net)")
     m.add_argument("--devices", default="auto", help="auto, cpu, cuda:0, or a pair such as cuda:0,cuda:1")
-    m.add_argument("--batch", type=int, default=8, help="batch for the timed train step (0 to skip)")
+    m.add_argument("--batch", type=int, default=8,
+                   help="batch for the timed train step, then the kernels a step dispatches (0: neither)")
     m.set_defaults(func=_cmd_model)
 
     s = sub.add_parser("synth", help="write the deterministic synthetic dataset (shape × colour classes)")

@@ -79,7 +79,67 @@ def time_train_step(model: AlexNet, batch: int, image: int | None = None) -> flo
     return times[-1]
 
 
-def summary(model: AlexNet, batch: int = 2) -> str:
+# Ops that make no kernel: views and metadata (what is left of a step is about one launch each on a GPU)
+VIEW_OPS = frozenset({"view", "_unsafe_view", "as_strided", "t", "transpose", "permute", "expand", "slice", "select",
+                      "alias", "detach", "unsqueeze", "squeeze", "reshape", "split", "unbind", "flatten",
+                      "_reshape_alias", "view_as", "expand_as", "narrow", "chunk", "lift_fresh", "_local_scalar_dense"})
+
+
+def ops_per_step(model, optimizer, batch: int = 2, bf16: bool = False, devices=None, image: int | None = None) -> int:
+    """The ops one training step dispatches (forward under autocast if ``bf16``, the loss, the
+    backward, ``optimizer``'s update), after two warm-up steps; views and metadata left out. On a
+    GPU each is about one kernel launch, so the count follows the host's cost of a step on any
+    machine (tools/bench.py times it where a GPU is)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from .runtime import autocast
+
+    class Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket.__name__ not in VIEW_OPS:
+                Count.n += 1
+            return func(*args, **(kwargs or {}))
+
+    devices = devices or (next(model.parameters()).device,)
+    image = image or getattr(model, "input_size", 224)
+    x = torch.randn(batch, 3, image, image, device=devices[0]) * 50
+    y = torch.arange(batch, device=devices[0]) % 10
+    model.train()
+
+    def step():
+        with autocast(devices, bf16):
+            out = model(x)
+        torch.nn.functional.cross_entropy(out.float(), y).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    step(), step()
+    with Count():
+        step()
+    return Count.n
+
+
+def step_ops_line(model: AlexNet, bf16: bool = False) -> str:
+    """``kernels per training step: N (torchvision's AlexNet: M)`` for this net, form and
+    precision, torchvision's with its usual optimizer (SGD, momentum 0.9) in the same precision."""
+    import torchvision
+
+    from .optim import PaperSGD, param_groups
+
+    ours = ops_per_step(model, PaperSGD(param_groups(model, 0.01, 5e-4, 0.02)), bf16=bf16, devices=model.devices)
+    torch.manual_seed(0)
+    tv = torchvision.models.alexnet(num_classes=10).to(model.devices[0])
+    theirs = ops_per_step(tv, torch.optim.SGD(tv.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4), bf16=bf16,
+                          devices=model.devices[:1])
+    form = "one tower" if model.tower_b is None else "grouped form" if model.grouped else "towers"
+    return (f"kernels per training step: {ours} (torchvision's AlexNet: {theirs}); ops dispatched in one step, views "
+            f"left out: {form}, {'bf16 autocast' if bf16 else 'float32'}, "
+            f"{'fused' if model.fused_norms else 'eager'} norms")
+
+
+def summary(model: AlexNet, batch: int = 2, bf16: bool = False) -> str:
     rows = layer_rows(model)
     o = model.opts
     lines = [
@@ -94,4 +154,5 @@ def summary(model: AlexNet, batch: int = 2) -> str:
     ]
     if batch:
         lines.append(f"train step (forward + backward, batch {batch}): {time_train_step(model, batch):.3f} s")
+        lines.append(step_ops_line(model, bf16))
     return "\n".join(lines)

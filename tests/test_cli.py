@@ -157,3 +157,18 @@ def test_an_export_prints_its_result_not_the_exporters_chatter(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     lines = (r.stdout + r.stderr).strip().splitlines()
     assert len(lines) == 2 and lines[0].startswith("wrote ") and lines[1].startswith("checked with onnxruntime")
+
+
+def test_model_command_counts_the_kernels_of_a_step_beside_torchvisions(capsys):
+    """replica model prints the ops one training step dispatches, for the configured form (the
+    grouped one dispatches fewer) and precision, beside torchvision's AlexNet."""
+    counts = {}
+    for form in ("false", "true"):
+        assert main(["model", "--devices", "cpu", "--width", "0.0625", "--classes", "10", "--batch", "2",
+                     f"grouped={form}"]) == 0
+        m = re.search(r"kernels per training step: (\d+) \(torchvision's AlexNet: (\d+)\).*: (towers|grouped form), "
+                      r"float32, eager norms", capsys.readouterr().out)
+        assert m, "no kernel count"
+        counts[m.group(3)] = int(m.group(1)), int(m.group(2))
+    assert counts["grouped form"][0] < 0.65 * counts["towers"][0]
+    assert counts["grouped form"][1] == counts["towers"][1] > 50  # torchvision's, the same both times
