@@ -34,7 +34,13 @@ class PaperSGD:
     the same: ``param_groups``, ``state``, ``zero_grad``, ``step``.
     """
 
-    def __init__(self, groups, momentum: float = 0.9):
+    def __init__(self, groups, momentum: float = 0.9, lr_tensors: bool = False):
+        """``lr_tensors``: the fused kernel reads each group's ε from a tensor on the parameters'
+        device, which :meth:`set_lrs` fills (and where ε changed, rescales ``b`` at once): then
+        :meth:`step` takes no decision from a Python number but whether a group is frozen, so it
+        can be captured once in a CUDA graph and replayed at any ε (one graph per frozen set)."""
+        self.lr_tensors = lr_tensors
+        self._lr_t: dict = {}  # (group index, device) → its ε as a 0-dim float64 tensor
         self.param_groups = []
         seen = set()
         for g in groups:
@@ -68,9 +74,29 @@ class PaperSGD:
         """Start ``p`` from velocity ``v`` (a checkpoint without the buffer, or a hand-set state)."""
         self.state[p].update(momentum_buffer=v.detach().clone(), buffer_lr=-1.0)  # −(−1)·b = v
 
+    def set_lrs(self, lrs: dict[str, float]) -> None:
+        """Each named group's ε for the next steps. With ``lr_tensors``: outside any graph, the
+        buffers of a group whose ε changed are rescaled here (as :meth:`step` would before its
+        update: the same multiplication, so the same bits), and ε is written into its tensor."""
+        for i, g in enumerate(self.param_groups):
+            g["lr"] = lr = lrs[g["name"]]
+            if not self.lr_tensors or lr == 0:  # a frozen group keeps its buffers as they are
+                continue
+            with torch.no_grad():
+                for p in g["params"]:
+                    st = self.state.get(p)
+                    if st and "momentum_buffer" in st and st["buffer_lr"] != lr:
+                        st["momentum_buffer"].mul_(st["buffer_lr"] / lr)
+                        st["buffer_lr"] = lr
+                for p in g["params"]:
+                    t = self._lr_t.get((i, p.device))
+                    if t is None:
+                        t = self._lr_t[(i, p.device)] = torch.zeros((), dtype=torch.float64, device=p.device)
+                    t.fill_(lr)
+
     @torch.no_grad()
     def step(self, closure=None):
-        for g in self.param_groups:
+        for i, g in enumerate(self.param_groups):
             lr, wd, mu = g["lr"], g["weight_decay"], g["momentum"]
             if lr == 0:
                 continue
@@ -89,8 +115,9 @@ class PaperSGD:
                 ps.append(p)
                 gs.append(p.grad)
                 bs.append(b)
-            for ps, gs, bs in by_device.values():
-                self._update(ps, gs, bs, lr, wd, mu)
+            for (dev, _), (ps, gs, bs) in by_device.items():
+                t = self._lr_t.get((i, dev)) if self.lr_tensors else None
+                self._update(ps, gs, bs, lr if t is None else t, wd, mu)
 
     def _update(self, ps, gs, bs, lr, wd, mu):
         if self._fused:
@@ -104,6 +131,7 @@ class PaperSGD:
                 logging.getLogger("replica").warning(
                     "the optimizer's fused update failed (%s: %s); every update from now on runs as 4 plain passes "
                     "(the same result, slower)", type(e).__name__, why)
+        lr = float(lr)  # (a tensor ε: the plain passes read it once; they are no graph's)
         for p, gr, b in zip(ps, gs, bs):
             b.mul_(mu).add_(gr)
             if wd:
@@ -216,5 +244,4 @@ class Schedule:
 
 
 def apply_lrs(opt: PaperSGD, lrs: dict[str, float]) -> None:
-    for g in opt.param_groups:
-        g["lr"] = lrs[g["name"]]
+    opt.set_lrs(lrs)

@@ -207,3 +207,38 @@ def test_plateau_schedule_drops_at_most_three_times():
     s2.load_state_dict(s.state_dict())
     assert s2.lrs(0) == s.lrs(0)
     assert math.isclose(s2.best, 0.4)
+
+
+def test_tensor_learning_rates_give_the_same_bits_and_leave_step_no_number_to_read(monkeypatch):
+    """lr_tensors=True (what a captured CUDA graph needs): over an ε change, conv1 frozen and a
+    bias cut, parameters and buffers bitwise equal to the float-ε optimizer's; the fused kernel is
+    handed ε as a tensor, and step() rescales nothing (set_lrs did it, outside any graph)."""
+    schedule = [dict(weight=0.1, bias=0.2, **{"conv1.weight": 0.1, "conv1.bias": 0.2})] * 2 + \
+               [dict(weight=0.01, bias=0.2, **{"conv1.weight": 0.001, "conv1.bias": 0.2})] * 2 + \
+               [dict(weight=0.01, bias=0.02, **{"conv1.weight": 0.0, "conv1.bias": 0.0})] * 2
+    results = []
+    for tensors in (False, True):
+        torch.manual_seed(0)
+        m = Tiny()
+        opt = PaperSGD(param_groups(m, 0.1, 0.05, bias_lr=0.2), momentum=0.9, lr_tensors=tensors)
+        for k, lrs in enumerate(schedule):
+            apply_lrs(opt, lrs)
+            opt.zero_grad()
+            torch.manual_seed(10 + k)
+            m(torch.randn(4, 1, 5, 5)).square().sum().backward()
+            opt.step()
+        results.append(({n: p.detach().clone() for n, p in m.named_parameters()},
+                        opt.state_for_checkpoint(m.named_parameters())))
+    (w0, s0), (w1, s1) = results
+    assert all(torch.equal(w0[n], w1[n]) for n in w0)
+    assert all(torch.equal(s0[n][0], s1[n][0]) and s0[n][1] == s1[n][1] for n in s0)
+
+    seen, real = [], torch._fused_sgd_
+    monkeypatch.setattr(torch, "_fused_sgd_", lambda *a, **k: seen.append(k["lr"]) or real(*a, **k))
+    mul = []
+    apply_lrs(opt, schedule[0] | {"weight": 0.005})  # a change: rescaled now, in set_lrs
+    monkeypatch.setattr(torch.Tensor, "mul_", lambda self, *a: mul.append(1) or torch.mul(self, *a, out=self))
+    opt.zero_grad()
+    m(torch.randn(4, 1, 5, 5)).square().sum().backward()
+    opt.step()
+    assert seen and all(isinstance(lr, torch.Tensor) for lr in seen) and mul == []
