@@ -566,3 +566,46 @@ def test_grouped_key_trains_like_the_towers_and_resumes_in_either_form(store, wh
     monkeypatch.undo()
     assert train(tiny(store, grouped=False), tmp_path / "cut", resume=True, progress=False)["step"] == 6
     np.testing.assert_allclose([m["train_loss"] for m in read_metrics(tmp_path / "cut")], want, rtol=1e-4)
+
+
+SYNCING_OPS = {"_local_scalar_dense", "nonzero", "is_nonzero", "equal", "masked_select", "unique", "_unique",
+               "_unique2", "unique_consecutive", "unique_dim", "repeat_interleave", "item"}
+
+
+@pytest.mark.parametrize("grouped", [False, True])
+@pytest.mark.parametrize("bf16", [False, True])
+def test_the_step_holds_no_host_read_of_a_tensor_so_a_graph_could_capture_it(monkeypatch, grouped, bf16):
+    """The CPU stand-in for set_sync_debug_mode("error") and for a capture: train_step (forward,
+    loss, backward, the update with tensor ε) dispatches no op that makes the host wait for the
+    device, and reads no tensor into Python; a test op shows the check can fail."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from replica.model import AlexNet
+    from replica.optim import PaperSGD, apply_lrs, param_groups
+
+    class Lint(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = func.overloadpacket.__name__
+            if name in SYNCING_OPS or (name == "index" and any(
+                    getattr(i, "dtype", None) == torch.bool for i in (args[1] if len(args) > 1 else []) or [])):
+                raise AssertionError(f"{name}: the host would wait for the device here")
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(0)
+    net = AlexNet.from_options(NetOptions(width=NARROW), 10, "cpu", grouped=grouped)
+    opt = PaperSGD(param_groups(net, 0.01, 5e-4, 0.02), lr_tensors=True)
+    x, y = torch.randn(4, 3, 224, 224) * 50, torch.tensor([0, 1, 2, 3])
+    lrs = {"weight": 0.01, "bias": 0.02, "conv1.weight": 0.01, "conv1.bias": 0.02}
+    dev = (torch.device("cpu"),)
+    for _ in range(3):  # warm-up, as before a capture: the momentum buffers exist
+        train_mod.train_step(net, opt, x, y, lrs, devices=dev, bf16=bf16)
+    apply_lrs(opt, lrs)
+    for name in ("item", "tolist", "__bool__", "numpy", "__float__", "__int__"):
+        monkeypatch.setattr(torch.Tensor, name, lambda *a, _n=name: (_ for _ in ()).throw(
+            AssertionError(f"Tensor.{_n}: a host read")))
+    with Lint():
+        loss = train_mod.train_step(net, opt, x, y, lrs, devices=dev, bf16=bf16)
+        with pytest.raises(AssertionError, match="nonzero"):
+            torch.nonzero(loss.detach().reshape(1))
+    monkeypatch.undo()
+    assert math.isfinite(loss.item())
