@@ -182,6 +182,7 @@ class Config:
     bf16: bool = False  # autocast to bfloat16 (CUDA, or a CPU with native bf16: AVX512_BF16/AMX)
     channels_last: bool = True  # layout only; faster max-pooling on CPU
     compile: bool = False  # torch.compile the model
+    graph: bool | None = None  # CUDA: each step replayed from a captured CUDA graph (one GPU, no torchrun, no compile); null/auto: off until a GPU run has compared it with the eager step
     fused_norms: bool | None = None  # the norms as compiled fused loops, same math; null: on for CUDA and for float32 on the CPU (measured faster there)
     grouped: bool | None = None  # both towers on one device as the grouped network (same parameters and math, half the kernels); null/auto: on one CUDA device only
     tf32: bool = False  # CUDA: float32 convs/matmuls in TF32 (Ampere+; cuDNN's own default is on); false: true fp32, as in 2012
@@ -330,7 +331,7 @@ def parse_overrides(items) -> dict:
 # Keys that change how a run is carried out, not what it computes: runs differing only in these
 # (and in their seed) are repeats of one config (the report groups them so).
 NOT_THE_EXPERIMENT = frozenset({"seed", "workers", "devices", "devices_per_process", "checkpoint_minutes", "save_best",
-                                "stall_steps", "compile", "fused_norms", "grouped", "channels_last", "decode", "strict_data",
+                                "stall_steps", "compile", "graph", "fused_norms", "grouped", "channels_last", "decode", "strict_data",
                                 "val_batches", "tensorboard", "live"})
 
 

@@ -93,19 +93,20 @@ def bf16_held_off() -> bool:
 
 
 @contextlib.contextmanager
-def autocast(devices, bf16: bool):
+def autocast(devices, bf16: bool, cache: bool = True):
     """bfloat16 autocast on every device type the model spans (nothing when ``bf16`` is off).
 
     ``torch.autocast`` covers one device type: entered for ``cuda`` alone, a ``cuda:0,cpu``
     split would run tower b in float32 and tower a in bf16. One context per device type keeps
-    both towers at the precision the run asked for.
+    both towers at the precision the run asked for. ``cache=False``: no cast kept across calls
+    (inside a captured CUDA graph, as torch requires).
     """
     import torch
 
     with contextlib.ExitStack() as stack:
         if bf16:
             for kind in dict.fromkeys(torch.device(d).type for d in devices):
-                stack.enter_context(torch.autocast(kind, dtype=torch.bfloat16))
+                stack.enter_context(torch.autocast(kind, dtype=torch.bfloat16, cache_enabled=cache))
         yield
 
 

@@ -51,6 +51,7 @@ from .optim import PaperSGD, Schedule, apply_lrs, param_groups
 from .runs import (TRAIN_LOCK, Checkpoint, Progress, Tally, atomic_write, check_compatible, code_version,
                    load_checkpoint, rng_state, save_checkpoint, set_rng_state)
 from .runtime import autocast, describe_numerics, fused_norms_for, set_cuda_numerics, to_device
+from .steps import StepRunner
 
 # Losses stay on the device and are read (and checked for NaN) every this many steps, and
 # before every save: reading one makes the CPU wait for the GPU. On the CPU there is no wait.
@@ -84,6 +85,7 @@ class Run:
     steps_per_epoch: int
     numerics: dict
     forward: object = None  # what a step calls: the model, in DDP and compiled as configured (step_forward)
+    step: object = None  # the step itself, eager or graphed (replica.steps.StepRunner)
     progress: Progress = field(default_factory=Progress)
     tally: Tally = field(default_factory=Tally)
 
@@ -245,7 +247,7 @@ def train_one_epoch(run: Run, watch: LossWatch, out: RunLog, stop, clock: Every)
             loss = None
             if len(labels):  # (one process alone may have none: every input of its batch was bad)
                 x, y = model_input(run, crops, shift, labels, noise=run.schedule.noise_on(p.step))
-                loss = train_step(run.forward, run.optimizer, x, y, lrs, devices=run.devices, bf16=cfg.bf16)
+                loss = run.step(x, y, lrs)  # train_step, or its captured graph replayed
                 run.tally.seen += len(y) * ranks.world
             p.step, p.in_epoch = p.step + 1, p.in_epoch + 1
             if loss is not None and watch.add(loss):
@@ -384,7 +386,8 @@ def setup(cfg: Config, folder: Path, ranks: Ranks, devices: tuple) -> Run:
     # make cudnn.benchmark's one-time search pay (docs/training.md)
     numerics = set_cuda_numerics(cfg.tf32, cfg.deterministic, benchmark=True)
     model = build_model(cfg, len(classes), devices)
-    optimizer = PaperSGD(param_groups(model, cfg.lr, cfg.weight_decay, cfg.bias_lr), momentum=cfg.momentum)
+    optimizer = PaperSGD(param_groups(model, cfg.lr, cfg.weight_decay, cfg.bias_lr), momentum=cfg.momentum,
+                         lr_tensors=graph_for(cfg, devices, ranks))
     n = len(TrainBatches(images, cfg.batch_size // ranks.world, mean, None, world=ranks.world, rank=ranks.rank,
                          crop=cfg.crop))
     steps = min(n, cfg.steps_per_epoch) if cfg.steps_per_epoch else n
@@ -439,6 +442,20 @@ def start(run: Run, out: RunLog) -> None:
              " + ".join(map(str, run.devices)), "bf16 autocast" if cfg.bf16 else "float32",
              f" ({describe_numerics(run.numerics)})" if any(d.type == "cuda" for d in run.devices) else "")
     out.info("%s", describe_departures(cfg))
+
+
+def graph_for(cfg: Config, devices: tuple, ranks: Ranks) -> bool:
+    """Whether steps replay a captured CUDA graph: only when asked (``graph=true``), and then on
+    one CUDA device, one process, no ``compile`` (or a one-line error saying which is missing)."""
+    if not cfg.graph:
+        return False
+    why = ("it needs a CUDA device" if devices[0].type != "cuda" else
+           "both towers must share one GPU" if len(set(devices)) > 1 else
+           "not under torchrun (DDP's all-reduce is not captured)" if ranks.distributed else
+           "not with compile=true" if cfg.compile else None)
+    if why:
+        raise ReplicaError(f"graph=true: {why}; graph=false runs the eager step")
+    return True
 
 
 def step_forward(run: Run, out: RunLog):
@@ -510,6 +527,9 @@ def train(cfg: Config, out, resume: bool = False, progress: bool = True) -> dict
             if not resume:
                 start(run, console)
             run.forward = step_forward(run, console)
+            run.step = StepRunner(run.forward, run.optimizer, devices=devices, bf16=cfg.bf16,
+                                  graph=graph_for(cfg, devices, ranks),
+                                  eager=lambda *a, **k: train_step(*a, **k))  # (a patched train_step too)
             console.open_views(cfg.tensorboard, cfg.live, run.progress.step or None, dump_config(cfg))
             watch = LossWatch(ranks, LOSS_READ_STEPS.get(devices[0].type, 20), cfg.stall_steps, len(run.classes))
             result = train_epochs(run, watch, console)

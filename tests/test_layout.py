@@ -20,6 +20,7 @@ LAYERS = [
      "replica.export"],
     ["replica.report", "replica.neighbors"],
     ["replica.live"],
+    ["replica.steps"],
     ["replica.train"],
     ["replica.demo"],
     ["replica.cli"],

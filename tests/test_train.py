@@ -609,3 +609,67 @@ def test_the_step_holds_no_host_read_of_a_tensor_so_a_graph_could_capture_it(mon
             torch.nonzero(loss.detach().reshape(1))
     monkeypatch.undo()
     assert math.isfinite(loss.item())
+
+
+class FakeGraphs:
+    """Stands in for replica.steps.CudaGraphs on the CPU: records each call, and replays a
+    captured body eagerly with a graph's semantics (a capture runs nothing; a replay writes the
+    gradients anew and its loss into the captured output)."""
+
+    def __init__(self, opt):
+        self.opt, self.calls = opt, []
+
+    def warm(self, step):
+        self.calls.append("warm")
+        return step()
+
+    def capture(self, body):
+        self.calls.append("capture")
+        out = torch.full((), float("nan"))
+        return (body, out), out
+
+    def replay(self, graph):
+        body, out = graph
+        self.calls.append("replay")
+        self.opt.zero_grad(set_to_none=True)
+        out.copy_(body())
+
+
+def test_the_graphed_step_runner_gives_the_eager_steps_bits():
+    """graph=true's step runner, its graph mechanics stood in for: after 3 eager steps it
+    captures, replays, captures again when conv1 freezes, runs a short batch eagerly, and every
+    loss and parameter is bitwise the eager train_step's over an ε drop and the freeze."""
+    from replica.model import AlexNet
+    from replica.optim import PaperSGD, param_groups
+    from replica.steps import StepRunner
+
+    base = {"weight": 0.01, "bias": 0.02, "conv1.weight": 0.01, "conv1.bias": 0.02}
+    lrs = [base] * 4 + [dict(base, weight=0.001)] * 2 + [dict(base, weight=0.001, **{"conv1.weight": 0.0,
+                                                                                        "conv1.bias": 0.0})] * 2
+    dev = (torch.device("cpu"),)
+    runs = {}
+    for graphed in (False, True):
+        torch.manual_seed(0)
+        net = AlexNet.from_options(NetOptions(width=NARROW, init="he"), 10, "cpu")
+        opt = PaperSGD(param_groups(net, 0.01, 5e-4, 0.02), lr_tensors=graphed)
+        fake = FakeGraphs(opt)
+        runner = StepRunner(net, opt, devices=dev, bf16=False, graph=graphed, graphs=fake,
+                            eager=train_mod.train_step)
+        losses = []
+        for k, r in enumerate(lrs):
+            n = 2 if k == 5 else 4  # step 6: a batch shortened by bad inputs
+            g = torch.Generator().manual_seed(k)
+            x, y = torch.randn(n, 3, 224, 224, generator=g) * 50, torch.arange(n) % 10
+            torch.manual_seed(100 + k)  # the dropout masks
+            losses.append(runner(x, y, r).item())
+        runs[graphed] = losses, {k: v.clone() for k, v in net.state_dict().items()}, fake.calls, runner.replays
+    (l0, s0, _, _), (l1, s1, calls, replays) = runs[False], runs[True]
+    assert l1 == l0 and all(torch.equal(s0[k], s1[k]) for k in s0)
+    # steps 1-3 eager, 4 captured and replayed, 5 replayed, 6 eager (short), 7 captured anew (conv1 frozen), 8
+    assert calls == ["warm"] * 3 + ["capture", "replay", "replay", "capture", "replay", "replay"] and replays == 4
+
+
+def test_graph_true_says_what_it_needs(store, tmp_path):
+    with pytest.raises(ReplicaError, match="graph=true: it needs a CUDA device; graph=false runs the eager step"):
+        train(tiny(store, graph=True), tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()
