@@ -56,6 +56,30 @@ class CudaGraphs:
         graph.replay()
 
 
+class EagerGraphs:
+    """:class:`CudaGraphs`' semantics run eagerly, with each call recorded (``calls``): a
+    capture runs nothing, a replay writes the gradients anew and its loss into the captured
+    output. What the CPU tests and ``tools/gpu_perf.py --dry-run`` hand the runner."""
+
+    def __init__(self, optimizer):
+        self.opt, self.calls = optimizer, []
+
+    def warm(self, step):
+        self.calls.append("warm")
+        return step()
+
+    def capture(self, body):
+        self.calls.append("capture")
+        out = torch.full((), float("nan"))
+        return (body, out), out
+
+    def replay(self, graph) -> None:
+        body, out = graph
+        self.calls.append("replay")
+        self.opt.zero_grad(set_to_none=True)
+        out.copy_(body())
+
+
 class StepRunner:
     """``runner(images, labels, lrs) -> loss`` (detached, on the device): the step, eager or graphed."""
 

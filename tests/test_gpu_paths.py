@@ -7,6 +7,7 @@ runs of the same code are tools/gpu_check.sh and tests/test_cuda.py.
 """
 import contextlib
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -592,3 +593,33 @@ def test_a_gpu_and_cpu_split_under_torchrun_is_refused_before_any_group(four_gpu
     with pytest.raises(ReplicaError, match="split over a GPU and the CPU runs in one process only"):
         setup(devices="cuda:0,cpu")
     assert not [c for c in four_gpus.calls if c[0] == "init_process_group"]
+
+
+# -- gpu_perf.py ---------------------------------------------------------------------------------
+
+def test_gpu_perf_dry_run_runs_every_check_on_the_cpu():
+    """tools/gpu_perf.py --dry-run: every check's code on the CPU (1/16 width, tiny batches, the
+    graph stood in for), each a PASS line, then the summary."""
+    p = subprocess.run([sys.executable, str(ROOT / "tools" / "gpu_perf.py"), "--dry-run"], capture_output=True,
+                       text=True, timeout=600, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    out = p.stdout + p.stderr
+    assert p.returncode == 0, out[-3000:]
+    for check in "pmcev":
+        assert re.search(rf"^PASS \({check}\)", out, re.M), (check, out[-3000:])
+    assert "graph ≡ eager over 6 steps" in out and "5 of 5 checks passed" in out
+    assert re.search(r"gpu_perf: SUGGEST grouped=(auto|false)", out) and "gpu_perf: SUGGEST workers=" in out
+
+
+def test_gpu_perf_summary_rules():
+    import gpu_perf
+
+    lines = gpu_perf.summarize({"m.b256.grouped_graph": 41_000, "m.b256.ratio_best": 1.2, "m.b256.grouped": 30_000,
+                                "m.b256.towers": 20_000, "p.graph_same": 1, "m.b128.grouped_graph": 20_000,
+                                "e.w8.jpeg": 19_000, "e.w12.jpeg": 20_000, "e.w14.jpeg": 21_000,
+                                "c.conv1_3_channels": 1.0, "c.conv1_4_channels": 0.5})
+    text = "\n".join(lines)
+    assert "PASS training step, batch 256, bf16 (img/s): 41,000.00" in text
+    assert "MISS training step, batch 128" in text and "MISS ten-view evaluation (views/s): not measured" in text
+    assert "SUGGEST grouped=auto" in text and "SUGGEST graph=auto=on for one GPU" in text
+    assert "SUGGEST conv1 input channels 4" in text and "SUGGEST workers=12" in text  # 20,000 ≥ 0.95 × 21,000 = 19,950
+    assert "SUGGEST grouped=false" in "\n".join(gpu_perf.summarize({"m.b128.grouped": 100, "m.b128.towers": 99}))

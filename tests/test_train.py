@@ -611,37 +611,13 @@ def test_the_step_holds_no_host_read_of_a_tensor_so_a_graph_could_capture_it(mon
     assert math.isfinite(loss.item())
 
 
-class FakeGraphs:
-    """Stands in for replica.steps.CudaGraphs on the CPU: records each call, and replays a
-    captured body eagerly with a graph's semantics (a capture runs nothing; a replay writes the
-    gradients anew and its loss into the captured output)."""
-
-    def __init__(self, opt):
-        self.opt, self.calls = opt, []
-
-    def warm(self, step):
-        self.calls.append("warm")
-        return step()
-
-    def capture(self, body):
-        self.calls.append("capture")
-        out = torch.full((), float("nan"))
-        return (body, out), out
-
-    def replay(self, graph):
-        body, out = graph
-        self.calls.append("replay")
-        self.opt.zero_grad(set_to_none=True)
-        out.copy_(body())
-
-
 def test_the_graphed_step_runner_gives_the_eager_steps_bits():
     """graph=true's step runner, its graph mechanics stood in for: after 3 eager steps it
     captures, replays, captures again when conv1 freezes, runs a short batch eagerly, and every
     loss and parameter is bitwise the eager train_step's over an ε drop and the freeze."""
     from replica.model import AlexNet
     from replica.optim import PaperSGD, param_groups
-    from replica.steps import StepRunner
+    from replica.steps import EagerGraphs, StepRunner
 
     base = {"weight": 0.01, "bias": 0.02, "conv1.weight": 0.01, "conv1.bias": 0.02}
     lrs = [base] * 4 + [dict(base, weight=0.001)] * 2 + [dict(base, weight=0.001, **{"conv1.weight": 0.0,
@@ -652,7 +628,7 @@ def test_the_graphed_step_runner_gives_the_eager_steps_bits():
         torch.manual_seed(0)
         net = AlexNet.from_options(NetOptions(width=NARROW, init="he"), 10, "cpu")
         opt = PaperSGD(param_groups(net, 0.01, 5e-4, 0.02), lr_tensors=graphed)
-        fake = FakeGraphs(opt)
+        fake = EagerGraphs(opt)
         runner = StepRunner(net, opt, devices=dev, bf16=False, graph=graphed, graphs=fake,
                             eager=train_mod.train_step)
         losses = []

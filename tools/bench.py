@@ -122,6 +122,42 @@ def race(fns: dict, steps: int, warmup: int, device, host: dict | None = None) -
     return {k: statistics.median(v) for k, v in times.items()}
 
 
+def throughput(fns: dict, steps: int, rounds: int, device, host: dict | None = None) -> dict:
+    """Seconds per call when each fn runs ``steps`` times back to back with one wait for the
+    device at the end, as a training loop runs (``race`` waits after every call: latency, not
+    throughput); each fn's median over ``rounds`` rounds, the fns taking turns round by round.
+    ``host``: each fn's host seconds per call (the calls' own time, before the wait)."""
+    per = {k: [] for k in fns}
+    queued = {k: [] for k in fns}
+    for _ in range(rounds):
+        for k, fn in fns.items():
+            sync(device)
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                fn()
+            t1 = time.perf_counter()
+            sync(device)
+            per[k].append((time.perf_counter() - t0) / steps)
+            queued[k].append((t1 - t0) / steps)
+    if host is not None:
+        host.update({k: statistics.median(v) for k, v in queued.items()})
+    return {k: statistics.median(v) for k, v in per.items()}
+
+
+def stream_rate(batches, step, steps: int, warmup: int, device, n: int) -> float:
+    """Images/s of (batch → step) back to back, one wait for the device at the end: what a
+    training loop gets (``timed_steps`` waits at each step: latency)."""
+    it = iter(batches)
+    for _ in range(warmup):
+        step(*next(it))
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step(*next(it))
+    sync(device)
+    return n * steps / (time.perf_counter() - t0)
+
+
 def timed_steps(batches, step, steps: int, warmup: int, device) -> float:
     """Median seconds per (batch → step), fetching each batch inside the timed span."""
     times, it = [], iter(batches)
@@ -573,12 +609,22 @@ def cmd_e2e(b: Bench):
     s_default = s_ours if b.cuda else fused(ours, s_ours)  # what replica train runs on this device
     e_ours = n / timed_steps(b.ours_batches(st), s_default, a.steps, a.warmup, device)
     e_tv = n / timed_steps(b.tv_batches(folder), s_tv, a.steps, a.warmup, device)
-    b.add(f"end to end: replica (store → workers), {b.default_norms}", e_ours, FLOP_TRAIN)
+    b.add(f"end to end: replica (store → workers), {b.default_norms}", e_ours, FLOP_TRAIN,
+          note="(each step waited for: latency)")
     jdec = "device" if b.cuda else "workers"
     e_jpeg = n / timed_steps(b.ours_batches(jst, decode=jdec), s_default, a.steps, a.warmup, device)
     b.add(f"end to end: replica (JPEG store, decode in {'nvJPEG' if b.cuda else 'workers'})", e_jpeg, FLOP_TRAIN)
     b.add("end to end: torchvision (ImageFolder JPEG pipeline)", e_tv, FLOP_TRAIN)
     b.ratios["end to end (replica img/s / torchvision img/s)"] = e_ours / e_tv
+    # back to back, as training runs (the rows above wait for each step: latency); on a GPU ≥ 30 steps
+    tp = max(a.steps, 30) if b.cuda else a.steps
+    need = n * (tp + a.warmup)
+    if len(st) >= need:
+        for name, batches in (("raw store", b.ours_batches(st)), ("JPEG store", b.ours_batches(jst))):
+            b.add(f"end to end, back to back: replica ({name}), {b.default_norms}",
+                  stream_rate(batches, s_default, tp, a.warmup, device, n), FLOP_TRAIN, note=f"({tp} steps, one wait)")
+    else:
+        print(f"  (back-to-back rows left out: {tp + a.warmup} batches need {need} images, the store has {len(st)})")
     if not b.cuda:
         e_level = n / timed_steps(b.ours_batches(jst, background=False), s_default, a.steps, a.warmup, device)
         b.add("end to end: replica (JPEG store), workers at normal priority", e_level, FLOP_TRAIN)

@@ -1,0 +1,348 @@
+#!/usr/bin/env python
+"""The GPU performance run: every row beside torchvision's AlexNet in the same run, on one H100
+or H200 in at most 7 minutes, each result printed as it ends; then the targets, PASS or MISS,
+and the defaults the figures suggest.
+
+    python tools/gpu_perf.py [--dry-run] [--only p,m,c,e,v] | tee docs/gpu-runs/DATE-GPU-gpu_perf.log
+
+  (p) correctness on the device, before anything is timed: the grouped form against the towers
+      (float32 with TF32 off, and bf16: logits and every gradient), and the graphed step against
+      the eager one over 6 steps with an ε drop (losses and parameters);
+  (m) the training step, bf16, channels_last, at batch 256 and 128: torchvision's AlexNet (eager,
+      NCHW, torch's SGD: the reference), replica's towers, the grouped form, the grouped form
+      replayed from a CUDA graph, all with the fused norms; throughput (steps back to back, one
+      wait a round) and the host's time to queue a step;
+  (c) per layer, forward and backward in bf16: conv1 reading 3 channels and 4 (a zero fourth,
+      which cuDNN need not pad), conv2/4/5 grouped against one convolution per tower;
+  (e) end to end from the raw and the JPEG store (decoded in the workers) at 8, 12 and 14 loader
+      workers (as many as the cores allow), back to back, with the CPU's model name;
+  (v) ten-view evaluation, views a second.
+
+Each check runs in a process group of its own under a limit (``gpu_check.stream``), so a hang
+loses that check only. ``--dry-run`` runs all of it on the CPU at 1/16 width and tiny batches,
+the graph stood in for by ``replica.steps.EagerGraphs`` (tests/test_gpu_paths.py runs it). The
+timing pieces are ``tools/bench.py``'s (``throughput``, ``race``, ``stream_rate``).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tools"))
+
+CHECKS = "pmcev"
+LIMITS = {"p": 45, "m": 120, "c": 40, "e": 150, "v": 35}  # seconds, 390 in all: ≤ 7 minutes with start-ups
+TARGETS = [  # (result key, what, at least)
+    ("m.b256.grouped_graph", "training step, batch 256, bf16 (img/s)", 40_000),
+    ("m.b256.ratio_best", "the same, torchvision's time / ours", 1.0),
+    ("m.b128.grouped_graph", "training step, batch 128, bf16 (img/s)", 25_000),
+    ("e.best_jpeg", "end to end from the JPEG store (img/s)", 20_000),
+    ("v.views", "ten-view evaluation (views/s)", 20_000),
+]
+
+
+def result(key: str, value: float) -> None:
+    """One figure for the summary (the main process reads these lines back)."""
+    print(f"RESULT {key} {value:.6g}", flush=True)
+
+
+class Sizes:
+    def __init__(self, dry: bool):
+        self.dry = dry
+        self.device = "cpu" if dry else "cuda"
+        self.width = 0.0625 if dry else 1.0
+        self.batches = (4,) if dry else (256, 128)
+        self.steps, self.rounds = (2, 2) if dry else (30, 3)
+        self.workers = (1,) if dry else tuple(w for w in (8, 12, 14) if w <= (os.cpu_count() or 8))
+
+
+def nets(s: Sizes, bf16: bool = True):
+    """(towers, grouped) on the device, the same weights."""
+    import torch
+
+    from replica.config import NetOptions
+    from replica.model import AlexNet
+
+    torch.manual_seed(0)
+    net = NetOptions(width=s.width)
+    towers = AlexNet.from_options(net, 1000, s.device, grouped=False)
+    grouped = AlexNet.from_options(net, 1000, s.device, grouped=True)
+    grouped.load_state_dict(towers.state_dict())
+    return towers, grouped
+
+
+def check_p(s: Sizes) -> str:
+    import torch
+    import torch.nn.functional as F
+
+    from replica.optim import PaperSGD, param_groups
+    from replica.runtime import autocast, set_cuda_numerics
+    from replica.steps import EagerGraphs, StepRunner
+    from replica.train import train_step
+
+    set_cuda_numerics(tf32=False, benchmark=True)
+    dev = torch.device(s.device)
+    x = torch.randn(4, 3, 224, 224, device=dev) * 50
+    y = torch.arange(4, device=dev)
+    lines = []
+    for bf16, bound in ((False, 1e-4), (True, 5e-2)):  # bf16: other summation orders, 8 bits of mantissa
+        towers, grouped = nets(s)
+        grads = []
+        for m in (towers, grouped):
+            torch.manual_seed(7)
+            with autocast((dev,), bf16):
+                out = m(x)
+            F.cross_entropy(out.float(), y).backward()
+            grads.append({n: p.grad.float() for n, p in m.named_parameters()})
+        worst = max(((grads[1][n] - g).abs().max() / g.abs().max().clamp_min(1e-30)).item() for n, g in grads[0].items())
+        assert worst <= bound, f"grouped against towers, {'bf16' if bf16 else 'fp32'}: gradient off by {worst:.2e}"
+        lines.append(f"grouped ≡ towers {'bf16' if bf16 else 'fp32'} (gradients within {worst:.1e} relative)")
+    base = {"weight": 0.01, "bias": 0.02, "conv1.weight": 0.01, "conv1.bias": 0.02}
+    runs = []
+    for graphed in (False, True):
+        _, net = nets(s)
+        opt = PaperSGD(param_groups(net, 0.01, 5e-4, 0.02), lr_tensors=graphed)
+        graphs = EagerGraphs(opt) if s.dry else None
+        run = StepRunner(net, opt, devices=(dev,), bf16=True, graph=graphed, graphs=graphs, eager=train_step)
+        losses = []
+        for k in range(6):
+            torch.manual_seed(100 + k)
+            losses.append(run(x, y, dict(base, weight=0.01 if k < 4 else 0.001)).item())
+        runs.append((losses, [p.detach().float().clone() for p in net.parameters()], run.replays))
+    (l0, p0, _), (l1, p1, replays) = runs
+    off = max(((b - a).abs().max() / a.abs().max().clamp_min(1e-30)).item() for a, b in zip(p0, p1))
+    assert replays == 3, f"{replays} replays of 6 steps (3 warm-up steps, then 3 replays expected)"
+    assert max(abs(a - b) for a, b in zip(l0, l1)) <= 1e-3 * max(map(abs, l0)) and off <= 1e-3, \
+        f"graph against eager: losses {l0} vs {l1}, parameters off by {off:.2e}"
+    result("p.graph_same", 1)
+    lines.append(f"graph ≡ eager over 6 steps (losses {'equal' if l0 == l1 else 'within 1e-3'}, parameters within "
+                 f"{off:.1e})")
+    return "; ".join(lines)
+
+
+def check_m(s: Sizes) -> str:
+    import torch
+    import torchvision
+
+    import bench
+    from replica.optim import PaperSGD, param_groups
+    from replica.runtime import set_cuda_numerics
+    from replica.steps import EagerGraphs, StepRunner
+    from replica.train import train_step
+
+    set_cuda_numerics(tf32=False, benchmark=True)
+    dev = torch.device(s.device)
+    out = []
+    for n in s.batches:
+        towers, grouped = nets(s)
+        _, graphed = nets(s)
+        for m in (towers, grouped, graphed):
+            m.fused_norms = not s.dry  # (on the CPU a compile takes half a minute: the dry run runs eager)
+        tv = torchvision.models.alexnet().to(dev)
+        x = (torch.randn(n, 3, 224, 224, device=dev) * 50).contiguous(memory_format=torch.channels_last)
+        y = torch.randint(0, 1000, (n,), device=dev)
+        amp = lambda: torch.autocast(dev.type, dtype=torch.bfloat16)  # noqa: E731  (re-entered each step)
+        opt = PaperSGD(param_groups(graphed, 0.01, 5e-4, 0.02), lr_tensors=True)
+        runner = StepRunner(graphed, opt, devices=(dev,), bf16=True, graph=True,
+                            graphs=EagerGraphs(opt) if s.dry else None, eager=train_step)
+        lrs = {"weight": 0.01, "bias": 0.02, "conv1.weight": 0.01, "conv1.bias": 0.02}
+        fns = {"torchvision": bench.on(bench.stepper(tv, amp()), x.contiguous(), y),
+               "towers": bench.on(bench.stepper(towers, amp()), x, y),
+               "grouped": bench.on(bench.stepper(grouped, amp()), x, y),
+               "grouped_graph": lambda: runner(x, y, lrs)}
+        for fn in fns.values():  # compiles, cuDNN's search, the graph's warm-up and capture
+            for _ in range(2 if s.dry else 5):
+                fn()
+        host = {}
+        t = bench.throughput(fns, s.steps, s.rounds, dev, host)
+        for k, v in t.items():
+            result(f"m.b{n}.{k}", n / v)
+            result(f"m.b{n}.{k}_host_ms", 1e3 * host[k])
+        best = min(t[k] for k in ("towers", "grouped", "grouped_graph"))
+        result(f"m.b{n}.ratio_best", t["torchvision"] / best)
+        out.append(f"batch {n}: " + ", ".join(f"{k} {n / v:,.0f} img/s (host {1e3 * host[k]:.1f} ms)"
+                                              for k, v in t.items()))
+        del towers, grouped, graphed, tv, opt, fns
+    return "; ".join(out)
+
+
+def check_c(s: Sizes) -> str:
+    import torch
+    import torch.nn.functional as F
+
+    import bench
+
+    dev = torch.device(s.device)
+    n, cl = s.batches[0], torch.channels_last
+    dt = torch.bfloat16 if not s.dry else torch.float32
+    w = lambda *shape: (torch.randn(*shape, device=dev, dtype=dt) * 0.01).requires_grad_()  # noqa: E731
+    x3 = (torch.randn(n, 3, 227, 227, device=dev, dtype=dt)).contiguous(memory_format=cl).requires_grad_()
+    x4 = F.pad(x3.detach(), (0, 0, 0, 0, 0, 1)).contiguous(memory_format=cl).requires_grad_()
+    c = max(1, round(96 * s.width))
+    w3, w4 = w(c, 3, 11, 11), w(c, 4, 11, 11)
+    fns = {"conv1, 3 channels": lambda: F.conv2d(x3, w3, stride=4).sum().backward(),
+           "conv1, 4 channels": lambda: F.conv2d(x4, w4, stride=4).sum().backward()}
+    for name, cin, cout, hw, k, pad in (("conv2", 48, 128, 27, 5, 2), ("conv4", 192, 192, 13, 3, 1),
+                                        ("conv5", 192, 128, 13, 3, 1)):
+        cin, cout = max(1, round(cin * s.width)), max(1, round(cout * s.width))
+        h = torch.randn(n, 2 * cin, hw, hw, device=dev, dtype=dt).contiguous(memory_format=cl)
+        ha, hb = (t.contiguous(memory_format=cl) for t in h.chunk(2, 1))
+        wt = w(2 * cout, cin, k, k)
+        fns[f"{name} grouped"] = lambda h=h, wt=wt, pad=pad: F.conv2d(h, wt, padding=pad, groups=2).sum().backward()
+        fns[f"{name} per tower"] = lambda ha=ha, hb=hb, wt=wt, pad=pad, c=cout: (
+            F.conv2d(ha, wt[:c], padding=pad).sum() + F.conv2d(hb, wt[c:], padding=pad).sum()).backward()
+    t = bench.throughput(fns, s.steps, s.rounds, dev)
+    for k, v in t.items():
+        result("c." + re.sub(r"\W+", "_", k), 1e3 * v)
+    return ", ".join(f"{k} {1e3 * v:.3f} ms" for k, v in t.items())
+
+
+def check_e(s: Sizes) -> str:
+    import subprocess as sp
+
+    import torch
+
+    import bench
+    from replica.model import AlexNet
+
+    cpu = next((ln.split(":", 1)[1].strip() for ln in sp.run(["lscpu"], capture_output=True, text=True).stdout
+                .splitlines() if ln.startswith("Model name")), "?") if not s.dry else "the CPU"
+    n = s.batches[0]
+    out = [f"{os.cpu_count()} cores of {cpu}"]
+    best = 0.0
+    for workers in s.workers:
+        args = bench.parser().parse_args(["e2e", "--device", s.device, "--batch", str(n), "--steps", str(s.steps),
+                                          "--warmup", "2", "--workers", str(workers),
+                                          "--images", str(n * (s.steps + 4))])
+        b = bench.Bench(args)
+        st, jst, _ = b.data()
+        model = AlexNet(devices=s.device, width=s.width)
+        model.fused_norms = not s.dry
+        step = bench.stepper(model, b.bf16())
+        rates = {name: bench.stream_rate(b.ours_batches(store), step, s.steps, 2, b.device, n)
+                 for name, store in (("raw", st), ("jpeg", jst))}
+        for name, r in rates.items():
+            result(f"e.w{workers}.{name}", r)
+        best = max(best, rates["jpeg"])
+        out.append(f"{workers} workers: raw {rates['raw']:,.0f}, JPEG {rates['jpeg']:,.0f} img/s")
+        del b, model
+        torch.cuda.empty_cache() if not s.dry else None
+    result("e.best_jpeg", best)
+    return "; ".join(out)
+
+
+def check_v(s: Sizes) -> str:
+    import torch
+
+    import bench
+    from replica.data.synth import synth
+    from replica.data.writer import prepare
+    from replica.data.store import PreparedStore
+    from replica.evaluate import evaluate
+    from replica.model import AlexNet
+
+    k = 32 if s.dry else 4096
+    with tempfile.TemporaryDirectory() as tmp:
+        synth(Path(tmp) / "s", 8, k // 8, 1, seed=0, progress=False)
+        prepare(Path(tmp) / "s", Path(tmp) / "st", workers=min(8, os.cpu_count() or 1), progress=False, fmt="raw")
+        st = PreparedStore(Path(tmp) / "st")
+        model = AlexNet(devices=s.device, width=s.width).eval()
+        bf16 = not s.dry
+        batch = min(s.batches[0], 128)
+        evaluate(model, st, st.mean(), views=10, batch=batch, max_batches=1, bf16=bf16)  # warm-up
+        bench.sync(torch.device(s.device))
+        t0 = time.perf_counter()
+        r = evaluate(model, st, st.mean(), views=10, batch=batch, bf16=bf16)
+        bench.sync(torch.device(s.device))
+        views = 10 * r["images"] / (time.perf_counter() - t0)
+    result("v.views", views)
+    return f"{views:,.0f} views/s ({r['images']:,} images, batch {batch}, {'bf16' if bf16 else 'fp32'}, eager norms)"
+
+
+def summarize(results: dict) -> list[str]:
+    """The targets, PASS or MISS, and the defaults the figures suggest (fixed rules)."""
+    lines = []
+    for key, what, least in TARGETS:
+        v = results.get(key)
+        lines.append(f"{'MISS' if v is None or v < least else 'PASS'} {what}: "
+                     f"{'not measured' if v is None else f'{v:,.2f}'} (target ≥ {least:,})")
+    for n in sorted({int(m.group(1)) for m in map(re.compile(r"m\.b(\d+)\.").match, results) if m}, reverse=True):
+        g, t, gg = (results.get(f"m.b{n}.{k}") for k in ("grouped", "towers", "grouped_graph"))
+        if g and t:
+            lines.append(f"SUGGEST grouped={'auto' if g > 1.05 * t else 'false'}  (batch {n}: grouped {g:,.0f} "
+                         f"against towers {t:,.0f} img/s)")
+        if gg and g and results.get("p.graph_same"):
+            lines.append(f"SUGGEST graph={'auto=on for one GPU' if gg > 1.05 * g else 'false'}  (batch {n}: graphed "
+                         f"{gg:,.0f} against eager {g:,.0f} img/s; graph ≡ eager checked in (p))")
+    c3, c4 = results.get("c.conv1_3_channels"), results.get("c.conv1_4_channels")
+    if c3 and c4:
+        lines.append(f"SUGGEST conv1 input channels {4 if c4 < 0.95 * c3 else 3}  ({c3:.3f} against {c4:.3f} ms)")
+    w = {int(k.split(".")[1][1:]): v for k, v in results.items() if re.fullmatch(r"e\.w\d+\.jpeg", k)}
+    if w:
+        pick = min(k for k, v in w.items() if v >= 0.95 * max(w.values()))
+        lines.append(f"SUGGEST workers={pick}  (the fewest within 5% of the best JPEG rate: "
+                     + ", ".join(f"{k}: {v:,.0f}" for k, v in sorted(w.items())) + ")")
+    return lines
+
+
+def run_one(checks: str, dry: bool) -> int:
+    failed = 0
+    for i, c in enumerate(checks):
+        t0 = time.monotonic()
+        try:
+            line = globals()[f"check_{c}"](Sizes(dry))
+        except Exception as e:  # noqa: BLE001  (each failure is a result line)
+            print(f"FAIL ({c}) {time.monotonic() - t0:5.1f} s: {type(e).__name__}: {str(e)[-2000:]}", flush=True)
+            failed |= 1 << i
+            continue
+        print(f"PASS ({c}) {time.monotonic() - t0:5.1f} s: {line}", flush=True)
+    return failed
+
+
+def main(argv=None) -> int:
+    import gpu_check
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dry-run", action="store_true", help="all of it on the CPU: tiny sizes, the graph stood in for")
+    p.add_argument("--only", default=CHECKS, help="checks to run, e.g. p,m (default: all)")
+    p.add_argument("--one", help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+    if a.one:
+        return run_one(a.one, a.dry_run)
+    import torch
+
+    say = gpu_check.say
+    say("gpu_perf" + (" --dry-run (CPU)" if a.dry_run else "") + ": " + " | ".join(gpu_check.versions()))
+    if not a.dry_run and not torch.cuda.is_available():
+        say(f"gpu_perf: no CUDA device visible to {sys.executable}; --dry-run runs it on the CPU")
+        return 1
+    wanted = [c for c in CHECKS if c in a.only.replace(",", "")]
+    groups = ["".join(wanted)] if a.dry_run else wanted  # the dry run: one process, as gpu_check's
+    results, failed, t0 = {}, [], time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="gpu_perf-"):
+        for group in groups:
+            cmd = [sys.executable, str(Path(__file__).resolve()), "--one", group] + (["--dry-run"] if a.dry_run else [])
+            rc, lines = gpu_check.stream(cmd, sum(LIMITS[c] for c in group) * (3 if a.dry_run else 1), "",
+                                         env=dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1"))
+            for ln in lines:
+                if ln.startswith("RESULT "):
+                    _, k, v = ln.split()
+                    results[k] = float(v)
+            if rc:
+                failed += [c for i, c in enumerate(group) if rc == 124 or rc >> i & 1 or rc >= 1 << len(group)]
+    for line in summarize(results):
+        say("gpu_perf: " + line)
+    say(f"gpu_perf: {len(wanted) - len(failed)} of {len(wanted)} checks passed in {time.monotonic() - t0:.0f} s"
+        + (f"; failed: {', '.join(failed)}" if failed else ""))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
