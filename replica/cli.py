@@ -296,7 +296,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "the paper's Table 1) or train (reported as training images)")
     e.add_argument("--views", type=int, choices=[1, 10], default=None,
                    help="only this many views (default: both, from one pass of ten views)")
-    e.add_argument("--batch", type=int, default=32, help="images per forward pass (each gives ten views)")
+    e.add_argument("--batch", type=int, default=None,
+                   help="images per forward pass, each giving ten views (default: 256 on a GPU, 32 on the CPU)")
     e.add_argument("--workers", type=int, default=2, help="loader processes reading the images")
     e.add_argument("--devices", default="auto", help=DEVICES_HELP)
     e.add_argument("--fp32", action="store_true",

@@ -10,12 +10,19 @@ from .runtime import autocast
 TOP5_MIN_CLASSES = 6  # with 5 classes or fewer every label is in the top 5: top-5 error is 0 by construction
 
 
-def topk_errors(probs: torch.Tensor, labels: torch.Tensor) -> tuple[int, int]:
-    """Number of top-1 and top-5 misses in a batch of class probabilities."""
+def topk_misses(probs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """(top-1 misses, top-5 misses) of a batch of class probabilities, as a tensor on their
+    device: counted there, read by nobody until the pass ends."""
     k = min(5, probs.shape[1])
     top = probs.topk(k, dim=1).indices  # (B, k)
-    hit = top == labels[:, None]
-    return int((~hit[:, 0]).sum()), int((~hit.any(1)).sum())
+    hit = top == labels.to(top.device, non_blocking=True)[:, None]
+    return torch.stack([(~hit[:, 0]).sum(), (~hit.any(1)).sum()])
+
+
+def topk_errors(probs: torch.Tensor, labels: torch.Tensor) -> tuple[int, int]:
+    """Number of top-1 and top-5 misses in a batch of class probabilities."""
+    m1, m5 = topk_misses(probs, labels).tolist()
+    return m1, m5
 
 
 @torch.no_grad()
@@ -92,7 +99,7 @@ def evaluate(model, images, mean_image, views=1, batch: int = 64, max_batches: i
     model.eval()
     mean_crop = augment.centre_crop_of(torch.as_tensor(mean_image), crop)
     n, bad = 0, 0
-    miss = {v: [0, 0] for v in wanted}
+    miss = {v: 0 for v in wanted}  # (top-1, top-5) misses, summed on the model's device
     pass_views = 10 if 10 in wanted else 1
     ds = EvalBatches(images, batch, max_batches)
     pin = model.devices[0].type == "cuda"
@@ -105,16 +112,15 @@ def evaluate(model, images, mean_image, views=1, batch: int = 64, max_batches: i
             bad += len(b)
             if len(u8) == 0:
                 continue
-            p = view_probs(model, u8, mean_crop, pass_views, crop, bf16).cpu()  # (B, V, classes)
+            p = view_probs(model, u8, mean_crop, pass_views, crop, bf16)  # (B, V, classes), on the device
             classes = p.shape[-1]
             for v in wanted:
                 probs = p.mean(1) if v == pass_views else p[:, 2]  # view 2: the centre, unflipped
-                m1, m5 = topk_errors(probs, labels)
-                miss[v][0] += m1
-                miss[v][1] += m5
+                miss[v] = miss[v] + topk_misses(probs, labels)  # no wait for the device: read once, below
             n += len(u8)
     finally:
         model.train(was)
+    miss = {v: m.tolist() if torch.is_tensor(m) else [0, 0] for v, m in miss.items()}
     top5 = classes is None or classes >= TOP5_MIN_CLASSES
     out = {f"{v}-view": dict(views=v, images=n, top1_err=miss[v][0] / max(n, 1),
                              top5_err=miss[v][1] / max(n, 1) if top5 else None, skipped=bad) for v in wanted}

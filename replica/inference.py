@@ -54,7 +54,12 @@ def open_split(data, split: str, training_data=None):
         raise
 
 
-def run_eval(target, data=None, views=(1, 10), devices="auto", batch: int = 32, progress: bool = True,
+# images a forward pass (each gives ten views) where none is given: 2,560 views a pass on a GPU
+# (fewer, larger launches; its rate there is tools/gpu_perf.py's to measure), 320 on the CPU
+EVAL_BATCH = {"cuda": 256, "cpu": 32}
+
+
+def run_eval(target, data=None, views=(1, 10), devices="auto", batch: int | None = None, progress: bool = True,
              bf16: bool | None = None, checkpoint: str = "last", split: str = "val", workers: int = 2,
              tf32: bool | None = None) -> dict:
     """top-1/top-5 error, one view and ten views (one pass); writes eval.json into the run folder.
@@ -80,6 +85,7 @@ def run_eval(target, data=None, views=(1, 10), devices="auto", batch: int = 32, 
         tf32 = bool(ckpt.config.get("tf32", False))
     numerics = set_cuda_numerics(tf32)
     cuda = any(d.type == "cuda" for d in model.devices)
+    batch = batch or EVAL_BATCH["cuda" if cuda else "cpu"]
     if data is None:
         data = (ckpt.config.get("val_data") if split == "val" else None) or ckpt.config.get("data")
         if data is None:

@@ -207,3 +207,32 @@ def test_eval_on_a_store_without_a_val_split_says_training_images(store, tmp_pat
     assert ev["images_of"] == "training images (the store has no val split)" and ev["1-view"]["images"] == 12
     assert main(["report", str(run)]) == 0
     assert "12 training images (the store has no val split)" in (run / "report.md").read_text()
+
+
+def test_ten_view_eval_counts_on_the_device_and_reads_once(store, monkeypatch):
+    """The misses are summed where the model is and read after the last batch: as many host
+    reads of a tensor for four batches as for two (each read would make a GPU's host wait)."""
+    import torch
+
+    from replica.data.store import PreparedStore
+    from replica.evaluate import evaluate
+    from replica.model import AlexNet
+
+    st = PreparedStore(store)
+    torch.manual_seed(0)
+    model = AlexNet(4, devices="cpu", width=0.0625, init="he")
+    reads = []
+    for name in ("cpu", "item", "tolist", "numpy", "__int__", "__bool__"):
+        real = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, lambda self, *a, _r=real, _n=name, **k: reads.append(_n) or _r(self, *a, **k))
+    counts, results = [], []
+    for batches in (2, 4):
+        reads.clear()
+        results.append(evaluate(model, st, st.mean(), views=(1, 10), batch=2, max_batches=batches))
+        counts.append(len(reads))
+    monkeypatch.undo()
+    assert counts[0] == counts[1], counts
+    assert results[1]["10-view"]["images"] == 8 and results[0]["10-view"]["images"] == 4
+    for r in results:  # the figures as the host-side count gives them
+        p_total = r["10-view"]["top1_err"] * r["10-view"]["images"]
+        assert abs(p_total - round(p_total)) < 1e-9
