@@ -143,7 +143,7 @@ class Config:
     pca_noise: bool = True  # §4.1 colour noise ("no-pca" ablation: False)
     pca_mode: str | None = None  # None: the preset's ("as-run": 0.1·z·√λ then ÷1.1; "paper-text": α·λ)
     pca_off_epoch: float | None = 67  # as-run: "set color noise to 0 from 0.1" at 67 of 91 (layer-params-145.cfg:178)
-    workers: int = 2  # loader processes
+    workers: int | None = None  # loader processes; null/auto: from the cores this process may use (replica.runtime.default_workers)
     decode: str = "auto"  # JPEG store: "workers" (CPU, libjpeg-turbo), "device" (the batch, nvJPEG on CUDA); auto: workers (faster on an H200 with 16 cores, docs/performance.md)
     strict_data: bool = False  # a bad or missing input stops the run (default: skip it, log it, count it)
     # -- model: the fields of NetOptions, each with its default there ------------------------------
@@ -264,8 +264,8 @@ def _coerce(name: str, value):
     args = typing.get_args(t)
     optional = type(None) in args
     base = next((a for a in args if a is not type(None)), t) if args else t
-    if optional and base is bool and isinstance(value, str) and value.lower() == "auto":
-        return None  # an on/off key whose null means "decided by the device": auto is its name
+    if optional and base in (bool, int) and isinstance(value, str) and value.lower() == "auto":
+        return None  # a key whose null means "decided by the machine": auto is its name
     if value is None or (isinstance(value, str) and value.lower() in ("null", "none", "~")):
         if optional:
             return None

@@ -68,7 +68,8 @@ def demo(out="replica-demo", tiny: bool = False, devices: str = "auto", progress
             print(f"demo stopped before the end of training; run `{again}` again to resume it")
             return dict(stopped=done["stopped"])
         print(f"      trained in {took()}")
-    result = run_eval(run, views=(1, 10), devices=devices, progress=progress, workers=cfg.workers)
+    result = run_eval(run, views=(1, 10), devices=devices, progress=progress,
+                      workers=cfg.workers if cfg.workers is not None else 2)
     print(f"[4/4] evaluation on the synthetic val set ({took()}; error; chance is {1 - 1 / CLASSES:.0%} top-1, "
           "colour alone or shape alone 50%):")
     print(format_eval(result))

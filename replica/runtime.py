@@ -203,6 +203,26 @@ def to_device(t, device):
     return t.to(device, non_blocking=True)
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity: what a SLURM or container limit leaves)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not on Linux
+        return os.cpu_count() or 1
+
+
+def default_workers(device, cores: int | None = None) -> int:
+    """``workers=auto``: loader processes from the cores this process may use. On a GPU the
+    cores less 2 (the training process and the pinning thread), at most 8: 8 workers on 16 cores
+    fed the H200 at 9,284 img/s from the JPEG store (docs/performance.md; tools/gpu_perf.py
+    times 8, 12 and 14). On the CPU 2, niced (the step itself needs the cores: 0.98 of the model's
+    rate from the JPEG store on 2 cores), none on one core."""
+    cores = usable_cores() if cores is None else cores
+    if getattr(device, "type", device) == "cuda":
+        return max(1, min(8, cores - 2))
+    return 2 if cores >= 2 else 0
+
+
 def fused_norms_for(cfg, device) -> bool:
     """``fused_norms``: true / false as set; null (the default) turns them on where they were
     measured faster: on a GPU (Triton; an H200, batch 256: 1.41× the eager step in bf16, 1.26×

@@ -50,7 +50,8 @@ from .model import AlexNet
 from .optim import PaperSGD, Schedule, apply_lrs, param_groups
 from .runs import (TRAIN_LOCK, Checkpoint, Progress, Tally, atomic_write, check_compatible, code_version,
                    load_checkpoint, rng_state, save_checkpoint, set_rng_state)
-from .runtime import autocast, describe_numerics, fused_norms_for, set_cuda_numerics, to_device
+from .runtime import (autocast, default_workers, describe_numerics, fused_norms_for, set_cuda_numerics, to_device,
+                      usable_cores)
 from .steps import StepRunner
 
 # Losses stay on the device and are read (and checked for NaN) every this many steps, and
@@ -84,6 +85,7 @@ class Run:
     schedule: Schedule
     steps_per_epoch: int
     numerics: dict
+    workers: int  # loader processes (workers=auto: from the cores, runtime.default_workers)
     forward: object = None  # what a step calls: the model, in DDP and compiled as configured (step_forward)
     step: object = None  # the step itself, eager or graphed (replica.steps.StepRunner)
     progress: Progress = field(default_factory=Progress)
@@ -194,7 +196,7 @@ def next_batch(it, run: Run, out: RunLog):
             raise
         return None, (f"a data-loader worker died at epoch {p.epoch + 1}, batch {p.in_epoch + 1} "
                       f"({str(e).strip().splitlines()[0][:160]}). Out of memory is the usual cause: lower "
-                      f"workers={cfg.workers} or batch_size={cfg.batch_size}")
+                      f"workers={run.workers} or batch_size={cfg.batch_size}")
     crops, shift, labels, b, bad = batch
     crops, shift, labels, more = decode_if_encoded(crops, shift, labels, run.devices[0])
     bad = list(bad) + more  # entries the decoder refused are bad inputs like any other
@@ -224,7 +226,7 @@ def train_one_epoch(run: Run, watch: LossWatch, out: RunLog, stop, clock: Every)
     todo = min(run.steps_per_epoch - p.in_epoch, run.schedule.total_steps - p.step)
     run.model.train()
     cpu = run.devices[0].type == "cpu"
-    it = iter(loader(ds, cfg.workers, pin_memory=not cpu, background=cpu))
+    it = iter(loader(ds, run.workers, pin_memory=not cpu, background=cpu))
     worker_deaths_at_next_batch()  # a dead worker is seen in next_batch, where the processes can agree
     try:
         for _ in range(todo):
@@ -270,7 +272,7 @@ def end_of_epoch(run: Run, watch: LossWatch, out: RunLog, clock: Every) -> None:
     err = None
     if run.val_images is not None and run.main:
         r = evaluate(run.model, run.val_images, run.mean, views=1, batch=min(cfg.batch_size, 128),
-                     max_batches=cfg.val_batches, crop=cfg.crop, bf16=cfg.bf16, workers=min(cfg.workers, 2))
+                     max_batches=cfg.val_batches, crop=cfg.crop, bf16=cfg.bf16, workers=min(run.workers, 2))
         record.update(val_top1_err=r["top1_err"], val_top5_err=r["top5_err"], val_images=r["images"])
         err = r["top1_err"]
     err = ranks.broadcast(err)
@@ -393,7 +395,8 @@ def setup(cfg: Config, folder: Path, ranks: Ranks, devices: tuple) -> Run:
     steps = min(n, cfg.steps_per_epoch) if cfg.steps_per_epoch else n
     run = Run(cfg, folder, ranks, devices, images, val_images, list(classes), getattr(images, "names", None), mean,
               pca, augment.centre_crop_of(torch.as_tensor(mean), cfg.crop).to(devices[0]), model, optimizer,
-              Schedule(cfg, steps), steps, numerics)
+              Schedule(cfg, steps), steps, numerics,
+              cfg.workers if cfg.workers is not None else default_workers(devices[0]))
     torch.manual_seed(cfg.seed * 1000 + ranks.rank + 1)  # dropout masks: one stream per process
     return run
 
@@ -442,6 +445,8 @@ def start(run: Run, out: RunLog) -> None:
              " + ".join(map(str, run.devices)), "bf16 autocast" if cfg.bf16 else "float32",
              f" ({describe_numerics(run.numerics)})" if any(d.type == "cuda" for d in run.devices) else "")
     out.info("%s", describe_departures(cfg))
+    out.info("loader workers: %d%s", run.workers, "" if cfg.workers is not None else
+             f" (workers=auto: {usable_cores()} usable cores, {run.devices[0].type})")
 
 
 def graph_for(cfg: Config, devices: tuple, ranks: Ranks) -> bool:

@@ -3,6 +3,7 @@ import json
 import math
 import os
 import pickle
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -649,3 +650,19 @@ def test_graph_true_says_what_it_needs(store, tmp_path):
     with pytest.raises(ReplicaError, match="graph=true: it needs a CUDA device; graph=false runs the eager step"):
         train(tiny(store, graph=True), tmp_path / "run", progress=False)
     assert not (tmp_path / "run").exists()
+
+
+def test_workers_auto_come_from_the_usable_cores(store, tmp_path, caplog):
+    """workers=auto (the default): on a GPU the cores this process may use less 2, at most 8; on
+    the CPU 2; said in the run's header."""
+    import logging
+
+    from replica.runtime import default_workers
+
+    assert load_config(None, ["workers=auto"]).workers is None and load_config(None, []).workers is None
+    cuda = torch.device("cuda", 0)
+    assert [default_workers(cuda, c) for c in (1, 4, 10, 16, 64)] == [1, 2, 8, 8, 8]
+    assert [default_workers(torch.device("cpu"), c) for c in (1, 2, 16)] == [0, 2, 2]
+    caplog.set_level(logging.INFO, logger="replica")
+    train(tiny(store, workers=None, epochs=1, steps_per_epoch=1), tmp_path / "run", progress=False)
+    assert re.search(r"loader workers: \d+ \(workers=auto: \d+ usable cores, cpu\)", caplog.text)
