@@ -232,6 +232,23 @@ def t_interval(diffs, level: float = 0.95) -> tuple:
     return m, m - half, m + half, n
 
 
+def seeds_needed(sd: float | None, claim: float | None, level: float = 0.95, most: int = 1000) -> int | None:
+    """The fewest seeds n at which the paired interval's half-width, t(n − 1)·sd/√n at the spread
+    ``sd`` seen so far, is below the claimed difference: from then on a difference of the paper's
+    size lies outside seed noise. None where there is no claim or no spread; ``most`` + 1 when
+    even ``most`` seeds would not do."""
+    from scipy.special import stdtrit
+
+    if claim is None or sd is None or claim <= 0:
+        return None
+    if sd == 0:
+        return 2
+    for n in range(2, most + 1):
+        if float(stdtrit(n - 1, 0.5 + level / 2)) * sd / math.sqrt(n) < claim:
+            return n
+    return most + 1
+
+
 def verdict(n: int, low, high, claim) -> str:
     """The paper's claim (the baseline better by ``claim``, in the interval's units) against the
     paired interval [low, high] of n seeds: one of :data:`VERDICTS`, tried in their order."""
@@ -322,7 +339,7 @@ def _ablation_table(groups) -> list[str]:
              "config; the last column names it, and says where it is not the claim's recipe.", "",
              "| ablation | n | top-1 diff [95% CI] | top-5 diff [95% CI] | the paper's claim | original runs | "
              "verdict top-1; top-5 | paired with |", "|---|---|---|---|---|---|---|---|"]
-    notes, per_seed = [], []
+    notes, per_seed, needed = [], [], []
     for g, base in pairs:
         views = _views_of(base)
         claim = claim_of(g["diff"])
@@ -348,12 +365,23 @@ def _ablation_table(groups) -> list[str]:
         lines.append(f"| {g['name']} | {d1[3]} | {_interval_text(*d1[:3])} | {_interval_text(*d5[:3])} | "
                      f"{claim_text} | {orig_text} | {v_text} | {base['name']}, {'ten views' if views == 10 else 'one view'}"
                      f"{own} |")
+        if claim and d1[3] >= 2:
+            sds = (mean_sd([d[0] for d in p["diffs"].values()])[1],
+                   mean_sd([d[1] for d in p["diffs"].values() if d[1] is not None])[1])
+            cells = [f"{which} {'>1000' if n > 1000 else n}" for which, sd, c in zip(("top-1", "top-5"), sds, (c1, c5))
+                     if (n := seeds_needed(sd, None if c is None else c / 100)) is not None]
+            if cells:
+                needed.append(f"- {g['name']}: seeds needed: " + ", ".join(cells) + f" (n = {d1[3]} so far)")
         if p["diffs"]:
             per_seed.append(f"- {g['name']}: " + ", ".join(
                 f"seed {k} {100 * a:+.2f} / {'n/a' if b is None else f'{100 * b:+.2f}'}"
                 for k, (a, b) in sorted(p["diffs"].items())))
         notes += [f"- {g['name']}, seed {seed}: left out, {why}" for seed, why in p["left_out"]]
     lines += ["", "Per seed (top-1 / top-5 difference):", ""] + per_seed if per_seed else []
+    if needed:
+        lines += ["", "How many seeds a claim needs: the fewest n at which the paired 95% interval's half-width, "
+                      "t(n − 1)·sd/√n at the spread seen here, is below the paper's difference, so that a difference "
+                      "of that size lies outside seed noise:", ""] + needed
     if notes:
         lines += ["", "Not paired:", ""] + notes
     lines += ["", verdict_legend()]

@@ -166,6 +166,10 @@ def test_report_across_seeds_means_paired_intervals_and_verdicts(tmp_path):
     assert "| no-dropout | 1 | +5.00 | +2.50 | dropout: ? / ? | — | no number claimed (n=1); no number claimed |" in md
     assert "- no-dropout, seed 1: left out, not comparable (images differ)" in md
     assert "- no-norm: seed 0 +1.40 / +0.70, seed 1 +1.20 / +0.60, seed 2 +1.60 / +0.80" in md
+    # seeds needed at the spread seen: one-gpu-half's top-1 sd 1.5 against 1.7 (t(5)·1.5/√6 = 1.57 < 1.7,
+    # t(4)·1.5/√5 = 1.86 > 1.7); its top-5 sd 0.75 against 1.2 (t(3)·0.75/2 = 1.19)
+    assert "- one-gpu-half: seeds needed: top-1 6, top-5 4 (n = 3 so far)" in md
+    assert "- no-pca: seeds needed" not in md  # one seed: no spread yet
     # Fig. 3 across seeds: which tower came out colour-specific in each run
     assert ("| alexnet-2gpu | 3 | 2 of 3 | seed 0: b (0.30 / 0.60); seed 1: a (0.70 / 0.20); "
             "seed 2: none (0.40 / 0.45) |") in md
@@ -174,7 +178,10 @@ def test_report_across_seeds_means_paired_intervals_and_verdicts(tmp_path):
 
 
 def test_verdicts_and_intervals():
-    from replica.report import original_difference, t_interval, verdict
+    from replica.report import original_difference, seeds_needed, t_interval, verdict
+
+    assert seeds_needed(0.2, 1.4) == 3 and seeds_needed(1.5, 1.7) == 6 and seeds_needed(None, 1.4) is None
+    assert seeds_needed(0.5, None) is None and seeds_needed(100.0, 0.01) == 1001  # more than 1000 would not do
 
     assert verdict(1, None, None, 1.4) == "one seed: no interval"
     assert verdict(3, 0.9, 1.9, 1.4) == "reproduced"
