@@ -114,10 +114,17 @@ def _cmd_eval(args) -> int:
     from .inference import format_eval, run_eval
 
     views = (1, 10) if args.views is None else (args.views,)
-    r = run_eval(args.target, args.data, views, args.devices, args.batch,
-                 bf16=False if args.fp32 else None, checkpoint=args.checkpoint, split=args.split,
-                 workers=args.workers)
+    how = dict(bf16=False if args.fp32 else None, checkpoint=args.checkpoint, split=args.split, workers=args.workers)
+    if len(args.target) > 1 or args.out or args.weights:
+        from .inference import run_ensemble_eval
+
+        r = run_ensemble_eval(args.target, args.data, views, args.devices, args.batch, out=args.out,
+                              weights=args.weights, **how)
+    else:
+        r = run_eval(args.target[0], args.data, views, args.devices, args.batch, **how)
     print(format_eval(r))
+    if r.get("record") and r.get("ensemble"):
+        print(f"wrote {r['record']}")
     return 0
 
 
@@ -286,7 +293,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=_cmd_train)
 
     e = sub.add_parser("eval", help="top-1/top-5 error with one view and ten views")
-    e.add_argument("target", help="a run folder (its final network, last.pt) or a checkpoint file")
+    e.add_argument("target", nargs="+",
+                   help="a run folder (its final network, last.pt) or a checkpoint file; several: their ensemble "
+                        "(Table 2's '5 CNNs': the probabilities averaged), each member's figures beside it")
+    e.add_argument("--out", help="with several targets: the folder for the ensemble's eval.json")
+    e.add_argument("--weights", type=float, nargs="+", default=None,
+                   help="with several targets: one coefficient each, Σ c_k·P_k (default: the plain average)")
     e.add_argument("--checkpoint", choices=["last", "best"], default="last",
                    help="of a run folder: last (the final network, as the 2012 run was tested; default) or best "
                         "(lowest validation error during training: chosen on these same images, so optimistic)")

@@ -90,19 +90,35 @@ def evaluate(model, images, mean_image, views=1, batch: int = 64, max_batches: i
     ``top5_err`` is None with fewer than 6 classes. Batches are read by ``workers`` loader
     processes (pinned memory for a GPU). ``bf16``: see :func:`view_probs`.
     """
+    out = evaluate_members([dict(model=model, mean=mean_image, bf16=bf16)], images, views, batch, max_batches,
+                           crop, progress, workers)
+    return out["members"][0]
+
+
+@torch.no_grad()
+def evaluate_members(members: list, images, views=1, batch: int = 64, max_batches: int | None = None,
+                     crop: int = augment.CROP, progress: bool = False, workers: int = 0, weights=None) -> dict:
+    """Several nets on the same images in one pass: each member's figures, and the ensemble's,
+    whose probabilities are the members' averaged (weighted by ``weights``, Σ c_k·P_k, when
+    given), view by view, as the 2012 code's avg-valid.py averaged its models' predictions.
+    ``members``: dicts of ``model``, ``mean`` (its mean image) and ``bf16``. Returns
+    ``{"members": [figures, …], "ensemble": figures}``, each as :func:`evaluate` returns them."""
     from tqdm import tqdm
 
     wanted = (views,) if isinstance(views, int) else tuple(views)
     if not wanted or any(v not in (1, 10) for v in wanted):
         raise ValueError(f"views: expected 1, 10 or (1, 10), got {views}")
-    was = model.training
-    model.eval()
-    mean_crop = augment.centre_crop_of(torch.as_tensor(mean_image), crop)
+    weights = [1 / len(members)] * len(members) if weights is None else list(weights)
+    was = [m["model"].training for m in members]
+    for m in members:
+        m["model"].eval()
+    crops = [augment.centre_crop_of(torch.as_tensor(m["mean"]), crop) for m in members]
     n, bad = 0, 0
-    miss = {v: 0 for v in wanted}  # (top-1, top-5) misses, summed on the model's device
+    keys = list(range(len(members))) + ["ensemble"]
+    miss = {(k, v): 0 for k in keys for v in wanted}  # (top-1, top-5) misses, summed on the device
     pass_views = 10 if 10 in wanted else 1
     ds = EvalBatches(images, batch, max_batches)
-    pin = model.devices[0].type == "cuda"
+    pin = members[0]["model"].devices[0].type == "cuda"
     it = torch.utils.data.DataLoader(ds, batch_size=None, shuffle=False, num_workers=workers, pin_memory=pin,
                                      prefetch_factor=2 if workers else None)
     classes = None
@@ -112,19 +128,29 @@ def evaluate(model, images, mean_image, views=1, batch: int = 64, max_batches: i
             bad += len(b)
             if len(u8) == 0:
                 continue
-            p = view_probs(model, u8, mean_crop, pass_views, crop, bf16)  # (B, V, classes), on the device
-            classes = p.shape[-1]
-            for v in wanted:
-                probs = p.mean(1) if v == pass_views else p[:, 2]  # view 2: the centre, unflipped
-                miss[v] = miss[v] + topk_misses(probs, labels)  # no wait for the device: read once, below
+            probs = [view_probs(m["model"], u8, mc, pass_views, crop, m["bf16"]) for m, mc in zip(members, crops)]
+            dev = probs[0].device
+            probs.append(sum(w * p.to(dev) for w, p in zip(weights, probs)) if len(members) > 1 else probs[0])
+            classes = probs[0].shape[-1]
+            for k, p in zip(keys, probs):  # (B, V, classes), on the device
+                for v in wanted:
+                    pv = p.mean(1) if v == pass_views else p[:, 2]  # view 2: the centre, unflipped
+                    miss[k, v] = miss[k, v] + topk_misses(pv, labels)  # no wait for the device: read once, below
             n += len(u8)
     finally:
-        model.train(was)
-    miss = {v: m.tolist() if torch.is_tensor(m) else [0, 0] for v, m in miss.items()}
+        for m, w in zip(members, was):
+            m["model"].train(w)
     top5 = classes is None or classes >= TOP5_MIN_CLASSES
-    out = {f"{v}-view": dict(views=v, images=n, top1_err=miss[v][0] / max(n, 1),
-                             top5_err=miss[v][1] / max(n, 1) if top5 else None, skipped=bad) for v in wanted}
-    return out[f"{views}-view"] if isinstance(views, int) else out
+
+    def figures(k):
+        out = {}
+        for v in wanted:
+            m1, m5 = miss[k, v].tolist() if torch.is_tensor(miss[k, v]) else (0, 0)
+            out[f"{v}-view"] = dict(views=v, images=n, top1_err=m1 / max(n, 1),
+                                    top5_err=m5 / max(n, 1) if top5 else None, skipped=bad)
+        return out[f"{views}-view"] if isinstance(views, int) else out
+
+    return dict(members=[figures(k) for k in range(len(members))], ensemble=figures("ensemble"))
 
 
 def percent(err) -> str:

@@ -11,7 +11,7 @@ import torch
 from . import augment
 from .data.loaders import match_classes, open_heldout, open_images
 from .errors import ReplicaError
-from .evaluate import evaluate, percent, predict_probs
+from .evaluate import evaluate, evaluate_members, percent, predict_probs
 from .data.imageio import BadImage, read_prepared
 from .model import AlexNet
 from .runs import Checkpoint, atomic_write, describe_source, load_checkpoint, run_checkpoint
@@ -117,6 +117,68 @@ def run_eval(target, data=None, views=(1, 10), devices="auto", batch: int | None
     return out
 
 
+def file_sha1(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha1()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def run_ensemble_eval(targets, data=None, views=(1, 10), devices="auto", batch: int | None = None,
+                      progress: bool = True, bf16: bool | None = None, checkpoint: str = "last", split: str = "val",
+                      workers: int = 2, out=None, weights=None) -> dict:
+    """Table 2's "k CNNs": the members' softmax probabilities averaged (``weights``: Σ c_k·P_k),
+    view by view, on the same images in one pass, as the 2012 code's avg-valid.py did; each
+    member's own figures beside the ensemble's. Members must agree on their classes and crop.
+    With ``out``: ``OUT/eval.json``, the ensemble's figures where a run's are, and each member
+    named (folder, checkpoint, sha1) with its own."""
+    if split not in ("val", "test", "train"):
+        raise ReplicaError(f"split: expected 'val', 'test' or 'train', got {split!r}")
+    if weights is not None and len(weights) != len(targets):
+        raise ReplicaError(f"--weights: {len(weights)} given for {len(targets)} members")
+    paths = [run_checkpoint(Path(t), checkpoint) for t in targets]
+    cks = [load_checkpoint(p) for p in paths]
+    first = cks[0]
+    for t, ck in zip(targets[1:], cks[1:]):
+        if list(ck.classes) != list(first.classes):
+            raise ReplicaError(f"{t}: its {ck.num_classes} classes are not {targets[0]}'s {first.num_classes} (in "
+                               f"order): an ensemble averages the same classes")
+        if ck.crop != first.crop:
+            raise ReplicaError(f"{t}: crop {ck.crop}, {targets[0]}'s {first.crop}: an ensemble sees the same views")
+    models = [model_from_checkpoint(ck, devices) for ck in cks]
+    members = [dict(model=m, mean=ck.mean.numpy(), bf16=trained_precision_bf16(ck, m) if bf16 is None else bf16)
+               for m, ck in zip(models, cks)]
+    numerics = set_cuda_numerics(bool(first.config.get("tf32", False)))
+    cuda = any(d.type == "cuda" for d in models[0].devices)
+    batch = batch or EVAL_BATCH["cuda" if cuda else "cpu"]
+    if data is None:
+        data = (first.config.get("val_data") if split == "val" else None) or first.config.get("data")
+        if data is None:
+            raise ReplicaError("no --data given and the first member's checkpoint names none")
+    images = open_split(data, split, training_data=first.config.get("data"))
+    images, subset = match_classes(images, first.classes, data)
+    if len(images) == 0:
+        raise ReplicaError(f"{data}: the {split} split holds no images")
+    r = evaluate_members(members, images, views=tuple(views), batch=batch, crop=first.crop, progress=progress,
+                         workers=workers, weights=weights)
+    record = dict(ensemble=len(cks), weights=weights, network=checkpoint, split=split,
+                  images_of={"train": "training images", "val": "validation images", "test": "test images"}[split],
+                  data=str(data), dataset=first.dataset, classes=first.num_classes, classes_evaluated=subset or "all",
+                  precision="+".join(sorted({"bf16" if m["bf16"] else "fp32" for m in members})),
+                  device=" + ".join(map(str, models[0].devices)), tf32=numerics["tf32"] if cuda else None,
+                  members=[dict(run=str(t), checkpoint=str(p), sha1=file_sha1(p), **fig)
+                           for t, p, fig in zip(targets, paths, r["members"])], **r["ensemble"])
+    if out is not None:
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write(out / "eval.json", lambda f: f.write(json.dumps(record, indent=1).encode()))
+        record["record"] = str(out / "eval.json")
+    return record
+
+
 def eval_record_name(network: str, split: str, views) -> str:
     """The file a run folder keeps an eval in, one per way of measuring: ``eval.json`` for the
     paper's way (the final network, the validation split, one and ten views), else
@@ -150,6 +212,10 @@ def describe_eval(r: dict) -> str:
     sub = "" if r.get("classes_evaluated", "all") == "all" else f", {r['classes_evaluated']}"
     step = f", step {r['step']:,}" if r.get("step") is not None else ""
     when = r["imported"] if r.get("imported") else f"epoch {r.get('epoch', '?')}{step}"
+    if r.get("ensemble"):
+        net = f"{net.split(' (')[0]}s of {r['ensemble']} runs"
+        when = "their probabilities " + ("weighted " + ", ".join(f"{w:g}" for w in r["weights"])
+                                         if r.get("weights") else "averaged")
     tf32 = {True: " (TF32 on)", False: " (TF32 off)"}.get(r.get("tf32"), "")  # CUDA only: None on the CPU
     dev = f" on {r['device']}" if r.get("device") else ""
     return (f"{net}, {when}; {first.get('images', 0):,} {r.get('images_of', 'images')} "
@@ -159,10 +225,17 @@ def describe_eval(r: dict) -> str:
 def format_eval(r: dict) -> str:
     what = r.get("images_of", "images")
     lines = [f"{'':<10} {'top-1 err':>10} {'top-5 err':>10} {what:>18}"]
-    for k in ("1-view", "10-view"):
-        if k in r:
-            v = r[k]
-            lines.append(f"{k:<10} {percent(v['top1_err']):>10} {percent(v['top5_err']):>10} {v['images']:>18,}")
+    rows = [("", r)]
+    if r.get("ensemble"):  # each member's own figures, then the ensemble's
+        lines[0] = f"{'':<26}" + lines[0]
+        rows = [(f"{Path(m['run']).name[:24]:<26}", m) for m in r["members"]] + [
+            (f"{'ensemble of ' + str(r['ensemble']):<26}", r)]
+    for who, fig in rows:
+        for k in ("1-view", "10-view"):
+            if k in fig:
+                v = fig[k]
+                lines.append(f"{who}{k:<10} {percent(v['top1_err']):>10} {percent(v['top5_err']):>10} "
+                             f"{v['images']:>18,}")
     if any(r.get(k, {}).get("top5_err", 0) is None for k in ("1-view", "10-view")):
         lines.append(f"top-5: n/a with {r.get('classes')} classes (every label is in the top 5)")
     if r.get("split") == "train":

@@ -434,6 +434,11 @@ def report(runs, out=None) -> Path:
             raise ReplicaError(f"{s['run']}: no metrics.jsonl or eval.json: not a finished run folder")
     out = Path(out) if out else summaries[0]["run"]
     out.mkdir(parents=True, exist_ok=True)
+    ensembles = [s for s in summaries if s["eval"].get("ensemble")]
+    summaries = [s for s in summaries if not s["eval"].get("ensemble")] or summaries[:0]
+    if not summaries:
+        raise ReplicaError("only ensembles given: give their member runs too (the report reads runs; an ensemble's "
+                           "eval.json is shown beside them)")
     groups = group_runs(summaries)
     plot_curves(groups, out / "curves.png")
     lines = ["# replica report", "", "![learning curves and conv1 colour specificity, mean over seeds](curves.png)",
@@ -467,9 +472,38 @@ def report(runs, out=None) -> Path:
         d = ", ".join(f"`{k}={v}`" for k, v in g["diff"].items()) or "none"
         lines.append(f"- {g['name']} ({len(g['runs'])} run{'s' if len(g['runs']) > 1 else ''}): {d}")
     lines += _imported_table(summaries)
+    lines += _ensemble_table(ensembles)
     lines += _paper_table(summaries)
     (out / "report.md").write_text("\n".join(lines) + "\n")
     return out / "report.md"
+
+
+# Table 2: "5 CNNs", the average of five nets' predictions, ILSVRC-2012 val, top-1 / top-5 (%)
+PAPER_ENSEMBLE = (5, 38.1, 16.4)
+
+
+def _ensemble_table(ensembles) -> list[str]:
+    """Each ensemble (``replica eval RUN… --out``) beside its members' mean, and beside the
+    paper's "5 CNNs" only where it was measured on ILSVRC-2012's validation images."""
+    if not ensembles:
+        return []
+    lines = ["", "## Ensembles (Table 2's 'k CNNs': the members' probabilities averaged; top-1 / top-5 error, %)", "",
+             "| ensemble | k | ten views | one view | the members' mean, ten views | the paper |", "|---|---|---|---|---|---|"]
+    for s in ensembles:
+        ev = s["eval"]
+        ten = [m["10-view"] for m in ev["members"] if "10-view" in m]
+        mean = "—" if not ten else (f"{_fmt_ms(*mean_sd([t['top1_err'] for t in ten]))} / "
+                                    f"{_fmt_ms(*mean_sd([t['top5_err'] for t in ten]))}")
+        k, p1, p5 = PAPER_ENSEMBLE
+        paper = f"{k} CNNs: {p1} / {p5}" if ev.get("dataset") == "ilsvrc2012" and ev.get("split") == "val" else "—"
+        lines.append(f"| {s['name']} | {ev['ensemble']} | {_pair(ev['10-view']) if '10-view' in ev else '—'} | "
+                     f"{_pair(ev['1-view']) if '1-view' in ev else '—'} | {mean} | {paper} |")
+    lines += ["", "Members: " + "; ".join(f"{s['name']}: " + ", ".join(Path(m["run"]).name for m in s["eval"]["members"])
+                                          for s in ensembles)]
+    if any(s["eval"].get("weights") for s in ensembles):
+        lines += ["", "Weighted ensembles (--weights): coefficients chosen on the same images would flatter the "
+                      "figure; say where they came from."]
+    return lines
 
 
 def _paper_table(summaries) -> list[str]:

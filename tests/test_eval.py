@@ -236,3 +236,41 @@ def test_ten_view_eval_counts_on_the_device_and_reads_once(store, monkeypatch):
     for r in results:  # the figures as the host-side count gives them
         p_total = r["10-view"]["top1_err"] * r["10-view"]["images"]
         assert abs(p_total - round(p_total)) < 1e-9
+
+
+# -- ensembles: Table 2's "5 CNNs" ---------------------------------------------------------------
+
+def test_an_ensemble_of_a_run_with_itself_is_the_run_and_members_are_named(store, tiny_tree, tmp_path, capsys):
+    """replica eval r r: r's own figures; replica eval r0 r1 --out F: both members named in
+    F/eval.json (folder, checkpoint, sha1) with their own figures, which are what each gives alone;
+    a member with other classes: one line, nothing written."""
+    from replica.inference import file_sha1, run_ensemble_eval, run_eval
+
+    r0, r1 = tmp_path / "r0", tmp_path / "r1"
+    train(tiny(store, init="he", epochs=1), r0, progress=False)
+    train(tiny(store, init="he", epochs=1, seed=1), r1, progress=False)
+    alone = [run_eval(r, views=(1, 10), progress=False) for r in (r0, r1)]
+    same = run_ensemble_eval([r0, r0], views=(1, 10), progress=False)
+    for v in ("1-view", "10-view"):
+        assert same[v] == alone[0][v]
+    assert main(["eval", str(r0), str(r1), "--out", str(tmp_path / "ens")]) == 0
+    out = capsys.readouterr().out
+    assert "ensemble of 2" in out and "r0" in out and "r1" in out
+    rec = json.loads((tmp_path / "ens" / "eval.json").read_text())
+    assert rec["ensemble"] == 2 and [m["run"] for m in rec["members"]] == [str(r0), str(r1)]
+    assert rec["members"][1]["sha1"] == file_sha1(r1 / "last.pt")
+    for m, a in zip(rec["members"], alone):
+        assert m["10-view"] == a["10-view"] and m["1-view"] == a["1-view"]
+    assert rec["10-view"]["images"] == alone[0]["10-view"]["images"]
+    weighted = run_ensemble_eval([r0, r1], views=(1,), progress=False, weights=[1.0, 0.0])
+    assert weighted["1-view"] == alone[0]["1-view"]  # all the weight on r0: r0's own figure
+    prepare(tiny_tree, tmp_path / "st3", workers=1, progress=False)  # 3 classes, not 4
+    train(tiny(tmp_path / "st3", epochs=1, batch_size=3, steps_per_epoch=1), tmp_path / "three", progress=False)
+    assert main(["eval", str(r0), str(tmp_path / "three"), "--out", str(tmp_path / "bad")]) == 2
+    err = capsys.readouterr().err
+    assert "classes are not" in err and len(err.strip().splitlines()) == 1 and not (tmp_path / "bad").exists()
+    assert main(["report", str(r0), str(r1), str(tmp_path / "ens"), "--out", str(tmp_path / "rep")]) == 0
+    md = (tmp_path / "rep" / "report.md").read_text()
+    row = next(ln for ln in md.splitlines() if ln.startswith("| ens | 2 |"))
+    assert row.endswith("| — |")  # not ILSVRC-2012: no paper figure beside it
+    assert "Members: ens: r0, r1" in md and "| ens |" not in md.split("## Ensembles")[0]  # not a run of its own
