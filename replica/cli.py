@@ -84,6 +84,9 @@ def _cmd_train(args) -> int:
     else:
         if not args.config:
             raise ReplicaError("give a CONFIG (e.g. configs/demo.yaml) or --resume RUN_DIR")
+        if "=" in args.config and not Path(args.config).exists():
+            raise ReplicaError(f"the first argument is the CONFIG (a file, or a preset name such as alexnet-2gpu or "
+                               f"demo); {args.config!r} is an override: give it after the CONFIG")
         cfg = load_config(args.config, args.overrides)
         out = Path(args.out) if args.out else Path("runs") / Path(args.config).stem
         if (out / "last.pt").exists():

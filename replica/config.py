@@ -154,6 +154,8 @@ class Config:
     overlap: bool = True  # False: run 147, pool 2/2
     dropout: bool = True
     init: str | None = None  # None: the preset's; "caffe": biases 0.1, fc6/fc7 σ 0.005; "he": σ = √(2/fan-in), biases 0 (narrow trial nets)
+    init_from: str | None = None  # a run folder or checkpoint (replica import's too) whose weights start this run (fine-tuning)
+    init_layers: str = "all-but-classifier"  # with init_from: "conv" (conv1-5), "all-but-classifier" (all but fc8), "all"
     devices: str = "auto"  # "auto", "cpu", "cuda:0", or "cuda:0,cuda:1" (towers a, b)
     devices_per_process: int = 2  # under torchrun: each process owns this many GPUs (1 or 2)
     # -- optimization (docs/spec.md §3) ---------------------------------------------------------------
@@ -212,6 +214,7 @@ CHOICES = {  # the net's own (preset, variant, init) are checked by NetOptions
     "pca_mode": (None, "as-run", "paper-text"),
     "schedule": ("as-run", "plateau"),
     "decode": ("auto", "workers", "device"),
+    "init_layers": ("conv", "all-but-classifier", "all"),
 }
 POSITIVE = ("batch_size", "epochs", "lr", "crop", "schedule_epochs", "checkpoint_minutes")
 NON_NEGATIVE = ("momentum", "weight_decay", "workers", "stall_steps", "plateau_patience", "plateau_max_drops",

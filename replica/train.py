@@ -401,6 +401,47 @@ def setup(cfg: Config, folder: Path, ranks: Ranks, devices: tuple) -> Run:
     return run
 
 
+INIT_LAYERS = {  # init_layers → whether a state_dict key is taken from the source
+    "conv": lambda k: ".conv" in f".{k}",
+    "all-but-classifier": lambda k: not k.startswith("fc8."),
+    "all": lambda k: True,
+}
+
+
+def init_from(run: Run, out: RunLog) -> None:
+    """A new run's weights from another run's (``init_from``: a run folder, a checkpoint, or
+    ``replica import``'s): the layers ``init_layers`` names, each where the name and shape match,
+    a mismatch refused in one line naming the layer; the rest keep their fresh draw (a new fc8
+    for another class count). The source (file, sha1, the layers taken) goes to init_from.json."""
+    cfg = run.cfg
+    from .inference import file_sha1
+    from .runs import run_checkpoint
+
+    path = run_checkpoint(Path(cfg.init_from))
+    ck = load_checkpoint(path)
+    take = INIT_LAYERS[cfg.init_layers]
+    mine = run.model.state_dict()
+    copied = []
+    for k, v in mine.items():
+        if not take(k):
+            continue
+        if k not in ck.model:
+            raise ReplicaError(f"init_from={cfg.init_from}: it has no {k} (init_layers={cfg.init_layers})")
+        if tuple(ck.model[k].shape) != tuple(v.shape):
+            hint = " (another class count: init_layers=all-but-classifier draws a new fc8)" if k.startswith("fc8") else ""
+            raise ReplicaError(f"init_from={cfg.init_from}: {k} is {tuple(ck.model[k].shape)} there, {tuple(v.shape)} "
+                               f"in this net{hint}")
+        with torch.no_grad():
+            v.copy_(ck.model[k])
+        copied.append(k)
+    if run.main:
+        sha1 = file_sha1(path)
+        record = dict(init_from=str(cfg.init_from), checkpoint=str(path), sha1=sha1, init_layers=cfg.init_layers,
+                      layers=sorted({k.rsplit(".", 1)[0] for k in copied}))
+        atomic_write(run.folder / "init_from.json", lambda f: f.write(json.dumps(record, indent=1).encode()))
+        out.info("weights of %s from %s (sha1 %s): %d tensors", cfg.init_layers, path, sha1[:12], len(copied))
+
+
 def resume_run(run: Run, out: RunLog) -> bool:
     """Load last.pt into the run; False if the run finished already."""
     ck = load_checkpoint(run.last)
@@ -531,6 +572,8 @@ def train(cfg: Config, out, resume: bool = False, progress: bool = True) -> dict
                 return dict(stopped=None, step=p.step, epochs=p.epoch, best_val_top1_err=p.best)
             if not resume:
                 start(run, console)
+                if cfg.init_from:
+                    init_from(run, console)
             run.forward = step_forward(run, console)
             run.step = StepRunner(run.forward, run.optimizer, devices=devices, bf16=cfg.bf16,
                                   graph=graph_for(cfg, devices, ranks),

@@ -84,6 +84,9 @@ def test_user_mistakes_are_one_line_errors(capsys):
     assert "\n" not in err and "Traceback" not in err
     assert main(["model", "--devices", "cpu,cpu", "--variant", "one-gpu-half", "--batch", "0"]) == 2
     assert "one tower" in capsys.readouterr().err
+    assert main(["train", "data=/nowhere", "epochs=1"]) == 2  # overrides with no CONFIG before them
+    err = capsys.readouterr().err.strip()
+    assert "'data=/nowhere' is an override: give it after the CONFIG" in err and "\n" not in err
 
 
 def test_ci_runs_the_readme_test_command():

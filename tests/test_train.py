@@ -666,3 +666,34 @@ def test_workers_auto_come_from_the_usable_cores(store, tmp_path, caplog):
     caplog.set_level(logging.INFO, logger="replica")
     train(tiny(store, workers=None, epochs=1, steps_per_epoch=1), tmp_path / "run", progress=False)
     assert re.search(r"loader workers: \d+ \(workers=auto: \d+ usable cores, cpu\)", caplog.text)
+
+
+def test_init_from_another_run_loads_its_layers_and_draws_a_new_classifier(store, whole_run, tiny_tree, tmp_path,
+                                                                             capsys):
+    """init_from=RUN: with a learning rate too small to move them, the loaded layers are the
+    source's after an epoch (within 1e-5), fc8 is fresh (all-but-classifier), the source is
+    recorded; another class count gets its own fc8; asking for fc8 across class counts is one line."""
+    from replica.data.writer import prepare
+    from replica.inference import file_sha1
+
+    src_dir, _ = whole_run
+    src = load_checkpoint(src_dir)
+    tiny_lr = dict(lr=1e-12, bias_lr=1e-12)
+    train(tiny(store, init_from=str(src_dir), epochs=1, **tiny_lr), tmp_path / "ft", progress=False)
+    ft = load_checkpoint(tmp_path / "ft")
+    for k, v in ft.model.items():
+        if k.startswith("fc8"):
+            assert not torch.allclose(v, src.model[k]), k  # drawn anew
+        else:
+            torch.testing.assert_close(v, src.model[k], rtol=0, atol=1e-5, msg=k)
+    rec = json.loads((tmp_path / "ft" / "init_from.json").read_text())
+    assert rec["sha1"] == file_sha1(src_dir / "last.pt") and "tower_a.conv1" in rec["layers"] and "fc8" not in rec["layers"]
+    prepare(tiny_tree, tmp_path / "st3", workers=1, progress=False)  # 3 classes: another fc8
+    train(tiny(tmp_path / "st3", init_from=str(src_dir), epochs=1, batch_size=3, steps_per_epoch=1),
+          tmp_path / "three", progress=False)
+    assert load_checkpoint(tmp_path / "three").model["fc8.weight"].shape[0] == 3
+    assert main(["train", str(ROOT / "configs" / "alexnet-2gpu.yaml"), f"data={tmp_path / 'st3'}", f"init_from={src_dir}", "init_layers=all", "batch_size=3",
+                 "epochs=1", "steps_per_epoch=1", "workers=0", "devices=cpu", f"width={NARROW}", "tensorboard=false",
+                 "live=false", "--out", str(tmp_path / "all")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "fc8.weight is (4," in err[0] and "init_layers=all-but-classifier" in err[0]
