@@ -559,6 +559,7 @@ def train(cfg: Config, out, resume: bool = False, progress: bool = True) -> dict
     folder = Path(out)
     ranks, devices = setup_ranks(cfg.devices, cfg.net.towers, cfg.devices_per_process, cfg.batch_size)
     console = RunLog(folder, ranks.rank, progress)
+    run = None
     together = False  # whether every process of the job gets to the end of this call at once
     try:
         with run_folder(folder, ranks.main):
@@ -588,5 +589,14 @@ def train(cfg: Config, out, resume: bool = False, progress: bool = True) -> dict
         raise  # process alone, where destroying the group could wait for the others for ever
     finally:
         console.close()
+        if run is not None and ranks.distributed:
+            # DDP keeps the process group and gloo's pending work alive through reference cycles of
+            # its own: freed here, before the group is destroyed, not at the interpreter's exit,
+            # where gloo's threads met a finalizing interpreter (a rank aborted: "terminate called
+            # without an active exception", once in a full suite)
+            run.forward = run.step = None
+            import gc
+
+            gc.collect()
         if together:
             ranks.close()

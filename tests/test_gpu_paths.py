@@ -607,6 +607,7 @@ def test_gpu_perf_dry_run_runs_every_check_on_the_cpu():
     for check in "pmcev":
         assert re.search(rf"^PASS \({check}\)", out, re.M), (check, out[-3000:])
     assert "graph ≡ eager over 6 steps" in out and "5 of 5 checks passed" in out
+    assert "1 workers: raw" in out and "2 workers: raw" in out  # end to end at two worker counts
     assert re.search(r"gpu_perf: SUGGEST grouped=(auto|false)", out) and "gpu_perf: SUGGEST workers=" in out
 
 

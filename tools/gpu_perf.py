@@ -62,7 +62,7 @@ class Sizes:
         self.width = 0.0625 if dry else 1.0
         self.batches = (4,) if dry else (256, 128)
         self.steps, self.rounds = (2, 2) if dry else (30, 3)
-        self.workers = (1,) if dry else tuple(w for w in (8, 12, 14) if w <= (os.cpu_count() or 8))
+        self.workers = (1, 2) if dry else tuple(w for w in (8, 12, 14) if w <= (os.cpu_count() or 8))
 
 
 def nets(s: Sizes, bf16: bool = True):
