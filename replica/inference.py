@@ -59,6 +59,23 @@ def open_split(data, split: str, training_data=None):
 EVAL_BATCH = {"cuda": 256, "cpu": 32}
 
 
+def eval_images(ck: Checkpoint, data, split: str):
+    """(data, images, the classes evaluated, what they are called) for measuring ``ck`` on
+    ``split`` of ``data`` (default: the run's own held-out data)."""
+    if data is None:
+        data = (ck.config.get("val_data") if split == "val" else None) or ck.config.get("data")
+        if data is None:
+            raise ReplicaError("no --data given and the checkpoint names none")
+    images = open_split(data, split, training_data=ck.config.get("data"))
+    images_of = {"train": "training images", "val": "validation images", "test": "test images"}[split]
+    if split == "val" and getattr(images, "split", None) == "train" and (Path(data) / "meta.json").exists():
+        images_of = TRAIN_SPLIT_ONLY  # a store records its splits: this one holds training images only
+    images, subset = match_classes(images, ck.classes, data)
+    if len(images) == 0:
+        raise ReplicaError(f"{data}: the {split} split holds no images")
+    return data, images, subset, images_of
+
+
 def run_eval(target, data=None, views=(1, 10), devices="auto", batch: int | None = None, progress: bool = True,
              bf16: bool | None = None, checkpoint: str = "last", split: str = "val", workers: int = 2,
              tf32: bool | None = None) -> dict:
@@ -86,17 +103,7 @@ def run_eval(target, data=None, views=(1, 10), devices="auto", batch: int | None
     numerics = set_cuda_numerics(tf32)
     cuda = any(d.type == "cuda" for d in model.devices)
     batch = batch or EVAL_BATCH["cuda" if cuda else "cpu"]
-    if data is None:
-        data = (ckpt.config.get("val_data") if split == "val" else None) or ckpt.config.get("data")
-        if data is None:
-            raise ReplicaError("no --data given and the checkpoint names none")
-    images = open_split(data, split, training_data=ckpt.config.get("data"))
-    images_of = {"train": "training images", "val": "validation images", "test": "test images"}[split]
-    if split == "val" and getattr(images, "split", None) == "train" and (Path(data) / "meta.json").exists():
-        images_of = TRAIN_SPLIT_ONLY  # a store records its splits: this one holds training images only
-    images, subset = match_classes(images, ckpt.classes, data)
-    if len(images) == 0:
-        raise ReplicaError(f"{data}: the {split} split holds no images")
+    data, images, subset, images_of = eval_images(ckpt, data, split)
     results = evaluate(model, images, ckpt.mean.numpy(), views=tuple(views), batch=batch, crop=ckpt.crop,
                        progress=progress, bf16=bf16, workers=workers)
     prog = ckpt.progress
@@ -154,18 +161,10 @@ def run_ensemble_eval(targets, data=None, views=(1, 10), devices="auto", batch: 
     numerics = set_cuda_numerics(bool(first.config.get("tf32", False)))
     cuda = any(d.type == "cuda" for d in models[0].devices)
     batch = batch or EVAL_BATCH["cuda" if cuda else "cpu"]
-    if data is None:
-        data = (first.config.get("val_data") if split == "val" else None) or first.config.get("data")
-        if data is None:
-            raise ReplicaError("no --data given and the first member's checkpoint names none")
-    images = open_split(data, split, training_data=first.config.get("data"))
-    images, subset = match_classes(images, first.classes, data)
-    if len(images) == 0:
-        raise ReplicaError(f"{data}: the {split} split holds no images")
+    data, images, subset, images_of = eval_images(first, data, split)
     r = evaluate_members(members, images, views=tuple(views), batch=batch, crop=first.crop, progress=progress,
                          workers=workers, weights=weights)
-    record = dict(ensemble=len(cks), weights=weights, network=checkpoint, split=split,
-                  images_of={"train": "training images", "val": "validation images", "test": "test images"}[split],
+    record = dict(ensemble=len(cks), weights=weights, network=checkpoint, split=split, images_of=images_of,
                   data=str(data), dataset=first.dataset, classes=first.num_classes, classes_evaluated=subset or "all",
                   precision="+".join(sorted({"bf16" if m["bf16"] else "fp32" for m in members})),
                   device=" + ".join(map(str, models[0].devices)), tf32=numerics["tf32"] if cuda else None,
