@@ -253,7 +253,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("settings", nargs="*", metavar="[CONFIG] [key=value]",
                    help="a YAML config and/or overrides, as for train; only the net's keys matter here")
     m.add_argument("--preset", default=None, choices=list(PRESETS), help="what the net computes (default as-run: run 145)")
-    m.add_argument("--variant", default=None, choices=list(VARIANTS), help="two towers (default) or run 145-half's one")
+    m.add_argument("--variant", default=None, choices=list(VARIANTS),
+                   help="two towers (default), run 145-half's one, or run 146's six conv layers (Table 2's 1 CNN*)")
     m.add_argument("--init", default=None, choices=list(INITS), help="weight init scheme (default: the preset's)")
     m.add_argument("--no-norm", action="store_true", help="ablation 148: no LRN, no spatial norm")
     m.add_argument("--no-overlap", action="store_true", help="ablation 147: non-overlapping pooling")

@@ -16,7 +16,7 @@ import yaml
 from .errors import ReplicaError
 
 PRESETS = ("as-run", "paper-text", "caffe")  # caffe: evaluating Caffe's bvlc_alexnet (replica import)
-VARIANTS = ("two-tower", "one-gpu-half")
+VARIANTS = ("two-tower", "one-gpu-half", "six-conv")
 INITS = ("as-run", "paper-text", "caffe", "he")  # he: not the paper's; for narrow trial nets (replica.model.INIT_TABLE)
 
 
@@ -33,7 +33,7 @@ class NetOptions:
     """
 
     preset: str = "as-run"  # or "paper-text" (docs/spec.md §1-3), or "caffe" (bvlc_alexnet's forward)
-    variant: str = "two-tower"  # "one-gpu-half" = run 145-half
+    variant: str = "two-tower"  # "one-gpu-half" = run 145-half; "six-conv" = run 146 (Table 2's "1 CNN*")
     width: float = 1.0  # every layer's filters and units × width (at least 1 each); 1: the paper's net
     norm: bool = True  # False = run 148: no LRN and no spatial norm
     overlap: bool = True  # False = run 147: pool 2/2 ceil, conv2 pad 1, conv5 pad 0
@@ -148,7 +148,7 @@ class Config:
     strict_data: bool = False  # a bad or missing input stops the run (default: skip it, log it, count it)
     # -- model: the fields of NetOptions, each with its default there ------------------------------
     preset: str = "as-run"  # or "paper-text" (docs/spec.md §1-3)
-    variant: str = "two-tower"  # or "one-gpu-half" (run 145-half)
+    variant: str = "two-tower"  # or "one-gpu-half" (run 145-half), "six-conv" (run 146: a cross-tower conv6 over pool5)
     width: float = 1.0  # every layer's filters and units × width (at least 1 each); 1: the paper's net; less: quick trials (the test suite's mechanics tests run 1/16)
     norm: bool = True  # False: run 148, no LRN and no spatial norm
     overlap: bool = True  # False: run 147, pool 2/2

@@ -149,7 +149,8 @@ class Tower(nn.Module):
     ``conv3_in``, ``fc6_in`` and ``fc7_in`` count what the layer reads, both towers included.
     """
 
-    def __init__(self, widths, fc: int, conv3_in: int, fc6_in: int, fc7_in: int, conv2_pad: int, conv5_pad: int):
+    def __init__(self, widths, fc: int, conv3_in: int, fc6_in: int, fc7_in: int, conv2_pad: int, conv5_pad: int,
+                 conv6: tuple[int, int] | None = None):
         super().__init__()
         c1, c2, c3, c4, c5 = widths
         self.conv1 = nn.Conv2d(3, c1, 11, stride=4)
@@ -157,6 +158,8 @@ class Tower(nn.Module):
         self.conv3 = nn.Conv2d(conv3_in, c3, 3, padding=1)
         self.conv4 = nn.Conv2d(c3, c4, 3, padding=1)
         self.conv5 = nn.Conv2d(c4, c5, 3, padding=conv5_pad)
+        if conv6 is not None:  # run 146: (what it reads, both towers' pool5; its filters)
+            self.conv6 = nn.Conv2d(conv6[0], conv6[1], 3, padding=1)
         self.fc6 = nn.Linear(fc6_in, fc)
         self.fc7 = nn.Linear(fc7_in, fc)
 
@@ -165,18 +168,19 @@ class Tower(nn.Module):
 # the 2012 code). paper-text: §5 "zero-mean Gaussian with standard deviation
 # 0.01", biases 1 in conv2/4/5 and the hidden fc layers. caffe: bvlc_alexnet's variant.
 INIT_TABLE = {
+    # conv6: run 146's only (layers-146-2012-2011.cfg: σ 0.03, bias 1; paper-text and caffe: as their conv4/5)
     "as-run": dict(conv1=(0.01, 0), conv2=(0.01, 1), conv3=(0.03, 0), conv4=(0.03, 1), conv5=(0.03, 1),
-                   fc6=(0.01, 1), fc7=(0.01, 1), fc8=(0.01, 0)),
+                   conv6=(0.03, 1), fc6=(0.01, 1), fc7=(0.01, 1), fc8=(0.01, 0)),
     "paper-text": dict(conv1=(0.01, 0), conv2=(0.01, 1), conv3=(0.01, 0), conv4=(0.01, 1), conv5=(0.01, 1),
-                       fc6=(0.01, 1), fc7=(0.01, 1), fc8=(0.01, 0)),
+                       conv6=(0.01, 1), fc6=(0.01, 1), fc7=(0.01, 1), fc8=(0.01, 0)),
     "caffe": dict(conv1=(0.01, 0), conv2=(0.01, 0.1), conv3=(0.01, 0), conv4=(0.01, 0.1), conv5=(0.01, 0.1),
-                  fc6=(0.005, 0.1), fc7=(0.005, 0.1), fc8=(0.01, 0)),
+                  conv6=(0.01, 0.1), fc6=(0.005, 0.1), fc7=(0.005, 0.1), fc8=(0.01, 0)),
     # Not the paper's: σ = √(2 / fan-in) (He et al., 2015), biases 0. For narrow trial nets: at 1/16
     # width the paper's and Caffe's σ give every image the same logits (their spread across 8
     # images 9e-5 and 1e-5 of their largest; He's 0.36: tests/test_model.py), so predictions,
     # export checks and verdicts say nothing; with this scale they differ by image
     # (tools/reproduce.py --tiny uses it).
-    "he": {name: (None, 0) for name in ("conv1", "conv2", "conv3", "conv4", "conv5", "fc6", "fc7", "fc8")},
+    "he": {name: (None, 0) for name in ("conv1", "conv2", "conv3", "conv4", "conv5", "conv6", "fc6", "fc7", "fc8")},
 }
 
 
@@ -230,14 +234,17 @@ class AlexNet(nn.Module):
         def w(n):  # a layer's filters or units at this width (1: the paper's)
             return max(1, round(n * self.width))
 
-        if self.opts.variant == "two-tower":
+        if self.opts.variant in ("two-tower", "six-conv"):
             widths, fc = tuple(w(n) for n in (48, 128, 192, 192, 128)), w(2048)  # conv1…conv5, fc6/fc7 per tower
             if self.opts.lrn_across_towers and min(widths[:2]) < LRN_SIZE // 2:
                 raise ReplicaError(f"width {self.width:g}: the caffe preset's LRN reads {LRN_SIZE // 2} maps of the "
                                    f"other tower; conv1 has {widths[0]} per tower")
-            ins = (2 * widths[1], 2 * widths[4] * pool5, 2 * fc)  # conv3, fc6, fc7 read both towers: 256, 9216, 4096
-            self.tower_a = Tower(widths, fc, *ins, conv2_pad, conv5_pad)
-            self.tower_b = Tower(widths, fc, *ins, conv2_pad, conv5_pad)
+            # run 146: conv6, 128 per tower over both towers' pool5 (256), 3×3 pad 1: fc6 reads its 6×6 maps
+            conv6 = (2 * widths[4], w(128)) if self.opts.variant == "six-conv" else None
+            last = conv6[1] if conv6 else widths[4]
+            ins = (2 * widths[1], 2 * last * pool5, 2 * fc)  # conv3, fc6, fc7 read both towers: 256, 9216, 4096
+            self.tower_a = Tower(widths, fc, *ins, conv2_pad, conv5_pad, conv6)
+            self.tower_b = Tower(widths, fc, *ins, conv2_pad, conv5_pad, conv6)
             fc8_in = 2 * fc
         else:  # layers-145-half.cfg: one column, conv5 256 wide, fc 4096
             widths, fc = tuple(w(n) for n in (48, 128, 192, 192, 256)), w(4096)
@@ -308,7 +315,8 @@ class AlexNet(nn.Module):
         """Draw weights ~ N(0, σ²) and set constant biases, per the init scheme (docs/spec.md §2)."""
         table = INIT_TABLE[self.opts.init_scheme]
         layers = [(name, getattr(t, name)) for t in self.towers for name in
-                  ("conv1", "conv2", "conv3", "conv4", "conv5", "fc6", "fc7")] + [("fc8", self.fc8)]
+                  ("conv1", "conv2", "conv3", "conv4", "conv5", "conv6", "fc6", "fc7") if hasattr(t, name)]
+        layers += [("fc8", self.fc8)]
         with torch.no_grad():
             for name, layer in layers:
                 std, bias = table[name]
@@ -447,9 +455,12 @@ class AlexNet(nn.Module):
         hb = F.relu_(b.conv3(hb))
         ha = F.relu_(a.conv4(ha))
         hb = F.relu_(b.conv4(hb))
-        ha = F.max_pool2d(F.relu_(a.conv5(ha)), *self._pool()).flatten(1)  # (N, 4608)
-        hb = F.max_pool2d(F.relu_(b.conv5(hb)), *self._pool()).flatten(1)
-        ha, hb = exchange(ha, hb)  # (N, 9216)
+        ha = F.max_pool2d(F.relu_(a.conv5(ha)), *self._pool())  # (N, 128, 6, 6)
+        hb = F.max_pool2d(F.relu_(b.conv5(hb)), *self._pool())
+        if self.opts.variant == "six-conv":  # run 146: conv6 reads both towers' pool5
+            ha, hb = exchange(ha, hb)  # (N, 256, 6, 6)
+            ha, hb = F.relu_(a.conv6(ha)), F.relu_(b.conv6(hb))  # (N, 128, 6, 6)
+        ha, hb = exchange(ha.flatten(1), hb.flatten(1))  # (N, 9216)
         ha = self._dropout(F.relu_(a.fc6(ha)))  # (N, 2048)
         hb = self._dropout(F.relu_(b.fc6(hb)))
         ha, hb = exchange(ha, hb)  # (N, 4096)
@@ -474,7 +485,10 @@ class AlexNet(nn.Module):
         h, = self._layer2([F.conv2d(h, *pair("conv2"), padding=p2, groups=2)], groups=2)  # (N, 256, 13, 13)
         h = F.relu_(F.conv2d(h, *pair("conv3"), padding=1))  # (N, 384, 13, 13): each reads both towers
         h = F.relu_(F.conv2d(h, *pair("conv4"), padding=1, groups=2))
-        h = F.max_pool2d(F.relu_(F.conv2d(h, *pair("conv5"), padding=p5, groups=2)), *pool).flatten(1)  # (N, 9216)
+        h = F.max_pool2d(F.relu_(F.conv2d(h, *pair("conv5"), padding=p5, groups=2)), *pool)  # (N, 256, 6, 6)
+        if o.variant == "six-conv":  # run 146: conv6 dense over both towers' pool5
+            h = F.relu_(F.conv2d(h, *pair("conv6"), padding=1))
+        h = h.flatten(1)  # (N, 9216)
         h = self._dropout_pair(F.relu_(F.linear(h, *pair("fc6"))))  # (N, 4096): a's 2048 then b's
         h = F.relu_(F.linear(h, *pair("fc7")))
         if upto == "fc7":

@@ -23,7 +23,7 @@ def images(n=2, seed=0, dtype=torch.float32):
 # torch's own LocalResponseNorm on each half, the spatial norm through avg_pool2d.
 
 
-def grouped_reference(p, x, preset="as-run", norm=True, overlap=True, dropout=True):
+def grouped_reference(p, x, preset="as-run", norm=True, overlap=True, dropout=True, six_conv=False):
     """Eval-mode logits of the two-tower net from a dict of parameters (tower_a.* / tower_b.*)."""
     def cat(name):
         return torch.cat([p[f"tower_a.{name}"], p[f"tower_b.{name}"]])
@@ -59,25 +59,27 @@ def grouped_reference(p, x, preset="as-run", norm=True, overlap=True, dropout=Tr
     h = F.relu(F.conv2d(h, cat("conv3.weight"), cat("conv3.bias"), padding=1))
     h = F.relu(F.conv2d(h, cat("conv4.weight"), cat("conv4.bias"), padding=1, groups=2))
     h = pool(F.relu(F.conv2d(h, cat("conv5.weight"), cat("conv5.bias"), padding=pad5, groups=2)))
+    if six_conv:  # run 146 (layers-146-2012-2011.cfg): conv6 over both towers' pool5, 3×3 pad 1, ReLU
+        h = F.relu(F.conv2d(h, cat("conv6.weight"), cat("conv6.bias"), padding=1))
     h = F.relu(F.linear(h.flatten(1), cat("fc6.weight"), cat("fc6.bias"))) * keep
     h = F.relu(F.linear(h, cat("fc7.weight"), cat("fc7.bias"))) * keep
     return F.linear(h, p["fc8.weight"], p["fc8.bias"])
 
 
-@pytest.mark.parametrize("preset,norm,overlap", [
-    ("as-run", True, True), ("paper-text", True, True), ("as-run", False, True), ("as-run", True, False),
-    ("caffe", True, True),
+@pytest.mark.parametrize("preset,norm,overlap,variant", [
+    ("as-run", True, True, "two-tower"), ("paper-text", True, True, "two-tower"), ("as-run", False, True, "two-tower"),
+    ("as-run", True, False, "two-tower"), ("caffe", True, True, "two-tower"), ("as-run", True, True, "six-conv"),
 ])
-def test_matches_grouped_reference_logits_and_gradients(preset, norm, overlap):
+def test_matches_grouped_reference_logits_and_gradients(preset, norm, overlap, variant):
     torch.manual_seed(0)
-    m = AlexNet(10, devices="cpu", preset=preset, norm=norm, overlap=overlap).double().eval()
+    m = AlexNet(10, devices="cpu", preset=preset, norm=norm, overlap=overlap, variant=variant).double().eval()
     x = images(2, dtype=torch.float64)
     if preset == "caffe":  # a 227 crop, and activations where the window's k = 1 term does not dominate
         x = torch.nn.functional.pad(x, (0, 3, 0, 3), mode="replicate") * 4
     out = m(x)
     out.square().sum().backward()
     params = {k: v.detach().clone().requires_grad_() for k, v in m.named_parameters()}
-    ref = grouped_reference(params, x, preset, norm, overlap)
+    ref = grouped_reference(params, x, preset, norm, overlap, six_conv=variant == "six-conv")
     ref.square().sum().backward()
     torch.testing.assert_close(out, ref)
     for name, p in m.named_parameters():
@@ -174,8 +176,10 @@ def test_a_narrow_net_is_the_same_net_with_fewer_filters(variant):
 def _shapes(m, x):
     seen = {}
     hooks = []
-    for name in ("conv1", "conv2", "conv3", "conv4", "conv5", "fc6"):
-        layer = getattr(m.tower_a, name)
+    for name in ("conv1", "conv2", "conv3", "conv4", "conv5", "conv6", "fc6"):
+        layer = getattr(m.tower_a, name, None)
+        if layer is None:
+            continue
         hooks.append(layer.register_forward_hook(
             lambda mod, i, o, name=name: seen.update({name + "_in": tuple(i[0].shape[1:]), name: tuple(o.shape[1:])})))
     m.eval()
@@ -554,7 +558,7 @@ def test_every_join_is_a_named_function(monkeypatch):
 # -- the grouped form: both towers on one device as one grouped network ---------------------------
 
 GROUPED_CASES = [dict(preset="as-run"), dict(preset="paper-text"), dict(norm=False), dict(overlap=False),
-                 dict(preset="caffe")]
+                 dict(preset="caffe"), dict(variant="six-conv")]
 
 
 def _pair(grouped_first=True, **opts):
@@ -590,7 +594,8 @@ def test_the_grouped_form_is_the_towers_logits_gradients_and_dropout(opts):
         torch.testing.assert_close(q.grad, p.grad, rtol=1e-10, atol=1e-14, msg=lambda s: f"{name}: {s}")
     grouped.eval()
     params = {k: v.detach() for k, v in grouped.named_parameters()}
-    ref = grouped_reference(params, x, opts.get("preset", "as-run"), opts.get("norm", True), opts.get("overlap", True))
+    ref = grouped_reference(params, x, opts.get("preset", "as-run"), opts.get("norm", True), opts.get("overlap", True),
+                            six_conv=opts.get("variant") == "six-conv")
     with torch.no_grad():
         torch.testing.assert_close(grouped(x), ref)
         torch.testing.assert_close(grouped.features(x), towers.eval().features(x), rtol=0, atol=1e-12)
@@ -707,3 +712,17 @@ def test_grouped_is_chosen_by_the_device_and_the_setting():
     assert not AlexNet(10, devices="cpu", width=0.0625, grouped=True, variant="one-gpu-half").grouped  # one tower
     with pytest.raises(ReplicaError, match="grouped: expected"):
         AlexNet(10, devices="cpu", grouped="yes")
+
+
+def test_run_146_six_conv_layer_by_layer():
+    """variant=six-conv (run 146, Table 2's "1 CNN*"): conv6 per tower reads both towers' pool5
+    (256 maps, 6×6, 3×3 pad 1, 128 filters), fc6 reads both towers' conv6; 590,080 parameters
+    more than run 145's net (2 × (256·128·9 + 128)); as-run init σ 0.03, bias 1."""
+    m = AlexNet(1000, devices="cpu", variant="six-conv")
+    assert count_parameters(m) == count_parameters(AlexNet(1000, devices="cpu")) + 2 * (256 * 128 * 9 + 128) == 61_555_304
+    assert tuple(m.tower_b.conv6.weight.shape) == (128, 256, 3, 3) and m.tower_a.fc6.in_features == 9216
+    assert torch.all(m.tower_a.conv6.bias == 1) and abs(m.tower_b.conv6.weight.std().item() - 0.03) < 1e-3
+    s = _shapes(m, images(1))
+    assert s["conv6"] == (128, 6, 6)
+    with pytest.raises(ReplicaError, match="preset caffe"):
+        AlexNet(10, devices="cpu", preset="caffe", variant="six-conv")
