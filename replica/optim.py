@@ -40,7 +40,7 @@ class PaperSGD:
         :meth:`step` takes no decision from a Python number but whether a group is frozen, so it
         can be captured once in a CUDA graph and replayed at any ε (one graph per frozen set)."""
         self.lr_tensors = lr_tensors
-        self._lr_t: dict = {}  # (group index, device) → its ε as a 0-dim float64 tensor
+        self._lr_t: dict = {}  # (group index, device) → its ε as a 0-dim tensor on that device
         self.param_groups = []
         seen = set()
         for g in groups:
@@ -90,8 +90,10 @@ class PaperSGD:
                         st["buffer_lr"] = lr
                 for p in g["params"]:
                     t = self._lr_t.get((i, p.device))
-                    if t is None:
-                        t = self._lr_t[(i, p.device)] = torch.zeros((), dtype=torch.float64, device=p.device)
+                    if t is None:  # the CPU kernel reads ε as a double (bitwise the float path's, tested); the
+                        # CUDA kernel as a float (its lr pointer's type; torch's own SGD hands it float32)
+                        dtype = torch.float32 if p.device.type == "cuda" else torch.float64
+                        t = self._lr_t[(i, p.device)] = torch.zeros((), dtype=dtype, device=p.device)
                     t.fill_(lr)
 
     @torch.no_grad()
