@@ -213,3 +213,68 @@ def test_determinism_set_by_one_test_does_not_reach_the_next():
     """Runs after test_deterministic_resume_is_bit_equal (file order): the fixture reset it."""
     assert not torch.are_deterministic_algorithms_enabled()
     assert not torch.backends.cudnn.deterministic
+
+
+@pytest.mark.parametrize("device", ["cpu", on_cuda("cuda:0")])
+def test_the_grouped_form_against_the_towers_on_the_device(device):
+    """grouped=true against grouped=false on the same weights, float32 (TF32 off), train mode
+    with the same dropout draws: logits and every gradient within float32's rounding. On a GPU
+    cuDNN's grouped kernels are not its per-tower ones, so the bound is relative, 1e-4."""
+    import torch.nn.functional as F
+
+    from replica.model import AlexNet
+    from replica.runtime import set_cuda_numerics
+
+    set_cuda_numerics(tf32=False, benchmark=False)
+    torch.manual_seed(0)
+    towers = AlexNet(10, devices=device, width=width_on(device), grouped=False)
+    grouped = AlexNet(10, devices=device, width=width_on(device), grouped=True)
+    grouped.load_state_dict(towers.state_dict())
+    x = torch.randn(4, 3, 224, 224, device=device) * 50
+    y = torch.arange(4, device=device)
+    outs = []
+    for m in (towers, grouped):
+        torch.manual_seed(7)
+        out = m(x)
+        F.cross_entropy(out, y).backward()
+        outs.append(out.detach())
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-4, atol=1e-4 * outs[0].abs().max().item())
+    for (name, p), q in zip(towers.named_parameters(), grouped.parameters()):
+        scale = p.grad.abs().max().item()
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-3, atol=1e-4 * scale, msg=lambda s: f"{name}: {s}")
+
+
+@pytest.mark.parametrize("device", ["cpu", on_cuda("cuda:0")])
+def test_the_graphed_step_against_the_eager_step_on_the_device(device):
+    """graph=true's runner against the eager train_step, 6 steps with an ε drop, the same dropout
+    draws: on the CPU through the stand-in (bitwise), on a GPU a real capture (within bf16-free
+    float32 rounding: the same kernels replayed, so expected bitwise, bounded at 1e-5)."""
+    from replica.model import AlexNet
+    from replica.optim import PaperSGD, param_groups
+    from replica.runtime import set_cuda_numerics
+    from replica.steps import EagerGraphs, StepRunner
+    from replica.train import train_step
+
+    set_cuda_numerics(tf32=False, benchmark=False)
+    dev = torch.device(device)
+    base = {"weight": 0.01, "bias": 0.02, "conv1.weight": 0.01, "conv1.bias": 0.02}
+    runs = []
+    for graphed in (False, True):
+        torch.manual_seed(0)
+        net = AlexNet(10, devices=device, width=width_on(device), init="he")
+        opt = PaperSGD(param_groups(net, 0.01, 5e-4, 0.02), lr_tensors=graphed)
+        runner = StepRunner(net, opt, devices=(dev,), bf16=False, graph=graphed,
+                            graphs=EagerGraphs(opt) if graphed and device == "cpu" else None, eager=train_step)
+        losses = []
+        for k in range(6):
+            g = torch.Generator().manual_seed(k)
+            x = (torch.randn(4, 3, 224, 224, generator=g) * 50).to(dev)
+            y = torch.arange(4, device=dev)
+            torch.manual_seed(100 + k)
+            losses.append(runner(x, y, dict(base, weight=0.01 if k < 4 else 0.001)).item())
+        runs.append((losses, [p.detach().clone() for p in net.parameters()], runner.replays))
+    (l0, p0, _), (l1, p1, replays) = runs
+    assert replays == 3
+    assert max(abs(a - b) for a, b in zip(l0, l1)) <= 1e-5 * max(abs(v) for v in l0)
+    for a, b in zip(p0, p1):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-7)
