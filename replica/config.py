@@ -186,6 +186,7 @@ class Config:
     compile: bool = False  # torch.compile the model
     graph: bool | None = None  # CUDA: each step replayed from a captured CUDA graph (one GPU, no torchrun, no compile); null/auto: off until a GPU run has compared it with the eager step
     fused_norms: bool | None = None  # the norms as compiled fused loops, same math; null: on for CUDA and for float32 on the CPU (measured faster there)
+    conv1_channels: int = 3  # the input written with zero channels past the third (4 or 8), so that cuDNN pads no 3-channel NHWC input: the same sums; 3 until a GPU run measures it (tools/gpu_perf.py (c))
     grouped: bool | None = None  # both towers on one device as the grouped network (same parameters and math, half the kernels); null/auto: on one CUDA device only
     tf32: bool = False  # CUDA: float32 convs/matmuls in TF32 (Ampere+; cuDNN's own default is on); false: true fp32, as in 2012
     tensorboard: bool = True  # RUN/tb/ for TensorBoard, when it is installed (replica.live lists the tags)
@@ -215,6 +216,7 @@ CHOICES = {  # the net's own (preset, variant, init) are checked by NetOptions
     "schedule": ("as-run", "plateau"),
     "decode": ("auto", "workers", "device"),
     "init_layers": ("conv", "all-but-classifier", "all"),
+    "conv1_channels": (3, 4, 8),
 }
 POSITIVE = ("batch_size", "epochs", "lr", "crop", "schedule_epochs", "checkpoint_minutes")
 NON_NEGATIVE = ("momentum", "weight_decay", "workers", "stall_steps", "plateau_patience", "plateau_max_drops",
@@ -334,7 +336,7 @@ def parse_overrides(items) -> dict:
 # Keys that change how a run is carried out, not what it computes: runs differing only in these
 # (and in their seed) are repeats of one config (the report groups them so).
 NOT_THE_EXPERIMENT = frozenset({"seed", "workers", "devices", "devices_per_process", "checkpoint_minutes", "save_best",
-                                "stall_steps", "compile", "graph", "fused_norms", "grouped", "channels_last", "decode", "strict_data",
+                                "stall_steps", "compile", "graph", "fused_norms", "grouped", "conv1_channels", "channels_last", "decode", "strict_data",
                                 "val_batches", "tensorboard", "live"})
 
 

@@ -207,8 +207,13 @@ class AlexNet(nn.Module):
 
     def __init__(self, num_classes: int = 1000, devices="auto", preset: str = "as-run", *,
                  channels_last: bool = True, fused_norms: bool = False, grouped: bool | None = None,
-                 net: NetOptions | None = None, **options):
+                 conv1_channels: int = 3, net: NetOptions | None = None, **options):
         super().__init__()
+        if conv1_channels not in (3, 4, 8):
+            raise ReplicaError(f"conv1_channels: expected 3, 4 or 8, got {conv1_channels!r}")
+        # Layout, not math: the input written with zero channels past the third and conv1's weights
+        # read with zeros there, so that cuDNN need not pad a 3-channel NHWC input each step
+        self.conv1_channels = conv1_channels
         if grouped not in (None, True, False):
             raise ReplicaError(f"grouped: expected true, false or null (auto), got {grouped!r}")
         self.grouped_setting, self.grouped = grouped, False  # resolved by place()
@@ -413,15 +418,28 @@ class AlexNet(nn.Module):
         # each conv1, forward and backward (4 copies a step; 38 ms at batch 128 on CPU).
         # The caffe preset pads nothing (a 227 crop); an export writes the pad as one op.
         p = self.opts.input_pad
-        if p == 0:
+        extra = 0 if exporting() else self.conv1_channels - x.shape[1]  # zero channels (conv1_channels)
+        if p == 0 and not extra:
             return x.contiguous(memory_format=self.memory_format)
         if exporting():
             return F.pad(x, (0, p, 0, p))
         n, c, h, w = x.shape
-        out = torch.empty((n, c, h + p, w + p), dtype=x.dtype, device=x.device,
+        out = torch.empty((n, c + extra, h + p, w + p), dtype=x.dtype, device=x.device,
                           memory_format=self.memory_format).zero_()
-        out[:, :, :h, :w] = x
-        return out  # (N, 3, 224, 224) → (N, 3, 227, 227)
+        out[:, :c, :h, :w] = x
+        return out  # (N, 3, 224, 224) → (N, 3 or conv1_channels, 227, 227)
+
+    @staticmethod
+    def _conv1(x: Tensor, conv=None, weight: Tensor | None = None, bias: Tensor | None = None) -> Tensor:
+        """conv1 (the module ``conv``, or ``weight`` and ``bias``) over an input of 3 channels or of
+        ``conv1_channels``: its weights then read with zeros for the extra ones (the same sums)."""
+        if conv is not None:
+            if x.shape[1] == conv.weight.shape[1]:
+                return conv(x)  # the module itself: its hooks see it (replica model's table)
+            weight, bias = conv.weight, conv.bias
+        if x.shape[1] != weight.shape[1]:
+            weight = F.pad(weight, (0, 0, 0, 0, 0, x.shape[1] - weight.shape[1]))
+        return F.conv2d(x, weight, bias, stride=4)
 
     # -- forward ---------------------------------------------------------------------------------
 
@@ -448,7 +466,7 @@ class AlexNet(nn.Module):
         d0, d1 = self.devices[0], self.devices[-1]
         x = self._pad(x)
         xa, xb = broadcast(x, d0, d1)  # each tower sees the whole image
-        ha, hb = self._layer1([a.conv1(xa), b.conv1(xb)])  # (N, 48, 27, 27) on d0 and on d1
+        ha, hb = self._layer1([self._conv1(xa, a.conv1), self._conv1(xb, b.conv1)])  # (N, 48, 27, 27) on d0 and d1
         ha, hb = self._layer2([a.conv2(ha), b.conv2(hb)])  # (N, 128, 13, 13)
         ha, hb = exchange(ha, hb)  # (N, 256, 13, 13): a then b, on each device
         ha = F.relu_(a.conv3(ha))  # (N, 192, 13, 13)
@@ -480,7 +498,7 @@ class AlexNet(nn.Module):
         o = self.opts
         pair = self._merged
         (p2, p5), pool = o.conv_pads, self._pool()
-        h = F.conv2d(self._pad(x.to(self.devices[0])), *pair("conv1"), stride=4)  # (N, 96, 55, 55): a then b
+        h = self._conv1(self._pad(x.to(self.devices[0])), None, *pair("conv1"))  # (N, 96, 55, 55): a then b
         h, = self._layer1([h], groups=2)  # (N, 96, 27, 27)
         h, = self._layer2([F.conv2d(h, *pair("conv2"), padding=p2, groups=2)], groups=2)  # (N, 256, 13, 13)
         h = F.relu_(F.conv2d(h, *pair("conv3"), padding=1))  # (N, 384, 13, 13): each reads both towers
@@ -511,7 +529,7 @@ class AlexNet(nn.Module):
 
     def _forward_half(self, x: Tensor, upto: str = "fc8") -> Tensor:
         a = self.tower_a
-        h, = self._layer1([a.conv1(self._pad(x.to(self.devices[0])))])  # (N, 48, 27, 27)
+        h, = self._layer1([self._conv1(self._pad(x.to(self.devices[0])), a.conv1)])  # (N, 48, 27, 27)
         h, = self._layer2([a.conv2(h)])  # (N, 128, 13, 13)
         h = F.relu_(a.conv4(F.relu_(a.conv3(h))))  # (N, 192, 13, 13)
         h = F.max_pool2d(F.relu_(a.conv5(h)), *self._pool()).flatten(1)  # (N, 9216)

@@ -348,7 +348,8 @@ def describe_departures(cfg: Config) -> str:
 
 
 def build_model(cfg: Config, num_classes: int, devices) -> AlexNet:
-    return AlexNet.from_options(cfg.net, num_classes, devices, channels_last=cfg.channels_last, grouped=cfg.grouped)
+    return AlexNet.from_options(cfg.net, num_classes, devices, channels_last=cfg.channels_last, grouped=cfg.grouped,
+                                conv1_channels=cfg.conv1_channels)
 
 
 @contextmanager

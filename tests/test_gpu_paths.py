@@ -622,5 +622,5 @@ def test_gpu_perf_summary_rules():
     assert "PASS training step, batch 256, bf16 (img/s): 41,000.00" in text
     assert "MISS training step, batch 128" in text and "MISS ten-view evaluation (views/s): not measured" in text
     assert "SUGGEST grouped=auto" in text and "SUGGEST graph=auto=on for one GPU" in text
-    assert "SUGGEST conv1 input channels 4" in text and "SUGGEST workers=12" in text  # 20,000 ≥ 0.95 × 21,000 = 19,950
+    assert "SUGGEST conv1_channels=4" in text and "SUGGEST workers=12" in text  # 20,000 ≥ 0.95 × 21,000 = 19,950
     assert "SUGGEST grouped=false" in "\n".join(gpu_perf.summarize({"m.b128.grouped": 100, "m.b128.towers": 99}))

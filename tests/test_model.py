@@ -726,3 +726,29 @@ def test_run_146_six_conv_layer_by_layer():
     assert s["conv6"] == (128, 6, 6)
     with pytest.raises(ReplicaError, match="preset caffe"):
         AlexNet(10, devices="cpu", preset="caffe", variant="six-conv")
+
+
+@pytest.mark.parametrize("channels", [4, 8])
+@pytest.mark.parametrize("grouped", [False, True])
+def test_conv1_reading_zero_channels_past_the_third_is_the_same_net(channels, grouped):
+    """conv1_channels=4 or 8: the input written with zero channels past the third and conv1's
+    weights read with zeros there (what cuDNN otherwise pads each step): logits and every
+    gradient equal to the 3-channel net's in float64, the parameters' shapes unchanged."""
+    torch.manual_seed(0)
+    ref = AlexNet(10, devices="cpu", width=0.125).double()
+    m = AlexNet(10, devices="cpu", width=0.125, conv1_channels=channels, grouped=grouped).double()
+    m.load_state_dict(ref.state_dict())
+    m.pack_parameters()
+    assert {k: v.shape for k, v in m.state_dict().items()} == {k: v.shape for k, v in ref.state_dict().items()}
+    x, y = images(3, dtype=torch.float64), torch.tensor([1, 2, 3])
+    outs = []
+    for net in (ref, m):
+        torch.manual_seed(7)
+        out = net(x)
+        F.cross_entropy(out, y).backward()
+        outs.append(out)
+    torch.testing.assert_close(outs[1], outs[0], rtol=0, atol=1e-12)
+    for (name, p), q in zip(ref.named_parameters(), m.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-10, atol=1e-14, msg=lambda s: f"{name}: {s}")
+    with pytest.raises(ReplicaError, match="conv1_channels: expected 3, 4 or 8"):
+        AlexNet(10, devices="cpu", conv1_channels=5)

@@ -45,6 +45,7 @@ ROOT = Path(__file__).resolve().parents[1]
     (["devices_per_process=3"], "devices_per_process: expected 1 or 2"),
     (["lr_drops=[51,25]"], "lr_drops: expected increasing"),
     (["novalue"], "expected KEY=VALUE"),
+    (["conv1_channels=5"], "conv1_channels: expected one of 3, 4, 8"),
 ])
 def test_config_errors_say_what_was_expected(overrides, message):
     with pytest.raises(ReplicaError, match=message):

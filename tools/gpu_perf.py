@@ -9,8 +9,9 @@ and the defaults the figures suggest.
       (float32 with TF32 off, and bf16: logits and every gradient), and the graphed step against
       the eager one over 6 steps with an ε drop (losses and parameters);
   (m) the training step, bf16, channels_last, at batch 256 and 128: torchvision's AlexNet (eager,
-      NCHW, torch's SGD: the reference), replica's towers, the grouped form, the grouped form
-      replayed from a CUDA graph, all with the fused norms; throughput (steps back to back, one
+      NCHW, torch's SGD: the reference), replica's towers, the grouped form, the grouped form with
+      conv1 reading 4 channels (``conv1_channels=4``), the grouped form replayed from a CUDA graph,
+      all with the fused norms; throughput (steps back to back, one
       wait a round) and the host's time to queue a step;
   (c) per layer, forward and backward in bf16: conv1 reading 3 channels, 4 and 8 (zero channels
       past the third, which cuDNN need not pad), conv2/4/5 grouped against one convolution per
@@ -65,7 +66,7 @@ class Sizes:
         self.workers = (1, 2) if dry else tuple(w for w in (8, 12, 14) if w <= (os.cpu_count() or 8))
 
 
-def nets(s: Sizes, bf16: bool = True):
+def nets(s: Sizes, bf16: bool = True, conv1_channels: int = 3):
     """(towers, grouped) on the device, the same weights."""
     import torch
 
@@ -75,7 +76,7 @@ def nets(s: Sizes, bf16: bool = True):
     torch.manual_seed(0)
     net = NetOptions(width=s.width)
     towers = AlexNet.from_options(net, 1000, s.device, grouped=False)
-    grouped = AlexNet.from_options(net, 1000, s.device, grouped=True)
+    grouped = AlexNet.from_options(net, 1000, s.device, grouped=True, conv1_channels=conv1_channels)
     grouped.load_state_dict(towers.state_dict())
     return towers, grouped
 
@@ -145,7 +146,8 @@ def check_m(s: Sizes) -> str:
     for n in s.batches:
         towers, grouped = nets(s)
         _, graphed = nets(s)
-        for m in (towers, grouped, graphed):
+        _, grouped4 = nets(s, conv1_channels=4)  # the input written with a zero fourth channel
+        for m in (towers, grouped, graphed, grouped4):
             m.fused_norms = not s.dry  # (on the CPU a compile takes half a minute: the dry run runs eager)
         tv = torchvision.models.alexnet().to(dev)
         x = (torch.randn(n, 3, 224, 224, device=dev) * 50).contiguous(memory_format=torch.channels_last)
@@ -158,6 +160,7 @@ def check_m(s: Sizes) -> str:
         fns = {"torchvision": bench.on(bench.stepper(tv, amp()), x.contiguous(), y),
                "towers": bench.on(bench.stepper(towers, amp()), x, y),
                "grouped": bench.on(bench.stepper(grouped, amp()), x, y),
+               "grouped_conv1_4ch": bench.on(bench.stepper(grouped4, amp()), x, y),
                "grouped_graph": lambda: runner(x, y, lrs)}
         for fn in fns.values():  # compiles, cuDNN's search, the graph's warm-up and capture
             for _ in range(2 if s.dry else 5):
@@ -171,7 +174,7 @@ def check_m(s: Sizes) -> str:
         result(f"m.b{n}.ratio_best", t["torchvision"] / best)
         out.append(f"batch {n}: " + ", ".join(f"{k} {n / v:,.0f} img/s (host {1e3 * host[k]:.1f} ms)"
                                               for k, v in t.items()))
-        del towers, grouped, graphed, tv, opt, fns
+        del towers, grouped, graphed, grouped4, tv, opt, fns
     return "; ".join(out)
 
 
@@ -295,7 +298,7 @@ def summarize(results: dict) -> list[str]:
     if conv1:
         better = {ch: v for ch, v in conv1.items() if ch != 3 and v < 0.95 * conv1.get(3, float("inf"))}
         pick = min(better, key=better.get) if better else 3
-        lines.append(f"SUGGEST conv1 input channels {pick}  (" + ", ".join(f"{ch}: {v:.3f} ms" for ch, v in
+        lines.append(f"SUGGEST conv1_channels={pick}  (" + ", ".join(f"{ch}: {v:.3f} ms" for ch, v in
                                                                           conv1.items()) + ")")
     w = {int(k.split(".")[1][1:]): v for k, v in results.items() if re.fullmatch(r"e\.w\d+\.jpeg", k)}
     if w:
