@@ -571,6 +571,21 @@ def _pair(grouped_first=True, **opts):
     return towers, grouped
 
 
+def assert_same_step(ref, other, x):
+    """Train mode, the same dropout draws: ``other``'s logits and every gradient equal to
+    ``ref``'s to float64 rounding (1e-12 absolute, 1e-10 relative)."""
+    y = torch.arange(1, len(x) + 1) % 10
+    outs = []
+    for m in (ref, other):
+        torch.manual_seed(7)
+        out = m(x)
+        F.cross_entropy(out, y).backward()
+        outs.append(out)
+    torch.testing.assert_close(outs[1], outs[0], rtol=0, atol=1e-12)
+    for (name, p), q in zip(ref.named_parameters(), other.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-10, atol=1e-14, msg=lambda s: f"{name}: {s}")
+
+
 def _input(opts, n=3):
     x = images(n, dtype=torch.float64)
     return F.pad(x, (0, 3, 0, 3), mode="replicate") * 4 if opts.get("preset") == "caffe" else x
@@ -582,16 +597,8 @@ def test_the_grouped_form_is_the_towers_logits_gradients_and_dropout(opts):
     the towers' form; eval mode equal to the independent grouped reference."""
     towers, grouped = _pair(**opts)
     assert grouped.grouped and not towers.grouped
-    x, y = _input(opts), torch.tensor([1, 2, 3])
-    outs = []
-    for m in (towers, grouped):
-        torch.manual_seed(7)
-        out = m(x)
-        F.cross_entropy(out, y).backward()
-        outs.append(out)
-    torch.testing.assert_close(outs[1], outs[0], rtol=0, atol=1e-12)
-    for (name, p), q in zip(towers.named_parameters(), grouped.parameters()):
-        torch.testing.assert_close(q.grad, p.grad, rtol=1e-10, atol=1e-14, msg=lambda s: f"{name}: {s}")
+    x = _input(opts)
+    assert_same_step(towers, grouped, x)
     grouped.eval()
     params = {k: v.detach() for k, v in grouped.named_parameters()}
     ref = grouped_reference(params, x, opts.get("preset", "as-run"), opts.get("norm", True), opts.get("overlap", True),
@@ -740,15 +747,6 @@ def test_conv1_reading_zero_channels_past_the_third_is_the_same_net(channels, gr
     m.load_state_dict(ref.state_dict())
     m.pack_parameters()
     assert {k: v.shape for k, v in m.state_dict().items()} == {k: v.shape for k, v in ref.state_dict().items()}
-    x, y = images(3, dtype=torch.float64), torch.tensor([1, 2, 3])
-    outs = []
-    for net in (ref, m):
-        torch.manual_seed(7)
-        out = net(x)
-        F.cross_entropy(out, y).backward()
-        outs.append(out)
-    torch.testing.assert_close(outs[1], outs[0], rtol=0, atol=1e-12)
-    for (name, p), q in zip(ref.named_parameters(), m.parameters()):
-        torch.testing.assert_close(q.grad, p.grad, rtol=1e-10, atol=1e-14, msg=lambda s: f"{name}: {s}")
+    assert_same_step(ref, m, images(3, dtype=torch.float64))
     with pytest.raises(ReplicaError, match="conv1_channels: expected 3, 4 or 8"):
         AlexNet(10, devices="cpu", conv1_channels=5)
