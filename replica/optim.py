@@ -40,7 +40,7 @@ class PaperSGD:
         :meth:`step` takes no decision from a Python number but whether a group is frozen, so it
         can be captured once in a CUDA graph and replayed at any ε (one graph per frozen set)."""
         self.lr_tensors = lr_tensors
-        self._lr_t: dict = {}  # (group index, device) → its ε as a 0-dim tensor on that device
+        self._lr_t: dict = {}  # (group index, device) → (its ε as a 0-dim tensor on that device, the ε written)
         self.param_groups = []
         seen = set()
         for g in groups:
@@ -88,13 +88,15 @@ class PaperSGD:
                     if st and "momentum_buffer" in st and st["buffer_lr"] != lr:
                         st["momentum_buffer"].mul_(st["buffer_lr"] / lr)
                         st["buffer_lr"] = lr
-                for p in g["params"]:
-                    t = self._lr_t.get((i, p.device))
+                for dev in {p.device for p in g["params"]}:  # one fill per device, and only when ε changed
+                    t, was = self._lr_t.get((i, dev), (None, None))
                     if t is None:  # the CPU kernel reads ε as a double (bitwise the float path's, tested); the
                         # CUDA kernel as a float (its lr pointer's type; torch's own SGD hands it float32)
-                        dtype = torch.float32 if p.device.type == "cuda" else torch.float64
-                        t = self._lr_t[(i, p.device)] = torch.zeros((), dtype=dtype, device=p.device)
-                    t.fill_(lr)
+                        dtype = torch.float32 if dev.type == "cuda" else torch.float64
+                        t = torch.zeros((), dtype=dtype, device=dev)
+                    if was != lr:
+                        t.fill_(lr)
+                    self._lr_t[(i, dev)] = (t, lr)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -118,7 +120,7 @@ class PaperSGD:
                 gs.append(p.grad)
                 bs.append(b)
             for (dev, _), (ps, gs, bs) in by_device.items():
-                t = self._lr_t.get((i, dev)) if self.lr_tensors else None
+                t = self._lr_t.get((i, dev), (None,))[0] if self.lr_tensors else None
                 self._update(ps, gs, bs, lr if t is None else t, wd, mu)
 
     def _update(self, ps, gs, bs, lr, wd, mu):

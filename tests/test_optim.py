@@ -242,3 +242,11 @@ def test_tensor_learning_rates_give_the_same_bits_and_leave_step_no_number_to_re
     m(torch.randn(4, 1, 5, 5)).square().sum().backward()
     opt.step()
     assert seen and all(isinstance(lr, torch.Tensor) for lr in seen) and mul == []
+    monkeypatch.undo()
+    fills = []
+    real_fill = torch.Tensor.fill_
+    monkeypatch.setattr(torch.Tensor, "fill_", lambda self, v: fills.append(v) or real_fill(self, v))
+    apply_lrs(opt, schedule[0] | {"weight": 0.005})  # as the step before: nothing to write
+    assert fills == []
+    apply_lrs(opt, schedule[0] | {"weight": 0.002})  # one group's ε changed: one fill, once for the device
+    assert fills == [0.002]
