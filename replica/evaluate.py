@@ -114,7 +114,7 @@ def evaluate_members(members: list, images, views=1, batch: int = 64, max_batche
         m["model"].eval()
     crops = [augment.centre_crop_of(torch.as_tensor(m["mean"]), crop) for m in members]
     n, bad = 0, 0
-    keys = list(range(len(members))) + ["ensemble"]
+    keys = list(range(len(members))) + (["ensemble"] if len(members) > 1 else [])  # one net: its own figures
     miss = {(k, v): 0 for k in keys for v in wanted}  # (top-1, top-5) misses, summed on the device
     pass_views = 10 if 10 in wanted else 1
     ds = EvalBatches(images, batch, max_batches)
@@ -129,8 +129,8 @@ def evaluate_members(members: list, images, views=1, batch: int = 64, max_batche
             if len(u8) == 0:
                 continue
             probs = [view_probs(m["model"], u8, mc, pass_views, crop, m["bf16"]) for m, mc in zip(members, crops)]
-            dev = probs[0].device
-            probs.append(sum(w * p.to(dev) for w, p in zip(weights, probs)) if len(members) > 1 else probs[0])
+            if len(members) > 1:
+                probs.append(sum(w * p.to(probs[0].device) for w, p in zip(weights, probs)))
             classes = probs[0].shape[-1]
             for k, p in zip(keys, probs):  # (B, V, classes), on the device
                 for v in wanted:
@@ -150,7 +150,8 @@ def evaluate_members(members: list, images, views=1, batch: int = 64, max_batche
                                     top5_err=m5 / max(n, 1) if top5 else None, skipped=bad)
         return out[f"{views}-view"] if isinstance(views, int) else out
 
-    return dict(members=[figures(k) for k in range(len(members))], ensemble=figures("ensemble"))
+    figs = [figures(k) for k in range(len(members))]
+    return dict(members=figs, ensemble=figures("ensemble") if len(members) > 1 else figs[0])
 
 
 def percent(err) -> str:
