@@ -624,3 +624,57 @@ def test_gpu_perf_summary_rules():
     assert "SUGGEST grouped=auto" in text and "SUGGEST graph=auto=on for one GPU" in text
     assert "SUGGEST conv1_channels=4" in text and "SUGGEST workers=12" in text  # 20,000 ≥ 0.95 × 21,000 = 19,950
     assert "SUGGEST grouped=false" in "\n".join(gpu_perf.summarize({"m.b128.grouped": 100, "m.b128.towers": 99}))
+
+
+# -- the graphed step's CUDA calls ----------------------------------------------------------------
+
+def test_cuda_graphs_warm_on_a_side_stream_and_capture_into_one_pool(monkeypatch):
+    """replica.steps.CudaGraphs' calls, recorded on the CPU: a warm-up step runs on a side stream
+    that first waits for the current one, which then waits for it; each capture goes through
+    torch.cuda.graph, the second into the first's memory pool; a replay replays."""
+    from replica.steps import CudaGraphs
+
+    calls = []
+
+    class Stream:
+        def __init__(self, name="side"):
+            self.name = name
+
+        def wait_stream(self, other):
+            calls.append(("wait", self.name, other.name))
+
+    class Graph:
+        def __init__(self):
+            self.id = len([c for c in calls if c[0] == "graph"])
+            calls.append(("graph", self.id))
+
+        def pool(self):
+            return f"pool{self.id}"
+
+        def replay(self):
+            calls.append(("replay", self.id))
+
+    @contextlib.contextmanager
+    def on(stream):
+        calls.append(("on", stream.name))
+        yield
+
+    @contextlib.contextmanager
+    def capture(g, pool=None):
+        calls.append(("capture", g.id, pool))
+        yield
+
+    monkeypatch.setattr(torch.cuda, "Stream", Stream)
+    monkeypatch.setattr(torch.cuda, "stream", on)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda: Stream("current"))
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", Graph)
+    monkeypatch.setattr(torch.cuda, "graph", capture)
+    g = CudaGraphs()
+    assert g.warm(lambda: calls.append(("step",)) or "loss") == "loss"
+    assert calls == [("wait", "side", "current"), ("on", "side"), ("step",), ("wait", "current", "side")]
+    calls.clear()
+    g1, out1 = g.capture(lambda: calls.append(("body",)) or "out1")
+    g2, _ = g.capture(lambda: calls.append(("body",)) or "out2")
+    g.replay(g1)
+    assert out1 == "out1" and calls == [("graph", 0), ("capture", 0, None), ("body",), ("graph", 1),
+                                        ("capture", 1, "pool0"), ("body",), ("replay", 0)]
