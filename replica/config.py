@@ -128,6 +128,12 @@ class NetOptions:
         return self.preset == "as-run" and self.norm
 
     @property
+    def layer_names(self) -> tuple[str, ...]:
+        """The layers with weights, in order: what a parameter's name ends in before
+        ``.weight``/``.bias`` (``tower_a.conv3.weight``: conv3)."""
+        return (*(f"conv{i}" for i in range(1, 7 if self.variant == "six-conv" else 6)), "fc6", "fc7", "fc8")
+
+    @property
     def init_scheme(self) -> str:
         return self.init or self.preset
 
@@ -166,11 +172,12 @@ class Config:
     weight_decay: float = 5e-4  # λ, §5; coupled, scaled by ε (src/weights.cu:192-195)
     bias_lr: float | None = 0.02  # as-run: 2× the initial ε, no decay, not divided with the weights; None: as weights
     bias_lr_cut_epoch: float | None = None  # the one optional ÷10 of the bias rate (run 145-2010 ended at 0.002)
-    schedule: str = "as-run"  # "as-run": fixed drops; "plateau": ÷10 when val error stops improving
+    schedule: str = "as-run"  # "as-run": fixed drops; "plateau": ÷10 when val error stops improving; "table": lr_table
     lr_drops: tuple = (25, 51, 79)  # epochs of 91 (layer-params-145.cfg:168-182); scaled to ``epochs``
     conv1_drop_epoch: float | None = 67  # conv1's extra ÷10 at 67 of 91
     conv1_freeze_epoch: float | None = 72  # conv1 frozen (ε = 0, no decay) from 72 of 91
     schedule_epochs: float = 91  # the run length the epoch numbers above are written for
+    lr_table: tuple | None = None  # schedule=table: rows {epoch: E, lr: ε, bias_lr: ε, LAYER: ε, …}, each ε held from E on (replica.optim.Schedule; configs/finetune-146.yaml)
     warmup_epochs: float = 0.0  # not in the paper: every ε ramps up linearly over this many (real) epochs
     plateau_patience: int = 1  # plateau: epochs without a new best val error before ÷10
     plateau_max_drops: int = 3  # §5: "reduced three times prior to termination"
@@ -208,12 +215,14 @@ class Config:
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["lr_drops"] = list(self.lr_drops)
+        if self.lr_table is not None:
+            d["lr_table"] = table_rows(self.lr_table)
         return d
 
 
 CHOICES = {  # the net's own (preset, variant, init) are checked by NetOptions
     "pca_mode": (None, "as-run", "paper-text"),
-    "schedule": ("as-run", "plateau"),
+    "schedule": ("as-run", "plateau", "table"),
     "decode": ("auto", "workers", "device"),
     "init_layers": ("conv", "all-but-classifier", "all"),
     "conv1_channels": (3, 4, 8),
@@ -257,6 +266,7 @@ def _check(c: Config) -> None:
         raise ReplicaError(f"warmup_epochs: expected fewer than epochs={c.epochs}, got {c.warmup_epochs}")
     if not 0 <= c.momentum < 1:
         raise ReplicaError(f"momentum: expected a number in [0, 1), got {c.momentum}")
+    _check_table(c)
 
 
 _TYPES = typing.get_type_hints(Config)
@@ -265,6 +275,8 @@ NAMES = [f.name for f in fields(Config)]
 
 def _coerce(name: str, value):
     """A YAML or command-line value → the declared type, or an error saying what was expected."""
+    if name == "lr_table":
+        return _lr_table(value)
     t = _TYPES[name]
     args = typing.get_args(t)
     optional = type(None) in args
@@ -314,6 +326,69 @@ def _coerce(name: str, value):
     return value
 
 
+TABLE_KEYS = ("lr", "bias_lr")  # besides ``epoch`` and the layers' names
+
+
+def _lr_table(value):
+    """``lr_table`` as written (a list of mappings) → rows ``(epoch, ((key, ε), …))``, frozen and
+    in the written order; the layer names and the order of epochs are checked with the net."""
+    if value is None or (isinstance(value, str) and value.lower() in ("null", "none", "~", "")):
+        return None
+    if isinstance(value, str):
+        try:
+            value = yaml.safe_load(value)
+        except yaml.YAMLError:
+            value = None
+    if not isinstance(value, (list, tuple)) or not value:
+        raise ReplicaError(f"lr_table: expected a list of rows like {{epoch: 0, lr: 0.001, conv1: 0.0001}}, got {value!r}")
+    rows = []
+    for row in value:
+        if isinstance(row, tuple) and len(row) == 2 and isinstance(row[1], tuple):
+            row = {"epoch": row[0], **dict(row[1])}  # already frozen (a Config rebuilt from its own rows)
+        if not isinstance(row, dict) or "epoch" not in row or len(row) < 2:
+            raise ReplicaError(f"lr_table: each row needs an epoch and at least one ε, like {{epoch: 5, conv1: 0.00001}}, "
+                               f"got {row!r}")
+        values = []
+        for k, v in row.items():
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0:
+                raise ReplicaError(f"lr_table: {k} in the row at epoch {row['epoch']!r}: expected a number ≥ 0, got {v!r}")
+            if k != "epoch":
+                values.append((str(k), float(v)))
+        rows.append((float(row["epoch"]), tuple(values)))
+    return tuple(rows)
+
+
+def table_rows(table) -> list[dict]:
+    """The frozen rows as a user writes them."""
+    return [{"epoch": e, **dict(values)} for e, values in table]
+
+
+def _check_table(c: "Config") -> None:
+    if c.schedule != "table":
+        if c.lr_table is not None:
+            raise ReplicaError(f"lr_table is read by schedule=table only (schedule is {c.schedule!r})")
+        return
+    if c.lr_table is None:
+        raise ReplicaError("schedule=table needs lr_table: rows like {epoch: 0, lr: 0.001, conv1: 0.0001}")
+    epochs = [e for e, _ in c.lr_table]
+    if epochs != sorted(set(epochs)):
+        raise ReplicaError(f"lr_table: expected the rows' epochs increasing, got {', '.join(map(show_number, epochs))}")
+    layers = c.net.layer_names
+    for e, values in c.lr_table:
+        for k, _ in values:
+            if k == "bias_lr" and c.bias_lr is None:
+                raise ReplicaError(f"lr_table: bias_lr at epoch {show_number(e)}, but bias_lr is null (biases follow their "
+                                   "weights' ε): set bias_lr or leave it out of the table")
+            if k not in TABLE_KEYS and k not in layers:
+                near = difflib.get_close_matches(k, list(TABLE_KEYS) + list(layers), n=1, cutoff=0.5)
+                raise ReplicaError(f"lr_table: unknown key {k!r} at epoch {show_number(e)}; expected epoch, lr, bias_lr or a "
+                                   f"layer of this net ({', '.join(layers)})" + (f"; did you mean {near[0]!r}?" if near else ""))
+
+
+def show_number(x: float) -> str:
+    return f"{x:g}"
+
+
 def _unknown(name: str, where: str) -> ReplicaError:
     near = difflib.get_close_matches(name, NAMES, n=1, cutoff=0.5)
     hint = f"; did you mean {near[0]!r}?" if near else f"; valid keys: {', '.join(NAMES)}"
@@ -329,7 +404,11 @@ def parse_overrides(items) -> dict:
         k = k.strip().replace("-", "_")
         if k not in NAMES:
             raise _unknown(k, " on the command line")
-        out[k] = yaml.safe_load(v) if v.strip() else None
+        try:
+            out[k] = yaml.safe_load(v) if v.strip() else None
+        except yaml.YAMLError as e:
+            raise ReplicaError(f"override {item!r}: not valid YAML ({str(e).splitlines()[0]}); quote the whole "
+                               "KEY=VALUE for your shell") from None
     return out
 
 

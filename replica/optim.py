@@ -153,16 +153,20 @@ class PaperSGD:
             self.state[p].update(momentum_buffer=b.to(p.device).clone(), buffer_lr=float(blr))
 
 
-def param_groups(model: nn.Module, lr: float, weight_decay: float, bias_lr: float | None):
-    """Named groups: conv1 weights/biases apart (their own schedule), all other weights, all other biases.
+def param_groups(model: nn.Module, lr: float, weight_decay: float, bias_lr: float | None,
+                 layers: tuple[str, ...] = ("conv1",)):
+    """Named groups: each layer of ``layers`` apart (weights, biases: their own schedule), then all
+    other weights, all other biases. conv1 is apart in every schedule (as-run drops and freezes it);
+    ``schedule=table`` adds the layers its table names (:meth:`Schedule.layers`).
 
     ``bias_lr=None`` treats biases like weights (paper-text); otherwise biases get ``bias_lr`` and
     no weight decay (src/layer.cu:565 hard-wires wc = 0 for biases).
     """
-    groups = {"conv1.weight": [], "conv1.bias": [], "weight": [], "bias": []}
+    groups = {f"{layer}.{kind}": [] for layer in layers for kind in ("weight", "bias")} | {"weight": [], "bias": []}
     for name, p in model.named_parameters():
         kind = "bias" if name.endswith("bias") else "weight"
-        key = f"conv1.{kind}" if ".conv1." in f".{name}" else kind
+        layer = name.split(".")[-2] if "." in name else ""
+        key = f"{layer}.{kind}" if layer in layers else kind
         groups[key].append(p)
     out = []
     for key, params in groups.items():
@@ -177,8 +181,13 @@ class Schedule:
 
     ``as-run``: ε ÷10 at epochs 25, 51, 79 of 91; conv1 another ÷10 at 67 and frozen from 72;
     biases held (one optional cut); colour noise off from 67. ``plateau``: ÷10 when validation
-    error stops improving, at most ``max_drops`` times. Epoch numbers are written for a 91-epoch
-    run and scale with the configured length, in steps, so a 3-epoch run keeps the shape.
+    error stops improving, at most ``max_drops`` times. ``table``: ``lr_table``'s rows, each
+    setting ε from its epoch on (``lr``: the weights of every layer the table does not name;
+    ``bias_lr``: the biases; a layer's name: that layer's weights), as the 2012 fine-tuning runs
+    edited their layer-params files (run 146: configs/finetune-146.yaml). A bias takes
+    ``bias_lr``, or its weights' ε where ``bias_lr`` is null, and freezes with its weights at ε 0
+    (as conv1's does in every schedule). Epoch numbers are written for a ``schedule_epochs`` run and scale with
+    the configured length, in steps, so a 3-epoch run keeps the shape.
     """
 
     def __init__(self, cfg, steps_per_epoch: int):
@@ -189,6 +198,12 @@ class Schedule:
         self.best = math.inf
         self.bad_epochs = 0
 
+    @property
+    def layers(self) -> tuple[str, ...]:
+        """The layers with groups of their own (:func:`param_groups`' ``layers``)."""
+        named = {k for _, values in (self.cfg.lr_table or ()) for k, _ in values} - {"lr", "bias_lr"}
+        return ("conv1", *sorted(named - {"conv1"}, key=self.cfg.net.layer_names.index))
+
     def at(self, epoch: float | None) -> int | None:
         """The step at which an epoch number of the 91-epoch schedule falls in this run."""
         if epoch is None:
@@ -196,6 +211,31 @@ class Schedule:
         return round(epoch / self.cfg.schedule_epochs * self.total_steps)
 
     def lrs(self, step: int) -> dict[str, float]:
+        c = self.cfg
+        if c.schedule == "table":
+            lrs = self._table(step)
+        else:
+            lrs = self._drops(step)
+        warm = round(c.warmup_epochs * self.steps_per_epoch)
+        if step < warm:  # not in the paper: step s of a warm-up of W steps runs at (s+1)/W of every ε
+            lrs = {k: v * (step + 1) / warm for k, v in lrs.items()}
+        return lrs
+
+    def _table(self, step: int) -> dict[str, float]:
+        c = self.cfg
+        held = {"lr": c.lr, "bias_lr": c.bias_lr}
+        for epoch, values in c.lr_table:
+            if step >= self.at(epoch):
+                held.update(values)
+        b = held["bias_lr"]
+        lrs = {}
+        for layer in ("", *self.layers):  # "": every layer the table does not name
+            lw = held.get(layer, held["lr"])
+            lrs[f"{layer}.weight".lstrip(".")] = lw
+            lrs[f"{layer}.bias".lstrip(".")] = 0.0 if lw == 0 else (lw if c.bias_lr is None else b)  # frozen with its weights
+        return lrs
+
+    def _drops(self, step: int) -> dict[str, float]:
         c = self.cfg
         if c.schedule == "as-run":
             drops = sum(step >= self.at(e) for e in c.lr_drops)
@@ -211,11 +251,7 @@ class Schedule:
             c1w = w * 0.1  # conv1's own extra ÷10 (layer-params-145.cfg: 1e-5 while the rest had 1e-4)
         if c.conv1_freeze_epoch is not None and step >= self.at(c.conv1_freeze_epoch):
             c1w = c1b = 0.0  # conv1's bias freezes with conv1
-        lrs = {"weight": w, "bias": b, "conv1.weight": c1w, "conv1.bias": c1b}
-        warm = round(c.warmup_epochs * self.steps_per_epoch)
-        if step < warm:  # not in the paper: step s of a warm-up of W steps runs at (s+1)/W of every ε
-            lrs = {k: v * (step + 1) / warm for k, v in lrs.items()}
-        return lrs
+        return {"weight": w, "bias": b, "conv1.weight": c1w, "conv1.bias": c1b}
 
     def noise_on(self, step: int) -> bool:
         c = self.cfg

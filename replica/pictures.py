@@ -147,13 +147,15 @@ def plot_curves(groups, dest: Path, title: str | None = None) -> None:
         band(ax[0], series(lambda r: r.get("train_loss")), g["name"])
         band(ax[1], series(lambda r: 100 * r["val_top1_err"] if r.get("val_top1_err") is not None else None),
              f"{g['name']} top-1")
-        band(ax[2], series(lambda r: (r.get("lr") or {}).get("weight")), g["name"])
+        band(ax[2], series(lambda r: max((v for k, v in (r.get("lr") or {}).items() if k.endswith("weight")),
+                                         default=None)), g["name"])  # as-run: the weights'; a table: its largest
         spec = lambda r, f: f((r.get("colour_specificity") or {}).values()) if len(  # noqa: E731
             (r.get("colour_specificity") or {})) == 2 else None
         band(ax[3], series(lambda r: spec(r, max)), f"{g['name']} colour-specific tower")
         band(ax[3], series(lambda r: spec(r, min)), f"{g['name']} other tower", "--")
-    ax[2].set_yscale("log")
-    titles = ("train loss", "validation error, one view (%)", "learning rate (weights)",
+    if ax[2].lines:
+        ax[2].set_yscale("log")
+    titles = ("train loss", "validation error, one view (%)", "learning rate (weights; the largest group's)",
               "conv1 colour specificity, median per tower")
     for a, t in zip(ax, titles):
         a.set_title(t)

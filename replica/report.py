@@ -120,7 +120,9 @@ def _run_summary(run: Path) -> dict:
     diff = {k: v for k, v in cfg.items() if k in defaults and v != defaults[k] and k not in ("data", "val_data")}
     ev = read_eval(run)  # the paper's way of measuring when the run has it
     imported = json.loads((run / "import.json").read_text()) if (run / "import.json").exists() else None
-    return dict(run=run, name=run.name, metrics=read_metrics(run), config=cfg, diff=diff, eval=ev, imported=imported)
+    started = json.loads((run / "init_from.json").read_text()) if (run / "init_from.json").exists() else None
+    return dict(run=run, name=run.name, metrics=read_metrics(run), config=cfg, diff=diff, eval=ev, imported=imported,
+                init_from=started)
 
 
 def _pct(v) -> str:
@@ -471,11 +473,26 @@ def report(runs, out=None) -> Path:
     for g in groups:
         d = ", ".join(f"`{k}={v}`" for k, v in g["diff"].items()) or "none"
         lines.append(f"- {g['name']} ({len(g['runs'])} run{'s' if len(g['runs']) > 1 else ''}): {d}")
+    lines += _started_from(summaries)
     lines += _imported_table(summaries)
     lines += _ensemble_table(ensembles)
     lines += _paper_table(summaries)
     (out / "report.md").write_text("\n".join(lines) + "\n")
     return out / "report.md"
+
+
+def _started_from(summaries) -> list[str]:
+    """Runs that started from another run's weights (``init_from``): the source and what was taken."""
+    started = [s for s in summaries if s.get("init_from")]
+    if not started:
+        return []
+    lines = ["", "## Started from another run's weights", ""]
+    for s in started:
+        r = s["init_from"]
+        layers = r.get("layers", [])
+        lines.append(f"- {s['name']}: {r.get('checkpoint', '?')} (sha1 {str(r.get('sha1', '?'))[:12]}), "
+                     f"init_layers={r.get('init_layers', '?')}: {len(layers)} layers taken, the rest drawn anew")
+    return lines
 
 
 # Table 2: "5 CNNs", the average of five nets' predictions, ILSVRC-2012 val, top-1 / top-5 (%)

@@ -254,7 +254,8 @@ def train_one_epoch(run: Run, watch: LossWatch, out: RunLog, stop, clock: Every)
             p.step, p.in_epoch = p.step + 1, p.in_epoch + 1
             if loss is not None and watch.add(loss):
                 watch.read(run, out)
-            out.stepped(watch.last if loss is not None else None, lrs["weight"], run.tally.rate())
+            out.stepped(watch.last if loss is not None else None,
+                        max(v for k, v in lrs.items() if k.endswith("weight")), run.tally.rate())
     finally:
         del it
     return True
@@ -389,14 +390,15 @@ def setup(cfg: Config, folder: Path, ranks: Ranks, devices: tuple) -> Run:
     # make cudnn.benchmark's one-time search pay (docs/training.md)
     numerics = set_cuda_numerics(cfg.tf32, cfg.deterministic, benchmark=True)
     model = build_model(cfg, len(classes), devices)
-    optimizer = PaperSGD(param_groups(model, cfg.lr, cfg.weight_decay, cfg.bias_lr), momentum=cfg.momentum,
-                         lr_tensors=graph_for(cfg, devices, ranks))
     n = len(TrainBatches(images, cfg.batch_size // ranks.world, mean, None, world=ranks.world, rank=ranks.rank,
                          crop=cfg.crop))
     steps = min(n, cfg.steps_per_epoch) if cfg.steps_per_epoch else n
+    schedule = Schedule(cfg, steps)
+    optimizer = PaperSGD(param_groups(model, cfg.lr, cfg.weight_decay, cfg.bias_lr, layers=schedule.layers),
+                         momentum=cfg.momentum, lr_tensors=graph_for(cfg, devices, ranks))
     run = Run(cfg, folder, ranks, devices, images, val_images, list(classes), getattr(images, "names", None), mean,
               pca, augment.centre_crop_of(torch.as_tensor(mean), cfg.crop).to(devices[0]), model, optimizer,
-              Schedule(cfg, steps), steps, numerics,
+              schedule, steps, numerics,
               cfg.workers if cfg.workers is not None else default_workers(devices[0]))
     torch.manual_seed(cfg.seed * 1000 + ranks.rank + 1)  # dropout masks: one stream per process
     return run

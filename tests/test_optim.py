@@ -1,5 +1,6 @@
 """The paper's update rule, its groups, and the schedule, against the rule written out here."""
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -8,6 +9,8 @@ from torch import nn
 from replica.config import load_config
 from replica.errors import ReplicaError
 from replica.optim import PaperSGD, Schedule, apply_lrs, param_groups
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 class Tiny(nn.Module):
@@ -250,3 +253,65 @@ def test_tensor_learning_rates_give_the_same_bits_and_leave_step_no_number_to_re
     assert fills == []
     apply_lrs(opt, schedule[0] | {"weight": 0.002})  # one group's ε changed: one fill, once for the device
     assert fills == [0.002]
+
+
+def test_table_schedule_is_run_146s_fine_tuning():
+    """configs/finetune-146.yaml against the ε changes the 2012 layer-params file logs
+    (docs/analysis.md, run 146), written out here: at 1,000 steps an epoch, epoch e is step 1000·e."""
+    cfg = load_config(ROOT / "configs" / "finetune-146.yaml", {})
+    s = Schedule(cfg, steps_per_epoch=1000)
+    assert s.layers == ("conv1", "fc8") and s.total_steps == 54000
+    logged = [  # (epoch, conv1 ε, fc8 ε, every other weight's ε)
+        (0, 1e-4, 1e-3, 1e-3), (0.029, 1e-4, 1e-3, 1e-3), (0.03, 1e-4, 1e-2, 1e-3),  # fc8 raised "after 300 batches"
+        (5, 1e-5, 1e-2, 1e-3), (7, 0, 1e-2, 1e-3), (9, 0, 1e-3, 1e-3),
+        (22, 0, 1e-4, 1e-4), (42, 0, 1e-5, 1e-5), (53.9, 0, 1e-5, 1e-5)]
+    for epoch, conv1, fc8, rest in logged:
+        lrs = s.lrs(round(epoch * 1000))
+        assert lrs["conv1.weight"] == pytest.approx(conv1) and lrs["fc8.weight"] == pytest.approx(fc8), epoch
+        assert lrs["weight"] == pytest.approx(rest), epoch
+        assert lrs["bias"] == lrs["fc8.bias"] == 0.02 and lrs["conv1.bias"] == (0.02 if conv1 else 0), epoch
+    assert s.lrs(6999) == s.lrs(5000) and s.lrs(7000)["conv1.weight"] == 0  # each ε held until its next row
+    assert s.noise_on(37999) and not s.noise_on(38000)  # colour noise off at epoch 38
+    assert cfg.variant == "six-conv" and cfg.epochs == 54
+
+
+def test_a_table_that_writes_the_as_run_drops_gives_the_as_run_rates():
+    """The table path against the fixed drops it can express: every step of a 91-epoch run equal."""
+    table = [{"epoch": 25, "lr": 1e-3, "conv1": 1e-3}, {"epoch": 51, "lr": 1e-4, "conv1": 1e-4},
+             {"epoch": 67, "conv1": 1e-5}, {"epoch": 72, "conv1": 0}, {"epoch": 79, "lr": 1e-5}]
+    as_run = Schedule(load_config(None, {}), steps_per_epoch=10)
+    tabled = Schedule(load_config(None, {"schedule": "table", "lr_table": table}), steps_per_epoch=10)
+    assert tabled.layers == as_run.layers == ("conv1",)
+    for step in range(910):
+        a, t = as_run.lrs(step), tabled.lrs(step)
+        assert a.keys() == t.keys() and all(math.isclose(a[k], t[k], rel_tol=1e-12) for k in a), step
+
+
+def test_table_groups_give_each_named_layer_its_own_and_bad_tables_are_one_line():
+    from replica.model import AlexNet
+    cfg = load_config(ROOT / "configs" / "finetune-146.yaml", {"width": 0.0625})
+    net = AlexNet.from_options(cfg.net, 10, devices="cpu")
+    groups = {g["name"]: g for g in param_groups(net, 0.01, 5e-4, 0.02, layers=Schedule(cfg, 1).layers)}
+    names = {id(p): n for n, p in net.named_parameters()}
+    members = {k: sorted(names[id(p)] for p in g["params"]) for k, g in groups.items()}
+    assert members["fc8.weight"] == ["fc8.weight"] and members["fc8.bias"] == ["fc8.bias"]
+    assert members["conv1.weight"] == ["tower_a.conv1.weight", "tower_b.conv1.weight"]
+    assert "tower_b.conv6.weight" in members["weight"] and sum(map(len, members.values())) == len(names)
+    assert groups["fc8.bias"]["weight_decay"] == 0 and groups["fc8.weight"]["weight_decay"] == 5e-4
+    bad = [({"lr_table": [{"epoch": 0, "fc8": 1}]}, "schedule=table only"),
+           ({"schedule": "table"}, "needs lr_table"),
+           ({"schedule": "table", "lr_table": [{"epoch": 3, "fc8": 1}, {"epoch": 1, "fc8": 1}]}, "increasing"),
+           ({"schedule": "table", "lr_table": [{"epoch": 0, "conv6": 1}]}, "unknown key 'conv6'"),
+           ({"schedule": "table", "lr_table": [{"epoch": 0, "fc9": 1}]}, "did you mean 'fc8'"),
+           ({"schedule": "table", "lr_table": [{"epoch": 0, "fc8": -1}]}, "≥ 0"),
+           ({"schedule": "table", "lr_table": [{"fc8": 1}]}, "needs an epoch"),
+           ({"schedule": "table", "bias_lr": None, "lr_table": [{"epoch": 0, "bias_lr": 1}]}, "bias_lr is null")]
+    for values, message in bad:
+        with pytest.raises(ReplicaError, match=message):
+            load_config(None, values)
+    with pytest.raises(ReplicaError, match="not valid YAML"):
+        load_config(None, ["schedule=table", "lr_table=[{epoch:"])
+    frozen = load_config(None, ["schedule=table", "lr_table=[{epoch: 0, lr: 0, fc8: 0.01}]"])
+    assert Schedule(frozen, 1).lrs(0) == {"weight": 0, "bias": 0, "conv1.weight": 0, "conv1.bias": 0,
+                                          "fc8.weight": 0.01, "fc8.bias": 0.02}  # biases freeze with weights
+    assert load_config(None, frozen.to_dict()) == frozen  # the rows written back read the same

@@ -669,6 +669,31 @@ def test_workers_auto_come_from_the_usable_cores(store, tmp_path, caplog):
     assert re.search(r"loader workers: \d+ \(workers=auto: \d+ usable cores, cpu\)", caplog.text)
 
 
+def test_a_table_schedule_fine_tunes_only_the_layers_it_names(store, whole_run, tmp_path):
+    """schedule=table from another run's weights: the classifier alone for an epoch, then conv5
+    too. Every layer at ε 0 (its bias with it) ends bit-equal to the source; the ε of each group
+    is in each epoch's record."""
+    src_dir, _ = whole_run
+    src = load_checkpoint(src_dir)
+    table = [{"epoch": 0, "lr": 0, "fc8": 0.01}, {"epoch": 1, "conv5": 0.01}]
+    train(tiny(store, init_from=str(src_dir), init_layers="all", schedule="table", lr_table=table, schedule_epochs=2),
+          tmp_path / "ft", progress=False)
+    ft = load_checkpoint(tmp_path / "ft")
+    moved = {k for k, v in ft.model.items() if not torch.equal(v, src.model[k])}
+    assert moved == {"fc8.weight", "fc8.bias", "tower_a.conv5.weight", "tower_a.conv5.bias", "tower_b.conv5.weight",
+                     "tower_b.conv5.bias"}
+    epochs = [json.loads(line) for line in (tmp_path / "ft" / "metrics.jsonl").read_text().splitlines()]
+    lrs = [e["lr"] for e in epochs if "lr" in e]
+    assert [(lr["fc8.weight"], lr["conv5.weight"], lr["weight"], lr["conv1.bias"]) for lr in lrs] == [
+        (0.01, 0, 0, 0), (0.01, 0.01, 0, 0)]
+    from replica.inference import file_sha1
+    from replica.report import report
+
+    text = report([tmp_path / "ft"], tmp_path / "rep").read_text()
+    line = next(x for x in text.splitlines() if x.startswith("- ft: ") and "sha1" in x)  # the report names the source
+    assert str(src_dir / "last.pt") in line and file_sha1(src_dir / "last.pt")[:12] in line and "init_layers=all" in line
+
+
 def test_init_from_another_run_loads_its_layers_and_draws_a_new_classifier(store, whole_run, tiny_tree, tmp_path,
                                                                              capsys):
     """init_from=RUN: with a learning rate too small to move them, the loaded layers are the
