@@ -430,7 +430,8 @@ def departures(cfg: "Config") -> dict:
 
 def show(value) -> str:
     """A config value as a user writes it on the command line (false, null, [25, 51, 79])."""
-    return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
+    text = yaml.safe_dump(value, default_flow_style=True, sort_keys=False, width=1 << 20)  # one line, as written
+    return text.strip().removesuffix("...").strip()
 
 
 def load_config(path=None, overrides=(), base: dict | None = None) -> Config:
