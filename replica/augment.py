@@ -47,6 +47,28 @@ def crop(images: Tensor, oy, ox, flips, size: int = CROP) -> Tensor:
     return out
 
 
+def cut(images: Tensor, oy, ox, flips, size: int = CROP, hwc: bool = False) -> Tensor:
+    """:func:`crop` as one gather on the images' device (no loop over the batch: one kernel on a
+    GPU where the loop queues two a image). ``images``: uint8 (B, 3, S, S), or (B, S, S, 3) with
+    ``hwc`` (as JPEG decoders write them). The crops come back (B, 3, size, size) with
+    channels_last memory, the same values as :func:`crop` (tests/test_augment.py)."""
+    dev = images.device
+    oy, ox = (torch.as_tensor(t).to(dev, torch.long, non_blocking=True) for t in (oy, ox))
+    flips = torch.as_tensor(flips).to(dev, torch.bool, non_blocking=True)
+    rows, cols = _windows(oy, ox, flips, size)
+    b = torch.arange(images.shape[0], device=dev)[:, None, None]
+    at = (b, rows[:, :, None], cols[:, None, :])
+    patches = images[at] if hwc else images[at[0], :, at[1], at[2]]  # (B, size, size, 3) either way
+    return patches.permute(0, 3, 1, 2)
+
+
+def _windows(oy: Tensor, ox: Tensor, flips: Tensor, size: int) -> tuple[Tensor, Tensor]:
+    """Each window's source rows and columns, (…, size) each: columns read right to left where
+    flipped (a mirrored patch's column j is the image's ox + size − 1 − j)."""
+    r = torch.arange(size, device=oy.device)
+    return oy[..., None] + r, ox[..., None] + torch.where(flips[..., None], size - 1 - r, r)
+
+
 def draw_pca_shift(n: int, eigenvalues, eigenvectors, generator: torch.Generator, mode: str = "as-run",
                    scale: float = 0.1) -> Tensor:
     """One RGB shift per image (B, 3), in 0–255 units, from the training pixels' eigen-system.
@@ -123,6 +145,20 @@ def centre_view(images: Tensor, mean_crop: Tensor, size: int = CROP) -> Tensor:
     """The single test view: the centre crop, no flip, no noise."""
     o = (images.shape[-1] - size) // 2
     return normalize(images[:, :, o:o + size, o:o + size], mean_crop)
+
+
+def ten_views_gathered(images: Tensor, mean_crop: Tensor, size: int = CROP) -> Tensor:
+    """:func:`ten_views` as one gather on the images' device, (B, 10, 3, size, size) with the
+    channels last in memory: the same values (tests/test_augment.py), one kernel and no stack."""
+    s = images.shape[-1]
+    dev = images.device
+    oy = torch.tensor([y * (s - size) // BORDER for y, _ in VIEW_OFFSETS] * 2, device=dev)
+    ox = torch.tensor([x * (s - size) // BORDER for _, x in VIEW_OFFSETS] * 2, device=dev)
+    flips = torch.arange(10, device=dev) >= 5
+    rows, cols = _windows(oy, ox, flips, size)  # (10, size) each
+    b = torch.arange(images.shape[0], device=dev)[:, None, None, None]
+    views = images[b, :, rows[None, :, :, None], cols[None, :, None, :]]  # (B, 10, size, size, 3)
+    return normalize(views.permute(0, 1, 4, 2, 3), mean_crop)
 
 
 def ten_views(images: Tensor, mean_crop: Tensor, size: int = CROP) -> Tensor:

@@ -151,6 +151,7 @@ class Config:
     pca_off_epoch: float | None = 67  # as-run: "set color noise to 0 from 0.1" at 67 of 91 (layer-params-145.cfg:178)
     workers: int | None = None  # loader processes; null/auto: from the cores this process may use (replica.runtime.default_workers)
     decode: str = "auto"  # JPEG store: "workers" (CPU, libjpeg-turbo), "device" (the batch, nvJPEG on CUDA); auto: workers (faster on an H200 with 16 cores, docs/performance.md)
+    crop_on: str = "auto"  # "workers": crops and flips cut in the loader workers; "device": workers only read and decode, the crops are one gather on the device (same pixels); auto: workers until a GPU run compares them (tools/gpu_perf.py (e))
     strict_data: bool = False  # a bad or missing input stops the run (default: skip it, log it, count it)
     # -- model: the fields of NetOptions, each with its default there ------------------------------
     preset: str = "as-run"  # or "paper-text" (docs/spec.md §1-3)
@@ -224,6 +225,7 @@ CHOICES = {  # the net's own (preset, variant, init) are checked by NetOptions
     "pca_mode": (None, "as-run", "paper-text"),
     "schedule": ("as-run", "plateau", "table"),
     "decode": ("auto", "workers", "device"),
+    "crop_on": ("auto", "workers", "device"),
     "init_layers": ("conv", "all-but-classifier", "all"),
     "conv1_channels": (3, 4, 8),
 }
@@ -415,7 +417,7 @@ def parse_overrides(items) -> dict:
 # Keys that change how a run is carried out, not what it computes: runs differing only in these
 # (and in their seed) are repeats of one config (the report groups them so).
 NOT_THE_EXPERIMENT = frozenset({"seed", "workers", "devices", "devices_per_process", "checkpoint_minutes", "save_best",
-                                "stall_steps", "compile", "graph", "fused_norms", "grouped", "conv1_channels", "channels_last", "decode", "strict_data",
+                                "stall_steps", "compile", "graph", "fused_norms", "grouped", "conv1_channels", "channels_last", "decode", "crop_on", "strict_data",
                                 "val_batches", "tensorboard", "live"})
 
 

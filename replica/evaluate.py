@@ -40,7 +40,7 @@ def view_probs(model, u8: torch.Tensor, mean_crop: torch.Tensor, views: int = 1,
     if views == 1:
         x = augment.centre_view(u8, mean_crop, crop)[:, None]  # (B, 1, 3, h, w)
     else:
-        x = augment.ten_views(u8, mean_crop, crop)  # (B, 10, 3, h, w)
+        x = augment.ten_views_gathered(u8, mean_crop, crop)  # (B, 10, 3, h, w), one gather (channels last)
     b, v = x.shape[:2]
     with autocast(model.devices, bf16):
         logits = model(x.flatten(0, 1))

@@ -222,7 +222,8 @@ def train_one_epoch(run: Run, watch: LossWatch, out: RunLog, stop, clock: Every)
     decode = cfg.decode if cfg.decode != "auto" else "workers"  # auto: measured faster (docs/performance.md)
     ds = TrainBatches(run.images, cfg.batch_size // ranks.world, run.mean, run.pca, seed=cfg.seed, epoch=p.epoch,
                       start=p.in_epoch, pca_mode=cfg.pca_kind, noise=cfg.pca_noise, chunk=cfg.flip_chunk,
-                      rank=ranks.rank, world=ranks.world, crop=cfg.crop, decode=decode)
+                      rank=ranks.rank, world=ranks.world, crop=cfg.crop, decode=decode,
+                      crop_on=cfg.crop_on if cfg.crop_on != "auto" else "workers")  # auto: until a GPU compares them
     todo = min(run.steps_per_epoch - p.in_epoch, run.schedule.total_steps - p.step)
     run.model.train()
     cpu = run.devices[0].type == "cpu"

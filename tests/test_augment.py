@@ -97,3 +97,27 @@ def test_default_geometry_is_224_of_256():
 def test_bad_pca_mode():
     with pytest.raises(ValueError, match="pca mode"):
         augment.draw_pca_shift(1, [1, 1, 1], np.eye(3), gen(), "fancy")
+
+
+def test_the_gathers_give_the_loops_pixels_bit_for_bit():
+    """augment.cut (the crops as one gather, crop_on=device and nvJPEG batches on a GPU) against
+    augment.crop, from CHW and HWC images, offsets as ints or floats; the float batch made from
+    either (− mean, + colour shift, ÷1.1) bit-equal although their memory layouts differ; the
+    ten views as one gather against the stacked ten views."""
+    rng = torch.Generator().manual_seed(3)
+    images = torch.randint(0, 256, (40, 3, 64, 64), generator=rng, dtype=torch.uint8)
+    hwc = images.permute(0, 2, 3, 1).contiguous()
+    mean_crop = torch.rand(3, 32, 32, generator=rng) * 255
+    for chunk in (None, 8):
+        oy, ox, fl = augment.draw_crops(40, rng, border=32, chunk=chunk)
+        want = augment.crop(images, oy, ox, fl, 32)
+        got = augment.cut(images, oy, ox, fl, 32)
+        assert torch.equal(got, want) and got.is_contiguous(memory_format=torch.channels_last)
+        assert torch.equal(augment.cut(hwc, oy.float(), ox.float(), fl, 32, hwc=True), want)
+        shift = augment.draw_pca_shift(40, [900.0, 40.0, 5.0], torch.eye(3), rng)
+        for s, pca_mode in ((shift, "as-run"), (shift, "paper-text"), (None, "as-run")):
+            assert torch.equal(augment.finish(got, mean_crop, s, pca_mode), augment.finish(want, mean_crop, s, pca_mode))
+    assert fl.any() and not fl.all()  # both kinds of crop were cut
+    mean_crop = augment.centre_crop_of(torch.rand(3, 64, 64, generator=rng) * 255, 48)
+    views = augment.ten_views_gathered(images, mean_crop, 48)
+    assert views.shape == (40, 10, 3, 48, 48) and torch.equal(views, augment.ten_views(images, mean_crop, 48))

@@ -314,6 +314,8 @@ def test_train_batches_from_files_on_the_fly_skip_and_report_bad_files(tmp_path)
     crops, shift, labels, b, bad = ds[0]
     assert crops.shape == (6, 3, 32, 32) and len(labels) == 6 and shift is None
     assert sorted(p.rsplit("/", 1)[1] for p, _, _ in bad) == ["bomb.png", "empty.jpg", "notimage.jpg", "truncated.jpg"]
+    whole, _, labels2, _, bad2 = TrainBatches(fly, 10, np.zeros((3, 64, 64)), None, seed=2, crop=32, crop_on="device")[0]
+    assert torch.equal(whole.cut("cpu"), crops) and torch.equal(labels2, labels) and bad2 == bad  # the same crops
 
 
 class _Niceness(torch.utils.data.Dataset):

@@ -83,6 +83,41 @@ def test_decoding_in_the_workers_or_where_the_batch_is_used_trains_the_same(synt
     assert all(torch.equal(x.model[k], y.model[k]) for k in x.model)
 
 
+@pytest.mark.parametrize("fmt", ["raw", "jpeg"])
+def test_crops_cut_in_the_workers_or_where_the_batch_is_used_train_the_same(synth_src, tmp_path, fmt):
+    """crop_on=device (workers read and decode whole images; the crops are one gather where the
+    batch is used), run here on the CPU: the same float batches bit for bit, through a loader
+    worker's shared memory, and the same weights after a run."""
+    prepare(synth_src, tmp_path / "st", workers=1, progress=False, fmt=fmt)
+    st = PreparedStore(tmp_path / "st")
+    mean, pca = st.mean(), st.pca()
+    for i in range(3):
+        a = TrainBatches(st, 4, mean, pca, seed=1, crop_on="workers").batch(i)
+        b = TrainBatches(st, 4, mean, pca, seed=1, crop_on="device").batch(i)
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    whole, _, _, _, _ = TrainBatches(st, 4, mean, pca, seed=1, crop_on="device")[0]
+    assert whole.hwc == (fmt == "jpeg") and whole.images.shape[1:] == ((256, 256, 3) if fmt == "jpeg" else (3, 256, 256))
+    train(_cfg(tmp_path / "st", crop_on="workers"), tmp_path / "w", progress=False)
+    train(_cfg(tmp_path / "st", crop_on="device"), tmp_path / "d", progress=False)
+    x, y = load_checkpoint(tmp_path / "w"), load_checkpoint(tmp_path / "d")
+    assert all(torch.equal(x.model[k], y.model[k]) for k in x.model)
+
+
+def test_a_loaders_pin_thread_pins_whole_images_too(synth_src, tmp_path, monkeypatch):
+    """torch's pin thread calls a batch object's own pin_memory: the Uncropped images are the
+    pinned ones, the draws go with them (pinning itself needs a GPU: recorded here)."""
+    from torch.utils.data._utils.pin_memory import pin_memory
+
+    prepare(synth_src, tmp_path / "st", workers=1, progress=False, fmt="raw")
+    st = PreparedStore(tmp_path / "st")
+    batch = TrainBatches(st, 4, st.mean(), st.pca(), seed=1, crop_on="device")[0]
+    pinned = []
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda t, *a: pinned.append(t.data_ptr()) or t.clone())
+    out = pin_memory(batch)
+    assert batch[0].images.data_ptr() in pinned and out[0].images.data_ptr() != batch[0].images.data_ptr()
+    assert torch.equal(out[0].cut("cpu"), batch[0].cut("cpu"))
+
+
 def test_bad_entries_inside_a_jpeg_store_are_skipped_and_logged(synth_src, tmp_path):
     prepare(synth_src, tmp_path / "jpg", workers=1, progress=False, fmt="jpeg")
     index = np.load(tmp_path / "jpg" / "train" / "index.npy")
@@ -93,9 +128,9 @@ def test_bad_entries_inside_a_jpeg_store_are_skipped_and_logged(synth_src, tmp_p
     last = int(np.argmax(index[:, 0]))
     with open(f, "r+b") as fh:  # and the file cut inside its last entry
         fh.truncate(int(index[last, 0]) + 10)
-    for decode in ("workers", "device"):
-        run = tmp_path / f"run-{decode}"
-        train(_cfg(tmp_path / "jpg", epochs=1, steps_per_epoch=6, decode=decode), run, progress=False)
+    for decode, crop_on in (("workers", "workers"), ("device", "workers"), ("workers", "device")):
+        run = tmp_path / f"run-{decode}-{crop_on}"
+        train(_cfg(tmp_path / "jpg", epochs=1, steps_per_epoch=6, decode=decode, crop_on=crop_on), run, progress=False)
         tsv = (run / "bad_inputs.tsv").read_text()
         assert "images.jpeg row 3\tcorrupt JPEG entry" in tsv, tsv
         assert f"images.jpeg row {last}\ttruncated store" in tsv, tsv

@@ -151,7 +151,7 @@ class TrainBatches(torch.utils.data.Dataset):
     def __init__(self, images, batch_size: int, mean_image: np.ndarray, pca: dict | None, *, seed: int = 0,
                  epoch: int = 0, start: int = 0, pca_mode: str = "as-run", noise: bool = True,
                  chunk: int | None = None, rank: int = 0, world: int = 1, crop: int = augment.CROP,
-                 decode: str = "workers"):
+                 decode: str = "workers", crop_on: str = "workers"):
         if crop > images.size:
             raise ReplicaError(f"crop {crop} is larger than the {images.size}×{images.size} images")
         if batch_size < 1:
@@ -166,6 +166,8 @@ class TrainBatches(torch.utils.data.Dataset):
         self.rank, self.world = rank, world
         # "device": a JPEG store's batches leave the workers encoded (JpegBatch), for the GPU to decode
         self.decode = decode if hasattr(images, "encoded") and getattr(images, "format", "raw") == "jpeg" else "workers"
+        # "device": whole images leave the workers (Uncropped), cut where the batch is used
+        self.crop_on = crop_on
         self.order = epoch_order(len(images), seed, epoch)
         self.batches = len(images) // (batch_size * world)  # drop the last partial batch
 
@@ -186,15 +188,20 @@ class TrainBatches(torch.utils.data.Dataset):
         oy, ox, fl = oy[mine], ox[mine], fl[mine]
         shift = shift[mine] if shift is not None else None
         shape = (len(positions), 3, self.crop, self.crop)
-        # in a loader worker, write into shared memory: the batch then travels without a copy
-        crops = torch.empty(shape, dtype=torch.uint8)
-        if torch.utils.data.get_worker_info() is not None:
-            crops.share_memory_()
+        crops = _batch_tensor(shape) if self.decode != "device" and self.crop_on != "device" else None
         if self.decode == "device":  # encoded bytes out; decode, crop and flip where the batch is used
             datas, labels, bad = self.images.encoded(positions)
             keep = _keep(len(positions), bad)
             names = [f"{self.images.file} row {int(r)}" for r in self.images.rows[np.asarray(positions)][keep.numpy()]]
-            crops = JpegBatch(datas, oy[keep], ox[keep], fl[keep], self.crop, names)
+            crops = JpegBatch(datas, oy[keep], ox[keep], fl[keep], self.crop, names, self.images.size)
+        elif self.crop_on == "device":  # whole images out: the crops are one gather where the batch is used
+            if hasattr(self.images, "whole"):
+                u8, labels, bad, hwc = self.images.whole(positions, alloc=lambda sh, dt: _batch_tensor(sh).numpy())
+            else:
+                u8, labels, bad = self.images.batch(positions)
+                hwc = False
+            keep = _keep(len(positions), bad)
+            crops = Uncropped(torch.from_numpy(u8), oy[keep], ox[keep], fl[keep], self.crop, hwc)
         elif hasattr(self.images, "crops"):  # prepared store: read only the crops' bytes
             labels, bad = self.images.crops(positions, oy, ox, fl, self.crop, crops.numpy())
             keep = _keep(len(positions), bad)
@@ -220,9 +227,43 @@ class TrainBatches(torch.utils.data.Dataset):
         return self.finish(crops, shift), labels
 
 
+def _batch_tensor(shape) -> torch.Tensor:
+    """An empty uint8 batch; in a loader worker, in shared memory: the batch then travels to the
+    main process without a copy."""
+    t = torch.empty(shape, dtype=torch.uint8)
+    if torch.utils.data.get_worker_info() is not None:
+        t.share_memory_()
+    return t
+
+
+class Uncropped:
+    """Whole uint8 images with their crop draws (``crop_on=device``): the workers only read and
+    decode; the crops and flips are one gather where the batch is used (:func:`replica.augment.cut`),
+    the same pixels as the workers' crops (tests/test_data.py)."""
+
+    def __init__(self, images: torch.Tensor, oy, ox, flips, crop: int, hwc: bool):
+        self.images, self.oy, self.ox, self.flips, self.crop, self.hwc = images, oy, ox, flips, crop, hwc
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def pin_memory(self, device=None) -> "Uncropped":
+        """What a DataLoader's pin thread calls on a batch it does not know (torch's pin_memory)."""
+        pinned = self.images.pin_memory() if device is None else self.images.pin_memory(device)
+        return Uncropped(pinned, self.oy, self.ox, self.flips, self.crop, self.hwc)
+
+    def cut(self, device) -> torch.Tensor:
+        """(B, 3, crop, crop) uint8 on ``device``, channels_last in memory."""
+        u8 = self.images.to(device, non_blocking=True)
+        return augment.cut(u8, self.oy, self.ox, self.flips, self.crop, hwc=self.hwc)
+
+
 def decode_if_encoded(crops, shift, labels, device):
     """A :class:`JpegBatch` decoded on ``device`` (dropping entries the decoder refuses, with
-    their shifts and labels); uint8 crops pass through. Returns (crops, shift, labels, bad)."""
+    their shifts and labels), an :class:`Uncropped` batch cut there; uint8 crops pass through.
+    Returns (crops, shift, labels, bad)."""
+    if isinstance(crops, Uncropped):
+        return crops.cut(device), shift, labels, []
     if not isinstance(crops, JpegBatch):
         return crops, shift, labels, []
     out, keep, bad = crops.decode(device)
@@ -236,12 +277,13 @@ class JpegBatch:
     """A batch still encoded, with its crop draws: decoded where the batch is used (nvJPEG on a
     GPU: ``torchvision.io.decode_jpeg(list, device="cuda")``), then cropped and flipped there."""
 
-    def __init__(self, datas: list, oy, ox, flips, crop: int, names: list):
+    def __init__(self, datas: list, oy, ox, flips, crop: int, names: list, size: int | None = None):
         # one tensor of bytes and their lengths: a loader worker hands over one shared buffer, not
         # one file descriptor per image (hundreds a batch exhaust the process's limit)
         self.blob = torch.cat(datas) if datas else torch.empty(0, dtype=torch.uint8)
         self.sizes = [len(d) for d in datas]
         self.oy, self.ox, self.flips, self.crop, self.names = oy, ox, flips, crop, names
+        self.size = size  # the store's S: an entry that decodes to another shape is a bad input
 
     @property
     def datas(self) -> list:
@@ -283,17 +325,26 @@ class JpegBatch:
                     imgs.append(None)
                     ok.append(False)
         c = self.crop
-        out, bad = [], []
+        good, bad = [], []
         for i, img in enumerate(imgs):
-            if not ok[i] or img.shape[0] != 3:
-                bad.append((self.names[i], "corrupt JPEG entry (the decoder refused it)", i))
+            if not ok[i] or img.shape[0] != 3 or (self.size and tuple(img.shape[1:]) != (self.size, self.size)):
+                why = "the decoder refused it" if not ok[i] else f"decoded to {tuple(img.shape)}"
+                bad.append((self.names[i], f"corrupt JPEG entry ({why})", i))
                 ok[i] = False
                 continue
+            good.append(i)
+        keep = torch.as_tensor(ok, dtype=torch.bool)
+        if not good:
+            return torch.empty((0, 3, c, c), dtype=torch.uint8, device=device), keep, bad
+        if device.type == "cuda":  # one stack and one gather, not two launches an image
+            whole = torch.stack([imgs[i] for i in good])
+            return augment.cut(whole, self.oy[keep], self.ox[keep], self.flips[keep], c), keep, bad
+        out = []  # the CPU: a copy per crop is far cheaper than a gather there (docs/performance.md)
+        for i in good:
             y, x = int(self.oy[i]), int(self.ox[i])
-            patch = img[:, y:y + c, x:x + c]  # (3, c, c) on the device
+            patch = imgs[i][:, y:y + c, x:x + c]
             out.append(patch.flip(-1) if self.flips[i] else patch)
-        crops = torch.stack(out) if out else torch.empty((0, 3, c, c), dtype=torch.uint8, device=device)
-        return crops, torch.as_tensor(ok, dtype=torch.bool), bad
+        return torch.stack(out), keep, bad
 
 
 def _keep(n: int, bad) -> torch.Tensor:

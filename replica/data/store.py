@@ -208,12 +208,15 @@ class PreparedStore:
         out = [torch.from_numpy(np.array(data[o:o + n])) for o, n in off.tolist()]  # copies: a worker sends them
         return out, self.labels[positions], bad
 
-    def _decoded(self, positions):
-        """(images in position order, labels, bad) with undecodable JPEG entries reported as bad."""
+    def _decoded(self, positions, hwc: bool = False, alloc=np.empty):
+        """(images in position order, their positions, bad) with undecodable JPEG entries reported
+        as bad. ``hwc``: a JPEG store's images (B, S, S, 3) as the decoder writes them (no
+        transposing copy); a raw store's are (B, 3, S, S) whatever ``hwc`` says. ``alloc(shape,
+        dtype)`` makes the output (shared memory in a loader worker)."""
         if self.format == "raw":
             positions, rows, bad = self._split_bad(positions)
             order = np.argsort(rows, kind="stable")
-            out = np.empty((len(rows), 3, self.size, self.size), np.uint8)
+            out = alloc((len(rows), 3, self.size, self.size), np.uint8)
             out[order] = self.data[rows[order]]  # read in file order
             return out, positions, bad
         import torch
@@ -230,9 +233,10 @@ class PreparedStore:
                 continue
             o, n = self.index[r].tolist()
             try:
-                img = decode_jpeg(torch.from_numpy(np.array(self.data[o:o + n]))).numpy()
+                img = decode_jpeg(torch.from_numpy(np.array(self.data[o:o + n])))
                 if img.shape != (3, self.size, self.size):
                     raise RuntimeError(f"decoded to {tuple(img.shape)}")
+                img = (img.permute(1, 2, 0) if hwc else img).numpy()  # (its memory is HWC)
             except RuntimeError as e:
                 if not is_decode_failure(e):
                     raise device_failure(e, "cpu") from None
@@ -240,8 +244,18 @@ class PreparedStore:
                 continue
             imgs.append(img)
             keep.append(p)
-        out = np.stack(imgs) if imgs else np.empty((0, 3, self.size, self.size), np.uint8)
+        out = alloc((len(imgs), *((self.size, self.size, 3) if hwc else (3, self.size, self.size))), np.uint8)
+        if imgs:
+            np.stack(imgs, out=out)
         return out, np.asarray(keep, np.int64), bad
+
+    def whole(self, positions, alloc=np.empty) -> tuple[np.ndarray, np.ndarray, list, bool]:
+        """Whole images for crops cut where the batch is used (``crop_on=device``): uint8 images,
+        labels, bad rows, and whether the images are (B, S, S, 3) (a JPEG store's, as decoded)
+        rather than (B, 3, S, S) (a raw store's rows)."""
+        hwc = self.format == "jpeg"
+        out, kept, bad = self._decoded(positions, hwc=hwc, alloc=alloc)
+        return out, self.labels[kept], bad, hwc
 
     def batch(self, positions) -> tuple[np.ndarray, np.ndarray, list]:
         """uint8 (B, 3, S, S), int64 (B,) labels and the bad rows, for positions 0…len−1."""
