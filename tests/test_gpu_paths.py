@@ -608,7 +608,9 @@ def test_gpu_perf_dry_run_runs_every_check_on_the_cpu():
         assert re.search(rf"^PASS \({check}\)", out, re.M), (check, out[-3000:])
     assert "graph ≡ eager over 6 steps" in out and "5 of 5 checks passed" in out
     assert "1 workers: raw" in out and "2 workers: raw" in out  # end to end at two worker counts
+    assert re.search(r"2 workers: raw [\d,]+, JPEG [\d,]+, JPEG with crop_on=device [\d,]+ img/s", out)
     assert re.search(r"gpu_perf: SUGGEST grouped=(auto|false)", out) and "gpu_perf: SUGGEST workers=" in out
+    assert re.search(r"gpu_perf: SUGGEST crop_on=(device|workers)", out)
 
 
 def test_gpu_perf_summary_rules():
@@ -624,6 +626,10 @@ def test_gpu_perf_summary_rules():
     assert "SUGGEST grouped=auto" in text and "SUGGEST graph=auto=on for one GPU" in text
     assert "SUGGEST conv1_channels=4" in text and "SUGGEST workers=12" in text  # 20,000 ≥ 0.95 × 21,000 = 19,950
     assert "SUGGEST grouped=false" in "\n".join(gpu_perf.summarize({"m.b128.grouped": 100, "m.b128.towers": 99}))
+    crops = "\n".join(gpu_perf.summarize({"e.w8.jpeg": 10_000, "e.w12.jpeg": 12_000, "e.w8.jpeg_crop_on_device": 19_000,
+                                          "e.w12.jpeg_crop_on_device": 19_500}))
+    assert "SUGGEST crop_on=device" in crops and "SUGGEST workers=8" in crops  # 19,000 ≥ 0.95 × 19,500
+    assert "SUGGEST crop_on=workers" in "\n".join(gpu_perf.summarize({"e.w8.jpeg": 100, "e.w8.jpeg_crop_on_device": 104}))
 
 
 # -- the graphed step's CUDA calls ----------------------------------------------------------------

@@ -342,30 +342,19 @@ class Bench:
             print(f"\ndata: {len(self.stores[0])} training images from {data}")
         return self.stores
 
-    def ours_batches(self, st, decode="workers", on_gpu_aug=False, background=None):
-        """Our pipeline as ``replica train`` runs it, batches on the device. ``background``: loader
-        workers at lower priority (default: on the CPU, as training runs them)."""
+    def ours_batches(self, st, decode="workers", crop_on="workers", background=None):
+        """Our pipeline as ``replica train`` runs it, batches on the device. ``crop_on="device"``:
+        the workers hand over whole uint8 images, cut by one gather on the device. ``background``:
+        loader workers at lower priority (default: on the CPU, as training runs them)."""
         background = not self.cuda if background is None else background
         device, n = self.device, self.n
         mean, pca = st.mean(), st.pca()
-        ds = TrainBatches(st, n, mean, pca, seed=0, decode=decode)
+        ds = TrainBatches(st, n, mean, pca, seed=0, decode=decode, crop_on=crop_on)
         mean_crop = ds.mean_crop.to(device)
-        if not on_gpu_aug:
-            for crops, shift, labels, _, _ in loader(ds, self.workers, pin_memory=self.cuda, background=background):
-                crops, shift, labels, _ = decode_if_encoded(crops, shift, labels, device)  # JPEG: nvJPEG on CUDA
-                xb = augment.finish(to_device(crops, device), mean_crop, to_device(shift, device), "as-run")
-                yield xb, to_device(labels, device)
-            return
-        # GPU augmentation: workers hand over whole 256² uint8 images; crops, flips, mean and
-        # noise are done on the device
-        g = torch.Generator().manual_seed(0)
-        whole = torch.utils.data.DataLoader(_Whole(st, n), batch_size=None, num_workers=self.workers,
-                                            pin_memory=True, prefetch_factor=4)
-        for u8, labels in whole:
-            oy, ox, fl, shift = augment.draw_train(len(u8), g, pca=pca, border=st.size - 224)
-            u8 = u8.to(device, non_blocking=True)
-            crops = augment.crop(u8, oy.to(device), ox.to(device), fl.to(device), 224)
-            yield augment.finish(crops, mean_crop, to_device(shift, device), "as-run"), to_device(labels, device)
+        for crops, shift, labels, _, _ in loader(ds, self.workers, pin_memory=self.cuda, background=background):
+            crops, shift, labels, _ = decode_if_encoded(crops, shift, labels, device)  # nvJPEG, or the gather
+            xb = augment.finish(to_device(crops, device), mean_crop, to_device(shift, device), "as-run")
+            yield xb, to_device(labels, device)
 
     def tv_batches(self, folder):
         """torchvision's standard ImageNet training pipeline on the same JPEGs."""
@@ -672,11 +661,11 @@ def cmd_gpu(b: Bench):
     print("\n[gpu] options")
     ours = AlexNet(devices=str(device))
     s_bf = stepper(ours, b.bf16())
-    gpu = n / timed_steps(b.ours_batches(st, on_gpu_aug=True), s_bf, a.steps, a.warmup, device)
+    gpu = n / timed_steps(b.ours_batches(st, crop_on="device"), s_bf, a.steps, a.warmup, device)
     cpu = n / timed_steps(b.ours_batches(st), s_bf, a.steps, a.warmup, device)
     b.add("end to end bf16, crops/flips in CPU workers", cpu, FLOP_TRAIN, "bf16")
     b.add("end to end bf16, crops/flips on the GPU", gpu, FLOP_TRAIN, "bf16")
-    d_gpu = loader_rate(b.ours_batches(st, on_gpu_aug=True), a.steps, a.warmup, device, n)
+    d_gpu = loader_rate(b.ours_batches(st, crop_on="device"), a.steps, a.warmup, device, n)
     d_cpu = loader_rate(b.ours_batches(st), a.steps, a.warmup, device, n)
     b.add("data alone, crops in workers", d_cpu, 0, note="(no model)")
     b.add("data alone, crops on the GPU", d_gpu, 0, note="(no model)")
@@ -705,21 +694,6 @@ def cmd_gpu(b: Bench):
     tf = race({"f": s_f, "e": on(s_bf, x, y)}, a.steps, a.warmup, device)
     b.add("model step bf16, fused_norms=true", n / tf["f"], FLOP_TRAIN, "bf16")
     b.add("model step bf16, eager norms", n / tf["e"], FLOP_TRAIN, "bf16")
-
-
-class _Whole(torch.utils.data.Dataset):
-    """Batch i of a store as whole uint8 images (for augmentation on the device)."""
-
-    def __init__(self, st, batch):
-        self.st, self.batch = st, batch
-        self.order = torch.randperm(len(st), generator=torch.Generator().manual_seed(0)).numpy()
-
-    def __len__(self):
-        return len(self.st) // self.batch
-
-    def __getitem__(self, i):
-        u8, labels, _ = self.st.batch(self.order[i * self.batch:(i + 1) * self.batch])
-        return torch.from_numpy(u8), torch.from_numpy(labels)
 
 
 class _Subset:

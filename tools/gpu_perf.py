@@ -16,8 +16,9 @@ and the defaults the figures suggest.
   (c) per layer, forward and backward in bf16: conv1 reading 3 channels, 4 and 8 (zero channels
       past the third, which cuDNN need not pad), conv2/4/5 grouped against one convolution per
       tower; then the profile of 3 grouped steps, its top 25 kernels by device time;
-  (e) end to end from the raw and the JPEG store (decoded in the workers) at 8, 12 and 14 loader
-      workers (as many as the cores allow), back to back, with the CPU's model name;
+  (e) end to end from the raw and the JPEG store (decoded in the workers; the JPEG store also with
+      crop_on=device) at 8, 12 and 14 loader workers (as many as the cores allow), back to back,
+      with the CPU's model name;
   (v) ten-view evaluation, views a second.
 
 Each check runs in a process group of its own under a limit (``gpu_check.stream``), so a hang
@@ -238,12 +239,14 @@ def check_e(s: Sizes) -> str:
         model = AlexNet(devices=s.device, width=s.width)
         model.fused_norms = not s.dry
         step = bench.stepper(model, b.bf16())
-        rates = {name: bench.stream_rate(b.ours_batches(store), step, s.steps, 2, b.device, n)
-                 for name, store in (("raw", st), ("jpeg", jst))}
+        rates = {name: bench.stream_rate(b.ours_batches(store, crop_on=where), step, s.steps, 2, b.device, n)
+                 for name, store, where in (("raw", st, "workers"), ("jpeg", jst, "workers"),
+                                            ("jpeg_crop_on_device", jst, "device"))}
         for name, r in rates.items():
             result(f"e.w{workers}.{name}", r)
-        best = max(best, rates["jpeg"])
-        out.append(f"{workers} workers: raw {rates['raw']:,.0f}, JPEG {rates['jpeg']:,.0f} img/s")
+        best = max(best, rates["jpeg"], rates["jpeg_crop_on_device"])
+        out.append(f"{workers} workers: raw {rates['raw']:,.0f}, JPEG {rates['jpeg']:,.0f}, JPEG with crop_on=device "
+                   f"{rates['jpeg_crop_on_device']:,.0f} img/s")
         del b, model
         torch.cuda.empty_cache() if not s.dry else None
     result("e.best_jpeg", best)
@@ -301,6 +304,12 @@ def summarize(results: dict) -> list[str]:
         lines.append(f"SUGGEST conv1_channels={pick}  (" + ", ".join(f"{ch}: {v:.3f} ms" for ch, v in
                                                                           conv1.items()) + ")")
     w = {int(k.split(".")[1][1:]): v for k, v in results.items() if re.fullmatch(r"e\.w\d+\.jpeg", k)}
+    d = {int(k.split(".")[1][1:]): v for k, v in results.items() if re.fullmatch(r"e\.w\d+\.jpeg_crop_on_device", k)}
+    if w and d:
+        lines.append(f"SUGGEST crop_on={'device' if max(d.values()) > 1.05 * max(w.values()) else 'workers'}  (best JPEG "
+                     f"rate with the crops on the device {max(d.values()):,.0f} against in the workers "
+                     f"{max(w.values()):,.0f} img/s)")
+        w = {k: max(v, d.get(k, 0)) for k, v in w.items()}
     if w:
         pick = min(k for k, v in w.items() if v >= 0.95 * max(w.values()))
         lines.append(f"SUGGEST workers={pick}  (the fewest within 5% of the best JPEG rate: "
