@@ -117,7 +117,8 @@ def _cmd_eval(args) -> int:
     from .inference import format_eval, run_eval
 
     views = (1, 10) if args.views is None else (args.views,)
-    how = dict(bf16=False if args.fp32 else None, checkpoint=args.checkpoint, split=args.split, workers=args.workers)
+    how = dict(bf16=False if args.fp32 else None, checkpoint=args.checkpoint, split=args.split, workers=args.workers,
+               graph=args.graph)
     if len(args.target) > 1 or args.out or args.weights:
         from .inference import run_ensemble_eval
 
@@ -316,6 +317,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="images per forward pass, each giving ten views (default: 256 on a GPU, 32 on the CPU)")
     e.add_argument("--workers", type=int, default=2, help="loader processes reading the images")
     e.add_argument("--devices", default="auto", help=DEVICES_HELP)
+    e.add_argument("--graph", action="store_true",
+                   help="on a GPU, replay each batch's forward from a CUDA graph (the same figures; not yet measured "
+                        "on a GPU, so off by default); ignored on the CPU")
     e.add_argument("--fp32", action="store_true",
                    help="evaluate in float32 even if the run trained with bf16=true (default: as it trained, "
                         "where the device has native bf16)")

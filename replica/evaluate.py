@@ -27,12 +27,13 @@ def topk_errors(probs: torch.Tensor, labels: torch.Tensor) -> tuple[int, int]:
 
 @torch.no_grad()
 def view_probs(model, u8: torch.Tensor, mean_crop: torch.Tensor, views: int = 1, crop: int = augment.CROP,
-               bf16: bool = False) -> torch.Tensor:
+               bf16: bool = False, forward=None) -> torch.Tensor:
     """Softmax probabilities of each view: (B, 1, classes) for the centre view, (B, 10, classes)
     for the ten views (:data:`replica.augment.VIEW_OFFSETS`; view 2 is the centre, unflipped).
 
     ``bf16``: the forward pass under bfloat16 autocast, as a run trained with ``bf16=true`` was;
-    the softmax stays in float32.
+    the softmax stays in float32. ``forward``: a :class:`replica.steps.ForwardRunner` of the
+    model (a CUDA graph per batch shape); by default the forward runs eagerly.
     """
     dev = model.devices[0]
     u8 = u8.to(dev, non_blocking=True)
@@ -42,6 +43,8 @@ def view_probs(model, u8: torch.Tensor, mean_crop: torch.Tensor, views: int = 1,
     else:
         x = augment.ten_views_gathered(u8, mean_crop, crop)  # (B, 10, 3, h, w), one gather (channels last)
     b, v = x.shape[:2]
+    if forward is not None:
+        return forward(x.flatten(0, 1)).view(b, v, -1)
     with autocast(model.devices, bf16):
         logits = model(x.flatten(0, 1))
     return torch.softmax(logits.float(), 1).view(b, v, -1)
@@ -81,29 +84,36 @@ class EvalBatches(torch.utils.data.Dataset):
 
 @torch.no_grad()
 def evaluate(model, images, mean_image, views=1, batch: int = 64, max_batches: int | None = None,
-             crop: int = augment.CROP, progress: bool = False, bf16: bool = False, workers: int = 0) -> dict:
+             crop: int = augment.CROP, progress: bool = False, bf16: bool = False, workers: int = 0,
+             graph: bool = False) -> dict:
     """top-1 / top-5 error of ``model`` on ``images`` (a store or file images).
 
     ``views``: 1, 10, or ``(1, 10)``: both from one pass of ten views, the one-view figure from
     the centre view's probabilities alone (the same crop the one-view path takes). Returns
     ``{"1-view": {...}, "10-view": {...}}`` for a tuple, the one figure's dict for an int.
     ``top5_err`` is None with fewer than 6 classes. Batches are read by ``workers`` loader
-    processes (pinned memory for a GPU). ``bf16``: see :func:`view_probs`.
+    processes (pinned memory for a GPU). ``bf16``: see :func:`view_probs`. ``graph``: on CUDA,
+    the forward replayed from a graph per batch shape (:class:`replica.steps.ForwardRunner`).
     """
     out = evaluate_members([dict(model=model, mean=mean_image, bf16=bf16)], images, views, batch, max_batches,
-                           crop, progress, workers)
+                           crop, progress, workers, graph=graph)
     return out["members"][0]
 
 
 @torch.no_grad()
 def evaluate_members(members: list, images, views=1, batch: int = 64, max_batches: int | None = None,
-                     crop: int = augment.CROP, progress: bool = False, workers: int = 0, weights=None) -> dict:
+                     crop: int = augment.CROP, progress: bool = False, workers: int = 0, weights=None,
+                     graph: bool = False, graphs=None) -> dict:
     """Several nets on the same images in one pass: each member's figures, and the ensemble's,
     whose probabilities are the members' averaged (weighted by ``weights``, Σ c_k·P_k, when
     given), view by view, as the 2012 code's avg-valid.py averaged its models' predictions.
     ``members``: dicts of ``model``, ``mean`` (its mean image) and ``bf16``. Returns
-    ``{"members": [figures, …], "ensemble": figures}``, each as :func:`evaluate` returns them."""
+    ``{"members": [figures, …], "ensemble": figures}``, each as :func:`evaluate` returns them.
+    ``graph`` (CUDA only): each member's forward replayed from graphs; ``graphs``: what captures
+    and replays them (a CPU test's stand-in)."""
     from tqdm import tqdm
+
+    from .steps import ForwardRunner
 
     wanted = (views,) if isinstance(views, int) else tuple(views)
     if not wanted or any(v not in (1, 10) for v in wanted):
@@ -113,14 +123,16 @@ def evaluate_members(members: list, images, views=1, batch: int = 64, max_batche
     for m in members:
         m["model"].eval()
     crops = [augment.centre_crop_of(torch.as_tensor(m["mean"]), crop) for m in members]
+    cuda = members[0]["model"].devices[0].type == "cuda"
+    runners = [ForwardRunner(m["model"], bf16=m["bf16"], graph=graph and (cuda or graphs is not None), graphs=graphs)
+               for m in members]
     n, bad = 0, 0
     keys = list(range(len(members))) + (["ensemble"] if len(members) > 1 else [])  # one net: its own figures
     miss = {(k, v): 0 for k in keys for v in wanted}  # (top-1, top-5) misses, summed on the device
     pass_views = 10 if 10 in wanted else 1
     ds = EvalBatches(images, batch, max_batches)
-    pin = members[0]["model"].devices[0].type == "cuda"
-    it = torch.utils.data.DataLoader(ds, batch_size=None, shuffle=False, num_workers=workers, pin_memory=pin,
-                                     prefetch_factor=2 if workers else None)
+    it = torch.utils.data.DataLoader(ds, batch_size=None, shuffle=False, num_workers=workers, pin_memory=cuda,
+                                     prefetch_factor=4 if workers else None)
     classes = None
     try:
         for u8, labels, b in tqdm(it, total=len(ds), desc=f"eval {'/'.join(map(str, wanted))} view(s)",
@@ -128,7 +140,8 @@ def evaluate_members(members: list, images, views=1, batch: int = 64, max_batche
             bad += len(b)
             if len(u8) == 0:
                 continue
-            probs = [view_probs(m["model"], u8, mc, pass_views, crop, m["bf16"]) for m, mc in zip(members, crops)]
+            probs = [view_probs(m["model"], u8, mc, pass_views, crop, m["bf16"], forward=r)
+                     for m, mc, r in zip(members, crops, runners)]
             if len(members) > 1:
                 probs.append(sum(w * p.to(probs[0].device) for w, p in zip(weights, probs)))
             classes = probs[0].shape[-1]

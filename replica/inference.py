@@ -78,7 +78,7 @@ def eval_images(ck: Checkpoint, data, split: str):
 
 def run_eval(target, data=None, views=(1, 10), devices="auto", batch: int | None = None, progress: bool = True,
              bf16: bool | None = None, checkpoint: str = "last", split: str = "val", workers: int = 2,
-             tf32: bool | None = None) -> dict:
+             tf32: bool | None = None, graph: bool = False) -> dict:
     """top-1/top-5 error, one view and ten views (one pass); writes eval.json into the run folder.
 
     ``checkpoint``: a run folder's ``last`` (the final network, what the 2012 run reported: run 145
@@ -105,7 +105,7 @@ def run_eval(target, data=None, views=(1, 10), devices="auto", batch: int | None
     batch = batch or EVAL_BATCH["cuda" if cuda else "cpu"]
     data, images, subset, images_of = eval_images(ckpt, data, split)
     results = evaluate(model, images, ckpt.mean.numpy(), views=tuple(views), batch=batch, crop=ckpt.crop,
-                       progress=progress, bf16=bf16, workers=workers)
+                       progress=progress, bf16=bf16, workers=workers, graph=graph)
     prog = ckpt.progress
     out = dict(checkpoint=str(ckpt_path), network=checkpoint if target.is_dir() else "file",
                epoch=prog.epoch, step=prog.step, finished=bool(prog.done),
@@ -113,7 +113,7 @@ def run_eval(target, data=None, views=(1, 10), devices="auto", batch: int | None
                data=str(data), dataset=ckpt.dataset, classes=ckpt.num_classes,
                classes_evaluated=subset or "all",
                precision="bf16" if bf16 else "fp32", device=" + ".join(map(str, model.devices)),
-               tf32=numerics["tf32"] if cuda else None, **results)
+               tf32=numerics["tf32"] if cuda else None, graph=bool(graph and cuda), **results)
     if ckpt.source:  # imported weights: no epoch or step of replica's
         out.update(imported=describe_source(ckpt.source), epoch=None, step=None)
     run = target if target.is_dir() else target.parent
@@ -136,7 +136,7 @@ def file_sha1(path: Path) -> str:
 
 def run_ensemble_eval(targets, data=None, views=(1, 10), devices="auto", batch: int | None = None,
                       progress: bool = True, bf16: bool | None = None, checkpoint: str = "last", split: str = "val",
-                      workers: int = 2, out=None, weights=None) -> dict:
+                      workers: int = 2, out=None, weights=None, graph: bool = False) -> dict:
     """Table 2's "k CNNs": the members' softmax probabilities averaged (``weights``: Σ c_k·P_k),
     view by view, on the same images in one pass, as the 2012 code's avg-valid.py did; each
     member's own figures beside the ensemble's. Members must agree on their classes and crop.
@@ -163,11 +163,12 @@ def run_ensemble_eval(targets, data=None, views=(1, 10), devices="auto", batch: 
     batch = batch or EVAL_BATCH["cuda" if cuda else "cpu"]
     data, images, subset, images_of = eval_images(first, data, split)
     r = evaluate_members(members, images, views=tuple(views), batch=batch, crop=first.crop, progress=progress,
-                         workers=workers, weights=weights)
+                         workers=workers, weights=weights, graph=graph)
     record = dict(ensemble=len(cks), weights=weights, network=checkpoint, split=split, images_of=images_of,
                   data=str(data), dataset=first.dataset, classes=first.num_classes, classes_evaluated=subset or "all",
                   precision="+".join(sorted({"bf16" if m["bf16"] else "fp32" for m in members})),
                   device=" + ".join(map(str, models[0].devices)), tf32=numerics["tf32"] if cuda else None,
+                  graph=bool(graph and cuda),
                   members=[dict(run=str(t), checkpoint=str(p), sha1=file_sha1(p), **fig)
                            for t, p, fig in zip(targets, paths, r["members"])], **r["ensemble"])
     if out is not None:

@@ -61,7 +61,7 @@ class EagerGraphs:
     capture runs nothing, a replay writes the gradients anew and its loss into the captured
     output. What the CPU tests and ``tools/gpu_perf.py --dry-run`` hand the runner."""
 
-    def __init__(self, optimizer):
+    def __init__(self, optimizer=None):
         self.opt, self.calls = optimizer, []
 
     def warm(self, step):
@@ -76,8 +76,10 @@ class EagerGraphs:
     def replay(self, graph) -> None:
         body, out = graph
         self.calls.append("replay")
-        self.opt.zero_grad(set_to_none=True)
-        out.copy_(body())
+        if self.opt is not None:
+            self.opt.zero_grad(set_to_none=True)
+        r = body()
+        out.resize_(r.shape).copy_(r)
 
 
 class StepRunner:
@@ -123,3 +125,42 @@ class StepRunner:
         loss.backward()
         self.opt.step()
         return loss.detach()
+
+
+class ForwardRunner:
+    """``runner(x) -> probabilities`` for evaluation: the forward and the softmax, eagerly, or on
+    CUDA replayed from a graph captured for each input shape (``graph=true``; never run on a GPU
+    yet). A shape's first batch runs eagerly on a side stream (cuDNN's choices and lazy
+    initializations happen there), its second is captured and every later one replayed; a shape
+    seen once (the last, short batch) never gets a graph. The input is copied into the graph's
+    static buffer, the probabilities copied out."""
+
+    def __init__(self, model, *, bf16: bool, graph: bool, graphs=None):
+        self.model, self.bf16 = model, bf16
+        self.api = (graphs or CudaGraphs()) if graph else None
+        self.graphs: dict = {}  # input shape → (graph, static input, static probabilities)
+        self.seen: dict = {}
+        self.replays = 0
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with autocast(self.model.devices, self.bf16, cache=False):
+            logits = self.model(x)
+        return torch.softmax(logits.float(), 1)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.api is None:
+            return self.forward(x)
+        key = (tuple(x.shape), tuple(x.stride()))
+        self.seen[key] = self.seen.get(key, 0) + 1
+        if key not in self.graphs:
+            if self.seen[key] == 1:
+                return self.api.warm(lambda: self.forward(x))
+            static = torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device=x.device)
+            graph, out = self.api.capture(lambda: self.forward(static))
+            self.graphs[key] = (graph, static, out)
+        graph, static, out = self.graphs[key]
+        static.copy_(x)
+        self.api.replay(graph)
+        self.replays += 1
+        return out.clone()  # the next replay overwrites the static output

@@ -238,6 +238,33 @@ def test_ten_view_eval_counts_on_the_device_and_reads_once(store, monkeypatch):
         assert abs(p_total - round(p_total)) < 1e-9
 
 
+def test_graphed_eval_forward_gives_the_eager_figures_and_replays_each_full_batch(store):
+    """graph=true (CUDA) with the capture stood in for on the CPU: the same probabilities and
+    figures as the eager pass; a batch shape's first batch warms, its second is captured and
+    replayed, later ones replayed; the last short batch (a shape seen once) never gets a graph."""
+    from replica.data.store import PreparedStore
+    from replica.evaluate import evaluate_members
+    from replica.model import AlexNet
+    from replica.steps import EagerGraphs, ForwardRunner
+
+    st = PreparedStore(store)
+    torch.manual_seed(0)
+    model = AlexNet(4, devices="cpu", width=0.0625, init="he")
+    members = [dict(model=model, mean=st.mean(), bf16=False)]
+    eager = evaluate_members(members, st, views=(1, 10), batch=5)
+    graphs = EagerGraphs()
+    graphed = evaluate_members(members, st, views=(1, 10), batch=5, graph=True, graphs=graphs)
+    assert graphed == eager
+    full, short = divmod(len(st), 5)
+    assert full >= 3 and short  # (24 images: 4 batches of 5, then 4)
+    assert graphs.calls == ["warm", "capture"] + ["replay"] * (full - 1) + ["warm"]
+    x = torch.randn(6, 3, 224, 224)
+    runner = ForwardRunner(model.eval(), bf16=False, graph=True, graphs=EagerGraphs())
+    outs = [runner(x), runner(x), runner(x * 2)]
+    assert torch.equal(outs[0], outs[1]) and not torch.equal(outs[1], outs[2]) and runner.replays == 2
+    assert torch.equal(outs[2], ForwardRunner(model, bf16=False, graph=False)(x * 2))
+
+
 # -- ensembles: Table 2's "5 CNNs" ---------------------------------------------------------------
 
 def test_an_ensemble_of_a_run_with_itself_is_the_run_and_members_are_named(store, tiny_tree, tmp_path, capsys):

@@ -611,6 +611,8 @@ def test_gpu_perf_dry_run_runs_every_check_on_the_cpu():
     assert re.search(r"2 workers: raw [\d,]+, JPEG [\d,]+, JPEG with crop_on=device [\d,]+ img/s", out)
     assert re.search(r"gpu_perf: SUGGEST grouped=(auto|false)", out) and "gpu_perf: SUGGEST workers=" in out
     assert re.search(r"gpu_perf: SUGGEST crop_on=(device|workers)", out)
+    assert re.search(r"[\d,]+ views/s eager, [\d,]+ with --graph \(the same top-1\)", out)
+    assert re.search(r"gpu_perf: SUGGEST replica eval --graph (by default|stays off)", out)
 
 
 def test_gpu_perf_summary_rules():
