@@ -642,6 +642,14 @@ def cmd_e2e(b: Bench):
 
 def cmd_eval(b: Bench):
     st = b.data()[0]
+    print("\n[eval] the ten views of a batch: stacked slices (the old path) against one gather (replica eval's)")
+    u8 = torch.from_numpy(st.batch(np.arange(min(b.n, len(st))))[0]).to(b.device)
+    mean_crop = augment.centre_crop_of(torch.as_tensor(st.mean()), 224).to(b.device)
+    tv = race({"stack": lambda: augment.ten_views(u8, mean_crop),
+               "gather": lambda: augment.ten_views_gathered(u8, mean_crop)}, b.args.steps, b.args.warmup, b.device)
+    b.add("ten views made by stacking slices", len(u8) / tv["stack"], 0, note="(no model)")
+    b.add("ten views made by one gather", len(u8) / tv["gather"], 0, note=f"(no model; {tv['stack'] / tv['gather']:.2f}× "
+                                                                           "the stacked slices' rate)")
     print("\n[eval] ten-view evaluation")
     model = AlexNet(devices=str(b.device))
     k = min(b.args.eval_images, len(st))
