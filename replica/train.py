@@ -38,8 +38,9 @@ import torch.nn.functional as F
 from . import augment
 from .colour import tower_medians
 from .config import Config, departures, dump_config, show
-from .data.loaders import (TrainBatches, check_stats_feasible, data_stats, decode_if_encoded, loader,
-                           open_training, worker_deaths_at_next_batch)
+from .data.loaders import (PREFETCH, Feed, TrainBatches, check_stats_feasible, data_stats, decode_if_encoded,
+                           open_training, slot_bytes, worker_deaths_at_next_batch)
+from .data.ring import BatchRing, CopyStream, ring_size, room_for
 from .data.store import PreparedStore
 from .dist import Ranks, StopSignals, setup_ranks
 from .errors import ReplicaError, TrainingStopped
@@ -88,6 +89,8 @@ class Run:
     workers: int  # loader processes (workers=auto: from the cores, runtime.default_workers)
     forward: object = None  # what a step calls: the model, in DDP and compiled as configured (step_forward)
     step: object = None  # the step itself, eager or graphed (replica.steps.StepRunner)
+    ring: object = None  # the loader workers' batch slots (replica.data.ring.BatchRing), made at the first epoch
+    copy: object = None  # CUDA: the stream batches travel on (replica.data.ring.CopyStream)
     progress: Progress = field(default_factory=Progress)
     tally: Tally = field(default_factory=Tally)
 
@@ -226,8 +229,7 @@ def train_one_epoch(run: Run, watch: LossWatch, out: RunLog, stop, clock: Every)
                       crop_on=cfg.crop_on if cfg.crop_on != "auto" else "workers")  # auto: until a GPU compares them
     todo = min(run.steps_per_epoch - p.in_epoch, run.schedule.total_steps - p.step)
     run.model.train()
-    cpu = run.devices[0].type == "cpu"
-    it = iter(loader(ds, run.workers, pin_memory=not cpu, background=cpu))
+    it = open_feed(run, ds, out)
     worker_deaths_at_next_batch()  # a dead worker is seen in next_batch, where the processes can agree
     try:
         for _ in range(todo):
@@ -258,8 +260,32 @@ def train_one_epoch(run: Run, watch: LossWatch, out: RunLog, stop, clock: Every)
             out.stepped(watch.last if loss is not None else None,
                         max(v for k, v in lrs.items() if k.endswith("weight")), run.tally.rate())
     finally:
-        del it
+        it.close()
     return True
+
+
+def open_feed(run: Run, ds: TrainBatches, out: RunLog) -> Feed:
+    """The epoch's batches (replica.data.loaders.Feed): with loader workers through the run's
+    ring of shared slots (made once, page-locked on a GPU), to a GPU on the run's copy stream."""
+    dev = run.devices[0]
+    cpu = dev.type == "cpu"
+    if run.workers and ds.decode != "device":
+        need, slots = slot_bytes(ds), ring_size(run.workers, PREFETCH)
+        if run.ring is None or run.ring.nbytes < need or run.ring.slots < slots:
+            why = room_for(slots * need)
+            if why is None:
+                if run.ring is not None and not cpu:
+                    run.ring.unregister()
+                run.ring = BatchRing(slots, need)
+                pinned = not cpu and run.ring.register()
+                out.info("batch ring: %d slots of %.1f MB in shared memory%s", slots, need / 1e6,
+                         ", page-locked" if pinned else "" if cpu else ", not page-locked (the runtime refused)")
+            elif run.ring is None:
+                out.say(f"batches travel one shared-memory file each: {why}")
+                run.ring = False  # said once
+    if not cpu and run.copy is None:
+        run.copy = CopyStream(dev)
+    return Feed(ds, run.workers, dev, ring=run.ring or None, copy=run.copy, background=cpu)
 
 
 def end_of_epoch(run: Run, watch: LossWatch, out: RunLog, clock: Every) -> None:

@@ -72,7 +72,8 @@ from torchvision import transforms as T  # noqa: E402
 
 import replica.layers as layers  # noqa: E402
 from replica import augment  # noqa: E402
-from replica.data.loaders import TrainBatches, decode_if_encoded, loader  # noqa: E402
+from replica.data.loaders import PREFETCH, Feed, TrainBatches, decode_if_encoded, loader, slot_bytes  # noqa: E402
+from replica.data.ring import BatchRing, CopyStream, ring_size  # noqa: E402
 from replica.evaluate import evaluate  # noqa: E402
 from replica.layers import local_response_norm  # noqa: E402
 from replica.model import AlexNet  # noqa: E402
@@ -351,10 +352,22 @@ class Bench:
         mean, pca = st.mean(), st.pca()
         ds = TrainBatches(st, n, mean, pca, seed=0, decode=decode, crop_on=crop_on)
         mean_crop = ds.mean_crop.to(device)
-        for crops, shift, labels, _, _ in loader(ds, self.workers, pin_memory=self.cuda, background=background):
-            crops, shift, labels, _ = decode_if_encoded(crops, shift, labels, device)  # nvJPEG, or the gather
-            xb = augment.finish(to_device(crops, device), mean_crop, to_device(shift, device), "as-run")
-            yield xb, to_device(labels, device)
+        # as a run feeds itself (replica.train.open_feed): a ring of shared slots, a copy stream on CUDA
+        ring = BatchRing(ring_size(self.workers, PREFETCH), slot_bytes(ds)) if self.workers and decode != "device" \
+            else None
+        if ring is not None and self.cuda:
+            ring.register()
+        feed = Feed(ds, self.workers, device, ring=ring, copy=CopyStream(device) if self.cuda else None,
+                    background=background)
+        try:
+            for crops, shift, labels, _, _ in feed:
+                crops, shift, labels, _ = decode_if_encoded(crops, shift, labels, device)  # nvJPEG, or the gather
+                xb = augment.finish(to_device(crops, device), mean_crop, to_device(shift, device), "as-run")
+                yield xb, to_device(labels, device)
+        finally:
+            feed.close()
+            if ring is not None and self.cuda:
+                ring.unregister()
 
     def tv_batches(self, folder):
         """torchvision's standard ImageNet training pipeline on the same JPEGs."""

@@ -20,8 +20,10 @@ import torch
 from .. import augment
 from ..errors import ReplicaError
 from ..fileio import atomic_write
+from ..runtime import to_device
 from .imageio import DEFAULT_MAX_PIXELS, BadImage, prepared_from_array, read_prepared
 from .sources import Source, find_source
+from .ring import BatchRing, Slot
 from .store import PixelStats, PreparedStore
 
 log = logging.getLogger("replica")
@@ -168,6 +170,7 @@ class TrainBatches(torch.utils.data.Dataset):
         self.decode = decode if hasattr(images, "encoded") and getattr(images, "format", "raw") == "jpeg" else "workers"
         # "device": whole images leave the workers (Uncropped), cut where the batch is used
         self.crop_on = crop_on
+        self.ring = None  # a BatchRing: loader workers write their batches into its slots (Feed sets it)
         self.order = epoch_order(len(images), seed, epoch)
         self.batches = len(images) // (batch_size * world)  # drop the last partial batch
 
@@ -188,7 +191,13 @@ class TrainBatches(torch.utils.data.Dataset):
         oy, ox, fl = oy[mine], ox[mine], fl[mine]
         shift = shift[mine] if shift is not None else None
         shape = (len(positions), 3, self.crop, self.crop)
-        crops = _batch_tensor(shape) if self.decode != "device" and self.crop_on != "device" else None
+        ring = self.ring if torch.utils.data.get_worker_info() is not None else None
+        slot = b % ring.slots if ring is not None else None
+
+        def alloc(shape):  # a batch's memory: its ring slot in a loader worker, else shared memory
+            return ring.take(slot, shape) if ring is not None else _batch_tensor(shape)
+
+        crops = alloc(shape) if self.decode != "device" and self.crop_on != "device" else None
         if self.decode == "device":  # encoded bytes out; decode, crop and flip where the batch is used
             datas, labels, bad = self.images.encoded(positions)
             keep = _keep(len(positions), bad)
@@ -196,16 +205,19 @@ class TrainBatches(torch.utils.data.Dataset):
             crops = JpegBatch(datas, oy[keep], ox[keep], fl[keep], self.crop, names, self.images.size)
         elif self.crop_on == "device":  # whole images out: the crops are one gather where the batch is used
             if hasattr(self.images, "whole"):
-                u8, labels, bad, hwc = self.images.whole(positions, alloc=lambda sh, dt: _batch_tensor(sh).numpy())
+                u8, labels, bad, hwc = self.images.whole(positions, alloc=lambda sh, dt: alloc(sh).numpy())
+                images = Slot(slot, u8.shape) if ring is not None else torch.from_numpy(u8)
             else:
                 u8, labels, bad = self.images.batch(positions)
-                hwc = False
+                images, hwc = torch.from_numpy(u8), False
             keep = _keep(len(positions), bad)
-            crops = Uncropped(torch.from_numpy(u8), oy[keep], ox[keep], fl[keep], self.crop, hwc)
+            crops = Uncropped(images, oy[keep], ox[keep], fl[keep], self.crop, hwc)
         elif hasattr(self.images, "crops"):  # prepared store: read only the crops' bytes
             labels, bad = self.images.crops(positions, oy, ox, fl, self.crop, crops.numpy())
             keep = _keep(len(positions), bad)
-            if bad:
+            if ring is not None:  # the rows of bad images stay unwritten in the slot: left out where it is read
+                crops = Slot(slot, shape, keep if bad else None)
+            elif bad:
                 crops = crops[keep]
         else:  # files on the fly: decode whole images, then crop
             u8, labels, bad = self.images.batch(positions)
@@ -392,9 +404,82 @@ def loader(ds: torch.utils.data.Dataset, workers: int = 0, pin_memory: bool = Fa
     # dropout masks also use, and a resumed run would see other masks
     return torch.utils.data.DataLoader(ds, batch_size=None, shuffle=False, num_workers=workers,
                                        pin_memory=pin_memory, persistent_workers=False,
-                                       prefetch_factor=2 if workers else None,
+                                       prefetch_factor=PREFETCH if workers else None,
                                        worker_init_fn=_yield_to_training if background and workers else None,
                                        generator=torch.Generator().manual_seed(0))
+
+
+PREFETCH = 2  # batches a loader worker prepares ahead
+
+
+def slot_bytes(ds: TrainBatches) -> int:
+    """The largest batch ``ds`` writes, in bytes: its crops, or with ``crop_on=device`` its whole images."""
+    side = ds.images.size if ds.crop_on == "device" else ds.crop
+    return ds.batch_size * 3 * side * side
+
+
+class Feed:
+    """Training batches from a loader to where the model is. With loader workers the batches
+    come through ``ring`` (a :class:`~replica.data.ring.BatchRing`: no file and no pin thread a
+    batch); to a GPU they travel on ``copy`` (a :class:`~replica.data.ring.CopyStream`), and
+    their slot is given back once the copy's event completes; on the CPU once the step has read
+    the batch (:meth:`done`). ``next()`` gives (crops, shift, labels, batch index, bad) as the
+    dataset does, the tensors on ``device`` (or, on the CPU, where the worker left them)."""
+
+    def __init__(self, ds: TrainBatches, workers: int, device, *, ring: BatchRing | None = None, copy=None,
+                 background: bool = False):
+        self.device, self.copy = torch.device(device), copy
+        self.ring = ring if workers and ds.decode != "device" else None
+        ds.ring = self.ring
+        pin = self.device.type == "cuda" and self.ring is None
+        self.it = iter(loader(ds, workers, pin_memory=pin, background=background))
+        self.held = None  # CPU: the slot of the batch being used
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        self.done()
+        if self.ring is not None:
+            self.ring.settle()
+        crops, shift, labels, b, bad = next(self.it)
+        slot = None
+        if isinstance(crops, Slot):
+            slot, crops = crops.index, self.ring.view(crops)
+        elif isinstance(crops, Uncropped) and isinstance(crops.images, Slot):
+            slot, crops.images = crops.images.index, self.ring.view(crops.images)
+        if self.device.type == "cuda" and not isinstance(crops, JpegBatch):
+            whole = crops.images if isinstance(crops, Uncropped) else crops
+            move = lambda: [to_device(t, self.device) for t in (whole, shift, labels)]  # noqa: E731
+            if self.copy is not None:
+                (whole, shift, labels), event = self.copy(move)
+            else:
+                (whole, shift, labels), event = move(), None
+            if isinstance(crops, Uncropped):
+                crops.images = whole
+            else:
+                crops = whole
+            if slot is not None:  # the slot is free once its copy has left it
+                self.ring.give_back(slot, event)
+                slot = None
+        self.held = slot
+        return crops, shift, labels, b, bad
+
+    def done(self) -> None:
+        """The batch last given has been read (on the CPU: its slot may be written again)."""
+        if self.held is not None:
+            self.ring.give_back(self.held)
+            self.held = None
+
+    def close(self) -> None:
+        """Stop the workers, then free every slot (batches prepared ahead and never asked for)."""
+        self.done()
+        shutdown = getattr(self.it, "_shutdown_workers", None)  # torch's; a plain iterator has none
+        if shutdown is not None:
+            shutdown()
+        del self.it
+        if self.ring is not None:
+            self.ring.reset()
 
 
 # ----------------------------------------------------------------------------------------------
