@@ -65,13 +65,14 @@ def test_batches_through_the_ring_are_the_batches_and_live_in_its_slots(stores, 
     lo, hi = ring.data.data_ptr(), ring.data.data_ptr() + ring.data.numel()
     assert lo <= t.data_ptr() < hi and t.untyped_storage().data_ptr() == lo
     feed.close()
-    assert bool(ring.free.all())  # every slot given back, those prepared ahead too
+    assert not ring.pending
 
 
 def test_a_ring_smaller_than_the_loaders_lead_makes_workers_wait_never_overwrite(stores):
     """3 slots for 2 workers × 2 batches ahead: a worker would write batch m + 3 into batch m's
-    slot while the step reads it; the flags make it wait. Each batch is checked after a pause
-    long enough for a worker to write, and all of them equal the batches without a ring."""
+    slot while the step reads it, and batch m + 4 could take batch m + 1's slot first (then the
+    main process would wait for m + 1 for ever); turns make each wait. Each batch is checked after
+    a pause long enough for a worker to write, and all of them equal the batches without a ring."""
     st = PreparedStore(stores / "raw")
     ds = TrainBatches(st, 4, st.mean(), st.pca(), seed=3)
     plain = batches(st, None, 2)
@@ -79,10 +80,12 @@ def test_a_ring_smaller_than_the_loaders_lead_makes_workers_wait_never_overwrite
     assert len(small) == len(plain) and all(torch.equal(a[0], b[0]) for a, b in zip(plain, small))
 
 
-def test_a_slot_is_taken_only_when_free_and_given_back_after_its_copy():
+def test_a_slot_is_taken_in_batch_order_and_passed_on_after_its_copy():
     ring = BatchRing(3, 64)
-    t = ring.take(1, (2, 4))
-    assert ring.free.tolist() == [1, 0, 1] and t.data_ptr() == ring.data[1].data_ptr()
+    ring.reset(4)  # an epoch resumed at batch 4: slot 1 waits for batch 4, slot 2 for 5, slot 0 for 6
+    assert ring.turn.tolist() == [6, 4, 5]
+    t = ring.take(4, (2, 4))
+    assert t.data_ptr() == ring.data[1].data_ptr()
 
     class Event:
         def __init__(self, done):
@@ -95,16 +98,17 @@ def test_a_slot_is_taken_only_when_free_and_given_back_after_its_copy():
             self.waited = True
 
     old, new = Event(False), Event(False)
-    ring.take(2, (8,))
-    ring.give_back(1, old)
-    ring.give_back(2, new)
+    ring.give_back(4, old)
+    ring.give_back(5, new)
     ring.settle()  # the older copy is waited for; the newest, still running, keeps its slot
-    assert old.waited and not new.waited and ring.free.tolist() == [1, 1, 0]
+    assert old.waited and not new.waited and ring.turn.tolist() == [6, 7, 5]
     new.done = True
     ring.settle()
-    assert ring.free.tolist() == [1, 1, 1] and not ring.pending
+    assert ring.turn.tolist() == [6, 7, 8] and not ring.pending
+    ring.give_back(6)  # the CPU: at once
+    assert ring.turn.tolist() == [9, 7, 8]
     with pytest.raises(ValueError, match="does not fit"):
-        ring.take(0, (65,))
+        ring.take(7, (65,))
 
 
 def test_registration_page_locks_the_ring_once_and_a_refusal_is_no_error():
@@ -189,3 +193,19 @@ def test_slot_bytes_fit_the_largest_batch(stores):
     st = PreparedStore(stores / "jpeg")
     assert slot_bytes(TrainBatches(st, 4, st.mean(), None, crop=224)) == 4 * 3 * 224 * 224
     assert slot_bytes(TrainBatches(st, 4, st.mean(), None, crop=224, crop_on="device")) == 4 * 3 * 256 * 256
+
+
+@pytest.mark.parametrize("crop_on", ["workers", "device"])
+def test_what_a_worker_sends_back_holds_no_tensor(stores, crop_on):
+    """Through the ring, a worker's result is the slot's place and small arrays: no tensor, so
+    nothing of a batch goes through a shared-memory file of its own (torch shares each tensor a
+    worker returns that way)."""
+    from replica.data.loaders import Uncropped, loader
+
+    st = PreparedStore(stores / "jpeg")
+    ds = TrainBatches(st, 4, st.mean(), st.pca(), seed=3, crop_on=crop_on)
+    ds.ring = BatchRing(ring_size(2, PREFETCH), slot_bytes(ds))
+    for crops, shift, labels, b, bad in loader(ds, 2):
+        parts = [shift, labels, *(vars(crops).values() if isinstance(crops, Uncropped) else vars(crops).values())]
+        assert not any(isinstance(x, torch.Tensor) for x in parts), (b, [type(x) for x in parts])
+        ds.ring.give_back(b)  # (read nothing here: pass each slot on)

@@ -192,10 +192,10 @@ class TrainBatches(torch.utils.data.Dataset):
         shift = shift[mine] if shift is not None else None
         shape = (len(positions), 3, self.crop, self.crop)
         ring = self.ring if torch.utils.data.get_worker_info() is not None else None
-        slot = b % ring.slots if ring is not None else None
+        slot = ring.slot_of(b) if ring is not None else None
 
         def alloc(shape):  # a batch's memory: its ring slot in a loader worker, else shared memory
-            return ring.take(slot, shape) if ring is not None else _batch_tensor(shape)
+            return ring.take(b, shape) if ring is not None else _batch_tensor(shape)
 
         crops = alloc(shape) if self.decode != "device" and self.crop_on != "device" else None
         if self.decode == "device":  # encoded bytes out; decode, crop and flip where the batch is used
@@ -225,6 +225,12 @@ class TrainBatches(torch.utils.data.Dataset):
             crops = augment.crop(torch.from_numpy(u8), oy[keep], ox[keep], fl[keep], self.crop)
         if bad and shift is not None:  # bad inputs shorten the batch
             shift = shift[keep]
+        if ring is not None:  # the few small tensors as arrays: they travel in the result's bytes, no file of their own
+            if isinstance(crops, Slot) and crops.keep is not None:
+                crops = Slot(crops.index, crops.shape, crops.keep.numpy())
+            elif isinstance(crops, Uncropped):
+                crops.oy, crops.ox, crops.flips = (np.asarray(t) for t in (crops.oy, crops.ox, crops.flips))
+            return crops, None if shift is None else shift.numpy(), np.asarray(labels, np.int64), b, bad
         return crops, shift, torch.as_tensor(labels), b, bad
 
     def finish(self, crops: torch.Tensor, shift: torch.Tensor | None) -> torch.Tensor:
@@ -397,6 +403,12 @@ def worker_deaths_at_next_batch() -> None:
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
 
 
+def _as_is(batch):
+    """A batch as the dataset made it (torch's default would turn its arrays into tensors in the
+    worker, each then sent through a shared-memory file of its own)."""
+    return batch
+
+
 def loader(ds: torch.utils.data.Dataset, workers: int = 0, pin_memory: bool = False, background: bool = False):
     """A DataLoader over whole batches (the dataset makes them; no collation). ``background``:
     workers at lower priority (:func:`_yield_to_training`), for training on the CPU."""
@@ -406,6 +418,7 @@ def loader(ds: torch.utils.data.Dataset, workers: int = 0, pin_memory: bool = Fa
                                        pin_memory=pin_memory, persistent_workers=False,
                                        prefetch_factor=PREFETCH if workers else None,
                                        worker_init_fn=_yield_to_training if background and workers else None,
+                                       collate_fn=_as_is,
                                        generator=torch.Generator().manual_seed(0))
 
 
@@ -431,9 +444,11 @@ class Feed:
         self.device, self.copy = torch.device(device), copy
         self.ring = ring if workers and ds.decode != "device" else None
         ds.ring = self.ring
+        if self.ring is not None:
+            self.ring.reset(ds.start)  # before the workers start
         pin = self.device.type == "cuda" and self.ring is None
         self.it = iter(loader(ds, workers, pin_memory=pin, background=background))
-        self.held = None  # CPU: the slot of the batch being used
+        self.held = None  # CPU: the batch being used, whose slot it holds
 
     def __iter__(self):
         return self
@@ -443,6 +458,12 @@ class Feed:
         if self.ring is not None:
             self.ring.settle()
         crops, shift, labels, b, bad = next(self.it)
+        if isinstance(labels, np.ndarray):  # from the ring's workers: arrays, not tensors in files of their own
+            shift, labels = (None if shift is None else torch.from_numpy(shift)), torch.from_numpy(labels)
+            if isinstance(crops, Slot) and crops.keep is not None:
+                crops = Slot(crops.index, crops.shape, torch.from_numpy(crops.keep))
+            elif isinstance(crops, Uncropped):
+                crops.oy, crops.ox, crops.flips = (torch.from_numpy(t) for t in (crops.oy, crops.ox, crops.flips))
         slot = None
         if isinstance(crops, Slot):
             slot, crops = crops.index, self.ring.view(crops)
@@ -459,10 +480,10 @@ class Feed:
                 crops.images = whole
             else:
                 crops = whole
-            if slot is not None:  # the slot is free once its copy has left it
-                self.ring.give_back(slot, event)
+            if slot is not None:  # the slot passes on once its copy has left it
+                self.ring.give_back(b, event)
                 slot = None
-        self.held = slot
+        self.held = b if slot is not None else None
         return crops, shift, labels, b, bad
 
     def done(self) -> None:
@@ -472,7 +493,7 @@ class Feed:
             self.held = None
 
     def close(self) -> None:
-        """Stop the workers, then free every slot (batches prepared ahead and never asked for)."""
+        """Stop the workers, then wait for the copies still reading the ring."""
         self.done()
         shutdown = getattr(self.it, "_shutdown_workers", None)  # torch's; a plain iterator has none
         if shutdown is not None:

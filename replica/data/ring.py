@@ -4,12 +4,13 @@ shared-memory file of its own, and none is copied again by a pin thread. On a GP
 page-locked once (``cudaHostRegister``), so each batch goes to the device by DMA from where the
 worker wrote it, on a copy stream of its own (:class:`CopyStream`).
 
-A slot is written only when free: a worker takes it (its flag 1 → 0, waiting while it is 0), the
-main process gives it back once the batch has left it (on the CPU: once the float batch is made;
-on a GPU: once the copy's event has completed). The DataLoader never has more than
-``prefetch × workers`` batches outstanding, so with ``K = prefetch × workers + 2`` a worker finds
-its slot free at once; the flags make a wrong count a wait, never a batch overwritten in use
-(tests/test_ring.py).
+Slots are taken in batch order: slot ``s`` holds batch ``b`` only when it is ``b``'s turn there,
+which the main process gives once batch ``b − K`` has left the slot (on the CPU: once the float
+batch is made; on a GPU: once the copy's event has completed). The DataLoader never has more
+than ``prefetch × workers`` batches outstanding, so with ``K = prefetch × workers + 2`` a worker
+finds its turn at once; a wrong count makes a worker wait for its turn, never overwrite a batch
+in use, and never lets a later batch take a slot ahead of an earlier one the main process waits
+for (tests/test_ring.py).
 """
 from __future__ import annotations
 
@@ -40,26 +41,30 @@ class BatchRing:
             raise ValueError(f"a ring needs at least 3 slots, got {slots}")
         self.slots, self.nbytes = slots, nbytes
         self.data = torch.empty((slots, nbytes), dtype=torch.uint8).share_memory_()
-        self.free = torch.ones(slots, dtype=torch.int32).share_memory_()
-        self.pending: list = []  # main process: (slot, event) whose copy may still read the slot
+        self.turn = torch.arange(slots, dtype=torch.int64).share_memory_()  # the batch each slot waits for
+        self.pending: list = []  # main process: (slot, batch, event) whose copy may still read the slot
         self.registered = False
 
     def __getstate__(self):  # to a worker: the shared buffers, not the main process's bookkeeping
-        return dict(slots=self.slots, nbytes=self.nbytes, data=self.data, free=self.free, pending=[],
+        return dict(slots=self.slots, nbytes=self.nbytes, data=self.data, turn=self.turn, pending=[],
                     registered=False)
 
+    def slot_of(self, batch: int) -> int:
+        return batch % self.slots
+
     # -- in a worker ------------------------------------------------------------------------
-    def take(self, index: int, shape) -> torch.Tensor:
-        """Slot ``index`` as a tensor of ``shape`` to write into, once it is free."""
+    def take(self, batch: int, shape) -> torch.Tensor:
+        """Batch ``batch``'s slot as a tensor of ``shape`` to write into, once it is its turn."""
         n = math.prod(shape)
         if n > self.nbytes:
             raise ValueError(f"a batch of {n:,} bytes does not fit a slot of {self.nbytes:,}")
+        index = self.slot_of(batch)
         deadline = time.monotonic() + WAIT_LIMIT_S
-        while int(self.free[index]) == 0:
+        while int(self.turn[index]) != batch:
             if time.monotonic() > deadline:
-                raise RuntimeError(f"batch ring: slot {index} was not given back in {WAIT_LIMIT_S:.0f} s")
+                raise RuntimeError(f"batch ring: slot {index} never came to batch {batch} in {WAIT_LIMIT_S:.0f} s "
+                                   f"(it waits for batch {int(self.turn[index])})")
             time.sleep(0.0005)
-        self.free[index] = 0
         return self.data[index, :n].view(shape)
 
     # -- in the main process ----------------------------------------------------------------
@@ -68,34 +73,36 @@ class BatchRing:
         t = self.data[slot.index, :math.prod(slot.shape)].view(slot.shape)
         return t if slot.keep is None else t[slot.keep]
 
-    def give_back(self, index: int, event=None) -> None:
-        """The batch has left slot ``index``: at once, or once ``event`` (its copy to a GPU) completes."""
+    def give_back(self, batch: int, event=None) -> None:
+        """Batch ``batch`` has left its slot: at once, or once ``event`` (its copy to a GPU)
+        completes. The slot then waits for batch ``batch + K``."""
         if event is None:
-            self.free[index] = 1
+            self.turn[self.slot_of(batch)] = batch + self.slots
         else:
-            self.pending.append((index, event))
+            self.pending.append((batch, event))
 
     def settle(self) -> None:
         """Before the next batch is asked for: every copy but the newest is waited for (long done
-        in practice) and its slot freed; the newest's slot too if its copy has completed."""
+        in practice) and its slot passed on; the newest's too if its copy has completed."""
         keep = []
-        for k, (index, event) in enumerate(self.pending):
+        for k, (batch, event) in enumerate(self.pending):
             if k < len(self.pending) - 1:
                 event.synchronize()
             elif not event.query():
-                keep.append((index, event))
+                keep.append((batch, event))
                 continue
-            self.free[index] = 1
+            self.turn[self.slot_of(batch)] = batch + self.slots
         self.pending = keep
 
-    def reset(self) -> None:
-        """Every slot free, once no worker can write any more (their loader shut down): batches
-        prepared ahead but never asked for (an epoch cut short by ``steps_per_epoch``, a stop)
-        leave their slots taken."""
+    def reset(self, start: int = 0) -> None:
+        """Every slot waiting for the first batch from ``start`` that falls to it, before a loader's
+        workers start (and after the last one's have stopped: batches prepared ahead but never
+        asked for leave their slots taken)."""
         for _, event in self.pending:
             event.synchronize()
         self.pending = []
-        self.free.fill_(1)
+        first = torch.arange(start, start + self.slots, dtype=torch.int64)
+        self.turn[first % self.slots] = first
 
     def register(self, cudart=None) -> bool:
         """Page-lock the ring for DMA to a GPU (once); False where the runtime refuses (the copies
