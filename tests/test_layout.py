@@ -9,8 +9,8 @@ import imports  # tools/imports.py (conftest puts tools/ on the path)
 LAYERS = [
     ["replica", "replica.errors", "replica.runtime", "replica.augment", "replica.colour", "replica.layers",
      "replica.optim", "replica.data"],
-    ["replica.fileio", "replica.config", "replica.devices"],
-    ["replica.data.imageio", "replica.data.jpeg", "replica.data.synth", "replica.pictures"],
+    ["replica.fileio", "replica.config", "replica.devices", "replica.steps"],
+    ["replica.data.imageio", "replica.data.jpeg", "replica.data.synth", "replica.data.ring", "replica.pictures"],
     ["replica.data.tars", "replica.data.store"],
     ["replica.data.imagenet", "replica.data.chunks"],
     ["replica.data.sources"],
@@ -20,7 +20,6 @@ LAYERS = [
      "replica.export"],
     ["replica.report", "replica.neighbors"],
     ["replica.live"],
-    ["replica.steps"],
     ["replica.train"],
     ["replica.demo"],
     ["replica.cli"],
