@@ -209,3 +209,38 @@ def test_what_a_worker_sends_back_holds_no_tensor(stores, crop_on):
         parts = [shift, labels, *(vars(crops).values() if isinstance(crops, Uncropped) else vars(crops).values())]
         assert not any(isinstance(x, torch.Tensor) for x in parts), (b, [type(x) for x in parts])
         ds.ring.give_back(b)  # (read nothing here: pass each slot on)
+
+
+def test_to_a_gpu_each_slot_waits_for_its_copys_event(stores, monkeypatch):
+    """Feed's GPU branch with the device stood in for: every batch is moved by the copy stream,
+    its slot handed on only through the copy's event, and the older copies waited for before
+    the next batch is asked for (the calls a GPU run makes, recorded on the CPU)."""
+    import replica.data.loaders as L
+
+    moved, events = [], []
+
+    class Event:
+        def __init__(self):
+            self.waited = False
+            events.append(self)
+
+        def query(self):
+            return False
+
+        def synchronize(self):
+            self.waited = True
+
+    def copy(fn):
+        out = fn()
+        moved.append(len(out))
+        return out, Event()
+
+    monkeypatch.setattr(L, "to_device", lambda t, device: t)
+    st = PreparedStore(stores / "raw")
+    ds = TrainBatches(st, 4, st.mean(), st.pca(), seed=3)
+    ring = BatchRing(ring_size(2, PREFETCH), slot_bytes(ds))
+    feed = Feed(ds, 2, "cuda:0", ring=ring, copy=copy)
+    seen = [b for _, _, _, b, _ in feed]
+    feed.close()
+    assert seen == list(range(len(ds))) and moved == [3] * len(ds) and feed.held is None
+    assert all(e.waited for e in events)  # each copy waited for: before the next batch, or at the end

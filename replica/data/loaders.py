@@ -474,8 +474,11 @@ class Feed:
             move = lambda: [to_device(t, self.device) for t in (whole, shift, labels)]  # noqa: E731
             if self.copy is not None:
                 (whole, shift, labels), event = self.copy(move)
-            else:
-                (whole, shift, labels), event = move(), None
+            else:  # on the compute stream: the slot still waits for the copy's end
+                (whole, shift, labels) = move()
+                event = torch.cuda.Event() if slot is not None else None
+                if event is not None:
+                    event.record()
             if isinstance(crops, Uncropped):
                 crops.images = whole
             else:
