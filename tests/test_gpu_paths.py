@@ -634,6 +634,44 @@ def test_gpu_perf_summary_rules():
     assert "SUGGEST crop_on=workers" in "\n".join(gpu_perf.summarize({"e.w8.jpeg": 100, "e.w8.jpeg_crop_on_device": 104}))
 
 
+# -- gpu_session.sh: one lease's work in one device call ------------------------------------------
+
+def _session(out, *args, **env):
+    return subprocess.run(["bash", str(ROOT / "tools" / "gpu_session.sh"), str(out), *args], capture_output=True,
+                          text=True, timeout=300, env=dict(os.environ, PYTHON=sys.executable, **env))
+
+
+def test_gpu_session_dry_run_leaves_the_perf_log_and_the_demo_in_out(tmp_path):
+    """The dry run: gpu_perf (check p alone here), then the tiny demo; into OUT what the device
+    tool brings back (≤ 8 files, names of letters, digits, '.', '-'), named by date and device."""
+    out = tmp_path / "out"
+    r = _session(out, "--dry-run", "--only", "p")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
+    names = sorted(p.name for p in out.iterdir())
+    assert len(names) == 6 and all(re.fullmatch(r"[A-Za-z0-9._-]+", n) for n in names), names
+    assert all(re.match(r"\d{4}-\d\d-\d\d-cpu-(perf|demo)", n) for n in names), names
+    perf = next(out.glob("*-perf.log")).read_text()
+    assert "PASS (p)" in perf and "1 of 1 checks passed" in perf
+    demo = next(out.glob("*-demo.log")).read_text()
+    assert "10-view" in demo and "replica demo exited 0" in demo
+    import json
+    ev = json.loads(next(out.glob("*-demo-eval.json")).read_text())
+    assert ev["10-view"]["images"] == 12 and ev["device"] == "cpu"  # the tiny demo's 12 validation images
+    assert next(out.glob("*-demo-filters.png")).stat().st_size > 1000
+
+
+def test_gpu_session_cut_short_keeps_what_ran_and_fails(tmp_path):
+    """A step past its limit is killed, the next still runs, the logs stay in OUT, and the exit
+    status says so (124); no OUT is a usage line, not a run."""
+    out = tmp_path / "out"
+    r = _session(out, "--dry-run", "--only", "p", PERF_LIMIT_S="1", DEMO_LIMIT_S="1")
+    assert r.returncode == 124, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "replica demo exited 124" in next(out.glob("*-demo.log")).read_text()
+    assert next(out.glob("*-perf.log")).exists() and "gpu_perf exited 124" in r.stderr
+    u = subprocess.run(["bash", str(ROOT / "tools" / "gpu_session.sh")], capture_output=True, text=True, timeout=30)
+    assert u.returncode == 2 and u.stderr.startswith("usage: tools/gpu_session.sh OUT")
+
+
 # -- the graphed step's CUDA calls ----------------------------------------------------------------
 
 def test_cuda_graphs_warm_on_a_side_stream_and_capture_into_one_pool(monkeypatch):
