@@ -279,7 +279,7 @@ def open_feed(run: Run, ds: TrainBatches, out: RunLog) -> Feed:
                 run.ring = BatchRing(slots, need)
                 pinned = not cpu and run.ring.register()
                 out.info("batch ring: %d slots of %.1f MB in shared memory%s", slots, need / 1e6,
-                         ", page-locked" if pinned else "" if cpu else ", not page-locked (the runtime refused)")
+                         ", page-locked" if pinned else "" if cpu else f", not page-locked: {run.ring.why}")
             elif run.ring is None:
                 out.say(f"batches travel one shared-memory file each: {why}")
                 run.ring = False  # said once

@@ -129,7 +129,57 @@ def test_registration_page_locks_the_ring_once_and_a_refusal_is_no_error():
     assert ok.calls == [("register", ring.data.data_ptr(), 400, 0)]
     ring.unregister(ok)
     assert ok.calls[-1] == ("unregister", ring.data.data_ptr())
-    assert not BatchRing(3, 10).register(Cudart(1))
+    refused = BatchRing(3, 10)
+    assert not refused.register(Cudart(1)) and refused.why == "the runtime refused it (error 1)"
+
+
+class HidingCudart:
+    """A runtime whose page-locking hides the pages from forked children, as a driver may
+    (``madvise(MADV_DONTFORK)``, for real): a loader worker writing its batch there would die."""
+
+    MADV_DONTFORK, MADV_DOFORK = 10, 11  # Linux
+
+    def __init__(self):
+        import ctypes
+
+        self.libc = ctypes.CDLL(None, use_errno=True)
+        self.libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        self.sizes, self.calls = {}, []
+
+    def cudaHostRegister(self, ptr, size, flags):
+        self.calls.append("register")
+        self.sizes[ptr] = size
+        return self.libc.madvise(ptr, size, self.MADV_DONTFORK)  # 0: done
+
+    def cudaHostUnregister(self, ptr):
+        self.calls.append("unregister")
+        assert self.libc.madvise(ptr, self.sizes.pop(ptr), self.MADV_DOFORK) == 0
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="fork")
+def test_a_ring_hidden_from_forked_workers_stays_pageable_and_the_workers_write_it(stores):
+    """Page-locking that forked children cannot see is undone at once (real madvise, a real
+    child killed by SIGSEGV), and the ring then carries an epoch through a worker as before."""
+    from replica.data.ring import forked_child_writes
+
+    ring = BatchRing(4, 1 << 16)
+    assert forked_child_writes(ring.data.data_ptr(), ring.nbytes, ring.slots)
+    hide = HidingCudart()
+    assert hide.cudaHostRegister(ring.data.data_ptr(), ring.data.numel(), 0) == 0
+    assert not forked_child_writes(ring.data.data_ptr(), ring.nbytes, ring.slots)  # the child died
+    hide.cudaHostUnregister(ring.data.data_ptr())
+    assert forked_child_writes(ring.data.data_ptr(), ring.nbytes, ring.slots)
+
+    st = PreparedStore(stores / "raw")
+    ds = TrainBatches(st, 4, st.mean(), st.pca(), seed=3)
+    ring = BatchRing(ring_size(1, PREFETCH), slot_bytes(ds))
+    hide = HidingCudart()
+    assert not ring.register(hide) and hide.calls == ["register", "unregister"]
+    assert "could not write there" in ring.why
+    want = batches(st, None, 0)
+    got = batches(st, ring, 1)
+    assert len(got) == len(want) == 6
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(got, want))
 
 
 def test_a_copy_stream_copies_beside_the_step_and_the_step_waits_on_the_device():

@@ -355,8 +355,9 @@ class Bench:
         # as a run feeds itself (replica.train.open_feed): a ring of shared slots, a copy stream on CUDA
         ring = BatchRing(ring_size(self.workers, PREFETCH), slot_bytes(ds)) if self.workers and decode != "device" \
             else None
-        if ring is not None and self.cuda:
-            ring.register()
+        if ring is not None and self.cuda and not ring.register():
+            print(f"  (the batch ring is not page-locked: {ring.why}; each copy stages through pageable memory)",
+                  flush=True)
         feed = Feed(ds, self.workers, device, ring=ring, copy=CopyStream(device) if self.cuda else None,
                     background=background)
         try:

@@ -44,10 +44,11 @@ class BatchRing:
         self.turn = torch.arange(slots, dtype=torch.int64).share_memory_()  # the batch each slot waits for
         self.pending: list = []  # main process: (slot, batch, event) whose copy may still read the slot
         self.registered = False
+        self.why = ""  # why register() left the ring pageable
 
     def __getstate__(self):  # to a worker: the shared buffers, not the main process's bookkeeping
         return dict(slots=self.slots, nbytes=self.nbytes, data=self.data, turn=self.turn, pending=[],
-                    registered=False)
+                    registered=False, why="")
 
     def slot_of(self, batch: int) -> int:
         return batch % self.slots
@@ -105,19 +106,53 @@ class BatchRing:
         self.turn[first % self.slots] = first
 
     def register(self, cudart=None) -> bool:
-        """Page-lock the ring for DMA to a GPU (once); False where the runtime refuses (the copies
-        then stage through pageable memory: slower, the same bytes)."""
+        """Page-lock the ring for DMA to a GPU (once); False where the runtime refuses, or where a
+        process forked afterwards (a loader worker) could not write into it (``why`` says which).
+        The copies then stage through pageable memory: slower, the same bytes."""
         if self.registered:
             return True
         cudart = cudart or torch.cuda.cudart()
         err = cudart.cudaHostRegister(self.data.data_ptr(), self.data.numel(), 0)
         self.registered = int(getattr(err, "value", err)) == 0
+        if not self.registered:
+            self.why = f"the runtime refused it (error {int(getattr(err, 'value', err))})"
+        elif not forked_child_writes(self.data.data_ptr(), self.nbytes, self.slots):
+            self.unregister(cudart)
+            self.why = "a process forked after it could not write there (page-locked memory hidden from children)"
         return self.registered
 
     def unregister(self, cudart=None) -> None:
         if self.registered:
             (cudart or torch.cuda.cudart()).cudaHostUnregister(self.data.data_ptr())
             self.registered = False
+
+
+def forked_child_writes(ptr: int, stride: int, count: int) -> bool:
+    """Whether a process forked now can write a byte at ``ptr + k·stride`` for each k < ``count``,
+    as a loader worker writes its batch into its slot. A driver may mark page-locked memory
+    ``MADV_DONTFORK``: a child then has no such pages, and a worker writing there dies of a
+    segmentation fault. One fork, a byte a slot (written back with its own value), once a ring."""
+    import ctypes
+    import os
+    import warnings
+
+    if not hasattr(os, "fork"):
+        return True
+    with warnings.catch_warnings():  # Python 3.12's note on forking a threaded process: the child runs no Python
+        warnings.simplefilter("ignore", DeprecationWarning)
+        pid = os.fork()
+    if pid == 0:  # the child: each byte read and written back, then gone without Python's exit handlers
+        try:
+            import faulthandler
+
+            faulthandler.disable()  # a fault here is the answer, not a crash to report
+            for k in range(count):
+                byte = ctypes.c_ubyte.from_address(ptr + k * stride)
+                byte.value = byte.value
+        finally:
+            os._exit(0)
+    _, status = os.waitpid(pid, 0)
+    return os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
 
 
 def room_for(nbytes: int, where: str = "/dev/shm") -> str | None:
