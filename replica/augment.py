@@ -152,15 +152,25 @@ def ten_views_gathered(images: Tensor, mean_crop: Tensor, size: int = CROP) -> T
     channels last in memory: the same values (tests/test_augment.py), one kernel and no stack on
     a GPU. On the CPU the stacked slices are faster (0.21× their rate for this, 32 images,
     ``python tools/bench.py eval``, 2026-12-08)."""
-    s = images.shape[-1]
-    dev = images.device
-    oy = torch.tensor([y * (s - size) // BORDER for y, _ in VIEW_OFFSETS] * 2, device=dev)
-    ox = torch.tensor([x * (s - size) // BORDER for _, x in VIEW_OFFSETS] * 2, device=dev)
-    flips = torch.arange(10, device=dev) >= 5
-    rows, cols = _windows(oy, ox, flips, size)  # (10, size) each
-    b = torch.arange(images.shape[0], device=dev)[:, None, None, None]
+    rows, cols = _view_windows(images.shape[-1], size, images.device)  # (10, size) each
+    b = torch.arange(images.shape[0], device=images.device)[:, None, None, None]
     views = images[b, :, rows[None, :, :, None], cols[None, :, None, :]]  # (B, 10, size, size, 3)
     return normalize(views.permute(0, 1, 4, 2, 3), mean_crop)
+
+
+_VIEW_WINDOWS: dict = {}  # (S, size, device) → the ten views' rows and columns there
+
+
+def _view_windows(s: int, size: int, device) -> tuple[Tensor, Tensor]:
+    """The ten views' source rows and columns on ``device``, made there once: a tensor made from
+    a Python list is a blocking copy to a GPU, a wait for the device at every batch."""
+    key = (s, size, torch.device(device))
+    if key not in _VIEW_WINDOWS:
+        oy = torch.tensor([y * (s - size) // BORDER for y, _ in VIEW_OFFSETS] * 2)
+        ox = torch.tensor([x * (s - size) // BORDER for _, x in VIEW_OFFSETS] * 2)
+        rows, cols = _windows(oy, ox, torch.arange(10) >= 5, size)
+        _VIEW_WINDOWS[key] = (rows.to(device), cols.to(device))
+    return _VIEW_WINDOWS[key]
 
 
 def ten_views(images: Tensor, mean_crop: Tensor, size: int = CROP) -> Tensor:

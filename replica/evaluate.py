@@ -125,7 +125,9 @@ def evaluate_members(members: list, images, views=1, batch: int = 64, max_batche
     was = [m["model"].training for m in members]
     for m in members:
         m["model"].eval()
-    crops = [augment.centre_crop_of(torch.as_tensor(m["mean"]), crop) for m in members]
+    # each mean crop on its net's device once: a copy at each batch would be a blocking one, a
+    # wait for the device every batch
+    crops = [augment.centre_crop_of(torch.as_tensor(m["mean"]), crop).to(m["model"].devices[0]) for m in members]
     cuda = members[0]["model"].devices[0].type == "cuda"
     runners = [ForwardRunner(m["model"], bf16=m["bf16"], graph=graph and (cuda or graphs is not None), graphs=graphs)
                for m in members]

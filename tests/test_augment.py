@@ -121,3 +121,34 @@ def test_the_gathers_give_the_loops_pixels_bit_for_bit():
     mean_crop = augment.centre_crop_of(torch.rand(3, 64, 64, generator=rng) * 255, 48)
     views = augment.ten_views_gathered(images, mean_crop, 48)
     assert views.shape == (40, 10, 3, 48, 48) and torch.equal(views, augment.ten_views(images, mean_crop, 48))
+
+
+def test_the_ten_view_gather_reads_nothing_from_the_host_once_warm():
+    """On a GPU a tensor made from a Python list is a blocking copy: a wait for the device at
+    every evaluation batch. Recorded on the meta device (a device that is not the CPU): after
+    the first call, the ten-view gather makes no tensor from host data and passes no tensor of
+    another device to any torch function; each view still reads the right pixels (the CPU)."""
+    from torch.overrides import TorchFunctionMode
+
+    class HostReads(TorchFunctionMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            name = getattr(func, "__name__", str(func))
+            flat = torch.utils._pytree.tree_leaves((args, kwargs or {}))
+            if name in ("tensor", "as_tensor", "asarray", "from_numpy") or any(
+                    isinstance(t, torch.Tensor) and t.device.type != "meta" for t in flat):
+                self.seen.append(name)
+            return func(*args, **(kwargs or {}))
+
+    images = torch.empty((4, 3, 40, 40), dtype=torch.uint8, device="meta")
+    mean_crop = torch.empty((3, 32, 32), device="meta")
+    augment.ten_views_gathered(images, mean_crop, 32)  # the first call may make its windows there
+    with HostReads() as reads:
+        views = augment.ten_views_gathered(images, mean_crop, 32)
+    assert views.shape == (4, 10, 3, 32, 32) and reads.seen == [], reads.seen
+    cpu = torch.randint(0, 256, (2, 3, 40, 40), dtype=torch.uint8)
+    mean = torch.rand(3, 32, 32) * 255
+    assert torch.equal(augment.ten_views_gathered(cpu, mean, 32), augment.ten_views(cpu, mean, 32))
