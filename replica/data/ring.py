@@ -140,7 +140,10 @@ def forked_child_writes(ptr: int, stride: int, count: int) -> bool:
         return True
     with warnings.catch_warnings():  # Python 3.12's note on forking a threaded process: the child runs no Python
         warnings.simplefilter("ignore", DeprecationWarning)
-        pid = os.fork()
+        try:
+            pid = os.fork()
+        except OSError:  # no process to spare now: nothing learnt, the workers will say more
+            return True
     if pid == 0:  # the child: each byte read and written back, then gone without Python's exit handlers
         try:
             import faulthandler
