@@ -17,6 +17,7 @@ CENTRE = (16, 16)  # single-view test crop (convdata_jpeg.py:235)
 # Ten test views (y, x): the four corners and the centre (convdata_jpeg.py:74-76), each as-is
 # (views 0-4) and flipped horizontally (views 5-9).
 VIEW_OFFSETS = ((0, 0), (0, 32), (16, 16), (32, 0), (32, 32))
+VIEW_NAMES = ("top-left", "top-right", "centre", "bottom-left", "bottom-right")  # the ten: these, then each flipped
 PCA_MODES = ("as-run", "paper-text")
 
 

@@ -117,8 +117,10 @@ def _cmd_eval(args) -> int:
     from .inference import format_eval, run_eval
 
     views = (1, 10) if args.views is None else (args.views,)
+    if args.per_view and 10 not in views:
+        raise ReplicaError("--per-view: each of the ten views' figures needs the ten views (leave out --views 1)")
     how = dict(bf16=False if args.fp32 else None, checkpoint=args.checkpoint, split=args.split, workers=args.workers,
-               graph=args.graph)
+               graph=args.graph, per_view=args.per_view)
     if len(args.target) > 1 or args.out or args.weights:
         from .inference import run_ensemble_eval
 
@@ -313,6 +315,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "the paper's Table 1) or train (reported as training images)")
     e.add_argument("--views", type=int, choices=[1, 10], default=None,
                    help="only this many views (default: both, from one pass of ten views)")
+    e.add_argument("--per-view", action="store_true",
+                   help="each of the ten views' own top-1/top-5 error as well (the corners, the centre, each "
+                        "flipped), from the same pass: where the ten-view average gains or loses")
     e.add_argument("--batch", type=int, default=None,
                    help="images per forward pass, each giving ten views (default: 256 on a GPU, 32 on the CPU)")
     e.add_argument("--workers", type=int, default=2, help="loader processes reading the images")

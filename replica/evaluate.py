@@ -88,7 +88,7 @@ class EvalBatches(torch.utils.data.Dataset):
 @torch.no_grad()
 def evaluate(model, images, mean_image, views=1, batch: int = 64, max_batches: int | None = None,
              crop: int = augment.CROP, progress: bool = False, bf16: bool = False, workers: int = 0,
-             graph: bool = False) -> dict:
+             graph: bool = False, per_view: bool = False) -> dict:
     """top-1 / top-5 error of ``model`` on ``images`` (a store or file images).
 
     ``views``: 1, 10, or ``(1, 10)``: both from one pass of ten views, the one-view figure from
@@ -97,23 +97,26 @@ def evaluate(model, images, mean_image, views=1, batch: int = 64, max_batches: i
     ``top5_err`` is None with fewer than 6 classes. Batches are read by ``workers`` loader
     processes (pinned memory for a GPU). ``bf16``: see :func:`view_probs`. ``graph``: on CUDA,
     the forward replayed from a graph per batch shape (:class:`replica.steps.ForwardRunner`).
+    ``per_view`` (ten views only): each view's own figures as well, under ``"per_view"``.
     """
     out = evaluate_members([dict(model=model, mean=mean_image, bf16=bf16)], images, views, batch, max_batches,
-                           crop, progress, workers, graph=graph)
+                           crop, progress, workers, graph=graph, per_view=per_view)
     return out["members"][0]
 
 
 @torch.no_grad()
 def evaluate_members(members: list, images, views=1, batch: int = 64, max_batches: int | None = None,
                      crop: int = augment.CROP, progress: bool = False, workers: int = 0, weights=None,
-                     graph: bool = False, graphs=None) -> dict:
+                     graph: bool = False, graphs=None, per_view: bool = False) -> dict:
     """Several nets on the same images in one pass: each member's figures, and the ensemble's,
     whose probabilities are the members' averaged (weighted by ``weights``, Σ c_k·P_k, when
     given), view by view, as the 2012 code's avg-valid.py averaged its models' predictions.
     ``members``: dicts of ``model``, ``mean`` (its mean image) and ``bf16``. Returns
     ``{"members": [figures, …], "ensemble": figures}``, each as :func:`evaluate` returns them.
     ``graph`` (CUDA only): each member's forward replayed from graphs; ``graphs``: what captures
-    and replays them (a CPU test's stand-in)."""
+    and replays them (a CPU test's stand-in). ``per_view``: the ten-view figures also hold each
+    view's own (``"per_view"``: :data:`replica.augment.VIEW_NAMES`, then each flipped), from the
+    same pass: which views the average gains or loses by."""
     from tqdm import tqdm
 
     from .steps import ForwardRunner
@@ -121,6 +124,8 @@ def evaluate_members(members: list, images, views=1, batch: int = 64, max_batche
     wanted = (views,) if isinstance(views, int) else tuple(views)
     if not wanted or any(v not in (1, 10) for v in wanted):
         raise ValueError(f"views: expected 1, 10 or (1, 10), got {views}")
+    if per_view and 10 not in wanted:
+        raise ValueError("per-view figures need the ten views")
     weights = [1 / len(members)] * len(members) if weights is None else list(weights)
     was = [m["model"].training for m in members]
     for m in members:
@@ -134,6 +139,7 @@ def evaluate_members(members: list, images, views=1, batch: int = 64, max_batche
     n, bad = 0, 0
     keys = list(range(len(members))) + (["ensemble"] if len(members) > 1 else [])  # one net: its own figures
     miss = {(k, v): 0 for k in keys for v in wanted}  # (top-1, top-5) misses, summed on the device
+    view_miss = {k: 0 for k in keys}  # per_view: (10, 2) misses of each view alone
     pass_views = 10 if 10 in wanted else 1
     ds = EvalBatches(images, batch, max_batches)
     it = torch.utils.data.DataLoader(ds, batch_size=None, shuffle=False, num_workers=workers, pin_memory=cuda,
@@ -154,6 +160,8 @@ def evaluate_members(members: list, images, views=1, batch: int = 64, max_batche
                 for v in wanted:
                     pv = p.mean(1) if v == pass_views else p[:, 2]  # view 2: the centre, unflipped
                     miss[k, v] = miss[k, v] + topk_misses(pv, labels)  # no wait for the device: read once, below
+                if per_view:
+                    view_miss[k] = view_miss[k] + torch.stack([topk_misses(p[:, j], labels) for j in range(10)])
             n += len(u8)
     finally:
         for m, w in zip(members, was):
@@ -166,6 +174,12 @@ def evaluate_members(members: list, images, views=1, batch: int = 64, max_batche
             m1, m5 = miss[k, v].tolist() if torch.is_tensor(miss[k, v]) else (0, 0)
             out[f"{v}-view"] = dict(views=v, images=n, top1_err=m1 / max(n, 1),
                                     top5_err=m5 / max(n, 1) if top5 else None, skipped=bad)
+        if per_view:
+            each = view_miss[k].tolist() if torch.is_tensor(view_miss[k]) else [(0, 0)] * 10
+            names = [*augment.VIEW_NAMES, *(f"{name}, flipped" for name in augment.VIEW_NAMES)]
+            out["10-view"]["per_view"] = [dict(view=name, top1_err=m1 / max(n, 1),
+                                               top5_err=m5 / max(n, 1) if top5 else None)
+                                          for name, (m1, m5) in zip(names, each)]
         return out[f"{views}-view"] if isinstance(views, int) else out
 
     figs = [figures(k) for k in range(len(members))]

@@ -78,7 +78,7 @@ def eval_images(ck: Checkpoint, data, split: str):
 
 def run_eval(target, data=None, views=(1, 10), devices="auto", batch: int | None = None, progress: bool = True,
              bf16: bool | None = None, checkpoint: str = "last", split: str = "val", workers: int = 2,
-             tf32: bool | None = None, graph: bool = False) -> dict:
+             tf32: bool | None = None, graph: bool = False, per_view: bool = False) -> dict:
     """top-1/top-5 error, one view and ten views (one pass); writes eval.json into the run folder.
 
     ``checkpoint``: a run folder's ``last`` (the final network, what the 2012 run reported: run 145
@@ -105,7 +105,7 @@ def run_eval(target, data=None, views=(1, 10), devices="auto", batch: int | None
     batch = batch or EVAL_BATCH["cuda" if cuda else "cpu"]
     data, images, subset, images_of = eval_images(ckpt, data, split)
     results = evaluate(model, images, ckpt.mean.numpy(), views=tuple(views), batch=batch, crop=ckpt.crop,
-                       progress=progress, bf16=bf16, workers=workers, graph=graph)
+                       progress=progress, bf16=bf16, workers=workers, graph=graph, per_view=per_view)
     prog = ckpt.progress
     out = dict(checkpoint=str(ckpt_path), network=checkpoint if target.is_dir() else "file",
                epoch=prog.epoch, step=prog.step, finished=bool(prog.done),
@@ -136,7 +136,7 @@ def file_sha1(path: Path) -> str:
 
 def run_ensemble_eval(targets, data=None, views=(1, 10), devices="auto", batch: int | None = None,
                       progress: bool = True, bf16: bool | None = None, checkpoint: str = "last", split: str = "val",
-                      workers: int = 2, out=None, weights=None, graph: bool = False) -> dict:
+                      workers: int = 2, out=None, weights=None, graph: bool = False, per_view: bool = False) -> dict:
     """Table 2's "k CNNs": the members' softmax probabilities averaged (``weights``: Σ c_k·P_k),
     view by view, on the same images in one pass, as the 2012 code's avg-valid.py did; each
     member's own figures beside the ensemble's. Members must agree on their classes and crop.
@@ -163,7 +163,7 @@ def run_ensemble_eval(targets, data=None, views=(1, 10), devices="auto", batch: 
     batch = batch or EVAL_BATCH["cuda" if cuda else "cpu"]
     data, images, subset, images_of = eval_images(first, data, split)
     r = evaluate_members(members, images, views=tuple(views), batch=batch, crop=first.crop, progress=progress,
-                         workers=workers, weights=weights, graph=graph)
+                         workers=workers, weights=weights, graph=graph, per_view=per_view)
     record = dict(ensemble=len(cks), weights=weights, network=checkpoint, split=split, images_of=images_of,
                   data=str(data), dataset=first.dataset, classes=first.num_classes, classes_evaluated=subset or "all",
                   precision="+".join(sorted({"bf16" if m["bf16"] else "fp32" for m in members})),
@@ -236,6 +236,11 @@ def format_eval(r: dict) -> str:
                 v = fig[k]
                 lines.append(f"{who}{k:<10} {percent(v['top1_err']):>10} {percent(v['top5_err']):>10} "
                              f"{v['images']:>18,}")
+    each = r.get("10-view", {}).get("per_view")
+    if each:  # the ten views one by one (the ensemble's, for an ensemble)
+        lines.append(f"{'each of the ten views alone' + (' (the ensemble)' if r.get('ensemble') else '')}:")
+        for v in each:
+            lines.append(f"  {v['view']:<24} {percent(v['top1_err']):>10} {percent(v['top5_err']):>10}")
     if any(r.get(k, {}).get("top5_err", 0) is None for k in ("1-view", "10-view")):
         lines.append(f"top-5: n/a with {r.get('classes')} classes (every label is in the top 5)")
     if r.get("split") == "train":

@@ -132,6 +132,13 @@ def test_eval_reports_the_final_network_unless_asked_and_records_how(store, tmp_
     (run / "eval.json").unlink()
     assert main(["report", str(run)]) == 0  # without it, the way that was measured, said as such
     assert "best-on-validation network (best.pt)" in (run / "report.md").read_text()
+    capsys.readouterr()
+    assert main(["eval", str(run), "--devices", "cpu", "--workers", "0", "--per-view"]) == 0
+    out = capsys.readouterr().out
+    assert "each of the ten views alone:" in out and "  bottom-right, flipped" in out
+    assert len(json.loads((run / "eval.json").read_text())["10-view"]["per_view"]) == 10
+    assert main(["eval", str(run), "--devices", "cpu", "--views", "1", "--per-view"]) == 2
+    assert capsys.readouterr().err.startswith("replica: error: --per-view: each of the ten views' figures needs")
 
 
 def test_one_pass_gives_the_one_view_figure_of_the_separate_path(store, tmp_path):
@@ -228,7 +235,7 @@ def test_ten_view_eval_counts_on_the_device_and_reads_once(store, monkeypatch):
     counts, results = [], []
     for batches in (2, 4):
         reads.clear()
-        results.append(evaluate(model, st, st.mean(), views=(1, 10), batch=2, max_batches=batches))
+        results.append(evaluate(model, st, st.mean(), views=(1, 10), batch=2, max_batches=batches, per_view=True))
         counts.append(len(reads))
     monkeypatch.undo()
     assert counts[0] == counts[1], counts
@@ -236,6 +243,30 @@ def test_ten_view_eval_counts_on_the_device_and_reads_once(store, monkeypatch):
     for r in results:  # the figures as the host-side count gives them
         p_total = r["10-view"]["top1_err"] * r["10-view"]["images"]
         assert abs(p_total - round(p_total)) < 1e-9
+
+
+def test_each_view_alone_against_its_probabilities_by_hand(store, tmp_path, capsys):
+    """--per-view: each of the ten views' top-1/top-5 misses, counted on the device in the same
+    pass, equal the misses of that view's probabilities computed image by image; the centre view
+    alone is the one-view figure; the views differ (a random net: the test can tell them apart)."""
+    from replica.augment import VIEW_NAMES, centre_crop_of
+    from replica.data.store import PreparedStore
+    from replica.model import AlexNet
+
+    st = PreparedStore(store)
+    torch.manual_seed(1)
+    model = AlexNet(4, devices="cpu", width=0.0625, init="he").eval()
+    r = evaluate(model, st, st.mean(), views=(1, 10), batch=5, per_view=True)
+    each = r["10-view"]["per_view"]
+    assert [v["view"] for v in each] == [*VIEW_NAMES, *(f"{n}, flipped" for n in VIEW_NAMES)]
+    u8, labels, _ = st.batch(np.arange(len(st)))
+    p = view_probs(model, torch.from_numpy(u8), centre_crop_of(torch.as_tensor(st.mean()), 224), 10)
+    misses = (p.argmax(-1) != torch.as_tensor(labels)[:, None]).sum(0)
+    assert [v["top1_err"] * len(st) for v in each] == pytest.approx(misses.tolist(), abs=1e-9)
+    assert each[2]["top1_err"] == r["1-view"]["top1_err"] and len({v["top1_err"] for v in each}) > 1
+    assert all(v["top5_err"] is None for v in each)  # 4 classes: no top-5 figure
+    with pytest.raises(ValueError, match="ten views"):
+        evaluate(model, st, st.mean(), views=1, per_view=True)
 
 
 def test_graphed_eval_forward_gives_the_eager_figures_and_replays_each_full_batch(store):
