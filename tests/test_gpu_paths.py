@@ -664,7 +664,7 @@ def test_gpu_session_cut_short_keeps_what_ran_and_fails(tmp_path):
     """A step past its limit is killed, the next still runs, the logs stay in OUT, and the exit
     status says so (124); no OUT is a usage line, not a run."""
     out = tmp_path / "out"
-    r = _session(out, "--dry-run", "--only", "p", PERF_LIMIT_S="1", DEMO_LIMIT_S="1")
+    r = _session(out, "--dry-run", "--only", "p", PERF_LIMIT_S="0.3", DEMO_LIMIT_S="0.3")
     assert r.returncode == 124, r.stdout[-2000:] + r.stderr[-2000:]
     assert "replica demo exited 124" in next(out.glob("*-demo.log")).read_text()
     assert next(out.glob("*-perf.log")).exists() and "gpu_perf exited 124" in r.stderr
