@@ -609,6 +609,8 @@ def test_gpu_perf_dry_run_runs_every_check_on_the_cpu():
     assert "graph ≡ eager over 6 steps" in out and "5 of 5 checks passed" in out
     assert "1 workers: raw" in out and "2 workers: raw" in out  # end to end at two worker counts
     assert re.search(r"2 workers: raw [\d,]+, JPEG [\d,]+, JPEG with crop_on=device [\d,]+ img/s", out)
+    assert re.search(r"1 workers: .*, JPEG decoded on the device [\d,]+ img/s; 2 workers", out)  # nvJPEG's row, once
+    assert re.search(r"gpu_perf: SUGGEST decode=(device|workers)", out)
     assert re.search(r"gpu_perf: SUGGEST grouped=(auto|false)", out) and "gpu_perf: SUGGEST workers=" in out
     assert re.search(r"gpu_perf: SUGGEST crop_on=(device|workers)", out)
     assert re.search(r"[\d,]+ views/s eager, [\d,]+ with --graph \(the same top-1\)", out)
@@ -632,6 +634,9 @@ def test_gpu_perf_summary_rules():
                                           "e.w12.jpeg_crop_on_device": 19_500}))
     assert "SUGGEST crop_on=device" in crops and "SUGGEST workers=8" in crops  # 19,000 ≥ 0.95 × 19,500
     assert "SUGGEST crop_on=workers" in "\n".join(gpu_perf.summarize({"e.w8.jpeg": 100, "e.w8.jpeg_crop_on_device": 104}))
+    nv = "\n".join(gpu_perf.summarize({"e.w8.jpeg": 10_000, "e.w8.jpeg_crop_on_device": 12_000, "e.w8.jpeg_nvjpeg": 12_700}))
+    assert "SUGGEST decode=device" in nv  # 12,700 > 1.05 × 12,000, the best of the workers' two ways
+    assert "SUGGEST decode=workers" in "\n".join(gpu_perf.summarize({"e.w8.jpeg": 10_000, "e.w8.jpeg_nvjpeg": 10_400}))
 
 
 # -- gpu_session.sh: one lease's work in one device call ------------------------------------------

@@ -18,7 +18,8 @@ and the defaults the figures suggest.
       tower; then the profile of 3 grouped steps, its top 25 kernels by device time;
   (e) end to end from the raw and the JPEG store (decoded in the workers; the JPEG store also with
       crop_on=device) at 8, 12 and 14 loader workers (as many as the cores allow), back to back,
-      with the CPU's model name;
+      with the CPU's model name; at the first count also the JPEG store decoded on the device
+      (nvJPEG, ``decode=device``); the stores made once for all counts;
   (v) ten-view evaluation, views a second, eager and with `replica eval --graph` (same figures).
 
 Each check runs in a process group of its own under a limit (``gpu_check.stream``), so a hang
@@ -230,25 +231,38 @@ def check_e(s: Sizes) -> str:
     n = s.batches[0]
     out = [f"{os.cpu_count()} cores of {cpu}"]
     best = 0.0
+    first = None  # the first worker count's Bench: its temporary folder holds the stores every count reads
     for workers in s.workers:
         args = bench.parser().parse_args(["e2e", "--device", s.device, "--batch", str(n), "--steps", str(s.steps),
                                           "--warmup", "2", "--workers", str(workers),
                                           "--images", str(n * (s.steps + 4))])
         b = bench.Bench(args)
+        if first is None:
+            first = b
+        else:
+            b.stores = first.data()  # made once (synthesis and two prepares: seconds each on a GPU's host)
         st, jst, _ = b.data()
         model = AlexNet(devices=s.device, width=s.width)
         model.fused_norms = not s.dry
         step = bench.stepper(model, b.bf16())
-        rates = {name: bench.stream_rate(b.ours_batches(store, crop_on=where), step, s.steps, 2, b.device, n)
-                 for name, store, where in (("raw", st, "workers"), ("jpeg", jst, "workers"),
-                                            ("jpeg_crop_on_device", jst, "device"))}
+        rows = [("raw", st, "workers", "workers"), ("jpeg", jst, "workers", "workers"),
+                ("jpeg_crop_on_device", jst, "workers", "device")]
+        if b is first:  # nvJPEG (decode=device) once: its rate hardly depends on the workers, who only read
+            rows.append(("jpeg_nvjpeg", jst, "device", "workers"))
+        rates = {name: bench.stream_rate(b.ours_batches(store, decode=decode, crop_on=where), step, s.steps, 2,
+                                         b.device, n)
+                 for name, store, decode, where in rows}
         for name, r in rates.items():
             result(f"e.w{workers}.{name}", r)
-        best = max(best, rates["jpeg"], rates["jpeg_crop_on_device"])
+        best = max(best, rates["jpeg"], rates["jpeg_crop_on_device"], rates.get("jpeg_nvjpeg", 0.0))
         out.append(f"{workers} workers: raw {rates['raw']:,.0f}, JPEG {rates['jpeg']:,.0f}, JPEG with crop_on=device "
-                   f"{rates['jpeg_crop_on_device']:,.0f} img/s")
-        del b, model
+                   f"{rates['jpeg_crop_on_device']:,.0f}" + (f", JPEG decoded on the device {rates['jpeg_nvjpeg']:,.0f}"
+                                                             if "jpeg_nvjpeg" in rates else "") + " img/s")
+        del model
+        if b is not first:
+            del b
         torch.cuda.empty_cache() if not s.dry else None
+    del first
     result("e.best_jpeg", best)
     return "; ".join(out)
 
@@ -325,6 +339,10 @@ def summarize(results: dict) -> list[str]:
                      f"rate with the crops on the device {max(d.values()):,.0f} against in the workers "
                      f"{max(w.values()):,.0f} img/s)")
         w = {k: max(v, d.get(k, 0)) for k, v in w.items()}
+    nv = next((v for k, v in results.items() if re.fullmatch(r"e\.w\d+\.jpeg_nvjpeg", k)), None)
+    if nv and w:
+        lines.append(f"SUGGEST decode={'device' if nv > 1.05 * max(w.values()) else 'workers'}  (JPEG decoded on the "
+                     f"device {nv:,.0f} against the best in the workers {max(w.values()):,.0f} img/s)")
     if w:
         pick = min(k for k, v in w.items() if v >= 0.95 * max(w.values()))
         lines.append(f"SUGGEST workers={pick}  (the fewest within 5% of the best JPEG rate: "
