@@ -729,3 +729,53 @@ def test_cuda_graphs_warm_on_a_side_stream_and_capture_into_one_pool(monkeypatch
     g.replay(g1)
     assert out1 == "out1" and calls == [("graph", 0), ("capture", 0, None), ("body",), ("graph", 1),
                                         ("capture", 1, "pool0"), ("body",), ("replay", 0)]
+
+
+# -- no host reads in a step: the CPU's stand-in for gpu_check (c) ---------------------------------
+
+@pytest.mark.parametrize("grouped,conv1_channels", [(False, 3), (True, 3), (True, 4)])
+def test_a_training_step_reads_nothing_from_the_host(monkeypatch, caplog, grouped, conv1_channels):
+    """On the meta device (a device that is not the CPU): the batch's finish (− mean, + colour
+    shift, ÷1.1) and an eager float32 training step, of the towers, of the grouped form and with
+    conv1 reading 4 channels, pass no host tensor to any torch function and make no tensor from
+    host data. On a GPU each would be a copy, a blocking one a wait for the device every step;
+    gpu_check (c) checks the same with CUDA's sync-debug mode where a GPU is lent."""
+    import logging
+
+    from torch.overrides import TorchFunctionMode
+
+    import replica.devices as devices
+    from replica import augment
+    from replica.config import NetOptions
+    from replica.model import AlexNet
+    from replica.optim import PaperSGD, param_groups
+
+    real = devices.check_device
+    monkeypatch.setattr(devices, "check_device", lambda d: torch.device("meta") if str(d) == "meta" else real(d))
+    caplog.set_level(logging.ERROR, logger="replica")  # the fused update has no meta kernel: plain passes
+
+    class HostReads(TorchFunctionMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            name = getattr(func, "__name__", str(func))
+            flat = torch.utils._pytree.tree_leaves((args, kwargs or {}))
+            if name in ("tensor", "as_tensor", "asarray", "from_numpy") or any(
+                    isinstance(t, torch.Tensor) and t.device.type != "meta" for t in flat):
+                self.seen.append(name)
+            return func(*args, **(kwargs or {}))
+
+    dev = torch.device("meta")
+    net = AlexNet.from_options(NetOptions(width=0.0625), 10, "meta", grouped=grouped, conv1_channels=conv1_channels)
+    opt = PaperSGD(param_groups(net, 0.01, 5e-4, 0.02))
+    lrs = {"weight": 0.01, "bias": 0.02, "conv1.weight": 0.01, "conv1.bias": 0.02}
+    crops = torch.empty((4, 3, 224, 224), dtype=torch.uint8, device=dev)
+    mean_crop, shift = torch.empty((3, 224, 224), device=dev), torch.empty((4, 3), device=dev)
+    labels = torch.empty(4, dtype=torch.long, device=dev)
+    for k in range(3):  # the first step makes the momentum buffers, the later ones use them
+        with HostReads() as reads:
+            x = augment.finish(crops, mean_crop, shift, "as-run")
+            loss = T.train_step(net, opt, x, labels, lrs, devices=(dev,), bf16=False)
+        assert loss.device == dev and reads.seen == [], (k, reads.seen)
