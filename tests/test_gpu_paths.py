@@ -733,15 +733,28 @@ def test_cuda_graphs_warm_on_a_side_stream_and_capture_into_one_pool(monkeypatch
 
 # -- no host reads in a step: the CPU's stand-in for gpu_check (c) ---------------------------------
 
-@pytest.mark.parametrize("grouped,conv1_channels", [(False, 3), (True, 3), (True, 4)])
-def test_a_training_step_reads_nothing_from_the_host(monkeypatch, caplog, grouped, conv1_channels):
-    """On the meta device (a device that is not the CPU): the batch's finish (− mean, + colour
-    shift, ÷1.1) and an eager float32 training step, of the towers, of the grouped form and with
-    conv1 reading 4 channels, pass no host tensor to any torch function and make no tensor from
-    host data. On a GPU each would be a copy, a blocking one a wait for the device every step;
-    gpu_check (c) checks the same with CUDA's sync-debug mode where a GPU is lent."""
-    import logging
+@pytest.fixture(scope="module")
+def meta_sgd():
+    """The fused SGD update as a no-op on the meta device (it has no meta kernel): the step's
+    shape of calls, as on a GPU, without its arithmetic."""
+    lib = torch.library.Library("aten", "IMPL")
+    for op in ("_fused_sgd_", "_fused_sgd_.tensor_lr"):
+        try:
+            lib.impl(op, lambda *a, **k: None, "Meta")
+        except RuntimeError:  # a torch that has its own
+            pass
+    yield lib
 
+
+@pytest.mark.parametrize("grouped,conv1_channels,graph", [(False, 3, False), (True, 3, False), (True, 4, False),
+                                                          (True, 3, True)])
+def test_a_training_step_reads_nothing_from_the_host(monkeypatch, meta_sgd, grouped, conv1_channels, graph):
+    """On the meta device (a device that is not the CPU): the batch's finish (− mean, + colour
+    shift, ÷1.1) and a float32 training step, eager (the towers, the grouped form, conv1 reading
+    4 channels) or graphed (ε in the optimizer's tensors, its warm-up steps, the capture and the
+    replays, an ε drop among them), pass no host tensor to any torch function and make no tensor
+    from host data. On a GPU each would be a copy, a blocking one a wait for the device every
+    step; gpu_check (c) checks the same with CUDA's sync-debug mode where a GPU is lent."""
     from torch.overrides import TorchFunctionMode
 
     import replica.devices as devices
@@ -749,10 +762,10 @@ def test_a_training_step_reads_nothing_from_the_host(monkeypatch, caplog, groupe
     from replica.config import NetOptions
     from replica.model import AlexNet
     from replica.optim import PaperSGD, param_groups
+    from replica.steps import EagerGraphs, StepRunner
 
     real = devices.check_device
     monkeypatch.setattr(devices, "check_device", lambda d: torch.device("meta") if str(d) == "meta" else real(d))
-    caplog.set_level(logging.ERROR, logger="replica")  # the fused update has no meta kernel: plain passes
 
     class HostReads(TorchFunctionMode):
         def __init__(self):
@@ -767,15 +780,25 @@ def test_a_training_step_reads_nothing_from_the_host(monkeypatch, caplog, groupe
                 self.seen.append(name)
             return func(*args, **(kwargs or {}))
 
+    class MetaGraphs(EagerGraphs):  # the captured loss where the step runs, as a CUDA capture's is
+        def capture(self, body):
+            self.calls.append("capture")
+            out = torch.empty((), device="meta")
+            return (body, out), out
+
     dev = torch.device("meta")
     net = AlexNet.from_options(NetOptions(width=0.0625), 10, "meta", grouped=grouped, conv1_channels=conv1_channels)
-    opt = PaperSGD(param_groups(net, 0.01, 5e-4, 0.02))
-    lrs = {"weight": 0.01, "bias": 0.02, "conv1.weight": 0.01, "conv1.bias": 0.02}
+    opt = PaperSGD(param_groups(net, 0.01, 5e-4, 0.02), lr_tensors=graph)
+    graphs = MetaGraphs(opt)
+    run = StepRunner(net, opt, devices=(dev,), bf16=False, graph=graph, graphs=graphs, eager=T.train_step)
     crops = torch.empty((4, 3, 224, 224), dtype=torch.uint8, device=dev)
     mean_crop, shift = torch.empty((3, 224, 224), device=dev), torch.empty((4, 3), device=dev)
     labels = torch.empty(4, dtype=torch.long, device=dev)
-    for k in range(3):  # the first step makes the momentum buffers, the later ones use them
+    base = {"weight": 0.01, "bias": 0.02, "conv1.weight": 0.01, "conv1.bias": 0.02}
+    for k in range(6):  # with a graph: 3 warm-up steps, the capture, replays; ε ÷10 at the fifth
         with HostReads() as reads:
             x = augment.finish(crops, mean_crop, shift, "as-run")
-            loss = T.train_step(net, opt, x, labels, lrs, devices=(dev,), bf16=False)
+            loss = run(x, labels, dict(base, weight=0.01 if k < 4 else 0.001))
         assert loss.device == dev and reads.seen == [], (k, reads.seen)
+    assert opt._fused  # the fused update ran (its no-op here), not the plain passes' float(ε)
+    assert graphs.calls == (["warm"] * 3 + ["capture", "replay", "replay", "replay"] if graph else [])
