@@ -285,12 +285,19 @@ def test_to_a_gpu_each_slot_waits_for_its_copys_event(stores, monkeypatch):
         moved.append(len(out))
         return out, Event()
 
-    monkeypatch.setattr(L, "to_device", lambda t, device: t)
+    sent = []  # what went through to_device, by identity
+    monkeypatch.setattr(L, "to_device", lambda t, device: sent.append(id(t)) or t)
     st = PreparedStore(stores / "raw")
-    ds = TrainBatches(st, 4, st.mean(), st.pca(), seed=3)
-    ring = BatchRing(ring_size(2, PREFETCH), slot_bytes(ds))
-    feed = Feed(ds, 2, "cuda:0", ring=ring, copy=copy)
-    seen = [b for _, _, _, b, _ in feed]
-    feed.close()
-    assert seen == list(range(len(ds))) and moved == [3] * len(ds) and feed.held is None
-    assert all(e.waited for e in events)  # each copy waited for: before the next batch, or at the end
+    for crop_on, each in (("workers", 3), ("device", 6)):  # crop_on=device: the crop draws travel too
+        moved.clear(), events.clear()
+        ds = TrainBatches(st, 4, st.mean(), st.pca(), seed=3, crop_on=crop_on)
+        ring = BatchRing(ring_size(2, PREFETCH), slot_bytes(ds))
+        feed = Feed(ds, 2, "cuda:0", ring=ring, copy=copy)
+        seen = []
+        for crops, shift, labels, b, _ in feed:
+            seen.append(b)
+            parts = [crops.images, crops.oy, crops.ox, crops.flips] if crop_on == "device" else [crops]
+            assert all(id(t) in sent for t in parts + [labels]), f"batch {b}: a tensor left the copy stream"
+        feed.close()
+        assert seen == list(range(len(ds))) and moved == [each] * len(ds) and feed.held is None
+        assert all(e.waited for e in events)  # each copy waited for: before the next batch, or at the end

@@ -470,17 +470,19 @@ class Feed:
         elif isinstance(crops, Uncropped) and isinstance(crops.images, Slot):
             slot, crops.images = crops.images.index, self.ring.view(crops.images)
         if self.device.type == "cuda" and not isinstance(crops, JpegBatch):
-            whole = crops.images if isinstance(crops, Uncropped) else crops
-            move = lambda: [to_device(t, self.device) for t in (whole, shift, labels)]  # noqa: E731
+            cut = isinstance(crops, Uncropped)  # its crop draws go too: pinned, non-blocking, not at the gather
+            host = [crops.images if cut else crops, shift, labels] + ([crops.oy, crops.ox, crops.flips] if cut else [])
+            move = lambda: [to_device(t, self.device) for t in host]  # noqa: E731
             if self.copy is not None:
-                (whole, shift, labels), event = self.copy(move)
+                moved, event = self.copy(move)
             else:  # on the compute stream: the slot still waits for the copy's end
-                (whole, shift, labels) = move()
+                moved = move()
                 event = torch.cuda.Event() if slot is not None else None
                 if event is not None:
                     event.record()
-            if isinstance(crops, Uncropped):
-                crops.images = whole
+            whole, shift, labels = moved[:3]
+            if cut:
+                crops.images, (crops.oy, crops.ox, crops.flips) = whole, moved[3:]
             else:
                 crops = whole
             if slot is not None:  # the slot passes on once its copy has left it
