@@ -607,6 +607,8 @@ def test_gpu_perf_dry_run_runs_every_check_on_the_cpu():
     for check in "pmcev":
         assert re.search(rf"^PASS \({check}\)", out, re.M), (check, out[-3000:])
     assert "graph ≡ eager over 6 steps" in out and "5 of 5 checks passed" in out
+    f64 = re.search(r"grouped ≡ towers in float64 \(logits within (\S+), gradients (\S+) relative\)", out)
+    assert f64 and max(map(float, f64.groups())) <= 1e-9, out[-3000:]  # the wiring, to float64's rounding
     assert "1 workers: raw" in out and "2 workers: raw" in out  # end to end at two worker counts
     assert re.search(r"2 workers: raw [\d,]+, JPEG [\d,]+, JPEG with crop_on=device [\d,]+ img/s", out)
     assert re.search(r"1 workers: .*, JPEG decoded on the device [\d,]+ img/s; 2 workers", out)  # nvJPEG's row, once
