@@ -804,3 +804,50 @@ def test_a_training_step_reads_nothing_from_the_host(monkeypatch, meta_sgd, grou
         assert loss.device == dev and reads.seen == [], (k, reads.seen)
     assert opt._fused  # the fused update ran (its no-op here), not the plain passes' float(ε)
     assert graphs.calls == (["warm"] * 3 + ["capture", "replay", "replay", "replay"] if graph else [])
+
+
+@pytest.mark.parametrize("script", ["gpu_perf", "gpu_check"])
+def test_a_sigterm_kills_the_running_check_and_the_script_says_so(script):
+    """What a device call's limit (or gpu_session's ``timeout``) sends: the check running in a
+    process group of its own goes with everything it started (in gpu_check, torchrun and its
+    workers: its first check runs them), and gpu_perf still prints the summary of the checks
+    that ended. Real processes, a real SIGTERM."""
+    import signal
+    import time
+    import uuid
+
+    mark = uuid.uuid4().hex
+
+    def marked():  # the pids whose environment carries this test's mark
+        pids = []
+        for d in Path("/proc").iterdir():
+            if d.name.isdigit():
+                try:
+                    if f"GPU_PERF_TEST={mark}".encode() in (d / "environ").read_bytes():
+                        pids.append(int(d.name))
+                except OSError:
+                    continue
+        return pids
+
+    p = subprocess.Popen([sys.executable, str(ROOT / "tools" / f"{script}.py"), "--dry-run"],  # all: ~25 s
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                         env=dict(os.environ, PYTHONPATH=str(ROOT), GPU_PERF_TEST=mark, OMP_NUM_THREADS="2"))
+    deadline = time.monotonic() + 120
+    while len(marked()) < 2 and time.monotonic() < deadline:  # gpu_perf and its check process
+        time.sleep(0.2)
+    assert len(marked()) >= 2, "the check process never started"
+    time.sleep(1.0)
+    p.send_signal(signal.SIGTERM)
+    out, _ = p.communicate(timeout=60)
+    assert p.returncode == 143, out[-3000:]
+    if script == "gpu_perf":
+        assert "gpu_perf: stopped by SIGTERM during (p,m,c,e,v)" in out and "0 of 5 checks passed" in out
+        assert "gpu_perf: MISS end to end from the JPEG store (img/s): not measured" in out  # the summary
+    else:
+        assert "gpu_check: stopped by SIGTERM during (a,b,c,d,e,f), the check killed with all it started" in out
+    for _ in range(50):
+        left = [pid for pid in marked() if Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"]
+        if not left:
+            break
+        time.sleep(0.1)
+    assert not left, f"processes {left} outlived the SIGTERM"

@@ -491,6 +491,21 @@ def stream(cmd, limit: float, prefix: str | None = "", **kw) -> tuple[int, list[
     return rc, lines
 
 
+class Stopped(Exception):
+    """SIGTERM reached the script (the device call's limit, a ``timeout``): raised where it
+    waits, so that :func:`stream`'s ``finally`` kills the running check with all it started
+    (each check has a process group of its own, which a signal to the script never reaches)."""
+
+
+def stop_on_sigterm() -> None:
+    import signal
+
+    def stop(signum, frame):
+        raise Stopped()
+
+    signal.signal(signal.SIGTERM, stop)
+
+
 def bench_args(missing: dict, cpus: int | None = None) -> list[str]:
     """bench.py's arguments for (e) on this machine: workers by its cores (and /dev/shm), the fused
     row left out where Triton cannot build."""
@@ -598,6 +613,7 @@ def main(argv=None) -> int:
     # on a GPU a process per check (a hang or a crash loses that check only); the dry run's
     # checks in one process (the plumbing is the same; each start-up of torch costs ~2 s)
     groups = ["".join(wanted)] if a.dry_run else wanted
+    stop_on_sigterm()
     with tempfile.TemporaryDirectory(prefix="gpu_check-") as tmp:
         work = Path(tmp)
         for group in groups:
@@ -611,8 +627,12 @@ def main(argv=None) -> int:
                 cmd.append("--dry-run")
             # the check process keeps this script's deadline (set here: importing this file sets nothing);
             # past its limit it is killed with everything it started
-            rc, _ = stream(cmd, left + GRACE_S, "", env=dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1",
-                                                           GPU_CHECK_DEADLINE=str(_DEADLINE)))
+            try:
+                rc, _ = stream(cmd, left + GRACE_S, "", env=dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1",
+                                                               GPU_CHECK_DEADLINE=str(_DEADLINE)))
+            except Stopped:
+                say(f"gpu_check: stopped by SIGTERM during ({','.join(group)}), the check killed with all it started")
+                return 143
             if rc == 124:
                 say(f"FAIL ({','.join(group)}): ran past its {left} s limit")
                 failed += list(group)

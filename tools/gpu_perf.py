@@ -408,23 +408,31 @@ def main(argv=None) -> int:
         return 1
     wanted = [c for c in CHECKS if c in a.only.replace(",", "")]
     groups = ["".join(wanted)] if a.dry_run else wanted  # the dry run: one process, as gpu_check's
-    results, failed, t0 = {}, [], time.monotonic()
+    results, failed, t0, stopped = {}, [], time.monotonic(), None
+    gpu_check.stop_on_sigterm()  # a SIGTERM: the running check killed with all it started, then the summary
     with tempfile.TemporaryDirectory(prefix="gpu_perf-"):
         for group in groups:
             cmd = [sys.executable, str(Path(__file__).resolve()), "--one", group] + (["--dry-run"] if a.dry_run else [])
-            rc, lines = gpu_check.stream(cmd, sum(LIMITS[c] for c in group) * (3 if a.dry_run else 1), "",
-                                         env=dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1"))
+            try:
+                rc, lines = gpu_check.stream(cmd, sum(LIMITS[c] for c in group) * (3 if a.dry_run else 1), "",
+                                             env=dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1"))
+            except gpu_check.Stopped:
+                stopped = group
+                break
             for ln in lines:
                 if ln.startswith("RESULT "):
                     _, k, v = ln.split()
                     results[k] = float(v)
             if rc:
                 failed += [c for i, c in enumerate(group) if rc == 124 or rc >> i & 1 or rc >= 1 << len(group)]
+    if stopped:
+        say(f"gpu_perf: stopped by SIGTERM during ({','.join(stopped)}); the summary of the checks that ended")
+        failed += [c for c in wanted[wanted.index(stopped[0]):]]
     for line in summarize(results):
         say("gpu_perf: " + line)
     say(f"gpu_perf: {len(wanted) - len(failed)} of {len(wanted)} checks passed in {time.monotonic() - t0:.0f} s"
         + (f"; failed: {', '.join(failed)}" if failed else ""))
-    return 1 if failed else 0
+    return 143 if stopped else 1 if failed else 0
 
 
 if __name__ == "__main__":
