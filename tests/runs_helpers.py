@@ -1,4 +1,8 @@
-"""What the run tests share: a tiny config and a stand-in for the Ctrl-C handler."""
+"""What the run tests share: a tiny config, a stand-in for the Ctrl-C handler, and a recorder
+of host reads on the meta device."""
+import torch
+from torch.overrides import TorchFunctionMode
+
 from replica.config import load_config
 
 # The mechanics tests (stop, resume, kill, faults, bad data, eval plumbing) run the net at 1/16 of
@@ -38,3 +42,21 @@ class StopAfter:
 
     def __exit__(self, *exc):
         return False
+
+
+class HostReads(TorchFunctionMode):
+    """Within it, on the meta device (a device that is not the CPU): ``seen`` names each torch
+    function that made a tensor from host data or was handed a tensor not on meta. On a GPU
+    each would be a copy from the host, a blocking one a wait for the device."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", str(func))
+        flat = torch.utils._pytree.tree_leaves((args, kwargs or {}))
+        if name in ("tensor", "as_tensor", "asarray", "from_numpy") or any(
+                isinstance(t, torch.Tensor) and t.device.type != "meta" for t in flat):
+            self.seen.append(name)
+        return func(*args, **(kwargs or {}))

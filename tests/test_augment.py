@@ -128,20 +128,7 @@ def test_the_ten_view_gather_reads_nothing_from_the_host_once_warm():
     every evaluation batch. Recorded on the meta device (a device that is not the CPU): after
     the first call, the ten-view gather makes no tensor from host data and passes no tensor of
     another device to any torch function; each view still reads the right pixels (the CPU)."""
-    from torch.overrides import TorchFunctionMode
-
-    class HostReads(TorchFunctionMode):
-        def __init__(self):
-            super().__init__()
-            self.seen = []
-
-        def __torch_function__(self, func, types, args=(), kwargs=None):
-            name = getattr(func, "__name__", str(func))
-            flat = torch.utils._pytree.tree_leaves((args, kwargs or {}))
-            if name in ("tensor", "as_tensor", "asarray", "from_numpy") or any(
-                    isinstance(t, torch.Tensor) and t.device.type != "meta" for t in flat):
-                self.seen.append(name)
-            return func(*args, **(kwargs or {}))
+    from runs_helpers import HostReads
 
     images = torch.empty((4, 3, 40, 40), dtype=torch.uint8, device="meta")
     mean_crop = torch.empty((3, 32, 32), device="meta")

@@ -757,30 +757,16 @@ def test_a_training_step_reads_nothing_from_the_host(monkeypatch, meta_sgd, grou
     replays, an ε drop among them), pass no host tensor to any torch function and make no tensor
     from host data. On a GPU each would be a copy, a blocking one a wait for the device every
     step; gpu_check (c) checks the same with CUDA's sync-debug mode where a GPU is lent."""
-    from torch.overrides import TorchFunctionMode
-
     import replica.devices as devices
     from replica import augment
     from replica.config import NetOptions
     from replica.model import AlexNet
     from replica.optim import PaperSGD, param_groups
     from replica.steps import EagerGraphs, StepRunner
+    from runs_helpers import HostReads
 
     real = devices.check_device
     monkeypatch.setattr(devices, "check_device", lambda d: torch.device("meta") if str(d) == "meta" else real(d))
-
-    class HostReads(TorchFunctionMode):
-        def __init__(self):
-            super().__init__()
-            self.seen = []
-
-        def __torch_function__(self, func, types, args=(), kwargs=None):
-            name = getattr(func, "__name__", str(func))
-            flat = torch.utils._pytree.tree_leaves((args, kwargs or {}))
-            if name in ("tensor", "as_tensor", "asarray", "from_numpy") or any(
-                    isinstance(t, torch.Tensor) and t.device.type != "meta" for t in flat):
-                self.seen.append(name)
-            return func(*args, **(kwargs or {}))
 
     class MetaGraphs(EagerGraphs):  # the captured loss where the step runs, as a CUDA capture's is
         def capture(self, body):
